@@ -1,0 +1,116 @@
+"""Timing and recording shared by the benchmarks (see PERFORMANCE.md, "How to measure")."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: str) -> str:
+    name = device_name(device) if device == "cuda" else f"cpu-{platform.machine()}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def record_path(device: str) -> Path:
+    return RESULTS_DIR / f"{device_slug(device)}.jsonl"
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS_DIR.parent,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def time_cpu(fn: Callable[[], object], *, min_runs: int = 5, min_seconds: float = 1.0, warmup: int = 1) -> Timing:
+    """Median of repeated wall-clock runs (after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 100):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Timing(statistics.median(times), q[1], q[7])
+
+
+def time_cuda(fn: Callable[[], object]) -> Timing:
+    """CUDA-event timing through triton.testing.do_bench (warm-up, L2 flush, median)."""
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
+    return Timing(med, p20, p80)
+
+
+def time_fn(fn: Callable[[], object], device: str) -> Timing:
+    return time_cuda(fn) if device == "cuda" else time_cpu(fn)
+
+
+@dataclass
+class BenchRow:
+    workload: str
+    sizes: dict
+    dtype: str
+    backend: str
+    baseline: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    baseline_ms: float
+    ratio: float
+    achieved: dict = field(default_factory=dict)  # e.g. {"GB/s": ..., "fraction_of_ceiling": ...}
+    device: str = ""
+    torch: str = torch.__version__
+    triton: str | None = None
+    commit: str | None = None
+    date: str = ""
+    quick: bool = False
+
+    def summary(self) -> str:
+        extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.achieved.items())
+        return (f"{self.backend:<7} {self.median_ms:9.3f} ms  vs {self.baseline} {self.baseline_ms:9.3f} ms  "
+                f"x{self.ratio:.2f}  {extra}")
+
+
+def record(row: BenchRow, device: str) -> BenchRow:
+    try:
+        import triton
+
+        row.triton = triton.__version__
+    except ImportError:
+        pass
+    row.device = device_name(device)
+    row.commit = _git_commit()
+    row.date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    path = record_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(asdict(row)) + "\n")
+    return row

@@ -1,0 +1,34 @@
+// Schemas of every shortcut_fast op (one line each) and the Python module of _C.
+// Device kernels register their implementations with TORCH_LIBRARY_IMPL in cpu/ and cuda/.
+#include <torch/extension.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TORCH_LIBRARY(shortcut_fast, m) {
+  // Sum over images of |fft2(x)|, per label and channel: x (B,C,H,W), labels (B,) -> (K,C,H,W).
+  m.def("class_spectrum_sum(Tensor x, Tensor labels, int num_classes) -> Tensor");
+}
+
+static bool cuda_compiled() {
+#ifdef SHORTCUT_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+static int openmp_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "shortcut_fast compiled ops (registered under torch.ops.shortcut_fast)";
+  m.def("cuda_compiled", &cuda_compiled, "whether the CUDA kernels were compiled in");
+  m.def("openmp_threads", &openmp_threads, "OpenMP threads available to the CPU kernels");
+}

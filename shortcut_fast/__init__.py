@@ -1,0 +1,17 @@
+"""shortcut-fast: fast experiments on shortcut learning.
+
+Import is light: ops, data and models load their heavy dependencies when first used.
+"""
+__version__ = "0.1.0"
+
+from shortcut_fast.backends import BackendUnavailable, info  # noqa: E402
+from shortcut_fast.ops import ClassSpectrum, adcs, class_spectrum_sum  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "BackendUnavailable",
+    "info",
+    "ClassSpectrum",
+    "adcs",
+    "class_spectrum_sum",
+]

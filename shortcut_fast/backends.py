@@ -1,0 +1,235 @@
+"""Backend discovery and choice: the one dispatch mechanism every op uses.
+
+Backends an op may implement:
+  torch   the pure-PyTorch reference; always available, any device.
+  cpp     the compiled extension (torch.ops.shortcut_fast.*) on CPU tensors.
+  cuda    the compiled extension on CUDA tensors (needs a CUDA build of the extension).
+  triton  kernels in shortcut_fast.kernels: on CUDA tensors, or on CPU tensors when
+          TRITON_INTERPRET=1 was set before triton was first imported.
+  auto    the op's preferred order for the tensor's device; never fails for lack of a
+          fast path because `torch` is always last.
+
+Naming a backend that cannot run raises BackendUnavailable with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a backend named explicitly cannot run the requested op."""
+
+
+@dataclass(frozen=True)
+class Status:
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# Fake (shape-only) implementations of compiled ops, registered once _C is loaded so the
+# ops trace under torch.compile. Op modules declare theirs with @fake_for_compiled.
+_FAKES: dict = {}
+
+
+def fake_for_compiled(op: str):
+    def decorate(fn):
+        _FAKES[op] = fn
+        if _load_extension.cache_info().currsize and extension() is not None:
+            torch.library.register_fake(f"shortcut_fast::{op}")(fn)
+        return fn
+
+    return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    """Import shortcut_fast._C once; return (module or None, reason)."""
+    if _env_flag("SHORTCUT_FAST_NO_EXT"):
+        return None, "disabled by SHORTCUT_FAST_NO_EXT=1"
+    try:
+        module = importlib.import_module("shortcut_fast._C")
+    except ImportError as exc:  # not built, or built against another torch
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "No module named" in msg:
+            msg = "not built (install with `pip install --no-build-isolation -e .`)"
+        return None, f"extension unavailable: {msg}"
+    for op, fn in _FAKES.items():
+        torch.library.register_fake(f"shortcut_fast::{op}")(fn)
+    return module, "loaded"
+
+
+def extension():
+    """The compiled extension module, or None."""
+    return _load_extension()[0]
+
+
+def extension_status() -> Status:
+    module, reason = _load_extension()
+    return Status(module is not None, reason)
+
+
+def extension_has_cuda() -> bool:
+    module = extension()
+    return bool(module is not None and module.cuda_compiled())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> Status:
+    """Whether shortcut_fast.kernels can be imported (it imports triton)."""
+    if _env_flag("SHORTCUT_FAST_NO_TRITON"):
+        return Status(False, "disabled by SHORTCUT_FAST_NO_TRITON=1")
+    try:
+        from shortcut_fast import kernels
+    except ImportError as exc:
+        return Status(False, f"shortcut_fast.kernels cannot be imported: {exc}")
+    if not kernels.TRITON_AVAILABLE:
+        return Status(False, kernels.TRITON_REASON)
+    mode = "interpreter (TRITON_INTERPRET=1)" if kernels.INTERPRET else "compiled"
+    return Status(True, f"triton {kernels.TRITON_VERSION}, {mode}")
+
+
+def backend_status(backend: str, device: torch.device | str) -> Status:
+    """Can `backend` run on tensors of `device` in this process? (op-independent)"""
+    device = torch.device(device)
+    if backend == "torch":
+        return Status(True, "pure PyTorch reference")
+    if backend == "cpp":
+        if device.type != "cpu":
+            return Status(False, f"cpp runs on CPU tensors, got a {device.type} tensor")
+        return extension_status()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return Status(False, f"cuda needs CUDA tensors, got a {device.type} tensor")
+        ext = extension_status()
+        if not ext:
+            return ext
+        if not extension_has_cuda():
+            return Status(False, "the extension was built without CUDA (no matching toolkit at build time)")
+        return Status(True, "compiled CUDA kernels")
+    if backend == "triton":
+        status = triton_status()
+        if not status:
+            return status
+        from shortcut_fast import kernels
+
+        if device.type == "cuda":
+            if kernels.INTERPRET:
+                return Status(False, "TRITON_INTERPRET=1 is set: kernels run on CPU tensors only")
+            return status
+        if device.type == "cpu":
+            if not kernels.INTERPRET:
+                return Status(False, "triton on CPU tensors needs TRITON_INTERPRET=1 set before import")
+            return status
+        return Status(False, f"triton does not run on {device.type} tensors")
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# Per-device order `auto` tries when an op does not give its own.
+DEFAULT_AUTO_ORDER: Mapping[str, Sequence[str]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+
+
+# The choice depends only on the build, the device and static facts about the inputs, so
+# torch.compile may treat it as a constant instead of tracing the discovery code.
+@torch.compiler.assume_constant_result
+def choose_backend(
+    op: str,
+    requested: str,
+    device: torch.device | str,
+    implemented: Sequence[str],
+    *,
+    auto_order: Mapping[str, Sequence[str]] | None = None,
+    unsupported: Mapping[str, str] | None = None,
+) -> str:
+    """Resolve `requested` to the backend that will run `op` on `device`.
+
+    implemented: backends the op has. unsupported: backend -> reason it cannot take these
+    particular inputs (dtype, size...). Explicit requests that cannot run raise
+    BackendUnavailable naming the reason; `auto` falls through to `torch`.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    device = torch.device(device)
+    unsupported = dict(unsupported or {})
+
+    def usable(name: str) -> Status:
+        if name not in implemented:
+            return Status(False, f"{op} has no {name} implementation (has: {', '.join(implemented)})")
+        if name in unsupported:
+            return Status(False, unsupported[name])
+        status = backend_status(name, device)
+        if status and name in ("cpp", "cuda") and not _extension_has_op(op):
+            return Status(False, f"the compiled extension has no op {op} (rebuild it)")
+        return status
+
+    if requested != "auto":
+        status = usable(requested)
+        if not status:
+            raise BackendUnavailable(f"{op}: backend {requested!r} is unavailable: {status.reason}")
+        return requested
+    order = (auto_order or DEFAULT_AUTO_ORDER).get(device.type, ("torch",))
+    for name in order:
+        if usable(name):
+            return name
+    return "torch"
+
+
+def _extension_has_op(op: str) -> bool:
+    try:
+        getattr(torch.ops.shortcut_fast, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def info() -> dict:
+    """Versions, devices and which backends are usable (and why not) on each device."""
+    from shortcut_fast import __version__
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    result = {
+        "shortcut_fast": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "extension": extension_status().reason,
+        "extension_cuda": extension_has_cuda(),
+        "backends": {},
+    }
+    module = extension()
+    if module is not None:
+        result["extension_openmp_threads"] = module.openmp_threads()
+    for dev in devices:
+        result["backends"][dev] = {
+            name: {"usable": bool(s), "reason": s.reason}
+            for name in BACKENDS[1:]
+            for s in [backend_status(name, dev)]
+        }
+    return result
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__

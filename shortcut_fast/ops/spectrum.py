@@ -1,0 +1,115 @@
+"""Class-wise amplitude spectra (EXPERIMENTS.md section 1).
+
+E_c(u, v) = mean over images of class c of |fft2(x)(u, v)|, per channel, on the unshifted
+torch.fft.fft2 grid. `class_spectrum_sum` is the streaming reduction behind it (sums, so
+batches can be added); `ClassSpectrum` accumulates a stream; `adcs` turns class means into
+the ADCS maps of Wang et al. (ICCV 2023).
+"""
+from __future__ import annotations
+
+import torch
+
+from shortcut_fast.backends import choose_backend, fake_for_compiled
+from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_labels, check_tensor
+
+OP = "class_spectrum_sum"
+IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
+# On the CPU the C++ kernel (half spectrum, fused reduction) beats the reference; on the
+# GPU the cuFFT path beats the matmul DFT of the Triton kernel except for tiny images.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+def class_spectrum_sum_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Pure-PyTorch ground truth: sum of |fft2(x)| over the images of each class."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    magnitude = torch.fft.fft2(x.to(dtype)).abs()
+    out = torch.zeros((num_classes, *x.shape[1:]), dtype=dtype, device=x.device)
+    return out.index_add_(0, labels, magnitude)
+
+
+@fake_for_compiled(OP)
+def _class_spectrum_sum_fake(x, labels, num_classes):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((num_classes, *x.shape[1:]), dtype=dtype)
+
+
+def class_spectrum_sum(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    backend: str = "auto",
+    allow_nonfinite: bool = False,
+) -> torch.Tensor:
+    """Sum over images of |fft2(x)| per class and channel.
+
+    x: (B, C, H, W) float16/bfloat16/float32/float64 images; labels: (B,) int64 in
+    [0, num_classes). Returns (num_classes, C, H, W), float32 (float64 for float64 input);
+    math is float32 (float64) whatever the input dtype.
+    """
+    check_tensor("x", x, ndim=4, shape_doc="(B, C, H, W)", dtypes=FLOAT_DTYPES)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_labels("labels", labels, x.shape[0], num_classes, x.device)
+    if not allow_nonfinite:
+        check_finite("x", x)
+    unsupported = {}
+    if x.dtype == torch.float64:
+        unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch/cpp/cuda"
+    chosen = choose_backend(OP, backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER, unsupported=unsupported)
+    if chosen == "torch":
+        return class_spectrum_sum_reference(x, labels, num_classes)
+    if chosen == "triton":
+        from shortcut_fast.kernels import class_spectrum as triton_kernels
+
+        return triton_kernels.class_spectrum_sum_op(x.contiguous(), labels.contiguous(), num_classes)
+    return torch.ops.shortcut_fast.class_spectrum_sum(x, labels, num_classes)
+
+
+class ClassSpectrum:
+    """Streaming mean amplitude spectrum per class: call `update` per batch, then `mean()`."""
+
+    def __init__(self, num_classes: int, *, backend: str = "auto"):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.backend = backend
+        self.sums: torch.Tensor | None = None
+        self.counts = torch.zeros(num_classes, dtype=torch.int64)
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor) -> "ClassSpectrum":
+        batch = class_spectrum_sum(x, labels, self.num_classes, backend=self.backend)
+        if self.sums is None:
+            self.sums = batch
+        else:
+            if batch.shape != self.sums.shape:
+                raise ValueError(
+                    f"x must have per-image shape {tuple(self.sums.shape[1:])} like earlier batches, "
+                    f"got {tuple(x.shape[1:])}"
+                )
+            self.sums += batch.to(self.sums.device)
+        self.counts += torch.bincount(labels.cpu(), minlength=self.num_classes)
+        return self
+
+    def mean(self) -> torch.Tensor:
+        """(num_classes, C, H, W) mean |FFT|; classes never seen are NaN (not silently 0)."""
+        if self.sums is None:
+            raise RuntimeError("ClassSpectrum.mean() called before any update()")
+        counts = self.counts.to(self.sums.device, self.sums.dtype).view(-1, 1, 1, 1)
+        return self.sums / counts.where(counts > 0, torch.full_like(counts, float("nan")))
+
+
+def adcs(class_means: torch.Tensor) -> torch.Tensor:
+    """ADCS_c(u, v) = sum over j != c of sign(E_c(u, v) - E_j(u, v)), E averaged over channels.
+
+    class_means: (K, C, H, W) or (K, H, W). Returns int64 (K, H, W) in [1 - K, K - 1].
+    """
+    check_tensor("class_means", class_means, dtypes=FLOAT_DTYPES)
+    if class_means.dim() == 4:
+        class_means = class_means.mean(dim=1)
+    if class_means.dim() != 3:
+        raise ValueError(f"class_means must have shape (K, C, H, W) or (K, H, W), got {tuple(class_means.shape)}")
+    check_finite("class_means", class_means)
+    # sign(E_c - E_c) = 0, so summing over all j equals summing over j != c.
+    diff = class_means[:, None] - class_means[None, :]
+    return torch.sign(diff).sum(dim=1).to(torch.int64)

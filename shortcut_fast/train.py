@@ -1,0 +1,428 @@
+"""The one trainer every experiment uses.
+
+- SGD or Adam, cosine / step / constant schedules with optional linear warm-up.
+- In-memory datasets (anything with `get_batch`) are moved to the device once and batched
+  there: no DataLoader, no per-sample Python. File-backed datasets use a DataLoader.
+- Mixed precision (bf16 autocast) on CUDA by default; float32 on the CPU.
+- Evaluation reports accuracy, loss, per-group accuracy, worst-group accuracy and, where
+  attributes are class-aligned, bias-aligned / bias-conflicting accuracy.
+- Every epoch writes `last.pt` (full state, for resume) and `history.json`; `best.pt`
+  holds the weights with the best validation score; `keep_every` adds `epoch_XXX.pt`.
+- Determinism: the batch order of epoch e comes from a generator seeded by (seed, e), so a
+  resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shortcut_fast.report import write_json
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+AUGMENTATIONS = ("none", "flip-crop", "crop")
+SELECT_METRICS = ("accuracy", "worst_group_accuracy", "last")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for Adam/AdamW
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    augment: str = "none"
+    amp: bool | None = None  # None: bf16 autocast on CUDA, off on the CPU
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 512
+    select: str = "accuracy"  # validation metric that picks best.pt
+    keep_every: int = 0  # also keep epoch_XXX.pt every k epochs (0: never)
+    max_steps_per_epoch: int | None = None  # cap for quick runs and tests
+    label_smoothing: float = 0.0
+    num_workers: int = 0
+
+    def __post_init__(self):
+        checks = [
+            ("epochs", self.epochs >= 1, "an int >= 1"),
+            ("batch_size", self.batch_size >= 1, "an int >= 1"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("augment", self.augment in AUGMENTATIONS, f"one of {AUGMENTATIONS}"),
+            ("select", self.select in SELECT_METRICS, f"one of {SELECT_METRICS}"),
+            ("lr", self.lr is None or self.lr > 0, "a positive float"),
+            ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, f"in [0, epochs={self.epochs}]"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.05 if self.optimizer == "sgd" else 1e-3
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    loss: float
+    n: int
+    group_accuracy: dict[int, float] = field(default_factory=dict)
+    group_counts: dict[int, int] = field(default_factory=dict)
+    worst_group_accuracy: float | None = None
+    aligned_accuracy: float | None = None
+    conflicting_accuracy: float | None = None
+
+
+@dataclass
+class TrainResult:
+    config: dict
+    epochs_run: int
+    best_epoch: int
+    history: list[dict]
+    final: dict[str, EvalResult]  # evaluation of best.pt on test, val and extra sets
+    seconds: float
+    out_dir: str | None = None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be available here: got {device!r} but torch sees no CUDA device")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Batching
+
+
+class _Batches:
+    """Yields (x, y, a) float/long batches on `device` in a seeded order."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device, *, num_workers: int = 0):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = device
+        self.in_memory = hasattr(dataset, "get_batch")
+        if self.in_memory and hasattr(dataset, "to"):
+            self.dataset = dataset.to(device)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def iterate(self, order: torch.Tensor | None = None):
+        n = len(self.dataset)
+        order = torch.arange(n) if order is None else order
+        if self.in_memory:
+            order = order.to(self.device)
+            for start in range(0, n, self.batch_size):
+                yield self.dataset.get_batch(order[start:start + self.batch_size])
+            return
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.dataset, order.tolist()),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for x, y, a in loader:
+            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                   a.to(self.device, non_blocking=True))
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """On-device random crop (pad 4, reflect) and horizontal flip, vectorized over the batch."""
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = 4
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chan, rows, cols]
+    if kind == "flip-crop":
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = None, batch_size: int = 512,
+             amp: bool | None = None, bias_aligned_attribute: bool = False) -> EvalResult:
+    """Accuracy, mean loss and per-group accuracy of `model` on `dataset` (counts on device).
+
+    bias_aligned_attribute: attributes are class indices, so also report accuracy on
+    bias-aligned (attribute == label) and bias-conflicting samples.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    use_amp = (device.type == "cuda") if amp is None else amp
+    was_training = model.training
+    model.eval()
+    num_groups = max(int(getattr(dataset, "num_groups", 0) or 0), 1)
+    correct_per_group = torch.zeros(num_groups + 1, dtype=torch.float64, device=device)  # last slot: no group
+    count_per_group = torch.zeros(num_groups + 1, dtype=torch.float64, device=device)
+    aligned = torch.zeros(2, 2, dtype=torch.float64, device=device)  # [aligned, conflicting] x [correct, count]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    num_attributes = int(getattr(dataset, "num_attributes", 0) or 0)
+    track_alignment = bias_aligned_attribute
+    n = 0
+    for x, y, a in _Batches(dataset, batch_size, device).iterate():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        hit = (logits.argmax(1) == y).double()
+        if num_attributes > 0:
+            group = torch.where(a >= 0, y * num_attributes + a, torch.full_like(y, num_groups))
+        else:
+            group = torch.full_like(y, num_groups)
+        correct_per_group.index_add_(0, group, hit)
+        count_per_group.index_add_(0, group, torch.ones_like(hit))
+        if track_alignment:
+            known = a >= 0
+            is_conflict = (a != y).long()
+            aligned[:, 0].index_add_(0, is_conflict[known], hit[known])
+            aligned[:, 1].index_add_(0, is_conflict[known], torch.ones_like(hit[known]))
+        n += y.numel()
+    model.train(was_training)
+    correct = correct_per_group.cpu()
+    counts = count_per_group.cpu()
+    groups = {g: float(correct[g] / counts[g]) for g in range(num_groups) if counts[g] > 0 and num_attributes > 0}
+    result = EvalResult(
+        accuracy=float(correct.sum() / max(n, 1)),
+        loss=float(loss_sum.cpu() / max(n, 1)),
+        n=n,
+        group_accuracy=groups,
+        group_counts={g: int(counts[g]) for g in groups},
+        worst_group_accuracy=min(groups.values()) if groups else None,
+    )
+    if track_alignment:
+        al = aligned.cpu()
+        result.aligned_accuracy = float(al[0, 0] / al[0, 1]) if al[0, 1] > 0 else None
+        result.conflicting_accuracy = float(al[1, 0] / al[1, 1]) if al[1, 1] > 0 else None
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "step":  # x0.1 at 50% and 75% of training
+        return 0.1 ** int(progress >= 0.5) * 0.1 ** int(progress >= 0.75)
+    return 1.0
+
+
+def _select_score(result: EvalResult, metric: str) -> float:
+    if metric == "worst_group_accuracy" and result.worst_group_accuracy is not None:
+        return result.worst_group_accuracy
+    return result.accuracy
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> dict:
+    """Load a checkpoint written by `train`; with `model`, also load its weights into it."""
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if model is not None:
+        model.load_state_dict(state["model"] if "model" in state else state)
+    return state
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a truncated checkpoint behind
+
+
+def train(
+    model: nn.Module,
+    splits,
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    loss_fn: Callable | None = None,
+    on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
+) -> TrainResult:
+    """Train `model` on `splits.train`, select on `splits.val`, report on test and extras.
+
+    loss_fn(model, x, y, a) -> scalar overrides plain cross-entropy (e.g. for mitigation
+    objectives). on_epoch_end(epoch, model, record) runs after each epoch's evaluation.
+    """
+    cfg = config or TrainConfig()
+    device = resolve_device(cfg.device)
+    use_amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
+    seed_everything(cfg.seed)
+    model = model.to(device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_batches = _Batches(splits.train, cfg.batch_size, device, num_workers=cfg.num_workers)
+    steps_per_epoch = len(train_batches)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(cfg, step, total_steps, steps_per_epoch)
+    )
+    criterion = loss_fn or (lambda m, x, y, a: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
+
+    def evaluate_split(dataset) -> EvalResult:
+        return evaluate(model, dataset, device=device, batch_size=cfg.eval_batch_size, amp=use_amp,
+                        bias_aligned_attribute=bool(getattr(splits, "bias_aligned_attribute", False)))
+
+    history: list[dict] = []
+    best_weights = None
+    start_epoch = 0
+    best_epoch, best_score = -1, -math.inf
+    if resume:
+        last = out / "last.pt" if out is not None else None
+        if last is None or not last.exists():
+            raise FileNotFoundError(f"resume: no checkpoint to resume from at {last} (train once without --resume)")
+        state = load_checkpoint(last, model, map_location=device)
+        if state.get("config") != dataclasses.asdict(cfg):
+            changed = {k for k, v in dataclasses.asdict(cfg).items() if state.get("config", {}).get(k) != v}
+            changed.discard("epochs")  # extending a finished run is allowed
+            if changed:
+                raise ValueError(f"resume: config differs from the checkpoint's in {sorted(changed)}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_epoch, best_score = state["best_epoch"], state["best_score"]
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(splits.train), generator=gen)
+        loss_total = torch.zeros((), device=device)
+        seen = 0
+        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        epoch_start = time.perf_counter()
+        for step, (x, y, a) in enumerate(train_batches.iterate(order)):
+            if step >= steps_per_epoch:
+                break
+            x = augment_batch(x, cfg.augment, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = criterion(model, x, y, a)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_total += loss.detach() * y.numel()
+            seen += y.numel()
+            if bar is not None:
+                bar.update(1)
+        train_seconds = time.perf_counter() - epoch_start
+        if not torch.isfinite(loss_total):  # checked once per epoch: no per-step device sync
+            raise FloatingPointError(f"training loss became non-finite in epoch {epoch + 1}; "
+                                     f"lower the learning rate (lr={cfg.learning_rate})")
+        val = evaluate_split(splits.val)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_total / max(seen, 1)),
+            "val_accuracy": val.accuracy,
+            "val_worst_group_accuracy": val.worst_group_accuracy,
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": train_seconds,
+        }
+        history.append(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val.accuracy:.3f}")
+            bar.close()
+        score = epoch if cfg.select == "last" else _select_score(val, cfg.select)
+        improved = score > best_score
+        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if improved:
+            best_epoch, best_score, best_weights = epoch, score, weights
+        if out is not None:
+            if improved:
+                _save(out / "best.pt", {"model": weights, "epoch": epoch})
+            if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
+                _save(out / f"epoch_{epoch + 1:03d}.pt", {"model": weights, "epoch": epoch})
+            _save(out / "last.pt", {
+                "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "history": history, "best_epoch": best_epoch, "best_score": best_score,
+                "config": dataclasses.asdict(cfg),
+            })
+            write_json(history, out / "history.json")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model, record)
+
+    seconds = time.perf_counter() - t0
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    elif out is not None and (out / "best.pt").exists():  # resumed a run that had already finished
+        load_checkpoint(out / "best.pt", model, map_location=device)
+    final = {"test": evaluate_split(splits.test), "val": evaluate_split(splits.val)}
+    for name, dataset in (getattr(splits, "extra", None) or {}).items():
+        final[name] = evaluate_split(dataset)
+    return TrainResult(
+        config=dataclasses.asdict(cfg),
+        epochs_run=len(history),
+        best_epoch=best_epoch + 1,
+        history=history,
+        final=final,
+        seconds=seconds,
+        out_dir=str(out) if out is not None else None,
+    )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

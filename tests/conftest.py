@@ -1,0 +1,36 @@
+"""Test set-up. Without a GPU, Triton kernels run on the CPU through the interpreter,
+which must be switched on before triton is first imported."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+# Tolerances per input dtype for results computed in float32 (float64 for float64 input).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-9),
+    torch.float32: dict(rtol=2e-5, atol=1e-4),
+    torch.float16: dict(rtol=2e-5, atol=1e-3),
+    torch.bfloat16: dict(rtol=2e-5, atol=1e-3),
+}
+
+# Every compiled/kernel backend on the device it runs on here: cpp and triton run on the
+# CPU in CI (triton through the interpreter); cuda needs a GPU.
+FAST_BACKENDS = [
+    pytest.param("cpp", "cpu", id="cpp"),
+    pytest.param("triton", "cuda" if HAS_GPU else "cpu", id="triton"),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+]
