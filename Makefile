@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make demo   set up .venv (if missing) and run the main job on the embedded data
+#   make test   set up .venv (if missing) and run the test suite
+# Override the torch install for other machines, e.g. make test TORCH="torch torchvision".
+PYTHON ?= python3
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.extension-built
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test venv bench clean
+
+venv: $(BUILT)
+
+$(DEPS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q "setuptools>=77" wheel ninja pybind11
+	$(BIN)/pip install --disable-pip-version-check -q $(TORCH)
+	$(BIN)/pip install --disable-pip-version-check -q numpy click tqdm matplotlib scikit-learn \
+		pytest hypothesis captum timm
+	touch $@
+
+# Builds shortcut_fast._C (C++, plus CUDA when a matching toolkit is found).
+$(BUILT): $(DEPS) $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(BUILT)
+	$(BIN)/shortcut-fast info
+	$(BIN)/shortcut-fast train --data synthetic-freq --model resnet18 -M width=16 --epochs 6 \
+		--out $(DEMO_OUT)/train-synthetic-freq --quiet
+	$(BIN)/shortcut-fast spectrum --data synthetic-freq --out $(DEMO_OUT)/spectrum-synthetic-freq
+
+test: $(BUILT)
+	SHORTCUT_FAST_EXPECT_EXT=1 $(BIN)/python -m pytest -q
+
+bench: $(BUILT)
+	$(BIN)/shortcut-fast bench --device $${DEVICE:-cpu}
+
+clean:
+	rm -rf build *.egg-info shortcut_fast/_C*.so $(VENV)

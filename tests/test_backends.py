@@ -1,0 +1,62 @@
+"""The dispatch mechanism shared by every op."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shortcut_fast.backends import BackendUnavailable, backend_status, choose_backend, info
+from shortcut_fast.cli import main
+
+
+def test_unknown_backend_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'cpp', 'cuda', 'triton'\)"):
+        choose_backend("op", "fastest", "cpu", ("torch",))
+
+
+def test_explicit_backend_the_op_lacks_says_so():
+    with pytest.raises(BackendUnavailable, match="op has no triton implementation"):
+        choose_backend("op", "triton", "cpu", ("torch", "cpp"))
+
+
+def test_input_specific_reason_is_reported():
+    with pytest.raises(BackendUnavailable, match="too large for the kernel"):
+        choose_backend("op", "cpp", "cpu", ("torch", "cpp"), unsupported={"cpp": "too large for the kernel"})
+
+
+def test_auto_skips_unusable_and_falls_back_to_torch():
+    assert choose_backend("op", "auto", "cpu", ("torch",)) == "torch"
+    # cpp is implemented but not for these inputs: auto quietly takes the next one.
+    assert choose_backend("class_spectrum_sum", "auto", "cpu", ("torch", "cpp"), unsupported={"cpp": "no"}) == "torch"
+
+
+def test_auto_prefers_the_compiled_cpu_kernel_when_built():
+    if not backend_status("cpp", "cpu"):
+        pytest.skip("extension not built here")
+    assert choose_backend("class_spectrum_sum", "auto", "cpu", ("torch", "cpp")) == "cpp"
+
+
+def test_compiled_backend_needs_the_op_in_the_extension():
+    if not backend_status("cpp", "cpu"):
+        pytest.skip("extension not built here")
+    with pytest.raises(BackendUnavailable, match="has no op no_such_op"):
+        choose_backend("no_such_op", "cpp", "cpu", ("torch", "cpp"))
+
+
+def test_torch_is_always_available():
+    assert backend_status("torch", "cpu")
+    assert backend_status("torch", "meta")
+
+
+def test_info_reports_every_backend_with_a_reason():
+    data = info()
+    assert data["torch"] == torch.__version__
+    cpu = data["backends"]["cpu"]
+    assert set(cpu) == {"torch", "cpp", "cuda", "triton"}
+    assert all(isinstance(v["reason"], str) and v["reason"] for v in cpu.values())
+    assert cpu["torch"]["usable"] is True
+
+
+def test_info_command_names_usable_backends():
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "backends on cpu:" in result.output
+    assert "torch   yes" in result.output
