@@ -31,6 +31,12 @@ def check_tensor(
     return value
 
 
+def check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def _tracing() -> bool:
     # Value checks read data (a device sync, and a data-dependent branch that
     # torch.compile cannot trace); under compilation only shapes and dtypes are checked.

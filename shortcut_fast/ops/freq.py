@@ -6,7 +6,18 @@ the fftshift-ed view with DC in the centre.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from shortcut_fast.ops._checks import check_int
+
+# Radial bands: frequency (u, v) has fy = fftfreq(H)[u], fx = fftfreq(W)[v] cycles per pixel
+# and normalized radius r = sqrt(fy^2 + fx^2) / sqrt(0.5): 0 at DC, 1 at the (Nyquist,
+# Nyquist) corner. With n bands of equal radial width, band k holds r in [k/n, (k+1)/n)
+# (the last band also takes r = 1; a frequency exactly on an edge goes to the outer band).
+# r depends on |f| only, so every band is conjugate-symmetric.
+
 
 
 def shifted(freq_map: torch.Tensor) -> torch.Tensor:
@@ -17,3 +28,70 @@ def shifted(freq_map: torch.Tensor) -> torch.Tensor:
 def unshifted(freq_map: torch.Tensor) -> torch.Tensor:
     """Inverse of `shifted`."""
     return torch.fft.ifftshift(freq_map, dim=(-2, -1))
+
+
+def radial_frequency(H: int, W: int) -> torch.Tensor:
+    """Normalized radius r (H, W) float64 of every unshifted fft2 frequency: 0 at DC, 1 at the corner."""
+    check_int("H", H)
+    check_int("W", W)
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+    return torch.sqrt(fy ** 2 + fx ** 2) / math.sqrt(0.5)
+
+
+def radial_band_index(H: int, W: int, n_bands: int = 4) -> torch.Tensor:
+    """Band index (H, W) int64 in [0, n_bands) of every unshifted fft2 frequency (DC in band 0).
+
+    Bands have equal width on the normalized radius (see the module docstring); a frequency
+    exactly on an edge belongs to the outer band. The comparison is done in exact integer
+    arithmetic, since grid points do land on edges (e.g. (4, 4) at 32 x 32 has r = 1/4).
+    """
+    check_int("n_bands", n_bands)
+    check_int("H", H)
+    check_int("W", W)
+    # signed frequency indices: fy = uy / H, fx = vx / W
+    uy = torch.fft.fftfreq(H, d=1.0 / H).round().long()[:, None]
+    vx = torch.fft.fftfreq(W, d=1.0 / W).round().long()[None, :]
+    # r >= k / n  <=>  2 n^2 (uy^2 W^2 + vx^2 H^2) >= k^2 H^2 W^2
+    lhs = 2 * n_bands ** 2 * (uy ** 2 * W ** 2 + vx ** 2 * H ** 2)
+    band = torch.zeros(H, W, dtype=torch.long)
+    for k in range(1, n_bands):
+        band += (lhs >= k ** 2 * H ** 2 * W ** 2).long()
+    return band
+
+
+def band_edges(n_bands: int = 4) -> list[float]:
+    """Band edges on the normalized radius: [0, 1/n, ..., 1]; times sqrt(0.5) gives cycles/pixel."""
+    check_int("n_bands", n_bands)
+    return [k / n_bands for k in range(n_bands + 1)]
+
+
+def band_mask(H: int, W: int, bands, n_bands: int = 4) -> torch.Tensor:
+    """Boolean (H, W) mask of the frequencies in `bands` (an int or an iterable of band indices)."""
+    bands = [bands] if isinstance(bands, int) else list(bands)
+    for b in bands:
+        if not isinstance(b, int) or not 0 <= b < n_bands:
+            raise ValueError(f"bands must be ints in [0, {n_bands}), got {bands!r}")
+    index = radial_band_index(H, W, n_bands)
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    for b in bands:
+        mask |= index == b
+    return mask
+
+
+def band_pass(images: torch.Tensor, keep, n_bands: int = 4) -> torch.Tensor:
+    """Keep only the frequencies of bands `keep` in real images (..., H, W); float32 result.
+
+    Band-stop of band b is band_pass(x, [every band but b]).
+    """
+    if images.dim() < 2:
+        raise ValueError(f"images must have shape (..., H, W), got {tuple(images.shape)}")
+    H, W = images.shape[-2:]
+    mask = band_mask(H, W, keep, n_bands).to(images.device)
+    x = images.float()
+    return torch.fft.ifft2(torch.fft.fft2(x) * mask).real
+
+
+def mirror(z: torch.Tensor) -> torch.Tensor:
+    """z[..., (-u) mod H, (-v) mod W]: the conjugate partner of every frequency."""
+    return z.flip((-2, -1)).roll((1, 1), (-2, -1))

@@ -1,0 +1,36 @@
+"""Datasets: synthetic frequency-biased images, digits, colored digits/MNIST, CIFAR-10, Waterbirds,
+CelebA, and shortcut injection.
+
+Every loader returns DatasetSplits (train / val / test / extra) of datasets yielding
+(image float32 (C,H,W), label, attribute); attribute is the spurious attribute (-1 = unknown)
+and group = label * num_attributes + attribute. Start with load_dataset(name, ...) and
+list_datasets().
+"""
+from .colored import LFF_COLORS, assign_bias_attributes, colorize
+from .core import (DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset, default_data_root,
+                   stratified_split)
+from .loaders import read_idx
+from .registry import dataset_options, list_datasets, load_dataset
+from .shortcuts import SHORTCUT_KINDS, Shortcut, inject_shortcut, make_shortcut
+from .synthetic import make_synthetic_freq
+
+__all__ = [
+    "ImageDataset",
+    "FileImageDataset",
+    "DatasetSplits",
+    "DatasetNotFoundError",
+    "load_dataset",
+    "list_datasets",
+    "dataset_options",
+    "default_data_root",
+    "inject_shortcut",
+    "make_shortcut",
+    "Shortcut",
+    "SHORTCUT_KINDS",
+    "colorize",
+    "assign_bias_attributes",
+    "LFF_COLORS",
+    "make_synthetic_freq",
+    "read_idx",
+    "stratified_split",
+]

@@ -1,0 +1,377 @@
+"""Readers of the on-disk datasets and the builders behind load_dataset.
+
+Nothing here touches the network unless download=True, which delegates to torchvision's
+downloaders. A missing dataset raises DatasetNotFoundError naming the files and the folder.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .colored import make_colored_splits
+from .core import (DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset, default_data_root,
+                   make_generator, stratified_split)
+from .synthetic import make_synthetic_freq
+
+__all__ = ["read_idx", "load_digits_gray", "load_mnist_raw", "load_cifar10_arrays", "BUILDERS"]
+
+ROOT_HINT = "pass root=... (CLI: --data-root) or set $SHORTCUT_FAST_DATA"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _root(root, dataset: str, expected: list[str]) -> Path:
+    if root is None:
+        root = default_data_root()
+    if root is None:
+        raise DatasetNotFoundError(dataset, None, expected, hint=f"No data folder given: {ROOT_HINT}")
+    return Path(root).expanduser()
+
+
+def _check_fraction(name, value, low_open=True):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (0 < value if low_open else 0 <= value) and value <= 1
+    if not ok:
+        raise ValueError(f"{name} must be a number in {'(0' if low_open else '[0'}, 1], got {value!r}")
+    return float(value)
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _holdout(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int, dataset: str):
+    """Stratified, seeded hold-out of val_size samples: (x_train, y_train, x_val, y_val)."""
+    val_size = _check_int("val_size", val_size, 0)
+    if val_size >= len(y):
+        raise ValueError(f"val_size must be smaller than the {len(y)} {dataset} training images, got {val_size}")
+    val_idx, train_idx = stratified_split(y, [val_size], make_generator(seed, 7))
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+
+# --------------------------------------------------------------------------- digits
+
+def load_digits_gray(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 8x8 digits (values 0..16), upsampled bilinearly: uint8 (N,S,S), int64 (N,)."""
+    from sklearn.datasets import load_digits  # ships inside scikit-learn: no download
+
+    image_size = _check_int("image_size", image_size, 8)
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 16.0
+    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = (x[:, 0] * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return x, torch.from_numpy(d.target).long()
+
+
+def _digits_split(image_size, val_fraction, test_fraction, seed):
+    val_fraction = _check_fraction("val_fraction", val_fraction, low_open=False)
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    x, y = load_digits_gray(image_size)
+    n = len(y)
+    test_idx, val_idx, train_idx = stratified_split(
+        y, [round(n * test_fraction), round(n * val_fraction)], make_generator(seed, 3))
+    return {"train": x[train_idx], "val": x[val_idx], "test": x[test_idx]}, \
+        {"train": y[train_idx], "val": y[val_idx], "test": y[test_idx]}
+
+
+def _build_digits(*, root=None, download=False, seed=0, image_size=32, val_fraction=0.1, test_fraction=0.3):
+    gray, labels = _digits_split(image_size, val_fraction, test_fraction, seed)
+    sets = {k: ImageDataset(gray[k][:, None].expand(-1, 3, -1, -1).contiguous(), labels[k], num_classes=10,
+                            name="digits") for k in gray}
+    return DatasetSplits(name="digits", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=10,
+                         num_attributes=0, image_shape=sets["test"].image_shape, bias_aligned_attribute=False,
+                         meta={"source": "sklearn.datasets.load_digits, bilinear upsampling, gray replicated to RGB"})
+
+
+def _build_colored_digits(*, root=None, download=False, seed=0, conflict_ratio=0.05, color_std=0.005,
+                          image_size=32, val_fraction=0.1, test_fraction=0.3, unbiased_val=False):
+    conflict_ratio = _check_fraction("conflict_ratio", conflict_ratio)
+    gray, labels = _digits_split(image_size, val_fraction, test_fraction, seed)
+    return make_colored_splits("colored-digits", gray, labels, conflict_ratio=conflict_ratio,
+                               color_std=color_std, seed=seed, unbiased_val=unbiased_val)
+
+
+# --------------------------------------------------------------------------- MNIST
+
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzip-compressed or not, into a native-endian array."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise ValueError(f"{path}: truncated idx header")
+    dims = struct.unpack(f">{ndim}I", raw[4:offset])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(dims)) if ndim else 1
+    if len(raw) - offset < count * dtype.itemsize:
+        raise ValueError(f"{path}: truncated idx data (header says shape {dims})")
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="))  # copy: writable and native-endian
+
+
+def _find_mnist(root: Path) -> dict[str, Path] | None:
+    for folder in (root / "MNIST" / "raw", root / "raw", root):
+        found = {}
+        for name in MNIST_FILES:
+            for candidate in (folder / name, folder / (name + ".gz")):
+                if candidate.is_file():
+                    found[name] = candidate
+                    break
+        if len(found) == len(MNIST_FILES):
+            return found
+    return None
+
+
+def load_mnist_raw(root=None, download: bool = False, dataset: str = "mnist"):
+    """MNIST from the torchvision raw layout: (x_train uint8 (60000,28,28), y_train, x_test, y_test).
+
+    Searches root/MNIST/raw, root/raw and root for the four idx files (optionally .gz).
+    """
+    expected = [f"MNIST/raw/{n}[.gz]" for n in MNIST_FILES]
+    root = _root(root, dataset, expected)
+    files = _find_mnist(root)
+    if files is None and download:
+        try:
+            from torchvision.datasets import MNIST
+        except ImportError as exc:  # pragma: no cover - torchvision is a declared extra
+            raise ImportError("download=True needs torchvision") from exc
+        MNIST(str(root), train=True, download=True)
+        files = _find_mnist(root)
+    if files is None:
+        raise DatasetNotFoundError(dataset, root, expected,
+                                   hint="Also searched raw/ and the folder itself; pass download=True to fetch MNIST")
+    out = []
+    for name in MNIST_FILES:
+        arr = read_idx(files[name])
+        out.append(torch.from_numpy(arr.astype(np.uint8) if "images" in name else arr.astype(np.int64)))
+    for images, labels in ((out[0], out[1]), (out[2], out[3])):
+        if images.dim() != 3 or labels.shape != (images.shape[0],):
+            raise ValueError(f"MNIST idx files in {files[MNIST_FILES[0]].parent} have inconsistent shapes: "
+                             f"images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    return tuple(out)
+
+
+def _build_colored_mnist(*, root=None, download=False, seed=0, conflict_ratio=0.01, color_std=0.005,
+                         val_size=5000, unbiased_val=False):
+    conflict_ratio = _check_fraction("conflict_ratio", conflict_ratio)
+    xtr, ytr, xte, yte = load_mnist_raw(root, download, dataset="colored-mnist")
+    if int(ytr.max()) > 9 or int(ytr.min()) < 0:
+        raise ValueError("MNIST labels must lie in 0..9")
+    xtr, ytr, xva, yva = _holdout(xtr, ytr, val_size, seed, "MNIST")
+    return make_colored_splits("colored-mnist", {"train": xtr, "val": xva, "test": xte},
+                               {"train": ytr, "val": yva, "test": yte}, conflict_ratio=conflict_ratio,
+                               color_std=color_std, seed=seed, unbiased_val=unbiased_val)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")  # the official format is a Python pickle
+    data = d[b"data"] if b"data" in d else d["data"]
+    labels = d[b"labels"] if b"labels" in d else d["labels"]
+    x = np.asarray(data, dtype=np.uint8)
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: expected data of shape (N, 3072), got {x.shape}")
+    y = np.asarray(labels, dtype=np.int64)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{path}: {x.shape[0]} images but {y.shape} labels")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def load_cifar10_arrays(root=None, download: bool = False):
+    """CIFAR-10 python batches: (x_train uint8 (50000,3,32,32), y_train, x_test, y_test)."""
+    expected = [f"{CIFAR_DIR}/{n}" for n in CIFAR_FILES]
+    root = _root(root, "cifar10", expected)
+
+    def find():
+        for folder in (root / CIFAR_DIR, root):
+            if all((folder / n).is_file() for n in CIFAR_FILES):
+                return folder
+        return None
+
+    folder = find()
+    if folder is None and download:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=True, download=True)
+        folder = find()
+    if folder is None:
+        raise DatasetNotFoundError("cifar10", root, expected, hint="Pass download=True to fetch CIFAR-10")
+    parts = [_read_cifar_batch(folder / n) for n in CIFAR_FILES]
+    xtr = torch.from_numpy(np.concatenate([p[0] for p in parts[:5]]))
+    ytr = torch.from_numpy(np.concatenate([p[1] for p in parts[:5]]))
+    return xtr, ytr, torch.from_numpy(parts[5][0]), torch.from_numpy(parts[5][1])
+
+
+def _build_cifar10(*, root=None, download=False, seed=0, val_size=5000):
+    xtr, ytr, xte, yte = load_cifar10_arrays(root, download)
+    xtr, ytr, xva, yva = _holdout(xtr, ytr, val_size, seed, "CIFAR-10")
+    sets = {k: ImageDataset(x, y, num_classes=10, name="cifar10")
+            for k, x, y in (("train", xtr, ytr), ("val", xva, yva), ("test", xte, yte))}
+    return DatasetSplits(name="cifar10", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=10,
+                         num_attributes=0, image_shape=(3, 32, 32), bias_aligned_attribute=False,
+                         meta={"val": "stratified seeded hold-out from the training batches"})
+
+
+# --------------------------------------------------------------------------- Waterbirds
+
+WATERBIRDS_DIR = "waterbird_complete95_forest2water2"
+WATERBIRDS_URL = "https://nlp.stanford.edu/data/dro/waterbird_complete95_forest2water2.tar.gz"
+
+
+def _file_splits(name, paths, labels, attrs, split, image_size, crop_fraction, in_memory, n_attr=2):
+    sets = {}
+    for code, key in enumerate(("train", "val", "test")):
+        sel = np.flatnonzero(split == code)
+        ds = FileImageDataset([paths[i] for i in sel], labels[sel], attrs[sel], num_classes=2,
+                              num_attributes=n_attr, name=name, image_size=image_size, crop_fraction=crop_fraction)
+        sets[key] = ds.load_into_memory() if in_memory else ds
+    return sets
+
+
+def _build_waterbirds(*, root=None, download=False, seed=0, image_size=64, in_memory=False):
+    expected = [f"{WATERBIRDS_DIR}/metadata.csv (and the images it lists)"]
+    root = _root(root, "waterbirds", expected)
+    folder = next((f for f in (root / WATERBIRDS_DIR, root) if (f / "metadata.csv").is_file()), None)
+    if folder is None:
+        raise DatasetNotFoundError("waterbirds", root, expected,
+                                   hint=f"Download and extract {WATERBIRDS_URL} there (download=True is not supported)")
+    with open(folder / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    needed = ("img_filename", "y", "split", "place")
+    if not rows or any(c not in rows[0] for c in needed):
+        raise ValueError(f"{folder / 'metadata.csv'} must have the columns {', '.join(needed)} and at least one row")
+    paths = [folder / r["img_filename"] for r in rows]
+    if not paths[0].is_file():
+        raise DatasetNotFoundError("waterbirds", folder, [rows[0]["img_filename"]],
+                                   hint="metadata.csv was found but not the images it lists")
+    y = np.array([int(r["y"]) for r in rows], dtype=np.int64)
+    place = np.array([int(r["place"]) for r in rows], dtype=np.int64)
+    split = np.array([int(r["split"]) for r in rows], dtype=np.int64)
+    for col, v in (("y", y), ("place", place), ("split", split)):
+        allowed = (0, 1, 2) if col == "split" else (0, 1)
+        if not np.isin(v, allowed).all():
+            raise ValueError(f"metadata.csv column {col!r} must hold values in {allowed}")
+    sets = _file_splits("waterbirds", paths, y, place, split, _check_int("image_size", image_size, 1),
+                        224 / 256, in_memory)
+    return DatasetSplits(name="waterbirds", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=2,
+                         num_attributes=2, image_shape=(3, image_size, image_size), bias_aligned_attribute=True,
+                         meta={"folder": str(folder), "label": "y (0 landbird, 1 waterbird)",
+                               "attribute": "place (0 land, 1 water)",
+                               "transform": "center crop 224/256 of the shorter side, bilinear resize"})
+
+
+# --------------------------------------------------------------------------- CelebA
+
+def _celeba_rows(path: Path, header_lines: int):
+    """(column names or None, rows as token lists) of a CelebA table in txt (spaces) or csv form."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    sep = "," if path.suffix == ".csv" else None
+    names = None
+    if path.suffix == ".csv":
+        names = lines[0].split(",")[1:]
+        lines = lines[1:]
+    elif header_lines == 2:  # list_attr_celeba.txt: count, then the attribute names
+        names = lines[1].split()
+        lines = lines[2:]
+    return names, (ln.split(sep) for ln in lines if ln.strip())
+
+
+def _find_any(folder: Path, stem: str) -> Path | None:
+    return next((p for p in (folder / f"{stem}.csv", folder / f"{stem}.txt") if p.is_file()), None)
+
+
+def _build_celeba(*, root=None, download=False, seed=0, target_attribute="Blond_Hair", bias_attribute="Male",
+                  image_size=64, in_memory=False):
+    expected = ["celeba/img_align_celeba/", "celeba/list_attr_celeba.txt (or .csv)",
+                "celeba/list_eval_partition.txt (or .csv)"]
+    root = _root(root, "celeba", expected)
+
+    def find():
+        for folder in (root / "celeba", root):
+            if (folder / "img_align_celeba").is_dir() and _find_any(folder, "list_attr_celeba") \
+                    and _find_any(folder, "list_eval_partition"):
+                return folder
+        return None
+
+    folder = find()
+    if folder is None and download:
+        from torchvision.datasets import CelebA
+
+        CelebA(str(root), split="all", target_type="attr", download=True)
+        folder = find()
+    if folder is None:
+        raise DatasetNotFoundError("celeba", root, expected, hint="Pass download=True to fetch it with torchvision")
+    image_dir = folder / "img_align_celeba"
+    if (image_dir / "img_align_celeba").is_dir():  # the Kaggle archive nests the folder
+        image_dir = image_dir / "img_align_celeba"
+
+    attr_path = _find_any(folder, "list_attr_celeba")
+    names, rows = _celeba_rows(attr_path, header_lines=2)
+    for role, attr in (("target_attribute", target_attribute), ("bias_attribute", bias_attribute)):
+        if attr not in names:
+            raise ValueError(f"{role} must be one of the CelebA attributes {', '.join(names)}; got {attr!r}")
+    ti, bi = names.index(target_attribute) + 1, names.index(bias_attribute) + 1
+    files, target, bias = [], [], []
+    for r in rows:  # keep only the two needed columns: 200k x 40 tokens would cost ~0.5 GB
+        files.append(r[0])
+        target.append(r[ti])
+        bias.append(r[bi])
+    _, prow = _celeba_rows(_find_any(folder, "list_eval_partition"), header_lines=0)
+    partition = {r[0]: int(r[1]) for r in prow}
+    missing = [f for f in files if f not in partition]
+    if missing:
+        raise ValueError(f"list_eval_partition has no entry for {len(missing)} images, e.g. {missing[0]}")
+    split = np.array([partition[f] for f in files], dtype=np.int64)
+    y = (np.array(target, dtype=np.int64) > 0).astype(np.int64)  # -1 -> 0, 1 -> 1
+    a = (np.array(bias, dtype=np.int64) > 0).astype(np.int64)
+    paths = [image_dir / f for f in files]
+    if not paths[0].is_file():
+        raise DatasetNotFoundError("celeba", image_dir, [files[0]], hint="the attribute table lists images not found")
+    sets = _file_splits("celeba", paths, y, a, split, _check_int("image_size", image_size, 1), 1.0,
+                        in_memory)
+    return DatasetSplits(name="celeba", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=2,
+                         num_attributes=2, image_shape=(3, image_size, image_size), bias_aligned_attribute=False,
+                         meta={"folder": str(folder), "label": target_attribute, "attribute": bias_attribute,
+                               "transform": "center crop of the shorter side, bilinear resize"})
+
+
+# name -> (builder, one-line description)
+BUILDERS = {
+    "synthetic-freq": (make_synthetic_freq,
+                       "generated 32x32 images whose most distinctive radial frequency band is bias_band (1..4)"),
+    "digits": (_build_digits, "scikit-learn 8x8 digits upsampled to 32x32 RGB (offline, 1797 images)"),
+    "colored-digits": (_build_colored_digits,
+                       "digits with a planted color attribute (LfF protocol, offline stand-in for Colored MNIST)"),
+    "cifar10": (_build_cifar10, "CIFAR-10 from cifar-10-batches-py/ (val = seeded hold-out of the training set)"),
+    "colored-mnist": (_build_colored_mnist, "Colored MNIST (LfF protocol) from the raw MNIST idx files"),
+    "waterbirds": (_build_waterbirds, "Waterbirds (label bird type, attribute place) from metadata.csv + images"),
+    "celeba": (_build_celeba, "CelebA (label Blond_Hair, attribute Male by default) from img_align_celeba/"),
+}
