@@ -50,10 +50,15 @@ def fake_for_compiled(op: str):
     def decorate(fn):
         _FAKES[op] = fn
         if _load_extension.cache_info().currsize and extension() is not None:
-            torch.library.register_fake(f"shortcut_fast::{op}")(fn)
+            _register_fake(op, fn)
         return fn
 
     return decorate
+
+
+def _register_fake(op: str, fn) -> None:
+    if _extension_has_op(op):  # an extension built from older sources may lack the op
+        torch.library.register_fake(f"shortcut_fast::{op}")(fn)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +74,7 @@ def _load_extension():
             msg = "not built (install with `pip install --no-build-isolation -e .`)"
         return None, f"extension unavailable: {msg}"
     for op, fn in _FAKES.items():
-        torch.library.register_fake(f"shortcut_fast::{op}")(fn)
+        _register_fake(op, fn)
     return module, "loaded"
 
 

@@ -81,6 +81,7 @@ def plot_maps(maps, titles: Sequence[str], path: str | os.PathLike, *, suptitle:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    maps = [m.detach().cpu().numpy() if hasattr(m, "detach") else m for m in maps]
     n = len(maps)
     cols = min(n, 5)
     rows = math.ceil(n / cols)

@@ -1,6 +1,8 @@
 """Frequency-grid conventions: bands, mirrors, shifted views."""
+import pytest
 import torch
 
+from shortcut_fast.ops import freq
 from shortcut_fast.ops.freq import band_mask, band_pass, mirror, radial_band_index, shifted, unshifted
 
 
@@ -41,3 +43,38 @@ def test_band_masks_partition_the_grid_and_shift_round_trips():
     m = torch.randn(9, 12)
     assert torch.equal(unshifted(shifted(m)), m)
     assert shifted(torch.arange(9 * 12).view(9, 12))[4, 6] == 0  # DC in the centre
+
+
+def test_conjugate_pairs_cover_the_grid_once():
+    for H, W in [(8, 8), (7, 10), (1, 5), (32, 32)]:
+        pairs = freq.conjugate_pairs(H, W)
+        masks = freq.pair_masks(H, W, pairs)
+        assert torch.equal(masks.sum(0), torch.ones(H, W, dtype=torch.long))  # a partition
+        r = freq.radial_frequency(H, W)[pairs[:, 0], pairs[:, 1]]
+        assert bool((r[1:] >= r[:-1]).all()) and pairs[0].tolist() == [0, 0]  # centre outwards
+
+
+def test_patch_masks_are_symmetric_and_cover_the_grid():
+    masks, corners = freq.patch_masks(32, 32, 4)
+    assert all(freq.is_conjugate_symmetric(m) for m in masks)
+    assert masks.any(0).all()
+    assert corners.shape == (masks.shape[0], 2)
+    # each mask is one 4x4 patch plus its mirror (which may overlap it or coincide with another patch)
+    sizes = masks.flatten(1).sum(1)
+    assert bool((sizes >= 16).all() and (sizes <= 32).all()) and masks.shape[0] <= 64
+    assert len({m.numpy().tobytes() for m in masks}) == masks.shape[0]  # no duplicates
+    odd_masks, _ = freq.patch_masks(9, 9, 3)  # odd grid: patches mirror onto patches
+    assert odd_masks.shape[0] == 5
+    odd, _ = freq.patch_masks(9, 7, 3)
+    assert odd.any(0).all()
+
+
+def test_radial_masks_and_top_fraction():
+    m = freq.radial_masks(16, 16, [0, 0.25, 0.5, 0.75, 1.0])
+    assert torch.equal(m, freq.band_masks(16, 16))
+    scores = freq.radial_frequency(16, 16)  # symmetric scores
+    top = freq.top_fraction_mask(scores, 10)
+    assert freq.is_conjugate_symmetric(top)
+    assert abs(int(top.sum()) - 26) <= 2 and bool(scores[top].min() >= scores[~top].max())
+    with pytest.raises(ValueError, match="percent must be in"):
+        freq.top_fraction_mask(scores, 0)

@@ -95,3 +95,102 @@ def band_pass(images: torch.Tensor, keep, n_bands: int = 4) -> torch.Tensor:
 def mirror(z: torch.Tensor) -> torch.Tensor:
     """z[..., (-u) mod H, (-v) mod W]: the conjugate partner of every frequency."""
     return z.flip((-2, -1)).roll((1, 1), (-2, -1))
+
+
+def band_masks(H: int, W: int, n_bands: int = 4) -> torch.Tensor:
+    """(n_bands, H, W) bool: the equal-width radial bands B1..Bn (they partition the grid)."""
+    index = radial_band_index(H, W, n_bands)
+    return index[None] == torch.arange(n_bands)[:, None, None]
+
+
+def radial_masks(H: int, W: int, edges) -> torch.Tensor:
+    """(K, H, W) bool radial bands with arbitrary edges on the normalized radius.
+
+    Band k holds r in [edges[k], edges[k+1]); the last band also takes r == edges[-1].
+    """
+    edges = [float(e) for e in edges]
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be at least two increasing numbers, got {edges!r}")
+    r = radial_frequency(H, W)
+    eps = 1e-12  # grid points that land on an edge go to the outer band, as in radial_band_index
+    masks = [(r >= lo - eps) & (r < hi - eps) for lo, hi in zip(edges[:-1], edges[1:])]
+    masks[-1] |= (r - edges[-1]).abs() <= eps
+    return torch.stack(masks)
+
+
+def is_conjugate_symmetric(mask: torch.Tensor) -> bool:
+    """True when mask[u, v] == mask[-u, -v] everywhere (so filtered real images stay real)."""
+    return bool(torch.equal(mask, mirror(mask)))
+
+
+def symmetrize(mask: torch.Tensor) -> torch.Tensor:
+    """The conjugate-symmetric version of a mask: boolean masks keep a frequency when either
+    it or its partner is kept; weighted masks average the two weights."""
+    if mask.dtype == torch.bool:
+        return mask | mirror(mask)
+    return 0.5 * (mask + mirror(mask))
+
+
+def conjugate_pairs(H: int, W: int) -> torch.Tensor:
+    """(P, 2) int64: one (u, v) per conjugate pair {(u, v), (-u, -v)} of the H x W grid,
+    ordered from the centre (DC) outwards by radius, ties by (u, v). Self-conjugate
+    frequencies (DC, Nyquist lines) form pairs of one."""
+    check_int("H", H)
+    check_int("W", W)
+    u = torch.arange(H)[:, None].expand(H, W)
+    v = torch.arange(W)[None, :].expand(H, W)
+    index = u * W + v
+    partner = mirror(index)
+    keep = (index <= partner).flatten()
+    r = radial_frequency(H, W).flatten()[keep]
+    flat = index.flatten()[keep]
+    order = sorted(range(flat.numel()), key=lambda i: (float(r[i]), int(flat[i])))
+    flat = flat[torch.tensor(order, dtype=torch.long)]
+    return torch.stack([flat // W, flat % W], dim=1)
+
+
+def pair_masks(H: int, W: int, pairs: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) bool: mask k holds frequency pairs[k] and its conjugate partner."""
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    masks = torch.zeros(pairs.shape[0], H, W, dtype=torch.bool)
+    k = torch.arange(pairs.shape[0])
+    masks[k, pairs[:, 0] % H, pairs[:, 1] % W] = True
+    masks[k, (-pairs[:, 0]) % H, (-pairs[:, 1]) % W] = True
+    return masks
+
+
+def patch_masks(H: int, W: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The p x p patches of the fftshift-ed spectrum, each joined with its conjugate mirror.
+
+    Returns (masks (K, H, W) bool on the unshifted grid, corners (K, 2) int64 top-left
+    (row, col) of the patch in the shifted view). A patch and its mirror give the same
+    mask, so each such pair appears once (the first in row-major order of the shifted view).
+    """
+    check_int("patch", patch)
+    if patch > min(H, W):
+        raise ValueError(f"patch must be <= min(H, W) = {min(H, W)}, got {patch}")
+    masks, corners, seen = [], [], set()
+    for row in range(0, H, patch):
+        for col in range(0, W, patch):
+            shifted_mask = torch.zeros(H, W, dtype=torch.bool)
+            shifted_mask[row:row + patch, col:col + patch] = True
+            mask = symmetrize(unshifted(shifted_mask))
+            key = mask.numpy().tobytes()
+            if key in seen:
+                continue
+            seen.add(key)
+            masks.append(mask)
+            corners.append((row, col))
+    return torch.stack(masks), torch.tensor(corners, dtype=torch.long)
+
+
+def top_fraction_mask(scores: torch.Tensor, percent: float) -> torch.Tensor:
+    """(H, W) bool keeping the top `percent` % of frequencies by score, made conjugate-
+    symmetric (a DFM). Scores should already be symmetric (pairs scored together)."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent!r}")
+    flat = scores.flatten()
+    k = max(1, round(flat.numel() * percent / 100))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.topk(flat, k).indices] = True
+    return symmetrize(mask.view_as(scores))
