@@ -10,12 +10,13 @@ small images (CIFAR, 32x32) it is one tile per image and fully fused.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from shortcut_fast.kernels._cache import cached
 
 
 @triton.jit
@@ -74,16 +75,16 @@ def _class_spectrum_kernel(
     tl.atomic_add(out_ptr + out_offsets, magnitude, mask=ok)
 
 
-@functools.lru_cache(maxsize=32)
-def _dft_tables(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _dft_tables(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of 2 pi j k / n as (n, n) float32, computed in float64 for accuracy."""
-    k = torch.arange(n, dtype=torch.float64)
-    # Reduce j*k mod n first so large n keeps full accuracy.
-    angle = (2 * math.pi / n) * torch.remainder(k[:, None] * k[None, :], n)
-    return (
-        torch.cos(angle).to(torch.float32).to(device),
-        torch.sin(angle).to(torch.float32).to(device),
-    )
+
+    def build(device):
+        k = torch.arange(n, dtype=torch.float64, device=device)
+        # Reduce j*k mod n first so large n keeps full accuracy.
+        angle = (2 * math.pi / n) * torch.remainder(k[:, None] * k[None, :], n)
+        return torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
+
+    return cached(("dft", n), like, build)
 
 
 def _block(n: int) -> int:
@@ -98,8 +99,8 @@ def class_spectrum_sum_op(x: torch.Tensor, labels: torch.Tensor, num_classes: in
     out = torch.zeros((num_classes, C, H, W), device=x.device, dtype=torch.float32)
     if B == 0 or C == 0:
         return out
-    cos_h, sin_h = _dft_tables(H, x.device)
-    cos_w, sin_w = _dft_tables(W, x.device)
+    cos_h, sin_h = _dft_tables(H, x)
+    cos_w, sin_w = _dft_tables(W, x)
     block_u, block_v = _block(H), _block(W)
     grid = (B * C, triton.cdiv(H, block_u) * triton.cdiv(W, block_v))
     torch.library.wrap_triton(_class_spectrum_kernel)[grid](

@@ -293,11 +293,14 @@ def train(
     progress: bool = True,
     loss_fn: Callable | None = None,
     on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
+    on_step_end: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `splits.train`, select on `splits.val`, report on test and extras.
 
     loss_fn(model, x, y, a) -> scalar overrides plain cross-entropy (e.g. for mitigation
-    objectives). on_epoch_end(epoch, model, record) runs after each epoch's evaluation.
+    objectives). on_epoch_end(epoch, model, record) runs after each epoch's evaluation;
+    on_step_end(global_step, model) after every optimizer step (e.g. to track what the
+    model has learned early in training; it must restore model.train() if it changes it).
     """
     cfg = config or TrainConfig()
     device = resolve_device(cfg.device)
@@ -363,6 +366,8 @@ def train(
             scheduler.step()
             loss_total += loss.detach() * y.numel()
             seen += y.numel()
+            if on_step_end is not None:
+                on_step_end(epoch * steps_per_epoch + step + 1, model)
             if bar is not None:
                 bar.update(1)
         train_seconds = time.perf_counter() - epoch_start
@@ -385,17 +390,18 @@ def train(
         score = epoch if cfg.select == "last" else _select_score(val, cfg.select)
         improved = score > best_score
         weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        model_config = getattr(model, "build_config", None)  # lets models.model_from_checkpoint rebuild it
         if improved:
             best_epoch, best_score, best_weights = epoch, score, weights
         if out is not None:
             if improved:
-                _save(out / "best.pt", {"model": weights, "epoch": epoch})
+                _save(out / "best.pt", {"model": weights, "epoch": epoch, "model_config": model_config})
             if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
-                _save(out / f"epoch_{epoch + 1:03d}.pt", {"model": weights, "epoch": epoch})
+                _save(out / f"epoch_{epoch + 1:03d}.pt", {"model": weights, "epoch": epoch, "model_config": model_config})
             _save(out / "last.pt", {
                 "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": history, "best_epoch": best_epoch, "best_score": best_score,
-                "config": dataclasses.asdict(cfg),
+                "config": dataclasses.asdict(cfg), "model_config": model_config,
             })
             write_json(history, out / "history.json")
         if on_epoch_end is not None:

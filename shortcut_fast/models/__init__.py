@@ -21,7 +21,7 @@ timm and torchvision are imported only when a "timm:" / "tv:" model is built.
 from .base import Classifier
 from .bridges import BridgedModel, discover_blocks
 from .introspect import block_outputs, features_and_head, get_submodule, model_blocks
-from .registry import build_model, list_models
+from .registry import build_model, list_models, model_from_checkpoint
 from .weights import load_pretrained
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "BridgedModel",
     "build_model",
     "list_models",
+    "model_from_checkpoint",
     "model_blocks",
     "block_outputs",
     "features_and_head",

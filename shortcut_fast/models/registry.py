@@ -117,3 +117,19 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
+
+
+def model_from_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> nn.Module:
+    """Rebuild a model from a checkpoint written by shortcut_fast.train (its `model_config`
+    records the build_model arguments) and load its weights."""
+    import torch
+
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    config = state.get("model_config") if isinstance(state, dict) else None
+    if not config:
+        raise ValueError(f"checkpoint {path} has no model_config (not written by shortcut-fast train); "
+                         f"build the model with build_model(...) and load its weights instead")
+    config = dict(config)
+    model = build_model(config.pop("name"), **config)
+    model.load_state_dict(state["model"])
+    return model

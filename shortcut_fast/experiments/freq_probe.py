@@ -1,0 +1,545 @@
+"""Frequency shortcuts (EXPERIMENTS.md section 1; Wang et al., ICCV 2023).
+
+Per class c of a frozen classifier:
+- ADCS_c: where class c has more spectral energy than the other classes.
+- DFM_c, the dominant frequency map, three ways:
+  loss      remove each candidate (a conjugate frequency pair, or a p x p patch of the
+            shifted spectrum with its mirror) from the class-c images and rank candidates
+            by the mean cross-entropy that results; DFM = the top X % of frequencies.
+  greedy    walk frequency pairs from the centre outwards, remove each one tentatively and
+            keep the removal when the class-c correct count drops by at most t; the
+            frequencies never removed are the DFM.
+  gradient  one backward pass gives a first-order estimate of every candidate's loss
+            increase (Parseval: removing x_P changes the loss by about -<dL/dx, x_P>); the
+            top candidates are then evaluated exactly and the DFM taken from those.
+- TPR_c / FPR_c: filter ALL test images to DFM_c's frequencies; TPR_c = fraction of class-c
+  images predicted c, FPR_c = fraction of the other images predicted c. High both: the
+  model predicts c from those frequencies whatever the image (a frequency shortcut).
+- For datasets with radial bands (synthetic-freq): the band-stop table
+  Delta[c, b] = (correct after removing band b - correct originally) / N_c * 100.
+
+Fast path: one FFT per image and rank-one updates (ops.remove_frequencies) or batched
+masked filtering (ops.band_filter), streamed into the model in large batches; only class-c
+images are evaluated for class c. `dfm_losses_reference` is the straightforward
+per-(class, candidate) loop it replaces (one FFT round trip per candidate).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shortcut_fast.ops import freq
+from shortcut_fast.ops.filtering import band_filter_chunks, remove_frequencies, remove_frequencies_chunks
+from shortcut_fast.ops.spectrum import ClassSpectrum, adcs
+from shortcut_fast.report import read_json, write_json
+
+METHODS = ("loss", "greedy", "gradient")
+
+
+@dataclass
+class Candidates:
+    """What the DFM search removes: conjugate pairs (patch 1) or patch masks (patch > 1)."""
+
+    masks: torch.Tensor  # (K, H, W) bool, conjugate-symmetric
+    pairs: torch.Tensor | None = None  # (K, 2) when every candidate is one conjugate pair
+
+    @classmethod
+    def build(cls, H: int, W: int, patch: int) -> "Candidates":
+        if patch == 1:
+            pairs = freq.conjugate_pairs(H, W)
+            return cls(freq.pair_masks(H, W, pairs), pairs)
+        masks, _ = freq.patch_masks(H, W, patch)
+        return cls(masks)
+
+    def __len__(self) -> int:
+        return self.masks.shape[0]
+
+    def variant_chunks(self, images: torch.Tensor, index: torch.Tensor, max_bytes: int, backend: str):
+        """Chunks of images with candidates[index] removed: (k_slice into index, (k, n, C, H, W))."""
+        if self.pairs is not None:
+            chunks = remove_frequencies_chunks(images, self.pairs[index], max_bytes=max_bytes, backend=backend)
+        else:
+            chunks = band_filter_chunks(images, self.masks[index], "stop", max_bytes=max_bytes, backend=backend)
+        for chunk in chunks:
+            yield chunk
+
+
+def _forward_stats(model: nn.Module, variants: torch.Tensor, label: int, batch_size: int, amp: bool):
+    """Per-variant (summed over images) cross-entropy and correct counts for (k, n, C, H, W)."""
+    k, n = variants.shape[:2]
+    flat = variants.reshape(k * n, *variants.shape[2:])
+    losses = torch.empty(k * n, device=flat.device)
+    correct = torch.empty(k * n, dtype=torch.bool, device=flat.device)
+    for start in range(0, k * n, batch_size):
+        x = flat[start:start + batch_size]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        logits = logits.float()
+        target = torch.full((x.shape[0],), label, device=x.device, dtype=torch.long)
+        losses[start:start + x.shape[0]] = F.cross_entropy(logits, target, reduction="none")
+        correct[start:start + x.shape[0]] = logits.argmax(1) == label
+    return losses.view(k, n).sum(1), correct.view(k, n).sum(1)
+
+
+@torch.inference_mode()
+def candidate_losses(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates,
+                     index: torch.Tensor | None = None, *, batch_size: int = 512, max_bytes: int = 256 << 20,
+                     backend: str = "auto", amp: bool = False, progress: Callable[[int], None] | None = None,
+                     checkpoint: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                     resume_from: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Mean cross-entropy and correct count of class-`label` images with each candidate removed.
+
+    index: which candidates (default all). resume_from: (losses, correct) of an earlier,
+    interrupted call (NaN / -1 where not done); only the rest is computed.
+    checkpoint(losses, correct) is called after each chunk.
+    Returns (mean loss (K,), correct count (K,)) over `index`.
+    """
+    model.eval()
+    index = torch.arange(len(candidates)) if index is None else index
+    losses = torch.full((len(index),), float("nan"))
+    correct = torch.full((len(index),), -1, dtype=torch.long)
+    if resume_from is not None:
+        losses, correct = resume_from[0].clone(), resume_from[1].clone()
+        losses[correct < 0] = float("nan")
+    todo = (correct < 0).nonzero().flatten()
+    n = images.shape[0]
+    for chunk in candidates.variant_chunks(images, index[todo], max_bytes, backend):
+        loss_sum, hits = _forward_stats(model, chunk.images, label, batch_size, amp)
+        rows = todo[chunk.k_slice]
+        if chunk.b_slice != slice(0, n):  # a chunk covers part of the images of one candidate
+            losses[rows] = torch.nan_to_num(losses[rows], nan=0.0) + loss_sum.cpu() / n
+            correct[rows] = correct[rows].clamp(min=0) + hits.cpu()
+        else:
+            losses[rows] = loss_sum.cpu() / n
+            correct[rows] = hits.cpu()
+        if progress is not None and chunk.b_slice.stop == n:
+            progress(len(rows))
+        if checkpoint is not None and chunk.b_slice.stop == n:
+            checkpoint(losses, correct)
+    return losses, correct
+
+
+def dfm_from_scores(scores: torch.Tensor, candidates: Candidates, top_percent: float) -> torch.Tensor:
+    """Union of the best-scored candidates until it holds top_percent % of the frequencies."""
+    H, W = candidates.masks.shape[1:]
+    target = max(1, round(H * W * top_percent / 100))
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    order = torch.argsort(torch.nan_to_num(scores, nan=-math.inf), descending=True, stable=True)
+    for k in order.tolist():
+        if int(mask.sum()) >= target:
+            break
+        mask |= candidates.masks[k]
+    return mask
+
+
+def dfm_losses_reference(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates, *,
+                         batch_size: int = 512) -> torch.Tensor:
+    """The loop the fast path replaces: for every candidate, an FFT round trip of the class's
+    images with that candidate removed, then a forward pass (mean cross-entropy per candidate)."""
+    model.eval()
+    losses = []
+    with torch.inference_mode():
+        for k in range(len(candidates)):
+            keep = (~candidates.masks[k]).to(images.device, torch.float32)
+            filtered = torch.fft.ifft2(torch.fft.fft2(images.float()) * keep).real
+            total = 0.0
+            for start in range(0, images.shape[0], batch_size):
+                x = filtered[start:start + batch_size]
+                target = torch.full((x.shape[0],), label, device=x.device, dtype=torch.long)
+                total += float(F.cross_entropy(model(x).float(), target, reduction="sum"))
+            losses.append(total / images.shape[0])
+    return torch.tensor(losses)
+
+
+# ---------------------------------------------------------------------------------------
+# Greedy and gradient variants
+
+
+@torch.inference_mode()
+def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance: int = 6, batch_size: int = 512,
+               backend: str = "auto", amp: bool = False, max_speculation: int = 64,
+               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """The greedy DFM: frequencies whose removal (on top of all earlier removals) costs more
+    than `tolerance` correct class-`label` images survive.
+
+    Exact, but batched speculatively: the next m pairs are tried against the current
+    images in one batch; decisions are taken in order up to the first accepted removal
+    (which changes the images), and m adapts to the run of rejections.
+    """
+    model.eval()
+    H, W = images.shape[-2:]
+    pairs = freq.conjugate_pairs(H, W)
+    _, base = _forward_stats(model, images[None], label, batch_size, amp)
+    base_correct = int(base[0])
+    current = images.float()
+    removed = torch.zeros(H, W, dtype=torch.bool)
+    i, m, evaluations = 0, 8, 0
+    while i < len(pairs):
+        batch = pairs[i:i + m]
+        variants = remove_frequencies(current, batch.to(current.device), backend=backend, allow_nonfinite=True)
+        _, hits = _forward_stats(model, variants, label, batch_size, amp)
+        evaluations += len(batch)
+        accepted = (base_correct - hits.cpu() <= tolerance).nonzero().flatten()
+        if len(accepted):
+            j = int(accepted[0])
+            current = variants[j]
+            removed |= freq.pair_masks(H, W, batch[j:j + 1])[0]
+            step, m = j + 1, max(1, min(max_speculation, 2 * (j + 1)))
+        else:
+            step, m = len(batch), min(max_speculation, 2 * m)
+        i += step
+        if progress is not None:
+            progress(step)
+    _, final = _forward_stats(model, current[None], label, batch_size, amp)
+    return ~removed, {"base_correct": base_correct, "final_correct": int(final[0]), "evaluations": evaluations,
+                      "pairs": len(pairs)}
+
+
+def gradient_scores(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates, *,
+                    batch_size: int = 512) -> torch.Tensor:
+    """First-order estimate of each candidate's increase of the summed class loss when removed.
+
+    With g = dL/dx and spectra G, X: removing the frequencies P changes the loss by about
+    -<g, x_P> = -(1/HW) sum_{f in P} Re(conj(G(f)) X(f)), for every candidate from one
+    backward pass and two FFTs.
+    """
+    model.eval()
+    H, W = images.shape[-2:]
+    density = torch.zeros(H, W, dtype=torch.float64, device=images.device)
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].float().detach().requires_grad_(True)
+        target = torch.full((x.shape[0],), label, device=x.device, dtype=torch.long)
+        loss = F.cross_entropy(model(x).float(), target, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x)
+        contribution = (torch.fft.fft2(g.double()).conj() * torch.fft.fft2(x.detach().double())).real
+        density += contribution.sum(dim=(0, 1)) / (H * W)
+    masks = candidates.masks.to(images.device, torch.float64)
+    return -(masks.flatten(1) @ density.flatten()).cpu().float() / images.shape[0]
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() < 2:
+        return float("nan")
+    ra = torch.argsort(torch.argsort(a)).double()
+    rb = torch.argsort(torch.argsort(b)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+
+
+@torch.inference_mode()
+def predict_filtered(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, mode: str, *,
+                     batch_size: int = 512, max_bytes: int = 256 << 20, backend: str = "auto",
+                     amp: bool = False) -> torch.Tensor:
+    """Predictions (K, N) of the model on every image filtered by every mask."""
+    model.eval()
+    preds = torch.empty(masks.shape[0], images.shape[0], dtype=torch.long)
+    for chunk in band_filter_chunks(images, masks, mode, max_bytes=max_bytes, backend=backend):
+        k, n = chunk.images.shape[:2]
+        flat = chunk.images.reshape(k * n, *chunk.images.shape[2:])
+        out = []
+        for start in range(0, flat.shape[0], batch_size):
+            with torch.autocast(flat.device.type, dtype=torch.bfloat16, enabled=amp):
+                out.append(model(flat[start:start + batch_size]).argmax(1))
+        preds[chunk.k_slice, chunk.b_slice] = torch.cat(out).view(k, n).cpu()
+    return preds
+
+
+def shortcut_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dfms: torch.Tensor,
+                   **kwargs) -> list[dict]:
+    """TPR_c and FPR_c of every class's DFM over ALL images (EXPERIMENTS.md section 1)."""
+    preds = predict_filtered(model, images, dfms, "pass", **kwargs)
+    labels = labels.cpu()
+    rows = []
+    for c in range(dfms.shape[0]):
+        is_c = labels == c
+        positives, negatives = int(is_c.sum()), int((~is_c).sum())
+        tp = int((preds[c][is_c] == c).sum())
+        fp = int((preds[c][~is_c] == c).sum())
+        rows.append({"class": c, "dfm_size": int(dfms[c].sum()),
+                     "tpr": tp / positives if positives else float("nan"),
+                     "fpr": fp / negatives if negatives else float("nan"),
+                     "positives": positives, "negatives": negatives})
+    return rows
+
+
+def band_stop_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    n_bands: int = 4, **kwargs) -> dict:
+    """Delta[c][b] = (correct with band b removed - correct originally) / N_c * 100."""
+    H, W = images.shape[-2:]
+    masks = freq.band_masks(H, W, n_bands)
+    stopped = predict_filtered(model, images, masks, "stop", **kwargs)
+    original = predict_filtered(model, images, torch.ones(1, H, W, dtype=torch.bool), "pass", **kwargs)[0]
+    labels = labels.cpu()
+    delta = []
+    for c in range(num_classes):
+        is_c = labels == c
+        n_c = max(int(is_c.sum()), 1)
+        base = int((original[is_c] == c).sum())
+        delta.append([(int((stopped[b][is_c] == c).sum()) - base) / n_c * 100 for b in range(n_bands)])
+    band_accuracy = [float((stopped[b] == labels).float().mean()) for b in range(n_bands)]
+    return {"delta": delta, "accuracy_band_stopped": band_accuracy,
+            "accuracy": float((original == labels).float().mean())}
+
+
+@torch.inference_mode()
+def band_pass_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_bands: int = 4,
+                       **kwargs) -> list[float]:
+    """Accuracy with only band b kept, for every band (what the model can read from each band)."""
+    H, W = images.shape[-2:]
+    preds = predict_filtered(model, images, freq.band_masks(H, W, n_bands), "pass", **kwargs)
+    return [float((p == labels.cpu()).float().mean()) for p in preds]
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment
+
+
+@dataclass
+class FreqProbeConfig:
+    method: str = "loss"
+    patch: int = 1
+    top_percent: float = 5.0
+    classes: list[int] | None = None
+    tolerance: int = 6
+    candidates: int | None = None  # gradient: how many top candidates to evaluate exactly
+    verify_gradient: bool = False  # gradient: also run the exact ranking and report agreement
+    max_images_per_class: int | None = None
+    batch_size: int = 512
+    max_bytes: int = 256 << 20
+    backend: str = "auto"
+    amp: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.patch, int) or self.patch < 1:
+            raise ValueError(f"patch must be an int >= 1, got {self.patch!r}")
+        if not 0 < self.top_percent <= 100:
+            raise ValueError(f"top_percent must be in (0, 100], got {self.top_percent!r}")
+        if self.method == "greedy" and self.patch != 1:
+            raise ValueError("method 'greedy' walks single frequency pairs: patch must be 1")
+
+
+@dataclass
+class ClassDFM:
+    label: int
+    images: int
+    method: str
+    dfm: list[list[int]]  # kept (u, v) frequencies on the unshifted grid
+    dfm_size: int
+    scores: list[float] | None = None  # per candidate (loss / gradient estimate)
+    details: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class FreqProbeResult:
+    config: dict
+    image_shape: tuple
+    num_classes: int
+    test_accuracy: float
+    adcs: list  # (K, H, W) ints, unshifted grid
+    classes: list[ClassDFM]
+    shortcut: list[dict]
+    band_stop: dict | None = None
+    ood: dict | None = None
+    seconds: float = 0.0
+
+
+def _class_images(dataset, label: int, limit: int | None, seed: int, device) -> torch.Tensor:
+    index = (dataset.labels.cpu() == label).nonzero().flatten()
+    if limit is not None and index.numel() > limit:
+        g = torch.Generator().manual_seed(seed * 7919 + label)
+        index = index[torch.randperm(index.numel(), generator=g)[:limit]].sort().values
+    x, _, _ = dataset.get_batch(index.to(dataset.labels.device))
+    return x.to(device)
+
+
+def _all_images(dataset, device):
+    x, y, _ = dataset.get_batch(torch.arange(len(dataset), device=dataset.labels.device))
+    return x.to(device), y.to(device)
+
+
+def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512,
+                 device="cpu") -> torch.Tensor:
+    acc = ClassSpectrum(num_classes, backend=backend)
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.labels.device)
+        x, y, _ = dataset.get_batch(idx)
+        acc.update(x.to(device), y.to(device))
+    return adcs(acc.mean().nan_to_num(0.0))
+
+
+def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbeConfig, *,
+              partial_path: Path | None = None, progress=None) -> ClassDFM:
+    """One class's DFM by cfg.method (resumable through partial_path for the loss method)."""
+    t0 = time.perf_counter()
+    H, W = images.shape[-2:]
+    common = dict(batch_size=cfg.batch_size, backend=cfg.backend, amp=cfg.amp)
+    if cfg.method == "greedy":
+        keep, details = greedy_dfm(model, images, label, tolerance=cfg.tolerance, progress=progress, **common)
+        return ClassDFM(label, images.shape[0], "greedy", keep.nonzero().tolist(), int(keep.sum()), None, details,
+                        time.perf_counter() - t0)
+
+    candidates = Candidates.build(H, W, cfg.patch)
+    details: dict = {"candidates": len(candidates), "patch": cfg.patch}
+    if cfg.method == "loss":
+        resume_from = None
+        if partial_path is not None and partial_path.exists():  # resume a class cut short
+            saved = read_json(partial_path)
+            resume_from = (torch.tensor([float("nan") if v is None else v for v in saved["losses"]]),
+                           torch.tensor(saved["correct"], dtype=torch.long))
+            if progress is not None:
+                progress(int((resume_from[1] >= 0).sum()))
+        last_save = [0.0]
+
+        def save(losses, correct):  # at most every few seconds: progress within a long class
+            if partial_path is not None and time.perf_counter() - last_save[0] > 5:
+                write_json({"label": label, "losses": losses, "correct": correct}, partial_path)
+                last_save[0] = time.perf_counter()
+
+        losses, correct = candidate_losses(model, images, label, candidates, max_bytes=cfg.max_bytes,
+                                           progress=progress, checkpoint=save, resume_from=resume_from, **common)
+        scores = losses
+        details["correct_after_removal"] = correct.tolist()
+    else:  # gradient pre-ranking, exact re-evaluation of the top candidates
+        estimate = gradient_scores(model, images, label, candidates, batch_size=cfg.batch_size)
+        per_candidate = float(candidates.masks.flatten(1).sum(1).float().mean())
+        needed = math.ceil(H * W * cfg.top_percent / 100 / per_candidate)
+        n_exact = min(len(candidates), cfg.candidates or max(16, 3 * needed))
+        top = torch.argsort(estimate, descending=True)[:n_exact]
+        exact, _ = candidate_losses(model, images, label, candidates, top, max_bytes=cfg.max_bytes,
+                                    progress=progress, **common)
+        # Exactly evaluated candidates rank first (by exact loss), the rest by their estimate.
+        scores = torch.full((len(candidates),), -math.inf)
+        scores[top] = exact
+        rest = torch.ones(len(candidates), dtype=torch.bool)
+        rest[top] = False
+        scores[rest] = estimate[rest] - estimate.abs().max() - exact.abs().max() - 1  # below every exact one
+        details.update(exact_evaluations=n_exact, estimate=estimate.tolist(),
+                       spearman_estimate_vs_exact_on_evaluated=_spearman(estimate[top], exact))
+        if cfg.verify_gradient:
+            full, _ = candidate_losses(model, images, label, candidates, **common, max_bytes=cfg.max_bytes)
+            exact_dfm = dfm_from_scores(full, candidates, cfg.top_percent)
+            fast_dfm = dfm_from_scores(scores, candidates, cfg.top_percent)
+            details.update(spearman_estimate_vs_exact_all=_spearman(estimate, full),
+                           dfm_jaccard_vs_exact=float((exact_dfm & fast_dfm).sum() / (exact_dfm | fast_dfm).sum()))
+    keep = dfm_from_scores(scores, candidates, cfg.top_percent)
+    return ClassDFM(label, images.shape[0], cfg.method, keep.nonzero().tolist(), int(keep.sum()),
+                    [float(s) for s in scores], details, time.perf_counter() - t0)
+
+
+def _dfm_mask(entry: ClassDFM, H: int, W: int) -> torch.Tensor:
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    if entry.dfm:
+        idx = torch.tensor(entry.dfm)
+        mask[idx[:, 0], idx[:, 1]] = True
+    return mask
+
+
+def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: str | Path | None = None,
+                   resume: bool = False, device="cpu", ood_sets: dict | None = None, band_table: bool = False,
+                   progress: bool = True) -> FreqProbeResult:
+    """ADCS, DFMs, the TPR/FPR table, the band-stop table and OOD transfer for a frozen model.
+
+    With out_dir, each finished class is written to out_dir/partial/class_<c>.json (and the
+    loss method's progress within a class); resume=True picks them up instead of redoing them.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    test = splits.test
+    H, W = splits.image_shape[-2:]
+    num_classes = splits.num_classes
+    classes = list(range(num_classes)) if cfg.classes is None else list(cfg.classes)
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise ValueError(f"classes must lie in [0, {num_classes}), got {c}")
+    partial = Path(out_dir) / "partial" if out_dir is not None else None
+    if partial is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for old in partial.glob("*.json"):
+                old.unlink()
+
+    kw = dict(batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, backend=cfg.backend, amp=cfg.amp)
+    x_test, y_test = _all_images(test, device)
+    with torch.inference_mode():
+        test_accuracy = float((predict_filtered(model, x_test, torch.ones(1, H, W, dtype=torch.bool), "pass", **kw)[0]
+                               == y_test.cpu()).float().mean())
+    adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device)
+
+    entries: list[ClassDFM] = []
+    bar = _bar(progress)
+    for c in classes:
+        done_path = partial / f"class_{c}.json" if partial is not None else None
+        if resume and done_path is not None and done_path.exists():
+            entries.append(ClassDFM(**read_json(done_path)))
+            continue
+        images = _class_images(test, c, cfg.max_images_per_class, cfg.seed, device)
+        if images.shape[0] == 0:
+            raise ValueError(f"class {c} has no test images")
+        total = len(freq.conjugate_pairs(H, W)) if cfg.method == "greedy" or cfg.patch == 1 else \
+            len(Candidates.build(H, W, cfg.patch))
+        tick = bar(total, f"class {c} ({cfg.method})")
+        in_class = partial / f"class_{c}.loss-progress.json" if partial is not None else None
+        entry = class_dfm(model, images, c, cfg, partial_path=in_class, progress=tick)
+        tick(None)
+        if done_path is not None:
+            write_json(entry, done_path)
+            if in_class is not None and in_class.exists():
+                in_class.unlink()
+        entries.append(entry)
+
+    dfms = torch.stack([_dfm_mask(e, H, W) for e in entries])
+    table = shortcut_table(model, x_test, y_test, dfms, **kw)
+    for row, entry in zip(table, entries):
+        row["class"] = entry.label
+    band = band_stop_table(model, x_test, y_test, num_classes, **kw) if band_table else None
+    ood = None
+    if ood_sets:
+        ood = {}
+        for name, dataset in ood_sets.items():
+            xo, yo = _all_images(dataset, device)
+            rows = shortcut_table(model, xo, yo, dfms, **kw)
+            for row, entry in zip(rows, entries):
+                row["class"] = entry.label
+            ood[name] = rows
+    return FreqProbeResult(
+        config=dict(cfg.__dict__), image_shape=tuple(splits.image_shape), num_classes=num_classes,
+        test_accuracy=test_accuracy, adcs=adcs_map.tolist(), classes=entries, shortcut=table, band_stop=band,
+        ood=ood, seconds=time.perf_counter() - t0)
+
+
+def _bar(enabled: bool):
+    """progress(total, desc) -> tick(n) where tick(None) closes the bar."""
+
+    def make(total: int, desc: str):
+        if not enabled:
+            return lambda n: None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+        def tick(n):
+            if n is None:
+                bar.close()
+            else:
+                bar.update(n)
+
+        return tick
+
+    return make
