@@ -226,6 +226,147 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
     click.echo(f"\nwrote {out / 'result.json'}, {out / 'adcs.png'}, {out / 'class_spectra.png'}")
 
 
+@main.command("freq-probe")
+@data_options
+@click.option("--model", default="resnet18", help="Architecture to train when no --checkpoint is given.")
+@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=16",),
+              help="Model option (default width=16: minutes on a CPU).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A checkpoint written by `shortcut-fast train` (skips training).")
+@click.option("--epochs", type=int, default=4, help="Training epochs when no --checkpoint is given.")
+@click.option("--method", type=click.Choice(["loss", "greedy", "gradient"]), default="loss")
+@click.option("--patch", type=int, default=2, help="Patch size p of the shifted spectrum (1: single pairs).")
+@click.option("--top-percent", type=float, default=5.0, help="DFM size in % of all frequencies.")
+@click.option("--tolerance", type=int, default=6, help="greedy: correct-count drop allowed per removal.")
+@click.option("--classes", default=None, help="Comma-separated classes (default all).")
+@click.option("--max-images-per-class", type=int, default=100, help="Class images used in the DFM search.")
+@click.option("--verify-gradient", is_flag=True, help="gradient: also run the exact search and report agreement.")
+@click.option("--ood", "ood", multiple=True, metavar="NAME[:SEVERITY]",
+              help="Corrupted test set for OOD transfer, e.g. --ood gaussian-noise:3 (repeatable).")
+@click.option("--track-every", type=int, default=5, help="Steps between band learning snapshots (0: off).")
+@click.option("--track-until", type=int, default=100, help="Last training step with a band learning snapshot.")
+@click.option("--batch-size", type=int, default=512, help="Model batch size for the search.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
+@click.option("--device", default="auto")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/freq-probe"))
+@click.option("--resume", is_flag=True, help="Reuse the trained model and finished classes in --out.")
+@click.option("--quiet", is_flag=True)
+def freq_probe(data, data_root, download, bias_band, conflict_ratio, data_option, seed, model, model_option,
+               checkpoint, epochs, method, patch, top_percent, tolerance, classes, max_images_per_class,
+               verify_gradient, ood, track_every, track_until, batch_size, backend, device, out, resume, quiet):
+    """Frequency shortcuts: ADCS, dominant frequency maps, TPR/FPR, band-stop, OOD transfer."""
+    import torch
+
+    from shortcut_fast.data.corruptions import corrupted_dataset
+    from shortcut_fast.experiments import freq_probe as fp
+    from shortcut_fast.models import model_from_checkpoint
+    from shortcut_fast.report import write_json
+    from shortcut_fast.train import TrainConfig, resolve_device
+    from shortcut_fast.train import train as run_training
+
+    splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
+    dev = resolve_device(device)
+    has_bands = splits.meta.get("band_edges") is not None
+    learning = None
+    try:
+        cfg = fp.FreqProbeConfig(
+            method=method, patch=patch, top_percent=top_percent, tolerance=tolerance,
+            classes=[int(c) for c in classes.split(",")] if classes else None,
+            max_images_per_class=max_images_per_class, verify_gradient=verify_gradient,
+            batch_size=batch_size, backend=backend, amp=dev.type == "cuda", seed=seed)
+        ood_sets = {spec: corrupted_dataset(splits.test, spec, seed=seed) for spec in ood}
+        if checkpoint:
+            net = model_from_checkpoint(checkpoint)
+        else:
+            net = _build_model(model, splits, model_option)
+            model_dir = out / "model"
+            tracker = None
+            if has_bands and track_every > 0:
+                n_eval = min(len(splits.val), 200)
+                x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
+                tracker = fp.BandLearningTracker(x_val.to(dev), y_val.to(dev), splits.num_classes, track_every,
+                                                 until=track_until, batch_size=batch_size, backend=backend)
+            if resume and (model_dir / "last.pt").exists() and (out / "learning.json").exists():
+                from shortcut_fast.report import read_json
+                from shortcut_fast.train import load_checkpoint
+
+                load_checkpoint(model_dir / "best.pt", net)
+                learning = read_json(out / "learning.json")
+            else:
+                result = run_training(net, splits, TrainConfig(epochs=epochs, seed=seed, device=str(dev)),
+                                      out_dir=model_dir, progress=not quiet,
+                                      on_step_end=tracker)
+                learning = tracker.summary() if tracker else {}
+                learning["train"] = {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy}
+                write_json(learning, out / "learning.json")
+        result = fp.run_freq_probe(net, splits, cfg, out_dir=out, resume=resume, device=dev, ood_sets=ood_sets,
+                                   band_table=has_bands, progress=not quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    result.learning = learning or None
+    record = {"command": "freq-probe", "data": data, "dataset_meta": splits.meta, "model": checkpoint or model,
+              "result": result}
+    write_json(record, out / "result.json")
+    _freq_probe_figures(result, splits, out)
+    _freq_probe_summary(result, data, out)
+
+
+def _freq_probe_figures(result, splits, out: Path) -> None:
+    import torch
+
+    from shortcut_fast.ops.freq import shifted
+    from shortcut_fast.report import plot_bars, plot_curves, plot_heatmap, plot_maps
+
+    H, W = result.image_shape[-2:]
+    names = [f"class {e.label}" for e in result.classes]
+    scores = torch.tensor(result.adcs)
+    plot_maps([shifted(scores[e.label].float()) for e in result.classes], names, out / "adcs.png",
+              suptitle="ADCS (centred spectrum)", cmap="RdBu_r", symmetric=True)
+    dfms = []
+    for e in result.classes:
+        m = torch.zeros(H, W)
+        if e.dfm:
+            idx = torch.tensor(e.dfm)
+            m[idx[:, 0], idx[:, 1]] = 1
+        dfms.append(shifted(m))
+    plot_maps(dfms, names, out / "dfm.png", suptitle=f"DFMs ({result.config['method']}, centred)", cmap="gray_r")
+    labels = [str(row["class"]) for row in result.shortcut]
+    plot_bars({"TPR": [r["tpr"] for r in result.shortcut], "FPR": [r["fpr"] for r in result.shortcut]}, labels,
+              out / "tpr_fpr.png", ylabel="rate", title="DFM-filtered test set", ylim=(0, 1))
+    if result.band_stop:
+        plot_heatmap(result.band_stop["delta"], [f"class {c}" for c in range(result.num_classes)],
+                     [f"B{b + 1}" for b in range(len(result.band_stop["delta"][0]))], out / "band_stop.png",
+                     title="band-stop: change in correct predictions (%)", colorbar_label="Delta %")
+    if result.learning and result.learning.get("steps"):
+        acc = result.learning["band_pass_accuracy"]
+        curves = {f"B{b + 1} only": [a[b] for a in acc] for b in range(len(acc[0]))}
+        curves["clean"] = result.learning["clean_accuracy"]
+        plot_curves(curves, out / "learning_order.png", x=result.learning["steps"], xlabel="training step",
+                    ylabel="val accuracy", title="what the model can read from each band")
+
+
+def _freq_probe_summary(result, data: str, out: Path) -> None:
+    from shortcut_fast.report import format_table
+
+    click.echo(f"\nfreq-probe on {data}: test accuracy {result.test_accuracy:.4f}, method {result.config['method']}, "
+               f"{result.seconds:.1f} s")
+    rows = [[r["class"], r["dfm_size"], r["tpr"], r["fpr"]] for r in result.shortcut]
+    click.echo(format_table(rows, ["class", "DFM size", "TPR", "FPR"]))
+    if result.band_stop:
+        n_bands = len(result.band_stop["delta"][0])
+        click.echo("\nband-stop Delta (% of class images, change in correct predictions):")
+        rows = [[c] + row for c, row in enumerate(result.band_stop["delta"])]
+        rows.append(["acc"] + [a * 100 for a in result.band_stop["accuracy_band_stopped"]])
+        click.echo(format_table(rows, ["class"] + [f"stop B{b + 1}" for b in range(n_bands)]))
+    if result.learning and result.learning.get("learned_first_band"):
+        click.echo(f"\nlearned first: B{result.learning['learned_first_band']} "
+                   f"(band-pass accuracy leads at step {result.learning['first_step_above_threshold']})")
+    for name, rows in (result.ood or {}).items():
+        click.echo(f"\nOOD {name}:")
+        click.echo(format_table([[r["class"], r["tpr"], r["fpr"]] for r in rows], ["class", "TPR", "FPR"]))
+    click.echo(f"\nwrote {out / 'result.json'} and figures in {out}")
+
+
 @main.command()
 @click.argument("name", required=False)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")

@@ -127,3 +127,63 @@ def plot_curves(curves: dict[str, Sequence[float]], path: str | os.PathLike, *, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_bars(groups: dict[str, Sequence[float]], labels: Sequence[str], path: str | os.PathLike, *,
+              ylabel: str, title: str = "", ylim: tuple | None = None) -> Path:
+    """Grouped bar chart: one bar per series (groups) at every label (e.g. TPR/FPR per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(groups)
+    width = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(labels) + 2), 3.4))
+    for i, (name, values) in enumerate(groups.items()):
+        ax.bar([j + (i - (n - 1) / 2) * width for j in range(len(labels))], list(values), width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], path: str | os.PathLike, *,
+                 title: str = "", cmap: str = "RdBu_r", fmt: str = "{:.1f}", colorbar_label: str = "") -> Path:
+    """An annotated matrix (e.g. the band-stop Delta per class and band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    vmax = float(np.nanmax(np.abs(data))) or 1.0
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 2, 0.45 * len(row_labels) + 1.4))
+    im = ax.imshow(data, cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(col_labels)))
+    ax.set_xticklabels(col_labels)
+    ax.set_yticks(range(len(row_labels)))
+    ax.set_yticklabels(row_labels)
+    for (i, j), v in np.ndenumerate(data):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label=colorbar_label)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

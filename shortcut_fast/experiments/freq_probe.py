@@ -356,6 +356,7 @@ class FreqProbeResult:
     shortcut: list[dict]
     band_stop: dict | None = None
     ood: dict | None = None
+    learning: dict | None = None  # BandLearningTracker.summary() when the model was trained here
     seconds: float = 0.0
 
 
@@ -543,3 +544,39 @@ def _bar(enabled: bool):
         return tick
 
     return make
+
+
+class BandLearningTracker:
+    """Trainer step hook: every `every` steps, the accuracy with only band b kept (for each
+    band) and the clean accuracy on a fixed evaluation set. The band whose band-pass
+    accuracy leads when the model first clearly beats chance is the band learned first."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, every: int, *,
+                 until: int | None = None, n_bands: int = 4, **kw):
+        self.images, self.labels, self.every, self.n_bands, self.kw = images, labels, every, n_bands, kw
+        self.until = until  # the early steps are what matters; later snapshots only cost time
+        self.chance = 1 / num_classes
+        self.steps: list[int] = []
+        self.band_pass: list[list[float]] = []
+        self.clean: list[float] = []
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step % self.every or (self.until is not None and step > self.until):
+            return
+        was_training = model.training
+        H, W = self.images.shape[-2:]
+        masks = torch.cat([freq.band_masks(H, W, self.n_bands), torch.ones(1, H, W, dtype=torch.bool)])
+        preds = predict_filtered(model, self.images, masks, "pass", **self.kw)
+        accuracy = (preds == self.labels.cpu()).float().mean(1).tolist()
+        model.train(was_training)
+        self.steps.append(step)
+        self.band_pass.append(accuracy[:-1])
+        self.clean.append(accuracy[-1])
+
+    def summary(self) -> dict:
+        threshold = self.chance + 0.25 * (1 - self.chance)
+        first = next((i for i, acc in enumerate(self.clean) if acc >= threshold), None)
+        learned_first = None if first is None else int(torch.tensor(self.band_pass[first]).argmax()) + 1
+        return {"steps": self.steps, "band_pass_accuracy": self.band_pass, "clean_accuracy": self.clean,
+                "threshold": threshold, "first_step_above_threshold": None if first is None else self.steps[first],
+                "learned_first_band": learned_first}
