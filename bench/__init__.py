@@ -10,6 +10,8 @@ import importlib
 
 BENCHMARKS = {
     "class-spectrum": "shortcut_fast.bench.class_spectrum",
+    "band-filter": "shortcut_fast.bench.band_filter",
+    "dfm-search": "shortcut_fast.bench.dfm_search",
 }
 
 

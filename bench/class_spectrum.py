@@ -9,18 +9,8 @@ from __future__ import annotations
 import torch
 
 from shortcut_fast.backends import backend_status
-from shortcut_fast.bench.common import BenchRow, record, time_fn
+from shortcut_fast.bench.common import BenchRow, hbm_fraction, record, time_fn
 from shortcut_fast.ops import class_spectrum_sum, class_spectrum_sum_reference
-
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-
-
-def _ceiling(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
-
 
 def run(device: str = "cpu", quick: bool = False):
     cases = [(256, 3, 32, 32, 10)] if quick else [(4096, 3, 32, 32, 10), (256, 3, 224, 224, 10)]
@@ -42,9 +32,9 @@ def run(device: str = "cpu", quick: bool = False):
             t = time_fn(lambda: class_spectrum_sum(x, labels, K, backend=backend), device)
             moved = x.numel() * 4 + K * C * H * W * 4
             achieved = {"GB/s": moved / t.median_ms / 1e6}
-            ceiling = _ceiling(device)
-            if ceiling:
-                achieved["fraction_of_hbm"] = moved / (t.median_ms * 1e-3) / ceiling
+            fraction = hbm_fraction(moved, t.median_ms, device)
+            if fraction is not None:
+                achieved["fraction_of_hbm"] = fraction
             rows.append(record(BenchRow(
                 workload="class_spectrum_sum", sizes=dict(B=B, C=C, H=H, W=W, K=K), dtype="float32",
                 backend=backend, baseline="torch reference (fft2+abs+index_add)", median_ms=t.median_ms,

@@ -69,6 +69,18 @@ def time_cuda(fn: Callable[[], object]) -> Timing:
     return Timing(med, p20, p80)
 
 
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # PERFORMANCE.md ceilings
+
+
+def hbm_fraction(bytes_moved: int, median_ms: float, device: str) -> float | None:
+    """Achieved bandwidth as a fraction of the GPU's HBM peak (None on the CPU)."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    return bytes_moved / (median_ms * 1e-3) / peak if peak else None
+
+
 def time_fn(fn: Callable[[], object], device: str) -> Timing:
     return time_cuda(fn) if device == "cuda" else time_cpu(fn)
 
@@ -95,7 +107,7 @@ class BenchRow:
 
     def summary(self) -> str:
         extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.achieved.items())
-        return (f"{self.backend:<7} {self.median_ms:9.3f} ms  vs {self.baseline} {self.baseline_ms:9.3f} ms  "
+        return (f"{self.workload:<20} {self.backend:<7} {self.median_ms:9.3f} ms  vs {self.baseline} {self.baseline_ms:9.3f} ms  "
                 f"x{self.ratio:.2f}  {extra}")
 
 

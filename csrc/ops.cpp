@@ -9,6 +9,11 @@
 TORCH_LIBRARY(shortcut_fast, m) {
   // Sum over images of |fft2(x)|, per label and channel: x (B,C,H,W), labels (B,) -> (K,C,H,W).
   m.def("class_spectrum_sum(Tensor x, Tensor labels, int num_classes) -> Tensor");
+  // Every image filtered by every real spectrum weight: x (B,C,H,W), weights (K,H,W) -> (K,B,C,H,W),
+  // out[k,b,c] = Re(ifft2(fft2(x[b,c]) * weights[k])); weights conjugate-symmetric.
+  m.def("band_filter(Tensor x, Tensor weights) -> Tensor");
+  // Each image minus one conjugate frequency pair per row of freqs (K,2) int64 (u,v) -> (K,B,C,H,W).
+  m.def("remove_frequencies(Tensor x, Tensor freqs) -> Tensor");
 }
 
 static bool cuda_compiled() {
