@@ -198,7 +198,7 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
     from shortcut_fast.ops import ClassSpectrum, adcs
     from shortcut_fast.ops.freq import shifted
     from shortcut_fast.report import format_table, plot_maps, write_json
-    from shortcut_fast.train import _Batches, resolve_device
+    from shortcut_fast.train import Batches, resolve_device
 
     splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
     dataset = getattr(splits, split)
@@ -206,7 +206,7 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
     acc = ClassSpectrum(splits.num_classes, backend=backend)
     from tqdm.auto import tqdm
 
-    batches = _Batches(dataset, batch_size, dev)
+    batches = Batches(dataset, batch_size, dev)
     for x, y, _ in tqdm(batches.iterate(), total=len(batches), desc="spectrum", leave=False):
         acc.update(x, y)
     means = acc.mean()
@@ -239,6 +239,7 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
 @click.option("--top-percent", type=float, default=5.0, help="DFM size in % of all frequencies.")
 @click.option("--tolerance", type=int, default=6, help="greedy: correct-count drop allowed per removal.")
 @click.option("--classes", default=None, help="Comma-separated classes (default all).")
+@click.option("--no-dfm", is_flag=True, help="Skip the DFM search (ADCS, band-stop and learning order only).")
 @click.option("--max-images-per-class", type=int, default=100, help="Class images used in the DFM search.")
 @click.option("--verify-gradient", is_flag=True, help="gradient: also run the exact search and report agreement.")
 @click.option("--ood", "ood", multiple=True, metavar="NAME[:SEVERITY]",
@@ -252,7 +253,7 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
 @click.option("--resume", is_flag=True, help="Reuse the trained model and finished classes in --out.")
 @click.option("--quiet", is_flag=True)
 def freq_probe(data, data_root, download, bias_band, conflict_ratio, data_option, seed, model, model_option,
-               checkpoint, epochs, method, patch, top_percent, tolerance, classes, max_images_per_class,
+               checkpoint, epochs, method, patch, top_percent, tolerance, classes, no_dfm, max_images_per_class,
                verify_gradient, ood, track_every, track_until, batch_size, backend, device, out, resume, quiet):
     """Frequency shortcuts: ADCS, dominant frequency maps, TPR/FPR, band-stop, OOD transfer."""
     import torch
@@ -271,7 +272,7 @@ def freq_probe(data, data_root, download, bias_band, conflict_ratio, data_option
     try:
         cfg = fp.FreqProbeConfig(
             method=method, patch=patch, top_percent=top_percent, tolerance=tolerance,
-            classes=[int(c) for c in classes.split(",")] if classes else None,
+            classes=[] if no_dfm else ([int(c) for c in classes.split(",")] if classes else None),
             max_images_per_class=max_images_per_class, verify_gradient=verify_gradient,
             batch_size=batch_size, backend=backend, amp=dev.type == "cuda", seed=seed)
         ood_sets = {spec: corrupted_dataset(splits.test, spec, seed=seed) for spec in ood}
@@ -307,11 +308,11 @@ def freq_probe(data, data_root, download, bias_band, conflict_ratio, data_option
     record = {"command": "freq-probe", "data": data, "dataset_meta": splits.meta, "model": checkpoint or model,
               "result": result}
     write_json(record, out / "result.json")
-    _freq_probe_figures(result, splits, out)
+    _freq_probe_figures(result, out)
     _freq_probe_summary(result, data, out)
 
 
-def _freq_probe_figures(result, splits, out: Path) -> None:
+def _freq_probe_figures(result, out: Path) -> None:
     import torch
 
     from shortcut_fast.ops.freq import shifted
@@ -320,8 +321,8 @@ def _freq_probe_figures(result, splits, out: Path) -> None:
     H, W = result.image_shape[-2:]
     names = [f"class {e.label}" for e in result.classes]
     scores = torch.tensor(result.adcs)
-    plot_maps([shifted(scores[e.label].float()) for e in result.classes], names, out / "adcs.png",
-              suptitle="ADCS (centred spectrum)", cmap="RdBu_r", symmetric=True)
+    plot_maps([shifted(s.float()) for s in scores], [f"class {c}" for c in range(result.num_classes)],
+              out / "adcs.png", suptitle="ADCS (centred spectrum)", cmap="RdBu_r", symmetric=True)
     dfms = []
     for e in result.classes:
         m = torch.zeros(H, W)
@@ -329,10 +330,13 @@ def _freq_probe_figures(result, splits, out: Path) -> None:
             idx = torch.tensor(e.dfm)
             m[idx[:, 0], idx[:, 1]] = 1
         dfms.append(shifted(m))
-    plot_maps(dfms, names, out / "dfm.png", suptitle=f"DFMs ({result.config['method']}, centred)", cmap="gray_r")
+    if dfms:
+        plot_maps(dfms, names, out / "dfm.png", suptitle=f"DFMs ({result.config['method']}, centred)",
+                  cmap="gray_r")
     labels = [str(row["class"]) for row in result.shortcut]
-    plot_bars({"TPR": [r["tpr"] for r in result.shortcut], "FPR": [r["fpr"] for r in result.shortcut]}, labels,
-              out / "tpr_fpr.png", ylabel="rate", title="DFM-filtered test set", ylim=(0, 1))
+    if labels:
+        plot_bars({"TPR": [r["tpr"] for r in result.shortcut], "FPR": [r["fpr"] for r in result.shortcut]},
+                  labels, out / "tpr_fpr.png", ylabel="rate", title="DFM-filtered test set", ylim=(0, 1))
     if result.band_stop:
         plot_heatmap(result.band_stop["delta"], [f"class {c}" for c in range(result.num_classes)],
                      [f"B{b + 1}" for b in range(len(result.band_stop["delta"][0]))], out / "band_stop.png",
@@ -350,8 +354,9 @@ def _freq_probe_summary(result, data: str, out: Path) -> None:
 
     click.echo(f"\nfreq-probe on {data}: test accuracy {result.test_accuracy:.4f}, method {result.config['method']}, "
                f"{result.seconds:.1f} s")
-    rows = [[r["class"], r["dfm_size"], r["tpr"], r["fpr"]] for r in result.shortcut]
-    click.echo(format_table(rows, ["class", "DFM size", "TPR", "FPR"]))
+    if result.shortcut:
+        rows = [[r["class"], r["dfm_size"], r["tpr"], r["fpr"]] for r in result.shortcut]
+        click.echo(format_table(rows, ["class", "DFM size", "TPR", "FPR"]))
     if result.band_stop:
         n_bands = len(result.band_stop["delta"][0])
         click.echo("\nband-stop Delta (% of class images, change in correct predictions):")

@@ -120,7 +120,7 @@ def seed_everything(seed: int) -> None:
 # Batching
 
 
-class _Batches:
+class Batches:
     """Yields (x, y, a) float/long batches on `device` in a seeded order."""
 
     def __init__(self, dataset, batch_size: int, device: torch.device, *, num_workers: int = 0):
@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
     num_attributes = int(getattr(dataset, "num_attributes", 0) or 0)
     track_alignment = bias_aligned_attribute
     n = 0
-    for x, y, a in _Batches(dataset, batch_size, device).iterate():
+    for x, y, a in Batches(dataset, batch_size, device).iterate():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
         logits = logits.float()
@@ -311,7 +311,7 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    train_batches = _Batches(splits.train, cfg.batch_size, device, num_workers=cfg.num_workers)
+    train_batches = Batches(splits.train, cfg.batch_size, device, num_workers=cfg.num_workers)
     steps_per_epoch = len(train_batches)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)

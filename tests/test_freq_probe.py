@@ -198,3 +198,13 @@ def test_cli_end_to_end_with_checkpoint_and_ood(tmp_path):
                              "--out", str(tmp_path / "fp2"), "--quiet"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "fp2" / "result.json").read_text())["result"]["classes"][0]["method"] == "greedy"
+
+
+def test_cli_no_dfm_gives_band_tables_only(tmp_path):
+    r = CliRunner().invoke(main, ["freq-probe", "--data", "synthetic-freq", "-D", "n_train=120", "-D", "n_val=40",
+                                  "-D", "n_test=40", "-D", "image_size=16", "--model", "mlp", "--epochs", "1",
+                                  "--no-dfm", "--out", str(tmp_path), "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "result.json").read_text())["result"]
+    assert result["classes"] == [] and result["shortcut"] == [] and len(result["band_stop"]["delta"]) == 4
+    assert (tmp_path / "band_stop.png").exists() and not (tmp_path / "dfm.png").exists()

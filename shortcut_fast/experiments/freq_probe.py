@@ -505,13 +505,15 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: s
                 in_class.unlink()
         entries.append(entry)
 
-    dfms = torch.stack([_dfm_mask(e, H, W) for e in entries])
-    table = shortcut_table(model, x_test, y_test, dfms, **kw)
-    for row, entry in zip(table, entries):
-        row["class"] = entry.label
+    dfms = torch.stack([_dfm_mask(e, H, W) for e in entries]) if entries else None
+    table = []
+    if dfms is not None:
+        table = shortcut_table(model, x_test, y_test, dfms, **kw)
+        for row, entry in zip(table, entries):
+            row["class"] = entry.label
     band = band_stop_table(model, x_test, y_test, num_classes, **kw) if band_table else None
     ood = None
-    if ood_sets:
+    if ood_sets and dfms is not None:
         ood = {}
         for name, dataset in ood_sets.items():
             xo, yo = _all_images(dataset, device)
