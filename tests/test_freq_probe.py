@@ -208,3 +208,21 @@ def test_cli_no_dfm_gives_band_tables_only(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())["result"]
     assert result["classes"] == [] and result["shortcut"] == [] and len(result["band_stop"]["delta"]) == 4
     assert (tmp_path / "band_stop.png").exists() and not (tmp_path / "dfm.png").exists()
+
+
+def test_cli_runs_on_cifar10_files(tmp_path):
+    """The headline command on the real CIFAR-10 file layout (tiny fake batches made here)."""
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "data", n_per_batch=20)
+    r = CliRunner().invoke(main, ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+                                  "-D", "val_size=20", "--model", "mlp", "-M", "width=16", "--epochs", "1",
+                                  "--patch", "8", "--max-images-per-class", "2", "--classes", "0,1",
+                                  "--out", str(tmp_path / "out"), "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "out" / "result.json").read_text())["result"]
+    assert result["image_shape"] == [3, 32, 32] and [c["label"] for c in result["classes"]] == [0, 1]
+    assert result["band_stop"] is None  # no radial-band structure to report on real data
+    r = CliRunner().invoke(main, ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "nowhere"),
+                                  "--out", str(tmp_path / "o2")])
+    assert r.exit_code != 0 and "data_batch_1" in r.output
