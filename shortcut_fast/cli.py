@@ -146,6 +146,7 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
 @click.option("--lr", type=float, default=None, help="Default: 0.05 (SGD), 1e-3 (Adam).")
 @click.option("--weight-decay", type=float, default=5e-4)
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine")
+@click.option("--warmup-epochs", type=float, default=1.0, help="Linear learning-rate warm-up (capped at --epochs).")
 @click.option("--augment", type=click.Choice(["none", "flip-crop", "crop"]), default="none")
 @click.option("--select", type=click.Choice(["accuracy", "worst_group_accuracy", "last"]), default="accuracy",
               help="Validation metric that picks the reported checkpoint.")
@@ -156,7 +157,7 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
 @click.option("--resume", is_flag=True, help="Continue from <out>/last.pt.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(data, data_root, download, bias_band, conflict_ratio, data_option, seed, model, model_option, pretrained,
-          epochs, batch_size, optimizer, lr, weight_decay, schedule, augment, select, keep_every,
+          epochs, batch_size, optimizer, lr, weight_decay, schedule, warmup_epochs, augment, select, keep_every,
           max_steps_per_epoch, device, out, resume, quiet):
     """Train a model on a dataset; writes checkpoints, history.json and result.json to --out."""
     from shortcut_fast.report import format_table, plot_curves, write_json
@@ -167,7 +168,8 @@ def train(data, data_root, download, bias_band, conflict_ratio, data_option, see
     net = _build_model(model, splits, model_option, pretrained)
     try:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                          weight_decay=weight_decay, schedule=schedule, augment=augment, seed=seed, device=device,
+                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=min(warmup_epochs, epochs),
+                          augment=augment, seed=seed, device=device,
                           select=select, keep_every=keep_every, max_steps_per_epoch=max_steps_per_epoch)
         result = run_training(net, splits, cfg, out_dir=out, resume=resume, progress=not quiet)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
