@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (see the device tool): build the extension there, run the
+# GPU-marked tests and every benchmark; results append to bench/results/<gpu>.jsonl.
+# Usage (repo root): bash bench/gpu_check.sh [benchmark names...]
+set -euo pipefail
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+SHORTCUT_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+shortcut-fast info
+SHORTCUT_FAST_EXPECT_EXT=1 SHORTCUT_FAST_EXPECT_CUDA_BUILD=1 python -m pytest -q -p no:logging -m gpu
+python -m pytest -q -p no:logging tests/test_class_spectrum.py tests/test_band_filter.py tests/test_freq_probe.py
+if [ "$#" -eq 0 ]; then shortcut-fast bench --device cuda; else for n in "$@"; do shortcut-fast bench "$n" --device cuda; done; fi
+if [ -n "${OUT:-}" ]; then cp bench/results/*.jsonl "$OUT"/; fi
