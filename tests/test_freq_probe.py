@@ -73,10 +73,17 @@ def test_planted_frequency_is_found_and_is_a_shortcut(planted):
 @pytest.mark.parametrize("patch", [1, 3])
 def test_fast_search_equals_reference_loop(planted, backend, patch):
     model, splits = planted
-    images = fp._class_images(splits.test, 2, 12, 0, "cpu")
+    # triton runs on the CPU only through the interpreter (CI); with a GPU it runs there
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    images = fp._class_images(splits.test, 2, 12, 0, device)
     candidates = fp.Candidates.build(16, 16, patch)
-    fast, _ = fp.candidate_losses(model, images, 2, candidates, batch_size=100, backend=backend, max_bytes=1 << 20)
-    slow = fp.dfm_losses_reference(model, images, 2, candidates)
+    model = model.to(device)
+    try:
+        fast, _ = fp.candidate_losses(model, images, 2, candidates, batch_size=100, backend=backend,
+                                      max_bytes=1 << 20)
+        slow = fp.dfm_losses_reference(model, images, 2, candidates)
+    finally:
+        model.cpu()
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     # Identical rankings up to float32 ties: walking the fast order, the reference losses
     # never increase by more than rounding noise.
