@@ -17,7 +17,7 @@ venv: $(BUILT)
 
 $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q "setuptools>=64" wheel ninja pybind11
+	$(BIN)/pip install --disable-pip-version-check -q "setuptools>=70" wheel ninja pybind11
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH)
 	$(BIN)/pip install --disable-pip-version-check -q numpy click tqdm matplotlib scikit-learn \
 		pytest hypothesis captum timm
