@@ -30,7 +30,8 @@ def _wall(fn, device):
 
 def run(device: str = "cpu", quick: bool = False):
     # The CPU can afford a narrow ResNet-18 and few images; the GPU runs the real one.
-    width, images_per_class, batch = (8, 8, 512) if quick else ((16, 32, 1024) if device == "cpu" else (64, 500, 4096))
+    width, images_per_class = (8, 8) if quick else ((16, 32) if device == "cpu" else (64, 500))
+    batch = fp.default_batch_size(device)
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10, width=width).to(device).eval()
     g = torch.Generator().manual_seed(1)
@@ -39,7 +40,8 @@ def run(device: str = "cpu", quick: bool = False):
     amp = device == "cuda"
 
     slow, slow_ms = _wall(lambda: fp.dfm_losses_reference(model, images, 3, candidates, batch_size=batch), device)
-    fast_fn = lambda: fp.candidate_losses(model, images, 3, candidates, batch_size=batch, amp=False)[0]  # noqa: E731
+    fast_fn = lambda: fp.candidate_losses(model, images, 3, candidates, batch_size=batch,  # noqa: E731
+                                          max_bytes=fp.default_max_bytes(device))[0]
     fast_fn()  # warm-up (kernel compilation on the GPU)
     fast, fast_ms = _wall(fast_fn, device)
     torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)

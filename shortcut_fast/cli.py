@@ -248,7 +248,8 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
               help="Corrupted test set for OOD transfer, e.g. --ood gaussian-noise:3 (repeatable).")
 @click.option("--track-every", type=int, default=5, help="Steps between band learning snapshots (0: off).")
 @click.option("--track-until", type=int, default=100, help="Last training step with a band learning snapshot.")
-@click.option("--batch-size", type=int, default=512, help="Model batch size for the search.")
+@click.option("--batch-size", type=int, default=None, help="Model batch size for the search "
+              "(default 128 on the CPU, 1024 on a GPU).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
 @click.option("--device", default="auto")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/freq-probe"))
@@ -288,7 +289,8 @@ def freq_probe(data, data_root, download, bias_band, conflict_ratio, data_option
                 n_eval = min(len(splits.val), 200)
                 x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
                 tracker = fp.BandLearningTracker(x_val.to(dev), y_val.to(dev), splits.num_classes, track_every,
-                                                 until=track_until, batch_size=batch_size, backend=backend)
+                                                 until=track_until, batch_size=cfg.resolved(dev).batch_size,
+                                                 backend=backend)
             if resume and (model_dir / "last.pt").exists() and (out / "learning.json").exists():
                 from shortcut_fast.report import read_json
                 from shortcut_fast.train import load_checkpoint

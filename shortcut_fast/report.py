@@ -73,13 +73,27 @@ def format_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join([line, sep] + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body])
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_maps(maps, titles: Sequence[str], path: str | os.PathLike, *, suptitle: str = "", cmap: str = "viridis",
               symmetric: bool = False, colorbar_label: str = "") -> Path:
     """A row-wrapped grid of 2-D maps (e.g. fftshift-ed spectra) saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     maps = [m.detach().cpu().numpy() if hasattr(m, "detach") else m for m in maps]
     n = len(maps)
@@ -97,20 +111,13 @@ def plot_maps(maps, titles: Sequence[str], path: str | os.PathLike, *, suptitle:
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=colorbar_label)
     if suptitle:
         fig.suptitle(suptitle)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_curves(curves: dict[str, Sequence[float]], path: str | os.PathLike, *, xlabel: str, ylabel: str,
                 title: str = "", x: Sequence[float] | None = None) -> Path:
     """Line plot of named series (training curves and the like) saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, ys in curves.items():
@@ -122,20 +129,13 @@ def plot_curves(curves: dict[str, Sequence[float]], path: str | os.PathLike, *, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_bars(groups: dict[str, Sequence[float]], labels: Sequence[str], path: str | os.PathLike, *,
               ylabel: str, title: str = "", ylim: tuple | None = None) -> Path:
     """Grouped bar chart: one bar per series (groups) at every label (e.g. TPR/FPR per class)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     n = len(groups)
     width = 0.8 / max(n, 1)
@@ -152,20 +152,13 @@ def plot_bars(groups: dict[str, Sequence[float]], labels: Sequence[str], path: s
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], path: str | os.PathLike, *,
                  title: str = "", cmap: str = "RdBu_r", fmt: str = "{:.1f}", colorbar_label: str = "") -> Path:
     """An annotated matrix (e.g. the band-stop Delta per class and band)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     data = np.asarray(values, dtype=float)
@@ -177,13 +170,10 @@ def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], p
     ax.set_yticks(range(len(row_labels)))
     ax.set_yticklabels(row_labels)
     for (i, j), v in np.ndenumerate(data):
-        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8)
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8,
+                color="white" if abs(v) > 0.6 * vmax else "black")  # readable on dark cells
     fig.colorbar(im, ax=ax, label=colorbar_label)
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)

@@ -25,6 +25,7 @@ per-(class, candidate) loop it replaces (one FFT round trip per candidate).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ def _forward_stats(model: nn.Module, variants: torch.Tensor, label: int, batch_s
 
 @torch.inference_mode()
 def candidate_losses(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates,
-                     index: torch.Tensor | None = None, *, batch_size: int = 512, max_bytes: int = 256 << 20,
+                     index: torch.Tensor | None = None, *, batch_size: int = 128, max_bytes: int = 32 << 20,
                      backend: str = "auto", amp: bool = False, progress: Callable[[int], None] | None = None,
                      checkpoint: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                      resume_from: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -316,8 +317,8 @@ class FreqProbeConfig:
     candidates: int | None = None  # gradient: how many top candidates to evaluate exactly
     verify_gradient: bool = False  # gradient: also run the exact ranking and report agreement
     max_images_per_class: int | None = None
-    batch_size: int = 512
-    max_bytes: int = 256 << 20
+    batch_size: int | None = None  # None: default_batch_size(device)
+    max_bytes: int | None = None  # variants materialized at once; None: default_max_bytes(device)
     backend: str = "auto"
     amp: bool = False
     seed: int = 0
@@ -331,6 +332,21 @@ class FreqProbeConfig:
             raise ValueError(f"top_percent must be in (0, 100], got {self.top_percent!r}")
         if self.method == "greedy" and self.patch != 1:
             raise ValueError("method 'greedy' walks single frequency pairs: patch must be 1")
+
+    def resolved(self, device) -> "FreqProbeConfig":
+        """A copy with the device-dependent defaults filled in."""
+        return dataclasses.replace(self, batch_size=self.batch_size or default_batch_size(device),
+                                   max_bytes=self.max_bytes or default_max_bytes(device))
+
+
+def default_batch_size(device) -> int:
+    # Measured on the 2-core CPU: ResNet-18 (width 16) runs 2x faster per image at batch
+    # 128 than at 1024 (activations stay in cache); GPUs want large batches.
+    return 1024 if torch.device(device).type == "cuda" else 128
+
+
+def default_max_bytes(device) -> int:
+    return (1 << 30) if torch.device(device).type == "cuda" else (32 << 20)
 
 
 @dataclass
@@ -388,6 +404,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
               partial_path: Path | None = None, progress=None) -> ClassDFM:
     """One class's DFM by cfg.method (resumable through partial_path for the loss method)."""
     t0 = time.perf_counter()
+    cfg = cfg.resolved(images.device)
     H, W = images.shape[-2:]
     common = dict(batch_size=cfg.batch_size, backend=cfg.backend, amp=cfg.amp)
     if cfg.method == "greedy":
@@ -461,6 +478,7 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: s
     """
     t0 = time.perf_counter()
     device = torch.device(device)
+    cfg = cfg.resolved(device)
     model = model.to(device).eval()
     test = splits.test
     H, W = splits.image_shape[-2:]

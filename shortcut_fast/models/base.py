@@ -11,13 +11,14 @@ ablation) must see tensors that are not overwritten later in the forward pass.
 """
 from __future__ import annotations
 
+import abc
 from typing import Optional
 
 import torch
 from torch import nn
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, abc.ABC):
     """Base class: `forward(x) = head(features(x))`; subclasses set `head` and `block_names`."""
 
     head: nn.Linear
@@ -30,8 +31,9 @@ class Classifier(nn.Module):
         # None and accept any size their pooling allows.
         self.image_size = image_size
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, F) penultimate representation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
