@@ -109,9 +109,11 @@ def _load_data(data, data_root, download, bias_band, conflict_ratio, data_option
         _fail(exc)
 
 
-def _build_model(model, splits, model_option, pretrained=None):
+def _build_model(model, splits, model_option, seed, pretrained=None):
     from shortcut_fast.models import build_model
+    from shortcut_fast.train import seed_everything
 
+    seed_everything(seed)  # --seed controls the initialization too
     options = _parse_options(model_option, "--model-option")
     channels, size = splits.image_shape[0], splits.image_shape[-1]
     try:
@@ -165,7 +167,7 @@ def train(data, data_root, download, bias_band, conflict_ratio, data_option, see
     from shortcut_fast.train import train as run_training
 
     splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
-    net = _build_model(model, splits, model_option, pretrained)
+    net = _build_model(model, splits, model_option, seed, pretrained)
     try:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, warmup_epochs=min(warmup_epochs, epochs),
@@ -282,7 +284,7 @@ def freq_probe(data, data_root, download, bias_band, conflict_ratio, data_option
         if checkpoint:
             net = model_from_checkpoint(checkpoint)
         else:
-            net = _build_model(model, splits, model_option)
+            net = _build_model(model, splits, model_option, seed)
             model_dir = out / "model"
             tracker = None
             if has_bands and track_every > 0:

@@ -66,3 +66,17 @@ def test_bad_option_syntax(tmp_path):
 def test_lists():
     assert "colored-digits" in _run("datasets").output
     assert "resnet20" in _run("models").output
+
+
+def test_same_seed_same_model(tmp_path):
+    """--seed fixes initialization as well as data and order: two runs give identical weights."""
+    import torch
+
+    args = ["train", "--data", "digits", "--model", "mlp", "-M", "width=16", "--epochs", "1",
+            "--max-steps-per-epoch", "2", "--quiet", "--seed", "5"]
+    for name in ("a", "b"):
+        torch.manual_seed(1000 + len(name) * ord(name))  # whatever came before must not matter
+        assert _run(*args, "--out", str(tmp_path / name)).exit_code == 0
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
