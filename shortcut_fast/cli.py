@@ -152,7 +152,7 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
 @click.option("--augment", type=click.Choice(["none", "flip-crop", "crop"]), default="none")
 @click.option("--select", type=click.Choice(["accuracy", "worst_group_accuracy", "last"]), default="accuracy",
               help="Validation metric that picks the reported checkpoint.")
-@click.option("--keep-every", type=int, default=0, help="Also keep epoch_XXX.pt every k epochs.")
+@click.option("--keep-every", type=int, default=0, help="Also keep epoch_NNN.pt every k epochs.")
 @click.option("--max-steps-per-epoch", type=int, default=None)
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/train"), help="Output folder.")

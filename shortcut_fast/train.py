@@ -7,7 +7,7 @@
 - Evaluation reports accuracy, loss, per-group accuracy, worst-group accuracy and, where
   attributes are class-aligned, bias-aligned / bias-conflicting accuracy.
 - Every epoch writes `last.pt` (full state, for resume) and `history.json`; `best.pt`
-  holds the weights with the best validation score; `keep_every` adds `epoch_XXX.pt`.
+  holds the weights with the best validation score; `keep_every` adds `epoch_NNN.pt`.
 - Determinism: the batch order of epoch e comes from a generator seeded by (seed, e), so a
   resumed run sees exactly the batches an uninterrupted run would have seen.
 """
@@ -51,7 +51,7 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 512
     select: str = "accuracy"  # validation metric that picks best.pt
-    keep_every: int = 0  # also keep epoch_XXX.pt every k epochs (0: never)
+    keep_every: int = 0  # also keep epoch_NNN.pt every k epochs (0: never)
     max_steps_per_epoch: int | None = None  # cap for quick runs and tests
     label_smoothing: float = 0.0
     num_workers: int = 0
