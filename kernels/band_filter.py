@@ -61,6 +61,21 @@ _BAND_K_GROUP = 8
 
 
 @triton.jit
+def _program_coordinates(N_TILES, TILES_X, N_KGROUPS, K_GROUP: tl.constexpr, BLOCK_Y: tl.constexpr,
+                         BLOCK_X: tl.constexpr):
+    """Decode the flat program id of both kernels: output tile fastest, then the group of
+    K_GROUP masks, then the image-channel. Returns (first mask, image-channel, rows, cols)."""
+    pid = tl.program_id(0)
+    tile = pid % N_TILES
+    rest = pid // N_TILES
+    k0 = (rest % N_KGROUPS) * K_GROUP
+    bc = rest // N_KGROUPS
+    y = (tile // TILES_X) * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    x = (tile % TILES_X) * BLOCK_X + tl.arange(0, BLOCK_X)
+    return k0, bc, y, x
+
+
+@triton.jit
 def _load_spectrum(spec_base, u, v, u_ok, v_ok, WR, NYQ, FIRST_BLOCK, HAS_NYQ: tl.constexpr):
     """Image spectrum X[u, v] on a (BLOCK_U, BLOCK_V) block of packed columns, plus the
     Nyquist column X[u, W/2] (BLOCK_U,) that packed column 0 carries (zeros elsewhere)."""
@@ -110,13 +125,7 @@ def _band_filter_kernel(
     # One flat grid axis (axis 0 allows 2^31 - 1 programs): output tile fastest, then the
     # group of K_GROUP masks, then the image-channel, so neighbouring programs share one
     # image spectrum (and its L2 lines) and walk the masks.
-    pid = tl.program_id(0)
-    tile = pid % N_TILES
-    rest = pid // N_TILES
-    k0 = (rest % N_KGROUPS) * K_GROUP
-    bc = rest // N_KGROUPS
-    y = (tile // TILES_X) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    x = (tile % TILES_X) * BLOCK_X + tl.arange(0, BLOCK_X)
+    k0, bc, y, x = _program_coordinates(N_TILES, TILES_X, N_KGROUPS, K_GROUP, BLOCK_Y, BLOCK_X)
     y_ok = y < H
     x_ok = x < W
     out_ok = y_ok[:, None] & x_ok[None, :]
@@ -210,13 +219,7 @@ def _remove_frequencies_kernel(
     K, BC, H, W, TILES_X, N_TILES, N_KGROUPS,
     K_GROUP: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = pid % N_TILES
-    rest = pid // N_TILES
-    k0 = (rest % N_KGROUPS) * K_GROUP
-    bc = rest // N_KGROUPS
-    y = (tile // TILES_X) * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    x = (tile % TILES_X) * BLOCK_X + tl.arange(0, BLOCK_X)
+    k0, bc, y, x = _program_coordinates(N_TILES, TILES_X, N_KGROUPS, K_GROUP, BLOCK_Y, BLOCK_X)
     ok = (y < H)[:, None] & (x < W)[None, :]
     offsets = y[:, None] * W + x[None, :]
     pixels = tl.load(x_ptr + bc.to(tl.int64) * H * W + offsets, mask=ok, other=0.0).to(tl.float32)

@@ -153,21 +153,21 @@ class _GroupMixin:
         return torch.bincount(g[g >= 0], minlength=self.num_groups).tolist()
 
 
+def _int_vector(name: str, value, n: int) -> torch.Tensor:
+    value = torch.as_tensor(value)
+    if value.dtype.is_floating_point or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be integers, got {value.dtype}")
+    value = value.long()
+    if value.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(value.shape)}")
+    return value
+
+
 def _check_targets(labels, attributes, n, num_classes, num_attributes):
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be integers, got {labels.dtype}")
-    labels = labels.long()
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    labels = _int_vector("labels", labels, n)
     if attributes is None:
         attributes = torch.full((n,), -1, dtype=torch.long, device=labels.device)
-    attributes = torch.as_tensor(attributes)
-    if attributes.dtype.is_floating_point or attributes.dtype == torch.bool:
-        raise TypeError(f"attributes must be integers, got {attributes.dtype}")
-    attributes = attributes.long()
-    if attributes.shape != (n,):
-        raise ValueError(f"attributes must have shape ({n},), got {tuple(attributes.shape)}")
+    attributes = _int_vector("attributes", attributes, n)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if n else 0
     num_classes, num_attributes = int(num_classes), int(num_attributes)
