@@ -378,6 +378,10 @@ def _freq_probe_summary(result, data: str, out: Path) -> None:
     click.echo(f"\nwrote {out / 'result.json'} and figures in {out}")
 
 
+# ---- complexity command (owner: experiments/complexity.py) ----
+
+# ---- memorization and mitigate commands (owner: experiments/memorization.py) ----
+
 @main.command()
 @click.argument("name", required=False)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
