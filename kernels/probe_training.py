@@ -1,0 +1,171 @@
+"""Triton kernel of probe_step: forward, loss and gradient of K linear probes on one
+minibatch, in one launch (shortcut_fast.ops.probe_training).
+
+All probes read the same minibatch x (N, D). Probe k has weight W[k] (D, C) and bias
+b[k] (C,); logistic and Gaussian probes are the case C = 1. Flattening the probes gives
+one (D, K*C) matrix, so the logits of every probe are one matmul Z = x W + b. For a
+residual R = dLoss_n/dZ (per sample) the gradient of the mean loss is
+    dW = x^T R / N,   db = sum_n R / N,
+and the three families differ only in the epilogue that turns Z into (loss, R):
+    softmax   p = softmax(Z[k]),    loss = logsumexp(Z[k]) - Z[k, y],  R = p - onehot(y)
+    logistic  s = sigmoid(z),       loss = softplus(z) - y z,          R = s - y
+    gaussian  mu = z, v = log_var,  loss = (log 2 pi + v + (y - mu)^2 e^-v) / 2,
+                                    R = (mu - y) e^-v,  dv = (1 - (y - mu)^2 e^-v) / 2
+
+Grid: (column blocks, D blocks). A column block holds BLOCK_P whole probes (BLOCK_P *
+BLOCK_C columns, classes padded to a power of two) so the softmax over classes stays in
+registers. Each program loops over the minibatch in BLOCK_N rows: it recomputes the
+(BLOCK_N, BLOCK_P*BLOCK_C) logits tile over all of D, applies the epilogue and adds
+x[rows, d_block]^T R to its (BLOCK_D, BLOCK_P*BLOCK_C) gradient tile. Recomputing the
+logits per D block costs (D / BLOCK_D) extra forward passes but needs no N x K*C buffer
+and no atomics: every output element has exactly one writer (loss, db and dlog_var are
+written by the programs with D block 0). Math in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+FAMILY_CODES = {"softmax": 0, "logistic": 1, "gaussian": 2}
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@triton.jit
+def _probe_step_kernel(
+    x_ptr, t_ptr, w_ptr, b_ptr, lv_ptr,
+    loss_ptr, gw_ptr, gb_ptr, glv_ptr,
+    N, D, K, C,
+    stride_xn, stride_xd, stride_tn, stride_tk,
+    stride_wk, stride_wd, stride_wc, stride_bk, stride_bc,
+    inv_n, log_2pi,
+    FAMILY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    BLOCK_J: tl.constexpr = BLOCK_P * BLOCK_C
+    pid_j = tl.program_id(0)
+    pid_d = tl.program_id(1)
+
+    # Columns of this block: probe p_of[j], class c_of[j].
+    jj = tl.arange(0, BLOCK_J)
+    p_of = pid_j * BLOCK_P + jj // BLOCK_C
+    c_of = jj % BLOCK_C
+    col_ok = (p_of < K) & (c_of < C)
+    probes = pid_j * BLOCK_P + tl.arange(0, BLOCK_P)
+    probe_ok = probes < K
+    classes = tl.arange(0, BLOCK_C)
+    d_blk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_blk_ok = d_blk < D
+
+    bias = tl.load(b_ptr + p_of * stride_bk + c_of * stride_bc, mask=col_ok, other=0.0).to(tl.float32)
+    if FAMILY == 2:
+        log_var = tl.load(lv_ptr + probes, mask=probe_ok, other=0.0).to(tl.float32)
+        inv_var = tl.exp(-log_var)
+
+    grad_w = tl.zeros((BLOCK_D, BLOCK_J), dtype=tl.float32)
+    grad_b = tl.zeros((BLOCK_J,), dtype=tl.float32)
+    loss = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    grad_lv = tl.zeros((BLOCK_P,), dtype=tl.float32)
+
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        rows_ok = rows < N
+        # Logits of this column block for these rows, over all of D.
+        z = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xt = tl.load(x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd,
+                         mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + p_of[None, :] * stride_wk + d[:, None] * stride_wd + c_of[None, :] * stride_wc,
+                         mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            z += tl.dot(xt, wt, input_precision="ieee")
+        z += bias[None, :]
+        valid = rows_ok[:, None] & probe_ok[None, :]
+        target = tl.load(t_ptr + rows[:, None] * stride_tn + probes[None, :] * stride_tk,
+                         mask=valid, other=0.0).to(tl.float32)
+
+        if FAMILY == 0:
+            z3 = tl.reshape(z, (BLOCK_N, BLOCK_P, BLOCK_C))
+            class_ok = (classes < C)[None, None, :]
+            z3 = tl.where(class_ok, z3, float("-inf"))
+            z_max = tl.max(z3, axis=2)
+            e = tl.where(class_ok, tl.exp(z3 - z_max[:, :, None]), 0.0)
+            s = tl.sum(e, axis=2)
+            onehot = classes[None, None, :] == target.to(tl.int32)[:, :, None]
+            z_target = tl.sum(tl.where(onehot, z3, 0.0), axis=2)
+            sample_loss = tl.log(s) + z_max - z_target
+            r3 = e / s[:, :, None] - onehot.to(tl.float32)
+            r3 = tl.where(valid[:, :, None], r3, 0.0)
+            r = tl.reshape(r3, (BLOCK_N, BLOCK_J))
+        elif FAMILY == 1:
+            # C == BLOCK_C == 1: the columns are the probes.
+            sample_loss = tl.maximum(z, 0.0) - z * target + tl.log(1.0 + tl.exp(-tl.abs(z)))
+            r = tl.where(valid, tl.sigmoid(z) - target, 0.0)
+        else:
+            diff = z - target
+            sq = diff * diff * inv_var[None, :]
+            sample_loss = 0.5 * (log_2pi + log_var[None, :] + sq)
+            r = tl.where(valid, diff * inv_var[None, :], 0.0)
+            grad_lv += tl.sum(tl.where(valid, 0.5 * (1.0 - sq), 0.0), axis=0)
+
+        loss += tl.sum(tl.where(valid, sample_loss, 0.0), axis=0)
+        grad_b += tl.sum(r, axis=0)
+        xd = tl.load(x_ptr + rows[:, None] * stride_xn + d_blk[None, :] * stride_xd,
+                     mask=rows_ok[:, None] & d_blk_ok[None, :], other=0.0).to(tl.float32)
+        grad_w += tl.dot(tl.trans(xd), r, input_precision="ieee")
+
+    # Gradients are written contiguous (K, D, C).
+    gw_offsets = p_of[None, :] * (D * C) + d_blk[:, None] * C + c_of[None, :]
+    tl.store(gw_ptr + gw_offsets, grad_w * inv_n, mask=d_blk_ok[:, None] & col_ok[None, :])
+    if pid_d == 0:
+        tl.store(gb_ptr + p_of * C + c_of, grad_b * inv_n, mask=col_ok)
+        tl.store(loss_ptr + probes, loss * inv_n, mask=probe_ok)
+        tl.store(glv_ptr + probes, grad_lv * inv_n, mask=probe_ok)
+
+
+def _blocks(K: int, D: int, C: int) -> tuple[int, int, int, int]:
+    block_c = triton.next_power_of_2(C)
+    # tl.dot needs every dimension >= 16; ~64 columns per program keeps registers in check.
+    block_p = max(min(triton.next_power_of_2(K), max(1, 64 // block_c)), -(-16 // block_c))
+    block_d = max(16, min(64, triton.next_power_of_2(D)))
+    return 64, block_d, block_p, block_c
+
+
+# Registered as a torch.library op so it composes with torch.compile (fake below).
+@torch.library.triton_op("shortcut_fast::probe_step_triton", mutates_args=())
+def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  log_var: torch.Tensor, family: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, D), targets (N, K) float32 (class index / 0-1 label / value), weight (K, D, C),
+    bias (K, C), log_var (K,) (read for the Gaussian family only), family code (FAMILY_CODES).
+    Returns (loss (K,), grad_weight (K, D, C), grad_bias (K, C), grad_log_var (K,)), float32."""
+    N, D = x.shape
+    K, _, C = weight.shape
+    loss = torch.zeros((K,), device=x.device, dtype=torch.float32)
+    grad_w = torch.zeros((K, D, C), device=x.device, dtype=torch.float32)
+    grad_b = torch.zeros((K, C), device=x.device, dtype=torch.float32)
+    grad_lv = torch.zeros((K,), device=x.device, dtype=torch.float32)
+    if N == 0 or K == 0:
+        return loss, grad_w, grad_b, grad_lv
+    block_n, block_d, block_p, block_c = _blocks(K, D, C)
+    grid = (triton.cdiv(K, block_p), max(1, triton.cdiv(D, block_d)))
+    torch.library.wrap_triton(_probe_step_kernel)[grid](
+        x, targets, weight, bias, log_var,
+        loss, grad_w, grad_b, grad_lv,
+        N, D, K, C,
+        x.stride(0), x.stride(1), targets.stride(0), targets.stride(1),
+        weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0), bias.stride(1),
+        1.0 / N, _LOG_2PI,
+        FAMILY=family, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_P=block_p, BLOCK_C=block_c,
+    )
+    return loss, grad_w, grad_b, grad_lv
+
+
+@probe_step_op.register_fake
+def _(x, targets, weight, bias, log_var, family):
+    K, D, C = weight.shape
+    f32 = dict(dtype=torch.float32)
+    return (x.new_empty((K,), **f32), x.new_empty((K, D, C), **f32), x.new_empty((K, C), **f32),
+            x.new_empty((K,), **f32))
