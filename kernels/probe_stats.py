@@ -1,0 +1,118 @@
+"""Triton kernel of probe_stats (shortcut_fast.ops.probes): linear-probe statistics of a chunk.
+
+    probe_stats_op(x, z) = (x^T x, x^T z, sum_n x, sum_n z, sum_n z^2)
+
+One fused tiled kernel computes the single product
+
+    G = [X | 1]^T [X | Z]            (D + 1, D + K)
+
+over a loop on sample blocks: rows 0..D-1 of G are x^T x and x^T z, row D (the column of
+ones) holds the column sums of x and of z, all from the same tl.dot tiles. The programs
+whose row block contains the ones row also accumulate the column sums of squares of the
+[X | Z] tiles they already hold in registers, so sum z^2 costs no extra read. x^T x is
+symmetric: tiles strictly below its diagonal are skipped and mirrored on the host, which
+saves up to half the work when D >> K. Inputs are float32, accumulation is float32;
+tl.dot uses input_precision "ieee" (exact float32 products) unless asked otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shortcut_fast.kernels import INTERPRET
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@triton.jit
+def _probe_stats_kernel(
+    x_ptr,  # (N, D) float32 contiguous
+    z_ptr,  # (N, K) float32 contiguous
+    g_ptr,  # (D + 1, D + K) float32 output: [X | 1]^T [X | Z]
+    sq_ptr,  # (D + K,) float32 output: column sums of squares of [X | Z]
+    N, D, K,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    j0 = pid_j * BLOCK_J
+    # A tile strictly below the diagonal of x^T x, and not holding the ones row: mirrored
+    # on the host instead of computed.
+    below = (j0 + BLOCK_J <= D) & (m0 >= j0 + BLOCK_J) & (m0 + BLOCK_M <= D)
+    if not below:
+        has_ones = (m0 <= D) & (D < m0 + BLOCK_M)
+        rows = m0 + tl.arange(0, BLOCK_M)  # rows of G: features, D is the ones row
+        cols = j0 + tl.arange(0, BLOCK_J)  # columns of G: features of x, then targets of z
+        is_x_col = cols < D
+        is_z_col = (cols >= D) & (cols < D + K)
+        ones_row = (rows == D)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_J,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < N
+            n64 = n.to(tl.int64)
+            # A^T tile (BLOCK_N, BLOCK_M): x[n, rows], ones in the ones row; x is row-major
+            # so the loads run along the contiguous feature axis.
+            a = tl.load(x_ptr + n64[:, None] * D + rows[None, :], mask=n_ok[:, None] & (rows < D)[None, :],
+                        other=0.0)
+            a = tl.where(ones_row & n_ok[:, None], 1.0, a)
+            # B tile (BLOCK_N, BLOCK_J): x columns then z columns (disjoint masks).
+            b = tl.load(x_ptr + n64[:, None] * D + cols[None, :], mask=n_ok[:, None] & is_x_col[None, :],
+                        other=0.0)
+            b += tl.load(z_ptr + n64[:, None] * K + (cols - D)[None, :], mask=n_ok[:, None] & is_z_col[None, :],
+                         other=0.0)
+            acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
+            if has_ones:
+                sq += tl.sum(b * b, axis=0)
+        out_ok = (rows <= D)[:, None] & (cols < D + K)[None, :]
+        tl.store(g_ptr + rows.to(tl.int64)[:, None] * (D + K) + cols[None, :], acc, mask=out_ok)
+        if has_ones:
+            tl.store(sq_ptr + cols, sq, mask=cols < D + K)
+
+
+def _blocks(D: int, K: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_J, BLOCK_N, num_warps). tl.dot needs every dimension >= 16; the
+    interpreter pays per program, so it gets fewer, larger tiles."""
+    if INTERPRET:
+        return 64, 64, 64, 4
+    block = 128 if D + K >= 1024 else 64
+    return block, block, 32, 8 if block == 128 else 4
+
+
+@torch.library.triton_op("shortcut_fast::probe_stats_triton", mutates_args=())
+def probe_stats_op(x: torch.Tensor, z: torch.Tensor, precision: str = "ieee") -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, D), z (N, K) float32 contiguous -> (x^T x, x^T z, sum x, sum z, sum z^2), float32.
+
+    precision: tl.dot input precision, "ieee" (float32 products, default), "tf32x3" (about
+    float32 accuracy on tensor cores) or "tf32" (fastest, ~1e-3 relative).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    N, D = x.shape
+    K = z.shape[1]
+    x = x.to(torch.float32).contiguous()
+    z = z.to(torch.float32).contiguous()
+    g = torch.zeros((D + 1, D + K), device=x.device, dtype=torch.float32)
+    sq = torch.zeros((D + K,), device=x.device, dtype=torch.float32)
+    if N > 0 and D + K > 0:
+        block_m, block_j, block_n, warps = _blocks(D, K)
+        grid = (triton.cdiv(D + 1, block_m), triton.cdiv(D + K, block_j))
+        torch.library.wrap_triton(_probe_stats_kernel)[grid](
+            x, z, g, sq, N, D, K,
+            BLOCK_M=block_m, BLOCK_J=block_j, BLOCK_N=block_n, PRECISION=precision, num_warps=warps,
+        )
+    xx = g[:D, :D]
+    xx = torch.triu(xx) + torch.triu(xx, 1).mT  # skipped lower tiles are zeros: mirror the upper triangle
+    # separate storages: outputs of a torch.library op may not alias each other
+    return xx, g[:D, D:].clone(), g[D, :D].clone(), g[D, D:].clone(), sq[D:].clone()
+
+
+@probe_stats_op.register_fake
+def _(x, z, precision="ieee"):
+    D, K = x.shape[1], z.shape[1]
+    new = lambda *shape: x.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(D, D), new(D, K), new(D), new(K), new(K)
