@@ -30,6 +30,9 @@ import triton
 import triton.language as tl
 
 FAMILY_CODES = {"softmax": 0, "logistic": 1, "gaussian": 2}
+# A column block holds whole probes, so C (padded to a power of two) columns must fit one
+# register tile next to a (BLOCK_D, C) gradient tile.
+MAX_CLASSES = 256
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -55,7 +58,6 @@ def _probe_step_kernel(
     col_ok = (p_of < K) & (c_of < C)
     probes = pid_j * BLOCK_P + tl.arange(0, BLOCK_P)
     probe_ok = probes < K
-    classes = tl.arange(0, BLOCK_C)
     d_blk = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_blk_ok = d_blk < D
 
@@ -88,6 +90,7 @@ def _probe_step_kernel(
                          mask=valid, other=0.0).to(tl.float32)
 
         if FAMILY == 0:
+            classes = tl.arange(0, BLOCK_C)
             z3 = tl.reshape(z, (BLOCK_N, BLOCK_P, BLOCK_C))
             class_ok = (classes < C)[None, None, :]
             z3 = tl.where(class_ok, z3, float("-inf"))

@@ -250,6 +250,9 @@ def _bad(**over):
     (_bad(lr=-1.0), ValueError, "lr must be"),
     (_bad(weight_decay=-1.0), ValueError, "weight_decay must be"),
     (_bad(backend="cpp"), BackendUnavailable, "probe_step has no cpp implementation"),
+    (lambda: probe_step(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long), torch.zeros(1, 3, 300),
+                        torch.zeros(1, 300), family="softmax", backend="triton"), BackendUnavailable,
+     "at most 256 classes, got 300"),
     (lambda: probe_step(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long), torch.zeros(2, 4, 3),
                         torch.zeros(2, 3), family="softmax"), ValueError, r"weight must have shape \(2, 3, 3\)"),
     (lambda: probe_step(torch.randn(4, 3), torch.randn(4, 2), torch.zeros(2, 3), torch.zeros(2),
@@ -271,6 +274,9 @@ def test_triton_op_registration(backend, device):
     x, t, w, b, lv = _problem("gaussian", 9, 3, 2, device=device)
     args = (x, t.float(), w[..., None].contiguous(), b[:, None].contiguous(), lv, kernels.FAMILY_CODES["gaussian"])
     torch.library.opcheck(kernels.probe_step_op, args, test_utils=("test_schema", "test_faketensor"))
+    from shortcut_fast.ops import probe_training as ops
+
+    assert ops._MAX_TRITON_CLASSES == kernels.MAX_CLASSES
 
 
 @pytest.mark.gpu

@@ -189,10 +189,16 @@ def _check_params(weight, bias, log_var, K: int, D: int, family: str, device) ->
     return C
 
 
-def _choose(x: torch.Tensor, backend: str) -> str:
+_MAX_TRITON_CLASSES = 256  # kernels.probe_training.MAX_CLASSES (not imported: it imports triton)
+
+
+def _choose(x: torch.Tensor, backend: str, num_classes: int = 1) -> str:
     unsupported = {}
     if x.dtype == torch.float64:
         unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch"
+    elif num_classes > _MAX_TRITON_CLASSES:
+        unsupported["triton"] = (f"the triton kernel keeps all classes of a probe in one tile: at most "
+                                 f"{_MAX_TRITON_CLASSES} classes, got {num_classes}")
     return choose_backend("probe_step", backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER,
                           unsupported=unsupported)
 
@@ -234,7 +240,7 @@ def probe_step(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bia
     if family == "softmax" and C < 2:
         raise ValueError(f"weight must have C >= 2 classes in its last dimension for family 'softmax', got {C}")
     _check_targets("targets", targets, N, K, family, C, x.device)
-    return _step(x, targets, weight, bias, log_var, family, _choose(x, backend))
+    return _step(x, targets, weight, bias, log_var, family, _choose(x, backend, C))
 
 
 @torch.no_grad()
@@ -338,7 +344,7 @@ def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_cla
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    chosen = _choose(x, backend)
+    chosen = _choose(x, backend, C)
 
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight, bias, log_var = _init_params(dtype, x.device, K, D, C, targets, family)
