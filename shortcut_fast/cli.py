@@ -380,7 +380,267 @@ def _freq_probe_summary(result, data: str, out: Path) -> None:
 
 # ---- complexity command (owner: experiments/complexity.py) ----
 
+def _complexity_data_options(f):
+    """data_options with --data defaulting to colored-digits (offline, a planted color shortcut)."""
+    f = data_options(f)
+    for param in f.__click_params__:
+        if param.name == "data":
+            param.default = "colored-digits"
+    return f
+
+
+@main.command()
+@_complexity_data_options
+@click.option("--model", default="resnet20", help="Architecture to train when no --checkpoint is given.")
+@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=8",),
+              help="Model option (default width=8: minutes on a CPU).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A checkpoint written by `shortcut-fast train` (skips training).")
+@click.option("--epochs", type=int, default=6, help="Training epochs when no --checkpoint is given.")
+@click.option("--layers", default=None, help="Comma-separated block names (default: every block of the model).")
+@click.option("--directions", default="nmf:64", help="Features: nmf:K, pca:K or a directions file.")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of epoch_NNN.pt (train --keep-every 1) for the training dynamics.")
+@click.option("--dynamics", is_flag=True, help="When training here, keep every epoch and analyse the dynamics.")
+@click.option("--max-images", type=int, default=2000, help="Probe-train images (from the train split).")
+@click.option("--max-heldout", type=int, default=1000, help="Held-out images.")
+@click.option("--heldout-split", type=click.Choice(["val", "test"]), default="val")
+@click.option("--alphas", default=None, help="Comma-separated ridge alphas (default: a grid scaled to each layer).")
+@click.option("--batch-size", type=int, default=256, help="Images per forward chunk.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
+@click.option("--device", default="auto")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/complexity"))
+@click.option("--resume", is_flag=True, help="Reuse the trained model and finished work in --out.")
+@click.option("--quiet", is_flag=True)
+def complexity(data, data_root, download, bias_band, conflict_ratio, data_option, seed, model, model_option,
+               checkpoint, epochs, layers, directions, checkpoints, dynamics, max_images, max_heldout,
+               heldout_split, alphas, batch_size, backend, device, out, resume, quiet):
+    """Feature complexity by V-information: per-layer decodability, importance, dynamics."""
+    from shortcut_fast.experiments import complexity as cx
+    from shortcut_fast.models import model_from_checkpoint
+    from shortcut_fast.report import write_json
+    from shortcut_fast.train import TrainConfig, resolve_device
+    from shortcut_fast.train import train as run_training
+
+    splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
+    trained = None
+    try:
+        dev = resolve_device(device)
+        alpha_list = [float(a) for a in alphas.split(",")] if alphas else None
+        cfg = cx.ComplexityConfig(
+            layers=[n.strip() for n in layers.split(",") if n.strip()] if layers else None, directions=directions,
+            max_images=max_images, max_heldout=max_heldout, heldout_split=heldout_split, alphas=alpha_list,
+            batch_size=batch_size, backend=backend, seed=seed)
+        if checkpoint:
+            net = model_from_checkpoint(checkpoint)
+        else:
+            net = _build_model(model, splits, model_option, seed)
+            model_dir = out / "model"
+            # select="last": the analysed model is the end of training, the reference of the dynamics.
+            tcfg = TrainConfig(epochs=epochs, seed=seed, device=str(dev), select="last",
+                               warmup_epochs=min(1.0, epochs), keep_every=1 if dynamics else 0)
+            again = resume and (model_dir / "last.pt").exists()
+            result = run_training(net, splits, tcfg, out_dir=model_dir, resume=again, progress=not quiet)
+            trained = {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
+                       "model_dir": str(model_dir)}
+            if dynamics and checkpoints is None:
+                checkpoints = model_dir
+        result = cx.run_complexity(net, splits, cfg, out_dir=out, checkpoints=checkpoints, resume=resume,
+                                   device=dev, progress=not quiet)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        _fail(exc)
+    record = {"command": "complexity", "data": data, "dataset_meta": splits.meta, "model": checkpoint or model,
+              "model_options": None if checkpoint else _parse_options(model_option, "--model-option"),
+              "trained": trained, "result": result}
+    write_json(record, out / "result.json")
+    _complexity_summary(result, data, out)
+
+
+def _complexity_summary(result, data: str, out: Path, top: int = 5) -> None:
+    from shortcut_fast.report import format_table
+
+    k = len(result.complexity)
+    click.echo(f"\ncomplexity on {data}: {k} features ({result.directions['kind']}, from a "
+               f"{result.directions['dim']}-d penultimate layer), {result.n_train} probe-train / "
+               f"{result.n_heldout} held-out images, held-out accuracy {result.heldout_accuracy:.4f}, "
+               f"{result.seconds:.1f} s")
+    rows = [[name, dim, result.decodability[name]] for name, dim in zip(result.layers, result.layer_dims)]
+    click.echo(format_table(rows, ["layer", "dim", "mean V-information"]))
+    order = sorted(range(k), key=lambda i: result.complexity[i])
+    pick = order[:top] + [i for i in order[-top:] if i not in order[:top]]
+    rows = [[i, result.complexity[i], result.importance[i], result.importance_signed[i],
+             result.v_information[i][0], result.v_information[i][-1]] for i in pick]
+    click.echo(f"\nleast and most complex features (of {k}):")
+    click.echo(format_table(rows, ["feature", "complexity", "importance", "signed", "V-info first", "V-info last"]))
+    mean_c = sum(result.complexity) / max(k, 1)
+    click.echo(f"\nmean complexity {mean_c:.4f}; most important {100 * result.config['top_fraction']:.0f}%: "
+               f"{result.mean_complexity_top_importance:.4f}, rest {result.mean_complexity_rest:.4f}; "
+               f"Spearman(importance, complexity) {result.spearman_importance_complexity:.4f}")
+    d = result.dynamics
+    if d:
+        rows = [[e, acc, frac, mc, top_c, rho] for e, acc, frac, mc, top_c, rho in zip(
+            d["epochs"], d["heldout_accuracy"], d["fraction_decodable"], d["mean_complexity"],
+            d["mean_complexity_top_importance"], d["spearman_importance_complexity"])]
+        click.echo("\ndynamics (final features decodable; the checkpoint's own features):")
+        click.echo(format_table(rows, ["epoch", "held-out acc", "final decodable", "mean complexity",
+                                       "top-importance complexity", "Spearman(imp, cx)"]))
+    click.echo(f"\nwrote {out / 'result.json'}, {out / 'features.csv'} and figures in {out}")
+
 # ---- memorization and mitigate commands (owner: experiments/memorization.py) ----
+
+def _data_options_defaulting_to(name: str):
+    """data_options with another default --data (these experiments need a dataset with groups)."""
+    def decorate(f):
+        f = data_options(f)
+        for param in f.__click_params__:
+            if param.name == "data":
+                param.default = name
+        return f
+    return decorate
+
+
+def _erm_model(model, model_option, checkpoint, splits, seed, epochs, device, model_dir: Path, resume, quiet,
+               keep_every=0):
+    """The model to analyse: --checkpoint, or one trained here by plain ERM (kept in model_dir, resumable)."""
+    from shortcut_fast.models import model_from_checkpoint
+    from shortcut_fast.train import TrainConfig, load_checkpoint
+    from shortcut_fast.train import train as run_training
+
+    if checkpoint:
+        return model_from_checkpoint(checkpoint)
+    net = _build_model(model, splits, model_option, seed)
+    cfg = TrainConfig(epochs=epochs, seed=seed, device=device, select="last", keep_every=keep_every)
+    last = model_dir / "last.pt"
+    if resume and last.exists() and load_checkpoint(last).get("epoch", -1) + 1 >= epochs:
+        load_checkpoint(last, net)  # trained already
+        return net
+    # select="last": memorization is about the model at the end of training, not an early-stopped one.
+    run_training(net, splits, cfg, out_dir=model_dir, resume=resume and last.exists(), progress=not quiet)
+    return net
+
+
+@main.command()
+@_data_options_defaulting_to("colored-digits")
+@click.option("--model", default="small-cnn", help="Architecture to train when no --checkpoint is given.")
+@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=16",),
+              help="Model option (default width=16: minutes on a CPU).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A checkpoint written by `shortcut-fast train` (skips training).")
+@click.option("--epochs", type=int, default=15, help="ERM training epochs when no --checkpoint is given.")
+@click.option("--layers", default=None, help="Comma-separated layer names (default: up to 4 blocks of the model).")
+@click.option("--mode", type=click.Choice(["zero", "mean", "noise", "rewind"]), default="zero",
+              help="What replaces an ablated channel.")
+@click.option("--where", type=click.Choice(["output", "pre-bn", "post-activation"]), default="output",
+              help="Which activation of the layer is modified.")
+@click.option("--repeats", type=int, default=1, help="noise: draws averaged per channel.")
+@click.option("--rewind-to", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="rewind: the earlier checkpoint (default: epoch 1 of the model trained here).")
+@click.option("--top-k", type=int, default=5, help="Top channels reported; largest cumulative set.")
+@click.option("--grouping", type=click.Choice(["auto", "group", "alignment"]), default="auto",
+              help="Dataset groups, or aligned/conflicting (auto: groups when there are <= 16).")
+@click.option("--max-samples", type=int, default=None, help="Samples per split in the sweep (default all).")
+@click.option("--batch-size", type=int, default=256)
+@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
+@click.option("--device", default="auto")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/memorization"))
+@click.option("--resume", is_flag=True, help="Reuse the trained model and finished layers in --out.")
+@click.option("--quiet", is_flag=True)
+def memorization(data, data_root, download, bias_band, conflict_ratio, data_option, seed, model, model_option,
+                 checkpoint, epochs, layers, mode, where, repeats, rewind_to, top_k, grouping, max_samples,
+                 batch_size, backend, device, out, resume, quiet):
+    """Spurious memorization: per-group gap, channel ablation sweep, critical channels."""
+    from shortcut_fast.experiments import memorization as mem
+    from shortcut_fast.report import format_table, write_json
+    from shortcut_fast.train import resolve_device
+
+    splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
+    try:
+        dev = resolve_device(device)
+        cfg = mem.MemorizationConfig(layers=[s.strip() for s in layers.split(",")] if layers else None, mode=mode,
+                                     where=where, repeats=repeats, top_k=top_k, grouping=grouping,
+                                     max_samples=max_samples, batch_size=batch_size, backend=backend, seed=seed)
+        model_dir = out / "model"
+        keep = 1 if mode == "rewind" and not rewind_to and not checkpoint else 0
+        net = _erm_model(model, model_option, checkpoint, splits, seed, epochs, str(dev), model_dir, resume, quiet,
+                         keep_every=keep)
+        if mode == "rewind" and not rewind_to:
+            if checkpoint:
+                raise ValueError("--mode rewind with --checkpoint needs --rewind-to (the earlier checkpoint)")
+            rewind_to = model_dir / "epoch_001.pt"
+        result = mem.run_memorization(net, splits, cfg, out_dir=out, device=dev, progress=not quiet, resume=resume,
+                                      rewind_to=rewind_to)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    write_json({"command": "memorization", "data": data, "dataset_meta": splits.meta, "model": checkpoint or model,
+                "result": result}, out / "result.json")
+    mem.plot_memorization(result, out)
+    g = result.grouping
+    click.echo(f"\nmemorization on {data} ({g['kind']} groups; minority: {', '.join(g['minority'])}), "
+               f"{result.seconds:.1f} s")
+    rows = [[name, _num_or_nan(result.baseline["train"]["group_accuracy"].get(name)),
+             _num_or_nan(result.baseline["test"]["group_accuracy"].get(name)), _num_or_nan(gap),
+             g["train_counts"][g["names"].index(name)]] for name, gap in result.memorization_gap.items()]
+    click.echo(format_table(rows, ["group", "train acc", "test acc", "gap", "train n"]))
+    rows, headers = mem.memorization_table(result)
+    click.echo(f"\ntop channels ({mode}, {where}; score = minority drop - majority drop on train):")
+    click.echo(format_table(rows, headers))
+    click.echo(f"\nwrote {out / 'result.json'} and figures in {out}")
+
+
+def _num_or_nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+@main.command()
+@_data_options_defaulting_to("colored-digits")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The ERM checkpoint to start from (default: train one here with --model).")
+@click.option("--model", default="small-cnn", help="Architecture of the ERM model trained when no --checkpoint.")
+@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=16",))
+@click.option("--erm-epochs", type=int, default=15, help="ERM training epochs when no --checkpoint is given.")
+@click.option("--epochs", type=int, default=20, help="Mitigation epochs.")
+@click.option("--prune-fraction", type=float, default=0.01, help="Fraction of weights masked (global magnitude).")
+@click.option("--tau", type=float, default=0.5, help="NT-Xent temperature.")
+@click.option("--ce-weight", type=float, default=0.2, help="Weight of the cross-entropy on the dense output.")
+@click.option("--lr", type=float, default=2e-4, help="Adam learning rate.")
+@click.option("--batch-size", type=int, default=100)
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--select", type=click.Choice(["last", "accuracy", "worst_group_accuracy"]), default="last",
+              help="Which epoch's weights are reported and saved as best.pt.")
+@click.option("--grouping", type=click.Choice(["auto", "group", "alignment"]), default="auto")
+@click.option("--max-steps-per-epoch", type=int, default=None)
+@click.option("--device", default="auto")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/mitigate"))
+@click.option("--resume", is_flag=True, help="Continue from <out>/last.pt (and the ERM model in <out>/erm).")
+@click.option("--quiet", is_flag=True)
+def mitigate(data, data_root, download, bias_band, conflict_ratio, data_option, seed, checkpoint, model,
+             model_option, erm_epochs, epochs, prune_fraction, tau, ce_weight, lr, batch_size, weight_decay, select,
+             grouping, max_steps_per_epoch, device, out, resume, quiet):
+    """Mitigate spurious memorization: pruned/dense NT-Xent + CE training from the ERM model."""
+    from shortcut_fast.experiments import memorization as mem
+    from shortcut_fast.report import format_table, write_json
+    from shortcut_fast.train import resolve_device
+
+    splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
+    try:
+        dev = str(resolve_device(device))
+        cfg = mem.MitigationConfig(epochs=epochs, prune_fraction=prune_fraction, tau=tau, ce_weight=ce_weight, lr=lr,
+                                   batch_size=batch_size, weight_decay=weight_decay, select=select,
+                                   grouping=grouping, max_steps_per_epoch=max_steps_per_epoch, seed=seed, device=dev)
+        net = _erm_model(model, model_option, checkpoint, splits, seed, erm_epochs, dev, out / "erm", resume, quiet)
+        result = mem.run_mitigation(net, splits, cfg, out_dir=out, progress=not quiet,
+                                    resume=resume and (out / "last.pt").exists())
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        _fail(exc)
+    write_json({"command": "mitigate", "data": data, "dataset_meta": splits.meta,
+                "model": checkpoint or str(out / "erm" / "last.pt"), "result": result}, out / "result.json")
+    mem.plot_mitigation(result, out)
+    click.echo(f"\nmitigate on {data} ({result.grouping['kind']} groups; minority: "
+               f"{', '.join(result.grouping['minority'])}), {len(result.history)} epochs, {result.seconds:.1f} s")
+    rows, headers = mem.mitigation_table(result)
+    click.echo(format_table(rows, headers))
+    click.echo(f"\nwrote {out / 'result.json'}, checkpoint {result.checkpoint}")
+
 
 @main.command()
 @click.argument("name", required=False)

@@ -1,0 +1,303 @@
+"""memorization / mitigate: NT-Xent, the global magnitude mask, the mitigation step, groups,
+an end-to-end run through the CLI (result.json keys, figures), and resume."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from shortcut_fast.cli import main
+from shortcut_fast.data import load_dataset
+from shortcut_fast.experiments import memorization as mem
+from shortcut_fast.models import build_model
+
+
+# ---------------------------------------------------------------------------------------
+# NT-Xent
+
+
+def _nt_xent_loop(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Direct per-anchor computation: -log(exp(s(a_i,b_i)/t) / sum over all 2N-1 others)."""
+    n = a.shape[0]
+    z = torch.cat([a, b])
+    total = 0.0
+    for i in range(n):
+        def sim(u, v):
+            return float(torch.dot(u, v) / (u.norm() * v.norm())) / tau
+        den = sum(math.exp(sim(a[i], z[j])) for j in range(2 * n) if j != i)
+        total += -(sim(a[i], b[i]) - math.log(den))
+    return torch.tensor(total / n)
+
+
+def test_nt_xent_equals_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    for tau in (0.5, 0.1):
+        assert torch.allclose(mem.nt_xent(a, b, tau).double(), _nt_xent_loop(a, b, tau).double(), atol=1e-5)
+    # Identical views with tiny tau: the positive dominates, the loss goes to 0.
+    assert float(mem.nt_xent(a, a, 0.01)) < 1e-3
+    # (N, C, H, W) rows are flattened.
+    x, y = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    assert torch.allclose(mem.nt_xent(x, y), mem.nt_xent(x.flatten(1), y.flatten(1)))
+    with pytest.raises(ValueError, match="same shape"):
+        mem.nt_xent(a, b[:4])
+
+
+def test_symmetric_nt_xent_is_symmetric_and_stops_gradients():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(6, 4, generator=g, requires_grad=True)
+    d = torch.randn(6, 4, generator=g, requires_grad=True)
+    loss = mem.symmetric_nt_xent(p, d, 0.5)
+    assert torch.allclose(loss, mem.symmetric_nt_xent(d, p, 0.5))
+    expected = 0.5 * (_nt_xent_loop(p.detach(), d.detach(), 0.5) + _nt_xent_loop(d.detach(), p.detach(), 0.5))
+    assert abs(float(loss.detach()) - float(expected)) < 1e-5
+    gp, gd = torch.autograd.grad(loss, (p, d))
+    # With stop-gradients, p only receives the gradient of the term where p is the anchor view.
+    p2 = p.detach().clone().requires_grad_(True)
+    (ref_p,) = torch.autograd.grad(0.5 * mem.nt_xent(p2, d.detach(), 0.5), p2)
+    d2 = d.detach().clone().requires_grad_(True)
+    (ref_d,) = torch.autograd.grad(0.5 * mem.nt_xent(d2, p.detach(), 0.5), d2)
+    assert torch.allclose(gp, ref_p, atol=1e-6) and torch.allclose(gd, ref_d, atol=1e-6)
+    # ... which is not the full gradient of the loss without stop-gradients.
+    p3 = p.detach().clone().requires_grad_(True)
+    (full_p,) = torch.autograd.grad(0.5 * (mem.nt_xent(p3, d.detach()) + mem.nt_xent(d.detach(), p3)), p3)
+    assert not torch.allclose(gp, full_p, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# Global magnitude mask
+
+
+def test_global_mask_prunes_floor_fraction_smallest():
+    g = torch.Generator().manual_seed(2)
+    weights = {"a": torch.randn(7, 3, 5, 5, generator=g), "b": torch.randn(13, 11, generator=g) * 0.1,
+               "c": torch.randn(9, generator=g) * 3}
+    total = sum(w.numel() for w in weights.values())  # 525 + 143 + 9 = 677
+    for fraction in (0.01, 0.1, 0.37):
+        masks = mem.global_magnitude_mask(weights, fraction)
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        assert pruned == math.floor(fraction * total)
+        kept_min = min(float(w.abs()[m].min()) for w, m in zip(weights.values(), masks.values()) if m.any())
+        pruned_max = max(float(w.abs()[~m].max()) for w, m in zip(weights.values(), masks.values()) if (~m).any())
+        assert pruned_max <= kept_min
+        assert all(m.shape == w.shape and m.dtype == torch.bool for w, m in zip(weights.values(), masks.values()))
+    # Global, not per tensor: at 10% the small-scaled "b" loses far more than 10% of its weights.
+    masks = mem.global_magnitude_mask(weights, 0.1)
+    assert int((~masks["b"]).sum()) > 0.25 * weights["b"].numel()
+    assert int((~masks["c"]).sum()) == 0
+    # Ties are broken by position: exactly k pruned even when all magnitudes are equal.
+    masks = mem.global_magnitude_mask({"w": torch.ones(10, 10)}, 0.05)
+    assert int((~masks["w"]).sum()) == 5 and not masks["w"].flatten()[:5].any()
+    assert int((~mem.global_magnitude_mask(weights, 0.0)["a"]).sum()) == 0
+    with pytest.raises(ValueError, match="fraction"):
+        mem.global_magnitude_mask(weights, 1.0)
+
+
+def test_prunable_weights_are_conv_and_linear_only():
+    model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
+    names = set(mem.prunable_weights(model))
+    assert names == {"conv1.conv.weight", "conv2.conv.weight", "conv3.conv.weight", "head.weight"}
+
+
+# ---------------------------------------------------------------------------------------
+# Mitigation step
+
+
+def test_mitigation_step_changes_weights_keeps_dense_weights_and_stats():
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
+    model.train()
+    x, y = torch.rand(12, 3, 16, 16), torch.randint(0, 3, (12,))
+    objective = mem.MitigationObjective(prune_fraction=0.05, tau=0.5, ce_weight=0.2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # The pruned forward is the model with masked weights, computed without touching the dense ones.
+    objective.update_mask(model)
+    masked = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
+    masked.load_state_dict(before)
+    with torch.no_grad():
+        for name, keep in objective.masks.items():
+            masked.get_parameter(name).mul_(keep)
+    masked.eval(), model.eval()
+    assert torch.allclose(objective.pruned_forward(model, x), masked(x), atol=1e-5)
+    model.train()
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss = objective(model, x, y, torch.zeros_like(y))
+    ref = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
+    ref.load_state_dict(before)
+    dense_logits = ref.train()(x)  # one dense forward: also the reference for the BN statistics below
+    expected = mem.symmetric_nt_xent(objective.pruned_forward(masked.train(), x), dense_logits) \
+        + 0.2 * F.cross_entropy(dense_logits, y)
+    assert abs(float(loss.detach()) - float(expected.detach())) < 1e-4
+    opt.zero_grad()
+    loss.backward()
+    # Pruned weights still get gradient (through the dense forward), the masks are not applied in place.
+    w = model.conv1.conv.weight
+    keep = objective.masks["conv1.conv.weight"]
+    assert (~keep).any() and w.grad[~keep].abs().sum() > 0
+    opt.step()
+    after = model.state_dict()
+    assert all(not torch.equal(before[n], after[n]) for n in mem.prunable_weights(model))
+    assert (after["conv1.conv.weight"][~keep] != 0).all()
+    # BatchNorm running stats moved exactly as one dense forward moves them (the pruned pass used copies).
+    assert torch.allclose(after["conv1.bn.running_mean"], ref.conv1.bn.running_mean, atol=1e-6)
+    assert int(after["conv1.bn.num_batches_tracked"]) == 1
+    record = objective.new_epoch()
+    assert objective.masks is None and record["pruned_weights"] > 0 and record["ce_loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Groups
+
+
+def test_groupings_and_minority():
+    splits = load_dataset("colored-digits", image_size=16)
+    grouping = mem.Grouping.build(splits)
+    assert grouping.kind == "alignment" and grouping.names == ["aligned", "conflicting"]
+    g = grouping.of(splits.train)
+    assert torch.equal(g, (splits.train.attributes != splits.train.labels).long())
+    counts = torch.bincount(g, minlength=2).tolist()
+    assert mem.minority_groups(counts) == [1]
+    assert mem.Grouping.build(splits, "group").num_groups == 100
+    # Waterbirds and CelebA train counts (EXPERIMENTS.md).
+    assert mem.minority_groups([3498, 184, 56, 1057]) == [1, 2]
+    assert mem.minority_groups([71629, 66874, 22880, 1387]) == [3]
+    assert mem.minority_groups([10, 9, 0, 9]) == [1, 3]  # nothing below half the mean: the smallest
+    with pytest.raises(ValueError, match="same size"):
+        mem.minority_groups([5, 5])
+    with pytest.raises(ValueError, match="no attributes"):
+        mem.Grouping.build(load_dataset("digits", image_size=16))
+
+
+# ---------------------------------------------------------------------------------------
+# End to end through the CLI
+
+
+_DATA = ["--data", "colored-digits", "-D", "image_size=16", "-D", "conflict_ratio=0.1",
+         "--model", "small-cnn", "-M", "width=4", "-M", "padding=2"]
+
+
+def _invoke(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "mem"
+    args = ["memorization", *_DATA, "--epochs", "2", "--max-samples", "300", "--top-k", "3", "--backend", "torch",
+            "--out", str(out), "--quiet"]
+    text = _invoke(args)
+    assert "top channels" in text
+    record = json.loads((out / "result.json").read_text())
+    r = record["result"]
+    assert {"config", "grouping", "baseline", "memorization_gap", "layers", "top_channels", "seconds"} <= set(r)
+    assert r["grouping"]["minority"] == ["conflicting"] and r["config"]["layers"] == ["conv1", "conv2", "conv3"]
+    assert len(r["top_channels"]) == 3
+    for name in ("memorization_gap.png", "drop_scatter.png", "top_channels.png", "cumulative_topk.png"):
+        assert (out / name).stat().st_size > 1000
+    base = r["baseline"]
+    gap = r["memorization_gap"]["conflicting"]
+    assert gap == pytest.approx(base["train"]["group_accuracy"]["conflicting"]
+                                - base["test"]["group_accuracy"]["conflicting"])
+    layer = {s["layer"]: s for s in r["layers"]}
+    assert [s["channels"] for s in r["layers"]] == [4, 8, 8]
+    for s in r["layers"]:
+        assert len(s["score"]) == s["channels"] and len(s["weight_norm"]) == s["channels"]
+        assert s["score"] == pytest.approx([a - b for a, b in zip(s["minority_drop"], s["majority_drop"])])
+        assert [c["k"] for c in s["cumulative"]] == [1, 2, 3]
+        # k = 1 of the cumulative sweep is the single best channel of the sweep.
+        best = max(range(s["channels"]), key=lambda c: (s["score"][c], -c))
+        assert s["cumulative"][0]["channels"] == [best]
+        assert s["cumulative"][0]["train_accuracy"] == pytest.approx(s["train_accuracy"][best])
+    top = r["top_channels"][0]
+    assert top["score"] == max(max(s["score"]) for s in r["layers"])
+    assert top["score"] == pytest.approx(layer[top["layer"]]["score"][top["channel"]])
+
+    # The top channel's reported train accuracies agree with a direct hooked ablation.
+    splits = load_dataset("colored-digits", image_size=16, conflict_ratio=0.1)
+    from shortcut_fast.models import model_from_checkpoint
+
+    net = model_from_checkpoint(out / "model" / "last.pt").eval()
+    grouping = mem.Grouping.build(splits)
+    x, y, g = mem._take(splits.train, grouping, 300, 0, 1)
+
+    def zero(_m, _a, output):
+        output = output.clone()
+        output[:, top["channel"]] = 0
+        return output
+
+    handle = net.get_submodule(top["layer"]).register_forward_hook(zero)
+    correct, counts = mem.group_outcomes_of(net, x, y, g, 2)
+    handle.remove()
+    assert top["train_accuracy"]["conflicting"] == pytest.approx(float(correct[1] / counts[1]))
+    assert top["train_accuracy"]["aligned"] == pytest.approx(float(correct[0] / counts[0]))
+
+    # Resume: finished layers are read back, not swept again; the result is unchanged.
+    calls = []
+    real = mem._sweep
+    monkeypatch.setattr(mem, "_sweep", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    (out / "partial" / "layer_conv3.json").unlink()
+    _invoke(args + ["--resume"])
+    assert calls == [["conv3"], ["conv3"]]  # the single-channel and the cumulative sweep of conv3 only
+    again = json.loads((out / "result.json").read_text())["result"]
+    assert again["top_channels"] == r["top_channels"]
+    for s_again, s_first in zip(again["layers"], r["layers"]):
+        s_again.pop("seconds"), s_first.pop("seconds")
+        assert s_again == s_first
+
+
+def test_mitigate_cli(tmp_path):
+    out = tmp_path / "mit"
+    text = _invoke(["mitigate", *_DATA, "--erm-epochs", "1", "--epochs", "2", "--max-steps-per-epoch", "1",
+                    "--out", str(out), "--quiet"])
+    assert "worst-group" in text
+    r = json.loads((out / "result.json").read_text())["result"]
+    assert {"before", "after", "after_pruned", "history", "checkpoint", "grouping"} <= set(r)
+    assert [h["epoch"] for h in r["history"]] == [1, 2]
+    assert all(h["pruned_weights"] > 0 and h["mask_threshold"] > 0 for h in r["history"])
+    for split in ("train", "val", "test"):
+        assert set(r["before"][split]["group_accuracy"]) == {"aligned", "conflicting"}
+        assert r["after"][split]["worst_group_accuracy"] == min(r["after"][split]["group_accuracy"].values())
+    assert r["config"]["lr"] == 2e-4 and r["config"]["tau"] == 0.5 and r["config"]["batch_size"] == 100
+    assert r["config"]["ce_weight"] == 0.2 and r["config"]["prune_fraction"] == 0.01
+    assert r["checkpoint"] == str(out / "best.pt") and (out / "erm" / "last.pt").exists()
+    for name in ("group_accuracy_test.png", "mitigation_curves.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    splits = load_dataset("colored-digits", image_size=16, conflict_ratio=0.1)
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train", 240), ("val", 60), ("test", 60)):
+        ds = getattr(splits, name)
+        setattr(splits, name, ds.subset(torch.randperm(len(ds), generator=g)[:n]))
+    splits.extra = {}
+    return splits
+
+
+def test_mitigation_resume_matches_uninterrupted(tmp_path, tiny_splits):
+    def model():
+        torch.manual_seed(0)
+        return build_model("small-cnn", num_classes=10, image_size=16, width=4, padding=2)
+
+    cfg = mem.MitigationConfig(epochs=2, batch_size=60, max_steps_per_epoch=2, device="cpu")
+    full = mem.run_mitigation(model(), tiny_splits, cfg, out_dir=tmp_path / "full", progress=False)
+    mem.run_mitigation(model(), tiny_splits, dataclasses.replace(cfg, epochs=1), out_dir=tmp_path / "part",
+                       progress=False)
+    resumed = mem.run_mitigation(model(), tiny_splits, cfg, out_dir=tmp_path / "part", progress=False, resume=True)
+    a = torch.load(tmp_path / "full" / "best.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history == full.history and resumed.after == full.after and resumed.before == full.before
+    # Training moved the weights: "after" is a different model from "before".
+    assert not torch.equal(a["conv1.conv.weight"], model().state_dict()["conv1.conv.weight"])
