@@ -380,6 +380,112 @@ def _freq_probe_summary(result, data: str, out: Path) -> None:
 
 # ---- complexity command (owner: experiments/complexity.py) ----
 
+def _complexity_data_options(f):
+    """data_options with --data defaulting to colored-digits (offline, a planted color shortcut)."""
+    f = data_options(f)
+    for param in f.__click_params__:
+        if param.name == "data":
+            param.default = "colored-digits"
+    return f
+
+
+@main.command()
+@_complexity_data_options
+@click.option("--model", default="resnet20", help="Architecture to train when no --checkpoint is given.")
+@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=8",),
+              help="Model option (default width=8: minutes on a CPU).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A checkpoint written by `shortcut-fast train` (skips training).")
+@click.option("--epochs", type=int, default=6, help="Training epochs when no --checkpoint is given.")
+@click.option("--layers", default=None, help="Comma-separated block names (default: every block of the model).")
+@click.option("--directions", default="nmf:64", help="Features: nmf:K, pca:K or a directions file.")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of epoch_NNN.pt (train --keep-every 1) for the training dynamics.")
+@click.option("--dynamics", is_flag=True, help="When training here, keep every epoch and analyse the dynamics.")
+@click.option("--max-images", type=int, default=2000, help="Probe-train images (from the train split).")
+@click.option("--max-heldout", type=int, default=1000, help="Held-out images.")
+@click.option("--heldout-split", type=click.Choice(["val", "test"]), default="val")
+@click.option("--alphas", default=None, help="Comma-separated ridge alphas (default: a grid scaled to each layer).")
+@click.option("--batch-size", type=int, default=256, help="Images per forward chunk.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
+@click.option("--device", default="auto")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/complexity"))
+@click.option("--resume", is_flag=True, help="Reuse the trained model and finished work in --out.")
+@click.option("--quiet", is_flag=True)
+def complexity(data, data_root, download, bias_band, conflict_ratio, data_option, seed, model, model_option,
+               checkpoint, epochs, layers, directions, checkpoints, dynamics, max_images, max_heldout,
+               heldout_split, alphas, batch_size, backend, device, out, resume, quiet):
+    """Feature complexity by V-information: per-layer decodability, importance, dynamics."""
+    from shortcut_fast.experiments import complexity as cx
+    from shortcut_fast.models import model_from_checkpoint
+    from shortcut_fast.report import write_json
+    from shortcut_fast.train import TrainConfig, resolve_device
+    from shortcut_fast.train import train as run_training
+
+    splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
+    trained = None
+    try:
+        dev = resolve_device(device)
+        alpha_list = [float(a) for a in alphas.split(",")] if alphas else None
+        cfg = cx.ComplexityConfig(
+            layers=[n.strip() for n in layers.split(",") if n.strip()] if layers else None, directions=directions,
+            max_images=max_images, max_heldout=max_heldout, heldout_split=heldout_split, alphas=alpha_list,
+            batch_size=batch_size, backend=backend, seed=seed)
+        if checkpoint:
+            net = model_from_checkpoint(checkpoint)
+        else:
+            net = _build_model(model, splits, model_option, seed)
+            model_dir = out / "model"
+            # select="last": the analysed model is the end of training, the reference of the dynamics.
+            tcfg = TrainConfig(epochs=epochs, seed=seed, device=str(dev), select="last",
+                               warmup_epochs=min(1.0, epochs), keep_every=1 if dynamics else 0)
+            again = resume and (model_dir / "last.pt").exists()
+            result = run_training(net, splits, tcfg, out_dir=model_dir, resume=again, progress=not quiet)
+            trained = {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
+                       "model_dir": str(model_dir)}
+            if dynamics and checkpoints is None:
+                checkpoints = model_dir
+        result = cx.run_complexity(net, splits, cfg, out_dir=out, checkpoints=checkpoints, resume=resume,
+                                   device=dev, progress=not quiet)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        _fail(exc)
+    record = {"command": "complexity", "data": data, "dataset_meta": splits.meta, "model": checkpoint or model,
+              "model_options": None if checkpoint else _parse_options(model_option, "--model-option"),
+              "trained": trained, "result": result}
+    write_json(record, out / "result.json")
+    _complexity_summary(result, data, out)
+
+
+def _complexity_summary(result, data: str, out: Path, top: int = 5) -> None:
+    from shortcut_fast.report import format_table
+
+    k = len(result.complexity)
+    click.echo(f"\ncomplexity on {data}: {k} features ({result.directions['kind']}, from a "
+               f"{result.directions['dim']}-d penultimate layer), {result.n_train} probe-train / "
+               f"{result.n_heldout} held-out images, held-out accuracy {result.heldout_accuracy:.4f}, "
+               f"{result.seconds:.1f} s")
+    rows = [[name, dim, result.decodability[name]] for name, dim in zip(result.layers, result.layer_dims)]
+    click.echo(format_table(rows, ["layer", "dim", "mean V-information"]))
+    order = sorted(range(k), key=lambda i: result.complexity[i])
+    pick = order[:top] + [i for i in order[-top:] if i not in order[:top]]
+    rows = [[i, result.complexity[i], result.importance[i], result.importance_signed[i],
+             result.v_information[i][0], result.v_information[i][-1]] for i in pick]
+    click.echo(f"\nleast and most complex features (of {k}):")
+    click.echo(format_table(rows, ["feature", "complexity", "importance", "signed", "V-info first", "V-info last"]))
+    mean_c = sum(result.complexity) / max(k, 1)
+    click.echo(f"\nmean complexity {mean_c:.4f}; most important {100 * result.config['top_fraction']:.0f}%: "
+               f"{result.mean_complexity_top_importance:.4f}, rest {result.mean_complexity_rest:.4f}; "
+               f"Spearman(importance, complexity) {result.spearman_importance_complexity:.4f}")
+    d = result.dynamics
+    if d:
+        rows = [[e, acc, frac, mc, top_c, rho] for e, acc, frac, mc, top_c, rho in zip(
+            d["epochs"], d["heldout_accuracy"], d["fraction_decodable"], d["mean_complexity"],
+            d["mean_complexity_top_importance"], d["spearman_importance_complexity"])]
+        click.echo("\ndynamics (final features decodable; the checkpoint's own features):")
+        click.echo(format_table(rows, ["epoch", "held-out acc", "final decodable", "mean complexity",
+                                       "top-importance complexity", "Spearman(imp, cx)"]))
+    click.echo(f"\nwrote {out / 'result.json'}, {out / 'features.csv'} and figures in {out}")
+
 # ---- memorization and mitigate commands (owner: experiments/memorization.py) ----
 
 def _data_options_defaulting_to(name: str):

@@ -1,0 +1,703 @@
+"""Feature complexity by V-information (EXPERIMENTS.md section 2; Fel et al., NeurIPS 2024).
+
+Features are directions in the penultimate layer (default: an NMF dictionary of the
+post-ReLU penultimate activations, fit on a sample of probe-train images); a sample's
+feature values z are its codes. For every feature and every layer l (block outputs,
+spatially average-pooled):
+
+- V-information I_V(f_l(x) -> z): with the linear-Gaussian family and z standardized by
+  its probe-train mean and std, the held-out R^2 of the best ridge predictor, clipped at 0
+  (ops.probes: one streaming pass of sufficient statistics per layer, every feature and
+  every ridge alpha solved at once, alpha chosen per feature).
+- complexity K(z) = 1 - mean over layers of I_V: near 0 simple (decodable at the first
+  block already), near 1 complex.
+- decodability of a layer = mean I_V over features.
+- importance Gamma_i = E_x |z_i(x) <d_i, w_c(x)>|, where w_c is the head's row for the
+  class the model PREDICTS for x (our choice: it is what the model actually uses for its
+  decision and needs no label; the paper leaves c unspecified), measured on the held-out
+  images; the signed version E_x z_i <d_i, w_c> marks inhibiting features (< 0). The head
+  is linear, so no backward pass is needed.
+
+Dynamics (a folder of epoch_NNN.pt checkpoints): for every checkpoint t,
+(a) temporal decoding: the FINAL model's features decoded from checkpoint t's layers
+    (mean I_V over layers); a feature is "decodable from" the first checkpoint whose value
+    reaches `decodable_fraction` (default 90 %) of its value in the final model (our choice
+    of threshold), and its temporal decoding score is 1 - mean over checkpoints of
+    min(value_t / final value, 1): 0 = fully decodable from the first checkpoint on, near 1
+    = decodable only at the end (our definition: the fraction of training during which the
+    feature was not yet decodable, averaged over the checkpoints);
+(b) the checkpoint's own features (directions refit on its penultimate activations): their
+    mean complexity, and the Spearman correlation of importance vs complexity.
+Both use one pass over the checkpoint's layers with the two target sets concatenated.
+
+Resume: with out_dir, the fitted directions, the final model's per-layer probe statistics
+(ProbeStats state dicts) and every finished checkpoint are saved under out_dir/partial;
+resume=True reuses them (a pass interrupted in the middle is redone from its start).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from shortcut_fast.models import features_and_head, get_submodule, model_blocks
+from shortcut_fast.ops.directions import Directions, fit_directions
+from shortcut_fast.ops.probes import ProbeStats, fit_linear_probes
+from shortcut_fast.report import read_json, write_csv, write_json
+
+HELDOUT_SPLITS = ("val", "test")
+_SPEC = re.compile(r"^(nmf|pca):([0-9]+)$")
+
+
+@dataclass
+class ComplexityConfig:
+    layers: list[str] | None = None  # None: every block of the model (model_blocks)
+    directions: str = "nmf:64"  # "nmf:K" | "pca:K" | a file saved by ops.directions
+    max_images: int | None = 2000  # probe-train images drawn from splits.train (None: all)
+    heldout_split: str = "val"  # where V-information and importance are measured
+    max_heldout: int | None = 1000  # held-out images (None: the whole split)
+    direction_images: int = 2000  # probe-train images whose penultimate activations fit the directions
+    alphas: list[float] | None = None  # ridge grid (None: the ops.probes default)
+    batch_size: int = 256  # images per forward chunk (bounds memory with the probe statistics)
+    dtype: str | None = None  # probe statistics: None = float64 on the CPU, float32 on a GPU
+    backend: str = "auto"
+    max_bytes: int | None = None  # workspace of the probe solve (None: the ops.probes default)
+    decodable_fraction: float = 0.9
+    top_fraction: float = 0.1  # "most important features": this fraction, by importance
+    seed: int = 0
+
+    def __post_init__(self):
+        spec = self.directions
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"directions must be 'nmf:K', 'pca:K' or a file path, got {spec!r}")
+        m = _SPEC.match(spec)
+        if m is None and re.match(r"^[A-Za-z]+:", spec) and not Path(spec).exists():
+            raise ValueError(f"directions must be 'nmf:K', 'pca:K' (K >= 1) or an existing file, got {spec!r}")
+        if m is not None and int(m.group(2)) < 1:
+            raise ValueError(f"directions: K must be >= 1, got {spec!r}")
+        if m is None and not Path(spec).is_file():
+            raise ValueError(f"directions must be 'nmf:K', 'pca:K' or an existing file, got {spec!r} "
+                             f"(no such file)")
+        if self.heldout_split not in HELDOUT_SPLITS:
+            raise ValueError(f"heldout_split must be one of {HELDOUT_SPLITS}, got {self.heldout_split!r}")
+        for name in ("max_images", "max_heldout"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+                raise ValueError(f"{name} must be None or an int >= 2, got {v!r}")
+        for name in ("direction_images", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
+        if self.alphas is not None and (len(self.alphas) == 0 or any(not a > 0 for a in self.alphas)):
+            raise ValueError(f"alphas must be a non-empty list of positive floats, got {self.alphas!r}")
+        if not 0 < self.decodable_fraction <= 1:
+            raise ValueError(f"decodable_fraction must be in (0, 1], got {self.decodable_fraction!r}")
+        if not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction!r}")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"layers must be None or a non-empty list of distinct names, got {self.layers!r}")
+
+
+@dataclass
+class ComplexityResult:
+    config: dict
+    layers: list[str]
+    layer_dims: list[int]
+    directions: dict  # spec, kind, num_features, dim
+    n_train: int
+    n_heldout: int
+    heldout_accuracy: float
+    v_information: list[list[float]]  # [feature][layer], held-out, clipped at 0
+    complexity: list[float]  # per feature: 1 - mean over layers of V-information
+    decodability: dict[str, float]  # layer -> mean V-information over features
+    importance: list[float]  # E |z_i <d_i, w_c>|, c = predicted class
+    importance_signed: list[float]  # E z_i <d_i, w_c>
+    feature_std: list[float]  # probe-train std of each feature's code (0: a dead feature)
+    spearman_importance_complexity: float
+    mean_complexity_top_importance: float  # over the top_fraction most important features
+    mean_complexity_rest: float
+    dynamics: dict | None = None
+    seconds: float = 0.0
+
+    def feature_rows(self) -> list[dict]:
+        """One row per feature: complexity, importance, V-information per layer (and dynamics)."""
+        rows = []
+        dyn = self.dynamics or {}
+        for i in range(len(self.complexity)):
+            row = {"feature": i, "complexity": self.complexity[i], "importance": self.importance[i],
+                   "importance_signed": self.importance_signed[i], "std": self.feature_std[i]}
+            if dyn:
+                row["decodable_from_epoch"] = dyn["decodable_from"][i]
+                row["temporal_decoding_score"] = dyn["temporal_score"][i]
+            for layer, v in zip(self.layers, self.v_information[i]):
+                row[f"vinfo:{layer}"] = v
+            rows.append(row)
+        return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Extraction
+
+
+def _pool(t: torch.Tensor) -> torch.Tensor:
+    """Spatial (N,C,H,W) or token (N,T,D) average, as models.block_outputs(pool=True)."""
+    if t.dim() == 4:
+        return t.mean(dim=(2, 3))
+    if t.dim() == 3:
+        return t.mean(dim=1)
+    if t.dim() == 2:
+        return t
+    raise ValueError(f"cannot pool a block output of shape {tuple(t.shape)}")
+
+
+def capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
+            features_fn: Callable | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pooled outputs of `layers` and the penultimate activations, from ONE forward pass."""
+    if features_fn is None:
+        features_fn, _ = features_and_head(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(_m, _a, out):
+            if name not in captured:
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"output of {name!r} is a {type(out).__name__}, not a tensor")
+                captured[name] = _pool(out)
+        return hook
+
+    handles = [get_submodule(model, n).register_forward_hook(make_hook(n)) for n in layers]
+    try:
+        feats = features_fn(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if n not in captured]
+    if missing:
+        raise RuntimeError(f"these modules were not called when computing the features: {missing}")
+    return {n: captured[n] for n in layers}, feats
+
+
+def _get_images(dataset, index: torch.Tensor, device) -> torch.Tensor:
+    if isinstance(dataset, torch.Tensor):
+        return dataset[index].to(device).float()
+    if hasattr(dataset, "get_batch"):
+        x, _, _ = dataset.get_batch(index.to(getattr(dataset, "device", "cpu")))
+        return x.to(device)
+    return torch.stack([dataset[int(i)][0] for i in index]).to(device)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _sample(n: int, limit: int | None, seed: int, salt: int) -> torch.Tensor:
+    if limit is None or n <= limit:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + salt)
+    return torch.randperm(n, generator=g)[:limit].sort().values
+
+
+def _stats_dtype(cfg: ComplexityConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype is not None:
+        return getattr(torch, cfg.dtype)
+    # float32 sums of uncentred activations lose digits on the CPU path; the GPU wants tf32 GEMMs.
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
+def layer_v_information(model: nn.Module, train_images, heldout_images,
+                        targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                        layers: Sequence[str] | None = None, batch_size: int = 256, alphas=None,
+                        dtype: torch.dtype = torch.float64, backend: str = "auto", device="cpu",
+                        max_bytes: int | None = None) -> torch.Tensor:
+    """Held-out V-information (K, L) of arbitrary targets from each layer's pooled output.
+
+    train_images / heldout_images: (N, C, H, W) tensors or datasets; targets(x, penultimate)
+    -> (n, K) gives the target values of a chunk. The basic measurement behind
+    run_complexity, usable with targets of known complexity (see the tests).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    layers = list(model_blocks(model) if layers is None else layers)
+    features_fn, _ = features_and_head(model)
+    banks = {}
+    for split, images in (("train", train_images), ("heldout", heldout_images)):
+        n = len(images)
+        bank = None
+        with torch.no_grad():
+            for sl in _chunks(n, batch_size):
+                x = _get_images(images, torch.arange(sl.start, sl.stop), device)
+                outs, feats = capture(model, x, layers, features_fn)
+                z = targets(x, feats)
+                if bank is None:
+                    bank = {name: ProbeStats(o.shape[1], z.shape[1], dtype=dtype, device=device, backend=backend)
+                            for name, o in outs.items()}
+                for name, o in outs.items():
+                    bank[name].update(o.to(dtype), z.to(dtype))
+        banks[split] = bank
+    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    cols = [fit_linear_probes(banks["train"][n], banks["heldout"][n], alphas, **kw).v_information.float().cpu()
+            for n in layers]
+    return torch.stack(cols, dim=1)
+
+
+# ---------------------------------------------------------------------------------------
+# One analysis pass of a model (final model or checkpoint)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation with average ranks for ties (NaN if either is constant)."""
+    def ranks(v):
+        v = v.double()
+        order = torch.argsort(v)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        _, inverse = torch.unique(v, return_inverse=True)  # ties: average rank
+        sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, r)
+        counts = torch.zeros_like(sums).index_add_(0, inverse, torch.ones_like(r))
+        return (sums / counts)[inverse]
+
+    if a.numel() < 2:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def _penultimate(model, dataset, index, batch_size, device) -> torch.Tensor:
+    features_fn, _ = features_and_head(model)
+    out = []
+    with torch.no_grad():
+        for sl in _chunks(len(index), batch_size):
+            out.append(features_fn(_get_images(dataset, index[sl], device)).float())
+    return torch.cat(out)
+
+
+def _fit_directions(model, dataset, index, cfg, device) -> tuple[Directions, torch.Tensor, torch.Tensor]:
+    """Directions fit on the penultimate activations of `index`, with the codes' mean and std."""
+    acts = _penultimate(model, dataset, index, cfg.batch_size, device)
+    directions = fit_directions(cfg.directions, acts, seed=cfg.seed)
+    codes = directions.encode(acts).float()
+    return directions, codes.mean(0).cpu(), codes.std(0).cpu()
+
+
+def _standardize(codes, mean, std):
+    # Dead features (std 0) stay constant (0): ops.probes gives constant targets V-information 0.
+    return (codes - mean.to(codes.device)) / torch.where(std > 0, std, torch.ones_like(std)).to(codes.device)
+
+
+class _Pass:
+    """Streams images through a model; per layer one ProbeStats per split (train, heldout);
+    on held-out images also the importance sums and the correct count of the model's own head."""
+
+    def __init__(self, model, layers, target_sets, dtype, device, backend):
+        self.model, self.layers, self.dtype, self.device, self.backend = model, layers, dtype, device, backend
+        self.target_sets = target_sets  # list of (directions, mean, std, source) where source is "self" or a model
+        self.features_fn, self.head = features_and_head(model)
+        self.stats: dict[str, dict[str, ProbeStats]] = {"train": {}, "heldout": {}}
+        k = target_sets[0][0].components.shape[0]
+        self.importance = torch.zeros(k, dtype=torch.float64)
+        self.importance_signed = torch.zeros(k, dtype=torch.float64)
+        self.correct = 0
+        self.count = 0
+        self.dims: dict[str, int] = {}
+        self.labels: torch.Tensor | None = None  # labels of the current held-out chunk
+
+    def _targets(self, x, feats):
+        """Standardized codes of every target set, concatenated; raw codes of the first (own) set."""
+        zs, own_raw = [], None
+        for j, (directions, mean, std, source) in enumerate(self.target_sets):
+            if source is None:
+                f = feats
+            else:
+                f = source["features_fn"](x)
+            raw = directions.encode(f.float())
+            if j == 0:
+                own_raw = raw
+            zs.append(_standardize(raw.float(), mean, std))
+        return torch.cat(zs, dim=1), own_raw
+
+    def update(self, split: str, x: torch.Tensor) -> None:
+        outs, feats = capture(self.model, x, self.layers, self.features_fn)
+        z, raw = self._targets(x, feats)
+        bank = self.stats[split]
+        for name, o in outs.items():
+            if name not in bank:
+                self.dims[name] = int(o.shape[1])
+                bank[name] = ProbeStats(o.shape[1], z.shape[1], dtype=self.dtype, device=self.device,
+                                        backend=self.backend)
+            bank[name].update(o.to(self.dtype), z.to(self.dtype))
+        if split == "heldout":
+            directions = self.target_sets[0][0]
+            logits = self.head(feats)
+            pred = logits.argmax(1)
+            d = directions.components.to(feats.device, torch.float32)  # (k, F)
+            proj = self.head.weight.float()[pred] @ d.T  # (n, k): <d_i, w_c(x)>
+            contribution = (raw.float() * proj).double()
+            self.importance += contribution.abs().sum(0).cpu()
+            self.importance_signed += contribution.sum(0).cpu()
+            self.count += x.shape[0]
+            if self.labels is not None:
+                self.correct += int((pred == self.labels).sum())
+
+    def state_dict(self) -> dict:
+        return {"stats": {s: {n: p.state_dict() for n, p in bank.items()} for s, bank in self.stats.items()},
+                "importance": self.importance, "importance_signed": self.importance_signed,
+                "correct": self.correct, "count": self.count, "dims": self.dims}
+
+
+def _stream(p: _Pass, splits_data, batch_size, device, progress, desc):
+    """Feed (split, dataset, index) triples through the pass, in chunks."""
+    bar = None
+    total = sum(len(index) for _, _, index in splits_data)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    with torch.no_grad():
+        for split, dataset, index in splits_data:
+            for sl in _chunks(len(index), batch_size):
+                idx = index[sl]
+                if split == "heldout":
+                    x, y = _images_and_labels(dataset, idx, device)
+                    p.labels = y
+                else:
+                    x, p.labels = _get_images(dataset, idx, device), None
+                p.update(split, x)
+                if bar is not None:
+                    bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+
+
+def _images_and_labels(dataset, index, device):
+    if hasattr(dataset, "get_batch"):
+        x, y, _ = dataset.get_batch(index.to(getattr(dataset, "device", "cpu")))
+        return x.to(device), y.to(device)
+    items = [dataset[int(i)] for i in index]
+    return (torch.stack([it[0] for it in items]).to(device),
+            torch.tensor([int(it[1]) for it in items], device=device))
+
+
+def _v_information(stats: dict, layers, alphas, max_bytes) -> torch.Tensor:
+    """(K_total, L) held-out V-information from saved or live per-layer statistics."""
+    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    cols = []
+    for name in layers:
+        train, heldout = stats["train"][name], stats["heldout"][name]
+        if isinstance(train, dict):
+            train, heldout = ProbeStats.from_state_dict(train), ProbeStats.from_state_dict(heldout)
+        cols.append(fit_linear_probes(train, heldout, alphas, **kw).v_information.double().cpu())
+    return torch.stack(cols, dim=1)
+
+
+def _summaries(v_info: torch.Tensor, importance: torch.Tensor, top_fraction: float) -> dict:
+    complexity = 1 - v_info.mean(1)
+    k = importance.numel()
+    top = torch.argsort(importance, descending=True)[:max(1, round(top_fraction * k))]
+    rest = torch.ones(k, dtype=torch.bool)
+    rest[top] = False
+    return {"complexity": complexity,
+            "spearman": _spearman(importance, complexity),
+            "top": float(complexity[top].mean()),
+            "rest": float(complexity[rest].mean()) if bool(rest.any()) else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(folder) -> list[tuple[int, Path]]:
+    """(epoch, path) of every epoch_NNN.pt in `folder`, by epoch."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoints folder {folder} does not exist")
+    found = []
+    for path in folder.glob("epoch_*.pt"):
+        m = re.fullmatch(r"epoch_([0-9]+)\.pt", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    if not found:
+        raise FileNotFoundError(f"no epoch_NNN.pt checkpoints in {folder} "
+                                f"(train with `shortcut-fast train --keep-every 1`)")
+    return sorted(found)
+
+
+def _load_like(model: nn.Module, path: Path, device) -> nn.Module:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    weights = state["model"] if isinstance(state, dict) and "model" in state else state
+    other = copy.deepcopy(model)
+    try:
+        other.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path} does not fit the analysed model's architecture: {exc}") from exc
+    return other.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment
+
+
+def _fingerprint(cfg: ComplexityConfig, layers, model: nn.Module, n_train: int, n_heldout: int) -> str:
+    """What partial results depend on: the config, the layers, the sample sizes and the weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"cfg": dataclasses.asdict(cfg), "layers": list(layers), "n": [n_train, n_heldout]},
+                        sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().sum().double().numpy().tobytes())
+        h.update(str(tuple(t.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None, *,
+                   out_dir: str | Path | None = None, checkpoints: str | Path | None = None,
+                   resume: bool = False, device="cpu", progress: bool = True) -> ComplexityResult:
+    """Feature complexity, per-layer decodability, importance and (with checkpoints) dynamics.
+
+    splits: DatasetSplits (probe-train = splits.train capped at cfg.max_images, held-out =
+    splits.<cfg.heldout_split> capped at cfg.max_heldout). checkpoints: a folder of
+    epoch_NNN.pt files of the same architecture (from `train(..., keep_every=k)`).
+    With out_dir: result.json, features.csv, figures, and partial results under
+    out_dir/partial that resume=True reuses.
+    """
+    t0 = time.perf_counter()
+    cfg = cfg or ComplexityConfig()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    layers = list(cfg.layers) if cfg.layers is not None else model_blocks(model)
+    for name in layers:
+        get_submodule(model, name)  # clear error for a bad layer name, before any work
+    ckpts = list_checkpoints(checkpoints) if checkpoints is not None else []
+    heldout_set = getattr(splits, cfg.heldout_split)
+    train_index = _sample(len(splits.train), cfg.max_images, cfg.seed, 1)
+    heldout_index = _sample(len(heldout_set), cfg.max_heldout, cfg.seed, 2)
+    if len(train_index) < 2 or len(heldout_index) < 2:
+        raise ValueError(f"need at least 2 probe-train and 2 held-out images, got {len(train_index)} and "
+                         f"{len(heldout_index)}")
+    direction_index = train_index[:cfg.direction_images]
+    dtype = _stats_dtype(cfg, device)
+
+    partial = Path(out_dir) / "partial" if out_dir is not None else None
+    fingerprint = _fingerprint(cfg, layers, model, len(train_index), len(heldout_index))
+    if partial is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+        stamp = partial / "fingerprint.json"
+        if resume and stamp.exists() and read_json(stamp).get("fingerprint") != fingerprint:
+            raise ValueError(f"resume: {partial} holds results of another model or configuration "
+                             f"(remove it or run without --resume)")
+        if not resume:
+            for old in list(partial.glob("*.pt")) + list(partial.glob("*.json")):
+                old.unlink()
+        write_json({"fingerprint": fingerprint}, stamp)
+
+    # 1. directions of the final model, and the standardization of their codes
+    final_path = partial / "final.pt" if partial is not None else None
+    if resume and final_path is not None and final_path.exists():
+        saved = torch.load(final_path, map_location="cpu", weights_only=False)
+        directions = Directions.from_state_dict(saved["directions"])
+        mean, std = saved["mean"], saved["std"]
+        pass_state = saved["pass"]
+    else:
+        directions, mean, std = _fit_directions(model, splits.train, direction_index, cfg, device)
+        p = _Pass(model, layers, [(directions, mean, std, None)], dtype, device, cfg.backend)
+        _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
+                cfg.batch_size, device, progress, "complexity: final model")
+        pass_state = p.state_dict()
+        if final_path is not None:
+            torch.save({"directions": directions.state_dict(), "mean": mean, "std": std, "pass": pass_state},
+                       final_path)
+
+    k = directions.components.shape[0]
+    v_info = _v_information(pass_state["stats"], layers, cfg.alphas, cfg.max_bytes)  # (k, L)
+    count = max(pass_state["count"], 1)
+    importance = pass_state["importance"] / count
+    importance_signed = pass_state["importance_signed"] / count
+    summary = _summaries(v_info, importance, cfg.top_fraction)
+    layer_dims = [pass_state["dims"][n] for n in layers]
+
+    # 2. dynamics
+    dynamics = None
+    if ckpts:
+        final_features_fn, _ = features_and_head(model)
+        per_ckpt = []
+        for epoch, path in ckpts:
+            done = partial / f"checkpoint_{epoch:03d}.json" if partial is not None else None
+            if resume and done is not None and done.exists():
+                per_ckpt.append(read_json(done))
+                continue
+            other = _load_like(model, path, device)
+            own_dirs, own_mean, own_std = _fit_directions(other, splits.train, direction_index, cfg, device)
+            p = _Pass(other, layers, [(own_dirs, own_mean, own_std, None),
+                                      (directions, mean, std, {"features_fn": final_features_fn})],
+                      dtype, device, cfg.backend)
+            _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
+                    cfg.batch_size, device, progress, f"complexity: epoch {epoch}")
+            vi = _v_information(p.stats, layers, cfg.alphas, cfg.max_bytes)  # (k_own + k, L)
+            k_own = own_dirs.components.shape[0]
+            own_importance = p.importance / max(p.count, 1)
+            s = _summaries(vi[:k_own], own_importance, cfg.top_fraction)
+            entry = {"epoch": epoch, "checkpoint": str(path),
+                     "heldout_accuracy": p.correct / max(p.count, 1),
+                     "temporal_v_information": vi[k_own:].mean(1).tolist(),  # final features from these layers
+                     "mean_complexity": float(s["complexity"].mean()),
+                     "spearman_importance_complexity": s["spearman"],
+                     "mean_complexity_top_importance": s["top"], "mean_complexity_rest": s["rest"],
+                     "decodability": dict(zip(layers, vi[:k_own].mean(0).tolist()))}
+            if done is not None:
+                write_json(entry, done)
+            per_ckpt.append(entry)
+            del other
+        dynamics = _dynamics(per_ckpt, 1 - summary["complexity"], cfg.decodable_fraction)
+
+    # Features that never vary on the probe-train sample carry no information: reported, not dropped.
+    result = ComplexityResult(
+        config=dataclasses.asdict(cfg), layers=layers, layer_dims=layer_dims,
+        directions={"spec": cfg.directions, "kind": directions.kind, "num_features": k,
+                    "dim": int(directions.components.shape[1])},
+        n_train=len(train_index), n_heldout=len(heldout_index),
+        heldout_accuracy=pass_state["correct"] / count,
+        v_information=v_info.tolist(), complexity=summary["complexity"].tolist(),
+        decodability=dict(zip(layers, v_info.mean(0).tolist())),
+        importance=importance.tolist(), importance_signed=importance_signed.tolist(),
+        feature_std=std.tolist(), spearman_importance_complexity=summary["spearman"],
+        mean_complexity_top_importance=summary["top"], mean_complexity_rest=summary["rest"],
+        dynamics=dynamics, seconds=time.perf_counter() - t0)
+    if out_dir is not None:
+        write_outputs(result, out_dir)
+    return result
+
+
+def _dynamics(per_ckpt: list[dict], final_v: torch.Tensor, fraction: float) -> dict:
+    """Temporal decoding summary: decodable-from epoch and temporal score per final feature."""
+    epochs = [e["epoch"] for e in per_ckpt]
+    temporal = torch.tensor([e["temporal_v_information"] for e in per_ckpt], dtype=torch.float64)  # (T, k)
+    final_v = final_v.double()
+    decodable_from, score = [], []
+    for i in range(final_v.numel()):
+        f = float(final_v[i])
+        if f <= 0:  # never decodable in the final model: no onset to speak of
+            decodable_from.append(None)
+            score.append(float("nan"))
+            continue
+        reached = (temporal[:, i] >= fraction * f).nonzero().flatten()
+        decodable_from.append(epochs[int(reached[0])] if reached.numel() else None)
+        score.append(float(1 - (temporal[:, i] / f).clamp(max=1).mean()))
+    reached = torch.tensor([d is not None for d in decodable_from])
+    return {
+        "epochs": epochs,
+        "checkpoints": [e["checkpoint"] for e in per_ckpt],
+        "heldout_accuracy": [e["heldout_accuracy"] for e in per_ckpt],
+        "temporal_v_information": temporal.tolist(),  # [checkpoint][final feature], mean over layers
+        "decodable_from": decodable_from,
+        "temporal_score": score,
+        "fraction_decodable": [sum(1 for d in decodable_from if d is not None and d <= ep) / max(len(decodable_from), 1)
+                               for ep in epochs],
+        "never_decodable": int((~reached).sum()),
+        "mean_complexity": [e["mean_complexity"] for e in per_ckpt],
+        "spearman_importance_complexity": [e["spearman_importance_complexity"] for e in per_ckpt],
+        "mean_complexity_top_importance": [e["mean_complexity_top_importance"] for e in per_ckpt],
+        "mean_complexity_rest": [e["mean_complexity_rest"] for e in per_ckpt],
+        "decodability": [e["decodability"] for e in per_ckpt],
+        "decodable_fraction": fraction,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_outputs(result: ComplexityResult, out_dir) -> None:
+    """result.json, features.csv and the figures."""
+    out = Path(out_dir)
+    write_json(result, out / "result.json")
+    write_csv(result.feature_rows(), out / "features.csv")
+    write_figures(result, out)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
+    """complexity_hist.png, importance_vs_complexity.png, decodability.png, dynamics.png."""
+    plt = _plt()
+    out = Path(out_dir)
+    paths = []
+    complexity = [c for c in result.complexity]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.hist(complexity, bins=20, range=(0, 1), color="tab:blue", edgecolor="white")
+    ax.set_xlabel("complexity K(z) = 1 - mean V-information")
+    ax.set_ylabel("features")
+    ax.set_title(f"{len(complexity)} features ({result.directions['kind']})")
+    _save(fig, out / "complexity_hist.png")
+    paths.append(out / "complexity_hist.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    sc = ax.scatter(result.complexity, result.importance, c=result.importance_signed, cmap="RdBu_r", s=14)
+    ax.set_xlabel("complexity")
+    ax.set_ylabel("importance E|z <d, w_c>|")
+    rho = result.spearman_importance_complexity
+    ax.set_title(f"Spearman {rho:.2f}" if rho == rho else "importance vs complexity")
+    fig.colorbar(sc, ax=ax, label="signed importance")
+    _save(fig, out / "importance_vs_complexity.png")
+    paths.append(out / "importance_vs_complexity.png")
+
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * len(result.layers) + 2), 3.4))
+    ax.plot(range(len(result.layers)), list(result.decodability.values()), marker="o", label="final")
+    if result.dynamics:
+        for epoch, dec in zip(result.dynamics["epochs"], result.dynamics["decodability"]):
+            ax.plot(range(len(result.layers)), [dec[n] for n in result.layers], alpha=0.5, lw=1,
+                    label=f"epoch {epoch} (own features)")
+    ax.set_xticks(range(len(result.layers)))
+    ax.set_xticklabels(result.layers, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("mean V-information")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, out / "decodability.png")
+    paths.append(out / "decodability.png")
+
+    if result.dynamics:
+        d = result.dynamics
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+        axes[0].plot(d["epochs"], d["fraction_decodable"], marker=".")
+        axes[0].set_title("final features decodable (fraction)")
+        axes[1].plot(d["epochs"], d["mean_complexity"], marker=".", label="all")
+        axes[1].plot(d["epochs"], d["mean_complexity_top_importance"], marker=".", label="most important")
+        axes[1].set_title("mean complexity (own features)")
+        axes[1].legend(fontsize=8)
+        axes[2].plot(d["epochs"], d["spearman_importance_complexity"], marker=".")
+        axes[2].axhline(0, color="gray", lw=0.5)
+        axes[2].set_title("Spearman(importance, complexity)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        _save(fig, out / "dynamics.png")
+        paths.append(out / "dynamics.png")
+    return paths

@@ -1,0 +1,233 @@
+"""Feature complexity by V-information: a ground truth (a linear target is simpler than one
+that needs depth), consistency of the run with direct computations, dynamics, resume, errors."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from shortcut_fast.cli import main
+from shortcut_fast.data import DatasetSplits, ImageDataset
+from shortcut_fast.experiments import complexity as cx
+from shortcut_fast.models import Classifier, block_outputs, build_model, features_and_head
+from shortcut_fast.ops.directions import Directions
+from shortcut_fast.ops.probes import fit_probes
+from shortcut_fast.train import TrainConfig, train
+
+
+# ---------------------------------------------------------------------------------------
+# Ground truth: a target linear in the pixels vs the XOR of two distant regions
+
+
+class _Tiny(Classifier):
+    """Two local conv blocks (receptive fields 3 and 5 px, spatially pooled when probed) and
+    one global block: only the global block can combine the two regions 8 px apart."""
+
+    def __init__(self):
+        super().__init__(in_channels=1, image_size=None)
+        self.block1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.block3 = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 16, 32), nn.ReLU())
+        self.head = nn.Linear(32, 2)
+        self.block_names = ["block1", "block2", "block3"]
+
+    def features(self, x):
+        return self.block3(self.block2(self.block1(x)))
+
+
+def _xor_images(n, g):
+    a, b = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    x = 0.05 * torch.randn(n, 1, 8, 16, generator=g)
+    x[..., :4] += a[:, None, None, None]  # region A: columns 0-3
+    x[..., 12:] += b[:, None, None, None]  # region B: columns 12-15
+    return x, ((a > 0.5) ^ (b > 0.5)).long()
+
+
+def _targets(x, _feats):
+    a, b = x[..., :4].mean((1, 2, 3)), x[..., 12:].mean((1, 2, 3))
+    simple = a  # linear in the pixels
+    complex_ = torch.sign(a - 0.5) * torch.sign(b - 0.5)  # XOR of the two regions' signs
+    return torch.stack([simple, complex_], 1)
+
+
+def test_ground_truth_linear_target_is_simpler_than_xor():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x_train, y_train = _xor_images(400, g)
+    x_test, _ = _xor_images(400, g)
+    model = _Tiny()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(25):
+        perm = torch.randperm(400, generator=g)
+        for i in range(0, 400, 50):
+            idx = perm[i:i + 50]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    v = cx.layer_v_information(model, x_train, x_test, _targets, batch_size=128)  # (2, 3)
+    assert v.shape == (2, 3)
+    complexity = 1 - v.mean(1)
+    # The pixel-linear target is decodable at the first block; the XOR only at the global one.
+    assert v[0, 0] > 0.9
+    assert v[1, 0] < 0.1 and v[1, 1] < 0.1
+    assert v[1, 2] > 0.5
+    assert complexity[0] < 0.4
+    assert complexity[1] > complexity[0] + 0.3
+
+    # The streamed per-layer probes equal probes fit on the materialized block outputs.
+    with torch.no_grad():
+        tr, te = block_outputs(model, x_train), block_outputs(model, x_test)
+        z_tr, z_te = _targets(x_train, None), _targets(x_test, None)
+    direct = fit_probes(tr["block2"].double(), z_tr.double(), te["block2"].double(), z_te.double())
+    torch.testing.assert_close(v[:, 1], direct.v_information.float(), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# A full run on a toy dataset with a trained small-cnn and two checkpoints
+
+
+def _toy_splits():
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.randint(0, 3, (n,), generator=g)
+        x = torch.rand(n, 3, 16, 16, generator=g) * 0.5
+        x[:, 0] += 0.3 * (y == 0)[:, None, None]  # color cue
+        x[:, 1, :8] += 0.3 * (y == 1)[:, None, None]  # a half-image cue
+        return ImageDataset(x, y, num_classes=3)
+
+    return DatasetSplits("toy", make(200), make(90), make(90), num_classes=3, image_shape=(3, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("complexity")
+    splits = _toy_splits()
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
+    train(model, splits, TrainConfig(epochs=2, keep_every=1, select="last", batch_size=50, warmup_epochs=0),
+          out_dir=root / "model", progress=False)
+    cfg = cx.ComplexityConfig(directions="pca:5", max_images=150, max_heldout=80, batch_size=64)
+    out = root / "out"
+    result = cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=root / "model", progress=False)
+    return dict(splits=splits, model=model, cfg=cfg, out=out, ckpts=root / "model", result=result)
+
+
+def test_run_writes_outputs_and_matches_direct_computation(toy):
+    r, out, model, splits = toy["result"], toy["out"], toy["model"], toy["splits"]
+    for name in ("result.json", "features.csv", "complexity_hist.png", "importance_vs_complexity.png",
+                 "decodability.png", "dynamics.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["layers"] == ["conv1", "conv2", "conv3"]
+    assert len((out / "features.csv").read_text().strip().splitlines()) == 1 + 5
+    assert r.n_train == 150 and r.n_heldout == 80 and r.layer_dims == [4, 8, 8]
+    v = torch.tensor(r.v_information)
+    assert v.shape == (5, 3) and bool((v >= 0).all()) and bool((v <= 1 + 1e-9).all())
+    torch.testing.assert_close(torch.tensor(r.complexity), 1 - v.mean(1))
+    assert r.decodability["conv3"] == pytest.approx(float(v[:, 2].mean()))
+    # conv3 pooled IS the penultimate layer, and PCA codes are linear in it: fully decodable.
+    assert bool((v[:, 2] > 0.99).all())
+
+    # Recompute V-information at conv1 and the importance from scratch on the same images.
+    state = torch.load(out / "partial" / "final.pt", weights_only=False)
+    directions = Directions.from_state_dict(state["directions"])
+    train_idx = cx._sample(len(splits.train), 150, 0, 1)
+    held_idx = cx._sample(len(splits.val), 80, 0, 2)
+    x_tr, _, _ = splits.train.get_batch(train_idx)
+    x_he, _, _ = splits.val.get_batch(held_idx)
+    features, head = features_and_head(model)
+    with torch.no_grad():
+        f_tr, f_he = features(x_tr), features(x_he)
+        c_tr, c_he = directions.encode(f_tr), directions.encode(f_he)
+        mean, std = state["mean"], state["std"]
+        direct = fit_probes(block_outputs(model, x_tr)["conv1"].double(), ((c_tr - mean) / std).double(),
+                            block_outputs(model, x_he)["conv1"].double(), ((c_he - mean) / std).double())
+        torch.testing.assert_close(v[:, 0], direct.v_information.float(), atol=1e-5, rtol=0)
+        pred = head(f_he).argmax(1)
+        contribution = c_he * (head.weight[pred] @ directions.components.T)
+    torch.testing.assert_close(torch.tensor(r.importance, dtype=torch.float64), contribution.abs().mean(0).double(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(r.importance_signed, dtype=torch.float64), contribution.mean(0).double(), rtol=1e-4, atol=1e-7)
+    assert r.spearman_importance_complexity == pytest.approx(
+        cx._spearman(torch.tensor(r.importance), torch.tensor(r.complexity)))
+
+
+def test_dynamics_end_at_the_final_model(toy):
+    r = toy["result"]
+    d = r.dynamics
+    assert d["epochs"] == [1, 2]
+    temporal = torch.tensor(d["temporal_v_information"])
+    assert temporal.shape == (2, 5)
+    # The last checkpoint is the analysed model (select="last"): its decoding of the final
+    # features is the final V-information, and its own features are the final features.
+    torch.testing.assert_close(temporal[-1], 1 - torch.tensor(r.complexity, dtype=torch.float32), atol=1e-5, rtol=0)
+    assert d["mean_complexity"][-1] == pytest.approx(sum(r.complexity) / 5, abs=1e-5)
+    assert d["fraction_decodable"][-1] == 1.0
+    for epoch, score in zip(d["decodable_from"], d["temporal_score"]):
+        assert epoch in (1, 2)
+        assert 0 <= score <= 1
+
+
+def test_resume_reuses_finished_work(toy):
+    model, splits, cfg, out = toy["model"], toy["splits"], toy["cfg"], toy["out"]
+    calls = []
+    handle = model.conv1.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=toy["ckpts"], resume=True,
+                                  progress=False)
+        assert calls == []  # nothing recomputed: directions, statistics and checkpoints were saved
+        assert again.v_information == toy["result"].v_information
+        assert again.dynamics["temporal_v_information"] == toy["result"].dynamics["temporal_v_information"]
+        (out / "partial" / "checkpoint_002.json").unlink()
+        redo = cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=toy["ckpts"], resume=True,
+                                 progress=False)
+        assert calls  # the missing checkpoint was redone
+        torch.testing.assert_close(torch.tensor(redo.dynamics["temporal_v_information"]),
+                                   torch.tensor(toy["result"].dynamics["temporal_v_information"]))
+    finally:
+        handle.remove()
+    other = cx.ComplexityConfig(directions="pca:3", max_images=150, max_heldout=80)
+    with pytest.raises(ValueError, match="resume"):
+        cx.run_complexity(model, splits, other, out_dir=out, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("spec", ["svd:4", "nmf:0", "pca:x", "no_such_file.pt", ""])
+def test_bad_directions_spec(spec):
+    with pytest.raises(ValueError, match="directions"):
+        cx.ComplexityConfig(directions=spec)
+
+
+def test_bad_arguments(toy, tmp_path):
+    model, splits = toy["model"], toy["splits"]
+    with pytest.raises(ValueError, match="conv1, conv2, conv3"):
+        cx.run_complexity(model, splits, cx.ComplexityConfig(layers=["conv9"], directions="pca:2"), progress=False)
+    with pytest.raises(FileNotFoundError, match="epoch_NNN"):
+        cx.run_complexity(model, splits, cx.ComplexityConfig(directions="pca:2"), checkpoints=tmp_path,
+                          progress=False)
+    for kwargs in (dict(heldout_split="train"), dict(max_images=1), dict(alphas=[0.0]), dict(decodable_fraction=0)):
+        with pytest.raises(ValueError):
+            cx.ComplexityConfig(**kwargs)
+    with pytest.raises(ValueError, match="k must be"):  # more PCA directions than the 8-d features allow
+        cx.run_complexity(model, splits, cx.ComplexityConfig(directions="pca:20", max_images=40), progress=False)
+
+
+def test_cli_trains_and_runs_with_nmf_and_dynamics(tmp_path):
+    out = tmp_path / "cx"
+    args = ["complexity", "--data", "synthetic-freq", "-D", "n_train=120", "-D", "n_val=60", "-D", "n_test=60",
+            "-D", "image_size=16", "--model", "small-cnn", "-M", "width=4", "-M", "padding=2", "--epochs", "2",
+            "--directions", "nmf:6", "--dynamics", "--layers", "conv1,conv3", "--quiet", "--out", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "mean V-information" in result.output and "dynamics" in result.output
+    record = json.loads((out / "result.json").read_text())
+    assert record["command"] == "complexity" and record["trained"]["epochs"] == 2
+    r = record["result"]
+    assert r["layers"] == ["conv1", "conv3"] and r["directions"]["kind"] == "nmf"
+    assert len(r["complexity"]) == 6 and r["dynamics"]["epochs"] == [1, 2]
+    assert all(i >= 0 for i in r["importance"])
+    bad = CliRunner().invoke(main, args[:-2] + ["--directions", "svd:3", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "directions" in bad.output
