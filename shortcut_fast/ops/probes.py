@@ -17,12 +17,16 @@ Objective per target k (scikit-learn Ridge, sums not means):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from shortcut_fast.backends import choose_backend, fake_for_compiled
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_tensor
+
+__all__ = ["DEFAULT_ALPHA_FACTORS", "LinearProbes", "ProbeStats", "accumulate_probe_stats", "fit_linear_probes",
+           "fit_probes", "probe_stats", "probe_stats_reference"]
 
 IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -347,6 +351,7 @@ def fit_linear_probes(train: ProbeStats, heldout: ProbeStats, alphas=None, *,
     evals = evals.clamp_min(0)  # Xc^T Xc is PSD; negatives are rounding
     proj = evecs.mT @ cxz  # (D, K): V^T Xc^T zc
     proj[:, train_constant] = 0
+    del cxz
 
     # Held-out statistics centered at the train means, rotated into the eigenbasis.
     h = heldout
@@ -393,7 +398,7 @@ def fit_linear_probes(train: ProbeStats, heldout: ProbeStats, alphas=None, *,
 
 def _default_alphas(cxx: torch.Tensor) -> torch.Tensor:
     scale = float(torch.diagonal(cxx).sum()) / cxx.shape[0]
-    if not (scale > 0 and torch.isfinite(torch.tensor(scale))):
+    if not (scale > 0 and math.isfinite(scale)):  # constant (or degenerate) features
         scale = 1.0
     return DEFAULT_ALPHA_FACTORS.to(cxx.device) * scale
 
