@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from shortcut_fast.backends import choose_backend, fake_for_compiled
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_labels, check_tensor
 
-IMPLEMENTED = ("torch", "cpp", "cuda")  # triton: kernels/ablation.py (in progress)
+IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 _TRITON_NO_F64 = "the triton kernels support float16/bfloat16/float32 only; float64 input needs torch/cpp/cuda"
