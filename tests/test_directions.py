@@ -186,3 +186,20 @@ def test_load_directions_wrong_shape_or_format(tmp_path):
     torch.save({"weights": torch.zeros(2, 6)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="without a 'components' entry"):
         load_directions(tmp_path / "bad.pt", 6)
+
+
+def test_large_dictionary_step_size_bounds_the_spectrum():
+    """Above 1024 atoms the Lipschitz constant comes from a power iteration: it must stay an
+    upper bound of lambda_max (else FISTA diverges) and be close to it (else it crawls)."""
+    from shortcut_fast.ops.directions import _largest_eigenvalue
+
+    g = torch.Generator().manual_seed(5)
+    dictionary = torch.rand(1100, 16, generator=g) * (torch.rand(1100, 16, generator=g) < 0.3)
+    G = dictionary @ dictionary.T
+    exact = float(torch.linalg.eigvalsh(G.double()).max())
+    assert exact * (1 - 1e-4) <= _largest_eigenvalue(G) <= 1.1 * exact * (1 + 1e-4)
+    A = torch.rand(30, 16, generator=g)
+    Z = nnls_codes(A, dictionary, iters=300)
+    assert bool(torch.isfinite(Z).all()) and bool((Z >= 0).all())
+    loss = float(((Z @ dictionary - A) ** 2).mean())
+    assert loss < float(((nnls_codes(A, dictionary, iters=5) @ dictionary - A) ** 2).mean())

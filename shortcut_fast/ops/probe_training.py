@@ -354,13 +354,15 @@ def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_cla
     total_steps = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    # The kernel reads targets as float32 (class indices are exact): convert once, not per step.
+    step_targets = targets.float() if chosen == "triton" else targets
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         order = torch.randperm(N, generator=generator).to(x.device)
         epoch_loss = torch.zeros(K, dtype=dtype, device=x.device)
         for s in range(steps_per_epoch):
             idx = order[s * batch_size:(s + 1) * batch_size]
-            step = _step(x[idx], targets[idx], weight, bias, log_var, family, chosen)
+            step = _step(x[idx], step_targets[idx], weight, bias, log_var, family, chosen)
             grads = [step.grad_weight.to(dtype), step.grad_bias.to(dtype)]
             if weight_decay:
                 grads[0] = grads[0] + weight_decay * weight
