@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, HAS_GPU
+from conftest import FAST_BACKENDS
 from shortcut_fast.backends import BackendUnavailable, backend_status
 from shortcut_fast.ops.probe_training import (FAMILIES, TrainedProbes, probe_step, probe_step_reference,
                                               train_probes)
