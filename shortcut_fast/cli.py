@@ -466,14 +466,16 @@ def _complexity_summary(result, data: str, out: Path, top: int = 5) -> None:
                f"{result.seconds:.1f} s")
     rows = [[name, dim, result.decodability[name]] for name, dim in zip(result.layers, result.layer_dims)]
     click.echo(format_table(rows, ["layer", "dim", "mean V-information"]))
-    order = sorted(range(k), key=lambda i: result.complexity[i])
+    order = sorted((i for i in range(k) if result.complexity[i] == result.complexity[i]),
+                   key=lambda i: result.complexity[i])  # dead features (NaN) left out
     pick = order[:top] + [i for i in order[-top:] if i not in order[:top]]
     rows = [[i, result.complexity[i], result.importance[i], result.importance_signed[i],
              result.v_information[i][0], result.v_information[i][-1]] for i in pick]
     click.echo(f"\nleast and most complex features (of {k}):")
     click.echo(format_table(rows, ["feature", "complexity", "importance", "signed", "V-info first", "V-info last"]))
-    mean_c = sum(result.complexity) / max(k, 1)
-    click.echo(f"\nmean complexity {mean_c:.4f}; most important {100 * result.config['top_fraction']:.0f}%: "
+    mean_c = sum(result.complexity[i] for i in order) / max(len(order), 1)
+    dead = f" ({result.dead_features} dead features left out)" if result.dead_features else ""
+    click.echo(f"\nmean complexity {mean_c:.4f}{dead}; most important {100 * result.config['top_fraction']:.0f}%: "
                f"{result.mean_complexity_top_importance:.4f}, rest {result.mean_complexity_rest:.4f}; "
                f"Spearman(importance, complexity) {result.spearman_importance_complexity:.4f}")
     d = result.dynamics

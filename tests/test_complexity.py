@@ -1,6 +1,7 @@
 """Feature complexity by V-information: a ground truth (a linear target is simpler than one
 that needs depth), consistency of the run with direct computations, dynamics, resume, errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ from shortcut_fast.models import Classifier, block_outputs, build_model, feature
 from shortcut_fast.ops.directions import Directions
 from shortcut_fast.ops.probes import fit_probes
 from shortcut_fast.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread is faster, and much faster on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,11 +198,26 @@ def test_resume_reuses_finished_work(toy):
         assert calls  # the missing checkpoint was redone
         torch.testing.assert_close(torch.tensor(redo.dynamics["temporal_v_information"]),
                                    torch.tensor(toy["result"].dynamics["temporal_v_information"]))
+        calls.clear()
+        stat = (toy["ckpts"] / "epoch_001.pt").stat()
+        os.utime(toy["ckpts"] / "epoch_001.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=toy["ckpts"], resume=True, progress=False)
+        assert calls  # a rewritten checkpoint file is analysed again
     finally:
         handle.remove()
     other = cx.ComplexityConfig(directions="pca:3", max_images=150, max_heldout=80)
     with pytest.raises(ValueError, match="resume"):
         cx.run_complexity(model, splits, other, out_dir=out, resume=True, progress=False)
+
+
+def test_dead_features_are_left_out_of_the_summaries():
+    v = torch.tensor([[0.9, 0.7], [0.1, 0.3], [0.0, 0.0]], dtype=torch.float64)
+    importance = torch.tensor([1.0, 2.0, 0.0])
+    s = cx._summaries(v, importance, torch.tensor([True, True, False]), top_fraction=0.5)
+    assert s["complexity"][:2].tolist() == pytest.approx([0.2, 0.8]) and s["complexity"][2].isnan()
+    assert s["spearman"] == pytest.approx(1.0)  # the more important feature is the more complex one
+    assert s["top"] == pytest.approx(0.8) and s["rest"] == pytest.approx(0.2)
+    assert cx._spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 2.5, 4.0])) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("spec", ["svd:4", "nmf:0", "pca:x", "no_such_file.pt", ""])

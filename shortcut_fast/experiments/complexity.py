@@ -128,6 +128,7 @@ class ComplexityResult:
     spearman_importance_complexity: float
     mean_complexity_top_importance: float  # over the top_fraction most important features
     mean_complexity_rest: float
+    dead_features: int = 0  # features with no variance on the probe-train sample (complexity NaN)
     dynamics: dict | None = None
     seconds: float = 0.0
 
@@ -404,16 +405,21 @@ def _v_information(stats: dict, layers, alphas, max_bytes) -> torch.Tensor:
     return torch.stack(cols, dim=1)
 
 
-def _summaries(v_info: torch.Tensor, importance: torch.Tensor, top_fraction: float) -> dict:
-    complexity = 1 - v_info.mean(1)
-    k = importance.numel()
-    top = torch.argsort(importance, descending=True)[:max(1, round(top_fraction * k))]
-    rest = torch.ones(k, dtype=torch.bool)
+def _summaries(v_info: torch.Tensor, importance: torch.Tensor, alive: torch.Tensor, top_fraction: float) -> dict:
+    """Complexity per feature (NaN for dead features: no variance on the probe-train sample,
+    so nothing to decode) and the importance-complexity summaries over the live ones."""
+    complexity = torch.where(alive, 1 - v_info.mean(1), torch.full_like(v_info[:, 0], float("nan")))
+    idx = alive.nonzero().flatten()
+    if idx.numel() == 0:
+        return {"complexity": complexity, "spearman": float("nan"), "top": float("nan"), "rest": float("nan")}
+    c, imp = complexity[idx], importance[idx].double()
+    top = torch.argsort(imp, descending=True)[:max(1, round(top_fraction * idx.numel()))]
+    rest = torch.ones(idx.numel(), dtype=torch.bool)
     rest[top] = False
     return {"complexity": complexity,
-            "spearman": _spearman(importance, complexity),
-            "top": float(complexity[top].mean()),
-            "rest": float(complexity[rest].mean()) if bool(rest.any()) else float("nan")}
+            "spearman": _spearman(imp, c),
+            "top": float(c[top].mean()),
+            "rest": float(c[rest].mean()) if bool(rest.any()) else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,6 +440,11 @@ def list_checkpoints(folder) -> list[tuple[int, Path]]:
         raise FileNotFoundError(f"no epoch_NNN.pt checkpoints in {folder} "
                                 f"(train with `shortcut-fast train --keep-every 1`)")
     return sorted(found)
+
+
+def _file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def _load_like(model: nn.Module, path: Path, device) -> nn.Module:
@@ -526,7 +537,8 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
     count = max(pass_state["count"], 1)
     importance = pass_state["importance"] / count
     importance_signed = pass_state["importance_signed"] / count
-    summary = _summaries(v_info, importance, cfg.top_fraction)
+    alive = std > 0
+    summary = _summaries(v_info, importance, alive, cfg.top_fraction)
     layer_dims = [pass_state["dims"][n] for n in layers]
 
     # 2. dynamics
@@ -536,9 +548,12 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         per_ckpt = []
         for epoch, path in ckpts:
             done = partial / f"checkpoint_{epoch:03d}.json" if partial is not None else None
+            stamp = _file_stamp(path)
             if resume and done is not None and done.exists():
-                per_ckpt.append(read_json(done))
-                continue
+                entry = read_json(done)
+                if entry.get("stamp") == stamp:  # the same checkpoint file as when it was analysed
+                    per_ckpt.append(entry)
+                    continue
             other = _load_like(model, path, device)
             own_dirs, own_mean, own_std = _fit_directions(other, splits.train, direction_index, cfg, device)
             p = _Pass(other, layers, [(own_dirs, own_mean, own_std, None),
@@ -549,11 +564,12 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
             vi = _v_information(p.stats, layers, cfg.alphas, cfg.max_bytes)  # (k_own + k, L)
             k_own = own_dirs.components.shape[0]
             own_importance = p.importance / max(p.count, 1)
-            s = _summaries(vi[:k_own], own_importance, cfg.top_fraction)
-            entry = {"epoch": epoch, "checkpoint": str(path),
+            s = _summaries(vi[:k_own], own_importance, own_std > 0, cfg.top_fraction)
+            entry = {"epoch": epoch, "checkpoint": str(path), "stamp": stamp,
                      "heldout_accuracy": p.correct / max(p.count, 1),
                      "temporal_v_information": vi[k_own:].mean(1).tolist(),  # final features from these layers
-                     "mean_complexity": float(s["complexity"].mean()),
+                     "mean_complexity": float(s["complexity"].nanmean()),
+                     "dead_features": int((own_std <= 0).sum()),
                      "spearman_importance_complexity": s["spearman"],
                      "mean_complexity_top_importance": s["top"], "mean_complexity_rest": s["rest"],
                      "decodability": dict(zip(layers, vi[:k_own].mean(0).tolist()))}
@@ -561,7 +577,7 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
                 write_json(entry, done)
             per_ckpt.append(entry)
             del other
-        dynamics = _dynamics(per_ckpt, 1 - summary["complexity"], cfg.decodable_fraction)
+        dynamics = _dynamics(per_ckpt, (1 - summary["complexity"]).nan_to_num(0.0), cfg.decodable_fraction)
 
     # Features that never vary on the probe-train sample carry no information: reported, not dropped.
     result = ComplexityResult(
@@ -575,7 +591,7 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         importance=importance.tolist(), importance_signed=importance_signed.tolist(),
         feature_std=std.tolist(), spearman_importance_complexity=summary["spearman"],
         mean_complexity_top_importance=summary["top"], mean_complexity_rest=summary["rest"],
-        dynamics=dynamics, seconds=time.perf_counter() - t0)
+        dead_features=int((~alive).sum()), dynamics=dynamics, seconds=time.perf_counter() - t0)
     if out_dir is not None:
         write_outputs(result, out_dir)
     return result
@@ -649,7 +665,7 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
     plt = _plt()
     out = Path(out_dir)
     paths = []
-    complexity = [c for c in result.complexity]
+    complexity = [c for c in result.complexity if c == c]  # dead features (NaN) left out
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.hist(complexity, bins=20, range=(0, 1), color="tab:blue", edgecolor="white")
     ax.set_xlabel("complexity K(z) = 1 - mean V-information")
