@@ -604,6 +604,8 @@ def _num_or_nan(v) -> float:
 @click.option("--prune-fraction", type=float, default=0.01, help="Fraction of weights masked (global magnitude).")
 @click.option("--tau", type=float, default=0.5, help="NT-Xent temperature.")
 @click.option("--ce-weight", type=float, default=0.2, help="Weight of the cross-entropy on the dense output.")
+@click.option("--contrastive-weight", type=float, default=1.0,
+              help="Weight of the NT-Xent term (0: CE-only control run with the same optimizer).")
 @click.option("--lr", type=float, default=2e-4, help="Adam learning rate.")
 @click.option("--batch-size", type=int, default=100)
 @click.option("--weight-decay", type=float, default=0.0)
@@ -616,8 +618,8 @@ def _num_or_nan(v) -> float:
 @click.option("--resume", is_flag=True, help="Continue from <out>/last.pt (and the ERM model in <out>/erm).")
 @click.option("--quiet", is_flag=True)
 def mitigate(data, data_root, download, bias_band, conflict_ratio, data_option, seed, checkpoint, model,
-             model_option, erm_epochs, epochs, prune_fraction, tau, ce_weight, lr, batch_size, weight_decay, select,
-             grouping, max_steps_per_epoch, device, out, resume, quiet):
+             model_option, erm_epochs, epochs, prune_fraction, tau, ce_weight, contrastive_weight, lr, batch_size,
+             weight_decay, select, grouping, max_steps_per_epoch, device, out, resume, quiet):
     """Mitigate spurious memorization: pruned/dense NT-Xent + CE training from the ERM model."""
     from shortcut_fast.experiments import memorization as mem
     from shortcut_fast.report import format_table, write_json
@@ -626,9 +628,10 @@ def mitigate(data, data_root, download, bias_band, conflict_ratio, data_option, 
     splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
     try:
         dev = str(resolve_device(device))
-        cfg = mem.MitigationConfig(epochs=epochs, prune_fraction=prune_fraction, tau=tau, ce_weight=ce_weight, lr=lr,
-                                   batch_size=batch_size, weight_decay=weight_decay, select=select,
-                                   grouping=grouping, max_steps_per_epoch=max_steps_per_epoch, seed=seed, device=dev)
+        cfg = mem.MitigationConfig(epochs=epochs, prune_fraction=prune_fraction, tau=tau, ce_weight=ce_weight,
+                                   contrastive_weight=contrastive_weight, lr=lr, batch_size=batch_size,
+                                   weight_decay=weight_decay, select=select, grouping=grouping,
+                                   max_steps_per_epoch=max_steps_per_epoch, seed=seed, device=dev)
         net = _erm_model(model, model_option, checkpoint, splits, seed, erm_epochs, dev, out / "erm", resume, quiet)
         result = mem.run_mitigation(net, splits, cfg, out_dir=out, progress=not quiet,
                                     resume=resume and (out / "last.pt").exists())

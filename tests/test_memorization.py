@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,17 @@ from shortcut_fast.cli import main
 from shortcut_fast.data import load_dataset
 from shortcut_fast.experiments import memorization as mem
 from shortcut_fast.models import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_splits():
+    splits = load_dataset("colored-digits", image_size=16, conflict_ratio=0.1)
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train", 240), ("val", 60), ("test", 60)):
+        ds = getattr(splits, name)
+        setattr(splits, name, ds.subset(torch.randperm(len(ds), generator=g)[:n]))
+    splits.extra = {}
+    return splits
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,14 +163,21 @@ def test_mitigation_step_changes_weights_keeps_dense_weights_and_stats():
     assert int(after["conv1.bn.num_batches_tracked"]) == 1
     record = objective.new_epoch()
     assert objective.masks is None and record["pruned_weights"] > 0 and record["ce_loss"] > 0
+    # The control (contrastive_weight=0) is plain weighted CE on the dense output, with no pruned pass.
+    control = mem.MitigationObjective(0.05, 0.5, 0.2, contrastive_weight=0.0)
+    model.eval()
+    assert torch.allclose(control(model, x, y, y).detach(), 0.2 * F.cross_entropy(model(x), y).detach())
+    assert control.masks is None
+    with pytest.raises(ValueError, match="not both 0"):
+        mem.MitigationConfig(ce_weight=0.0, contrastive_weight=0.0)
 
 
 # ---------------------------------------------------------------------------------------
 # Groups
 
 
-def test_groupings_and_minority():
-    splits = load_dataset("colored-digits", image_size=16)
+def test_groupings_and_minority(tiny_splits):
+    splits = tiny_splits
     grouping = mem.Grouping.build(splits)
     assert grouping.kind == "alignment" and grouping.names == ["aligned", "conflicting"]
     g = grouping.of(splits.train)
@@ -173,7 +192,7 @@ def test_groupings_and_minority():
     with pytest.raises(ValueError, match="same size"):
         mem.minority_groups([5, 5])
     with pytest.raises(ValueError, match="no attributes"):
-        mem.Grouping.build(load_dataset("digits", image_size=16))
+        mem.Grouping.build(SimpleNamespace(name="digits", num_attributes=0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,9 +209,22 @@ def _invoke(args):
     return result.output
 
 
-def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_splits):
+    """A small-cnn trained for a few steps on the tiny splits, saved like `shortcut-fast train` does."""
+    from shortcut_fast.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    net = build_model("small-cnn", num_classes=10, image_size=16, width=4, padding=2)
+    out = tmp_path_factory.mktemp("erm")
+    train(net, tiny_splits, TrainConfig(epochs=2, batch_size=60, device="cpu"), out_dir=out, progress=False)
+    return out / "last.pt"
+
+
+def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch, tiny_checkpoint):
     out = tmp_path / "mem"
-    args = ["memorization", *_DATA, "--epochs", "2", "--max-samples", "300", "--top-k", "3", "--backend", "torch",
+    args = ["memorization", "--data", "colored-digits", "-D", "image_size=16", "-D", "conflict_ratio=0.1",
+            "--checkpoint", str(tiny_checkpoint), "--max-samples", "200", "--top-k", "3", "--backend", "torch",
             "--out", str(out), "--quiet"]
     text = _invoke(args)
     assert "top channels" in text
@@ -225,9 +257,9 @@ def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch):
     splits = load_dataset("colored-digits", image_size=16, conflict_ratio=0.1)
     from shortcut_fast.models import model_from_checkpoint
 
-    net = model_from_checkpoint(out / "model" / "last.pt").eval()
+    net = model_from_checkpoint(tiny_checkpoint).eval()
     grouping = mem.Grouping.build(splits)
-    x, y, g = mem._take(splits.train, grouping, 300, 0, 1)
+    x, y, g = mem._take(splits.train, grouping, 200, 0, 1)
 
     def zero(_m, _a, output):
         output = output.clone()
@@ -271,17 +303,6 @@ def test_mitigate_cli(tmp_path):
     assert r["checkpoint"] == str(out / "best.pt") and (out / "erm" / "last.pt").exists()
     for name in ("group_accuracy_test.png", "mitigation_curves.png"):
         assert (out / name).stat().st_size > 1000
-
-
-@pytest.fixture(scope="module")
-def tiny_splits():
-    splits = load_dataset("colored-digits", image_size=16, conflict_ratio=0.1)
-    g = torch.Generator().manual_seed(0)
-    for name, n in (("train", 240), ("val", 60), ("test", 60)):
-        ds = getattr(splits, name)
-        setattr(splits, name, ds.subset(torch.randperm(len(ds), generator=g)[:n]))
-    splits.extra = {}
-    return splits
 
 
 def test_mitigation_resume_matches_uninterrupted(tmp_path, tiny_splits):

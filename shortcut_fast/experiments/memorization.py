@@ -621,21 +621,26 @@ def symmetric_nt_xent(pruned: torch.Tensor, dense: torch.Tensor, tau: float = 0.
 
 
 class MitigationObjective:
-    """loss_fn(model, x, y, a) for train(): symmetric NT-Xent(pruned, dense) + ce_weight * CE(dense, y).
+    """loss_fn(model, x, y, a) for train():
+    contrastive_weight * symmetric NT-Xent(pruned, dense) + ce_weight * CE(dense, y).
+    contrastive_weight=0 is the control: the same optimizer and schedule with the CE term only.
 
     The mask is computed lazily from the current weights (so a resumed run masks its loaded
     weights) and cleared by `new_epoch()`. The pruned forward passes copies of the buffers:
     its BatchNorm statistics never move the dense model's running statistics.
     """
 
-    def __init__(self, prune_fraction: float = 0.01, tau: float = 0.5, ce_weight: float = 0.2):
+    def __init__(self, prune_fraction: float = 0.01, tau: float = 0.5, ce_weight: float = 0.2,
+                 contrastive_weight: float = 1.0):
         if not 0 <= prune_fraction < 1:
             raise ValueError(f"prune_fraction must be in [0, 1), got {prune_fraction!r}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")
-        if not ce_weight >= 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
+        if not ce_weight >= 0 or not contrastive_weight >= 0 or ce_weight + contrastive_weight == 0:
+            raise ValueError(f"ce_weight and contrastive_weight must be >= 0, not both 0, got {ce_weight!r} "
+                             f"and {contrastive_weight!r}")
         self.prune_fraction, self.tau, self.ce_weight = prune_fraction, tau, ce_weight
+        self.contrastive_weight = contrastive_weight
         self.masks: dict[str, torch.Tensor] | None = None
         self.threshold: float | None = None
         self._sums = torch.zeros(3, dtype=torch.float64)  # contrastive, ce, samples
@@ -657,16 +662,16 @@ class MitigationObjective:
         return torch.func.functional_call(model, state, (x,))
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        if self.masks is None:
-            self.update_mask(model)
         dense = model(x)
-        pruned = self.pruned_forward(model, x)
-        contrastive = symmetric_nt_xent(pruned, dense, self.tau)
         ce = F.cross_entropy(dense.float(), y)
+        if self.contrastive_weight == 0:  # control: no pruned forward at all
+            contrastive = torch.zeros((), device=ce.device)
+        else:
+            contrastive = symmetric_nt_xent(self.pruned_forward(model, x), dense, self.tau)
         stats = torch.stack([contrastive.detach().double() * y.numel(), ce.detach().double() * y.numel(),
                              torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
         self._device_sums = stats if self._device_sums is None else self._device_sums + stats
-        return contrastive + self.ce_weight * ce
+        return self.contrastive_weight * contrastive + self.ce_weight * ce
 
     def new_epoch(self) -> dict:
         """Epoch means of both terms and the mask threshold used; the next step recomputes the mask."""
@@ -685,6 +690,7 @@ class MitigationConfig:
     prune_fraction: float = 0.01
     tau: float = 0.5
     ce_weight: float = 0.2
+    contrastive_weight: float = 1.0  # 0: the CE-only control run
     lr: float = 2e-4
     batch_size: int = 100
     weight_decay: float = 0.0
@@ -703,8 +709,9 @@ class MitigationConfig:
             raise ValueError(f"prune_fraction must be in [0, 1), got {self.prune_fraction!r}")
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
-        if not self.ce_weight >= 0:
-            raise ValueError(f"ce_weight must be >= 0, got {self.ce_weight!r}")
+        if not self.ce_weight >= 0 or not self.contrastive_weight >= 0 or self.ce_weight + self.contrastive_weight == 0:
+            raise ValueError(f"ce_weight and contrastive_weight must be >= 0, not both 0, got {self.ce_weight!r} "
+                             f"and {self.contrastive_weight!r}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
 
@@ -766,7 +773,7 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
     out = Path(out_dir) if out_dir is not None else None
     log_path = out / "mitigation_log.json" if out is not None else None
     log: list[dict] = read_json(log_path) if resume and log_path is not None and log_path.exists() else []
-    objective = MitigationObjective(cfg.prune_fraction, cfg.tau, cfg.ce_weight)
+    objective = MitigationObjective(cfg.prune_fraction, cfg.tau, cfg.ce_weight, cfg.contrastive_weight)
 
     def on_epoch_end(epoch: int, net: nn.Module, record: dict) -> None:
         entry = {"epoch": epoch + 1, **objective.new_epoch(), "train_loss": record["train_loss"],
