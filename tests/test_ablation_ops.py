@@ -133,6 +133,24 @@ def test_channel_ablate_noncontiguous_and_single_variant(backend, device):
     assert torch.equal(got1.cpu(), _naive_ablate(act.cpu(), mask.cpu(), 2.5, 3))
 
 
+def test_channel_ablate_triton_variant_groups(monkeypatch):
+    """The GPU grid splits variants over programs; force such a split (with a partial last
+    group) in the interpreter."""
+    _check_backend("triton", "cpu")
+    from shortcut_fast.kernels import ablation as kernels
+
+    monkeypatch.setattr(kernels, "_ablate_grid", lambda N, V, block: (triton_cdiv(N, block), 3, 2))
+    act = _randn((2, 3, 5), seed=6)
+    mask = _random_mask(5, 3, seed=6, p=0.5)
+    for rep in (_randn((3,), seed=7), _randn((2, 3, 5), seed=8)):
+        got = kernels.channel_ablate_op(act, mask, rep)
+        assert torch.equal(got, _naive_ablate(act, mask, rep, 1))
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
 def test_channel_ablate_reference_layout():
     act = _randn((2, 3, 4))
     mask = torch.tensor([[True, False, False], [False, False, False]])
@@ -191,6 +209,7 @@ OUTCOME_CASES = [
     (1, 1, 1, 1),  # one element, L = 1
     (2, 300, 2, 3),  # more samples than one CUDA block
     (2, 20, 150, 40),  # L over several triton chunks; many groups (per-sample atomics)
+    (2, 50, 3, 3000),  # more groups than the CUDA kernel keeps in shared memory
 ]
 
 
@@ -282,3 +301,38 @@ def test_group_outcomes_bad_inputs():
         group_outcomes(bad, labels, groups, 2)
     with pytest.raises(BackendUnavailable, match="group_outcomes"):
         group_outcomes(logits, labels, groups, 2, backend="cuda")
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _compile_case(backend, device, compile_backend):
+    act = _randn((4, 6, 5, 5), seed=12).to(device)
+    mask = channel_masks(6, [[], 0, [1, 2]], device=device)
+    rep = _randn((6,), seed=13).to(device)
+    logits, labels, groups = (t.to(device) for t in _outcome_inputs(3, 9, 10, 2, seed=14))
+
+    def f(act, logits):
+        expanded = channel_ablate(act, mask, rep, backend=backend)
+        correct, loss = group_outcomes(logits, labels, groups, 2, backend=backend, allow_nonfinite=True)
+        return expanded * 1, correct, loss * 2
+
+    got = torch.compile(f, backend=compile_backend, fullgraph=True)(act, logits)
+    assert torch.equal(got[0].cpu(), channel_ablate_reference(act.cpu().reshape(4, 6, 25), mask.cpu(),
+                                                              rep.cpu()).reshape(3, 4, 6, 5, 5))
+    want_c, want_l = group_outcomes_reference(logits.cpu(), labels.cpu(), groups.cpu(), 2)
+    assert torch.equal(got[1].cpu(), want_c)
+    torch.testing.assert_close(got[2].cpu(), 2 * want_l, rtol=1e-5, atol=1e-4)
+
+
+def test_compiles_with_torch_compile():
+    """The fake registrations let the compiled ops trace into one graph (no graph breaks)."""
+    _check_backend("cpp", "cpu")
+    _compile_case("cpp", "cpu", "aot_eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_compiles_on_gpu(backend):
+    _check_backend(backend, "cuda")
+    _compile_case(backend, "cuda", "inductor")
