@@ -40,10 +40,9 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
