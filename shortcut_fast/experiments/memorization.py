@@ -114,6 +114,9 @@ def _take(dataset, grouping: Grouping, limit: int | None, seed: int, salt: int):
     if limit is not None and index.numel() > limit:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + salt)
         index = index[torch.randperm(index.numel(), generator=gen)[:limit]].sort().values
+    if not hasattr(dataset, "get_batch"):  # file-backed (Waterbirds, CelebA): decode the chosen images once
+        dataset = dataset.subset(index).load_into_memory()
+        return dataset.images.float().div_(255), dataset.labels.cpu(), grouping.of(dataset)
     x, y, _ = dataset.get_batch(index.to(dataset.labels.device))
     return x.cpu(), y.cpu(), g[index]
 
@@ -139,8 +142,8 @@ def _accuracy(correct, counts) -> list[float | None]:
     return [float(c) / float(n) if n > 0 else None for c, n in zip(correct.tolist(), counts.tolist())]
 
 
-def _pooled(correct: torch.Tensor, counts: torch.Tensor, groups: Sequence[int]) -> float:
-    """Sample-weighted accuracy over `groups`; correct may be (..., G)."""
+def _pooled(correct: torch.Tensor, counts: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """Sample-weighted accuracy over `groups`: correct (..., G) -> (...) float64 (NaN without samples)."""
     idx = torch.tensor(list(groups), dtype=torch.long)
     n = float(counts[idx].sum())
     return (correct[..., idx].double().sum(-1) / n) if n > 0 else torch.full(correct.shape[:-1], float("nan"),
