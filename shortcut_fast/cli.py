@@ -552,7 +552,7 @@ def memorization(data, data_root, download, bias_band, conflict_ratio, data_opti
                  batch_size, backend, device, out, resume, quiet):
     """Spurious memorization: per-group gap, channel ablation sweep, critical channels."""
     from shortcut_fast.experiments import memorization as mem
-    from shortcut_fast.report import format_table, write_json
+    from shortcut_fast.report import format_table, write_csv, write_json
     from shortcut_fast.train import resolve_device
 
     splits = _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed)
@@ -575,6 +575,7 @@ def memorization(data, data_root, download, bias_band, conflict_ratio, data_opti
         _fail(exc)
     write_json({"command": "memorization", "data": data, "dataset_meta": splits.meta, "model": checkpoint or model,
                 "result": result}, out / "result.json")
+    write_csv(mem.top_channel_rows(result), out / "top_channels.csv")
     mem.plot_memorization(result, out)
     g = result.grouping
     click.echo(f"\nmemorization on {data} ({g['kind']} groups; minority: {', '.join(g['minority'])}), "

@@ -234,6 +234,8 @@ def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch, tiny_chec
     assert {"config", "grouping", "baseline", "memorization_gap", "layers", "top_channels", "seconds"} <= set(r)
     assert r["grouping"]["minority"] == ["conflicting"] and r["config"]["layers"] == ["conv1", "conv2", "conv3"]
     assert len(r["top_channels"]) == 3
+    csv_lines = (out / "top_channels.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and "train conflicting" in csv_lines[0]
     for name in ("memorization_gap.png", "drop_scatter.png", "top_channels.png", "cumulative_topk.png"):
         assert (out / name).stat().st_size > 1000
     base = r["baseline"]

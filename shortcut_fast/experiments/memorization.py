@@ -497,6 +497,17 @@ def memorization_table(result: MemorizationResult) -> tuple[list[list], list[str
     return rows, headers
 
 
+def top_channel_rows(result: MemorizationResult) -> list[dict]:
+    """The top channels as flat rows (per-group accuracies as "train <group>" / "test <group>" columns), for CSV."""
+    rows = []
+    for r in result.top_channels:
+        flat = {k: v for k, v in r.items() if not isinstance(v, dict)}
+        for split in ("train", "test"):
+            flat.update({f"{split} {g}": acc for g, acc in r[f"{split}_accuracy"].items()})
+        rows.append(flat)
+    return rows
+
+
 def plot_memorization(result: MemorizationResult, out_dir: str | Path) -> list[Path]:
     """drop_scatter.png, top_channels.png, cumulative_topk.png, memorization_gap.png."""
     from shortcut_fast.report import _pyplot, _save_figure, plot_bars, plot_curves
