@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from torch import nn
 
 from shortcut_fast.cli import main
 from shortcut_fast.data import load_dataset

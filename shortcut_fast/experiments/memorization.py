@@ -213,7 +213,9 @@ class MemorizationConfig:
 
 
 @dataclass
-class LayerSweep:
+class LayerRanking:
+    """One swept layer: every channel's ablation outcome and score, comparison scores, cumulative top-k."""
+
     layer: str
     channels: int
     score: list[float]  # minority train drop - majority train drop, per channel
@@ -237,7 +239,7 @@ class MemorizationResult:
     grouping: dict  # kind, names, minority, majority, train/test counts
     baseline: dict  # per split: per-group accuracy ...; gap: per-group train - test
     memorization_gap: dict[str, float | None]
-    layers: list[LayerSweep]
+    layers: list[LayerRanking]
     top_channels: list[dict]
     seconds: float = 0.0
 
@@ -325,7 +327,8 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
         minority_groups(train_counts.tolist(), cfg.minority_fraction)
     for m in minority:
         if not 0 <= m < G or train_counts[m] == 0:
-            raise ValueError(f"minority group {m} is not a non-empty train group (train counts {train_counts.tolist()})")
+            raise ValueError(f"minority group {m} is not a non-empty train group "
+                             f"(train counts {train_counts.tolist()})")
     majority = [g for g in range(G) if train_counts[g] > 0 and g not in minority]
     if not majority:
         raise ValueError("every non-empty train group is a minority group: nothing to compare with")
@@ -362,11 +365,11 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     model.eval()
 
     bar = _bar(progress, len(layers))
-    sweeps: list[LayerSweep] = []
+    sweeps: list[LayerRanking] = []
     for layer in layers:
         done = partial / f"layer_{layer}.json" if partial is not None else None
         if resume and done is not None and done.exists():
-            sweeps.append(LayerSweep(**read_json(done)))
+            sweeps.append(LayerRanking(**read_json(done)))
             bar(1)
             continue
         t_layer = time.perf_counter()
@@ -383,7 +386,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
         score = minority_drop - majority_drop
         w = _layer_scores(weight_scores, layer)
         gn = _layer_scores(grad_scores, layer)
-        sweep = LayerSweep(
+        sweep = LayerRanking(
             layer=layer, channels=correct.shape[0], score=score.tolist(), minority_drop=minority_drop.tolist(),
             majority_drop=majority_drop.tolist(), test_minority_drop=(base_min_te - min_te).tolist(),
             test_majority_drop=(base_maj_te - maj_te).tolist(),
@@ -437,7 +440,7 @@ def _layer_result(result, layer: str):
     return next(e for e in layers if getattr(e, "layer", None) == layer)
 
 
-def _top_channels(sweeps: list[LayerSweep], k: int, grouping: Grouping, train_counts, test_counts) -> list[dict]:
+def _top_channels(sweeps: list[LayerRanking], k: int, grouping: Grouping, train_counts, test_counts) -> list[dict]:
     """The k channels with the largest score over all swept layers, with their details."""
     flat = [(s.score[c], li, c) for li, s in enumerate(sweeps) for c in range(s.channels)]
     flat.sort(key=lambda t: (-t[0], t[1], t[2]))  # stable: by score, then layer order, then channel
@@ -657,8 +660,7 @@ class MitigationObjective:
         self.contrastive_weight = contrastive_weight
         self.masks: dict[str, torch.Tensor] | None = None
         self.threshold: float | None = None
-        self._sums = torch.zeros(3, dtype=torch.float64)  # contrastive, ce, samples
-        self._device_sums = None
+        self._device_sums = None  # on-device sums of (contrastive, ce, samples): no per-step sync
 
     def update_mask(self, model: nn.Module) -> None:
         weights = prunable_weights(model)
@@ -691,9 +693,9 @@ class MitigationObjective:
         """Epoch means of both terms and the mask threshold used; the next step recomputes the mask."""
         sums = self._device_sums.cpu() if self._device_sums is not None else torch.zeros(3, dtype=torch.float64)
         n = max(float(sums[2]), 1.0)
+        pruned = None if self.masks is None else sum(int((~m).sum()) for m in self.masks.values())
         record = {"contrastive_loss": float(sums[0]) / n, "ce_loss": float(sums[1]) / n,
-                  "mask_threshold": self.threshold,
-                  "pruned_weights": None if self.masks is None else int(sum(int((~m).sum()) for m in self.masks.values()))}
+                  "mask_threshold": self.threshold, "pruned_weights": pruned}
         self._device_sums, self.masks = None, None
         return record
 
