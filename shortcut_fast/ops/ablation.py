@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from shortcut_fast.backends import choose_backend, fake_for_compiled
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_labels, check_tensor
 
+__all__ = ["channel_ablate", "channel_ablate_reference", "channel_masks", "group_outcomes",
+           "group_outcomes_reference"]
+
 IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
@@ -126,7 +129,7 @@ def _prepare_ablation(act, mask, replacement, channel_axis):
         replacement = torch.full((C,), float(replacement), dtype=act.dtype, device=act.device)
     elif replacement.dim() == 0:
         replacement = replacement.to(device=act.device, dtype=act.dtype).expand(C).contiguous()
-    elif tuple(replacement.shape) == (C,) and tuple(act.shape) != (C,):
+    elif tuple(replacement.shape) == (C,):  # act has rank >= 2: never ambiguous with act's shape
         replacement = replacement.to(device=act.device, dtype=act.dtype).contiguous()
     elif replacement.shape == act.shape:
         if replacement.device != act.device:
