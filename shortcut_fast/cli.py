@@ -401,7 +401,7 @@ def _complexity_data_options(f):
 @click.option("--directions", default="nmf:64", help="Features: nmf:K, pca:K or a directions file.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of epoch_NNN.pt (train --keep-every 1) for the training dynamics.")
-@click.option("--dynamics", is_flag=True, help="When training here, keep every epoch and analyse the dynamics.")
+@click.option("--dynamics", is_flag=True, help="When training here, also analyse every epoch's checkpoint.")
 @click.option("--max-images", type=int, default=2000, help="Probe-train images (from the train split).")
 @click.option("--max-heldout", type=int, default=1000, help="Held-out images.")
 @click.option("--heldout-split", type=click.Choice(["val", "test"]), default="val")
@@ -437,8 +437,9 @@ def complexity(data, data_root, download, bias_band, conflict_ratio, data_option
             net = _build_model(model, splits, model_option, seed)
             model_dir = out / "model"
             # select="last": the analysed model is the end of training, the reference of the dynamics.
+            # Every epoch is kept (small files) so that a later --resume --dynamics can use them.
             tcfg = TrainConfig(epochs=epochs, seed=seed, device=str(dev), select="last",
-                               warmup_epochs=min(1.0, epochs), keep_every=1 if dynamics else 0)
+                               warmup_epochs=min(1.0, epochs), keep_every=1)
             again = resume and (model_dir / "last.pt").exists()
             result = run_training(net, splits, tcfg, out_dir=model_dir, resume=again, progress=not quiet)
             trained = {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
