@@ -22,7 +22,7 @@ produces it: the named module for "output", the conv for "pre-bn", conv and BN f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
