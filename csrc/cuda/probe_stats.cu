@@ -10,8 +10,8 @@
 // writes a double partial (sum, and sum of squares for z columns); a final ATen sum over
 // the splits makes the result deterministic (no atomics).
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <algorithm>
 #include <cstdint>
@@ -78,14 +78,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> probe_sta
   const int64_t col_blocks = (C + kThreads - 1) / kThreads;
   TORCH_CHECK(col_blocks <= std::numeric_limits<int32_t>::max(), "probe_stats: too many columns (", C, ")");
   // About 4 blocks per SM in total, at least 64 rows per split, at most 65535 splits (grid y).
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sm_count = 0;  // ATen/cuda/CUDAContext.h would pull in cuSPARSE headers: ask the runtime
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.device().index()));
+  const int64_t sms = std::max(sm_count, 1);
   const int64_t want = std::max<int64_t>(1, (4 * sms + col_blocks - 1) / col_blocks);
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, (N + 63) / 64, int64_t(65535)}));
   const int64_t rows_per_split = (N + splits - 1) / splits;
   const int64_t used_splits = (N + rows_per_split - 1) / rows_per_split;
   at::Tensor partial = at::empty({used_splits, C + K}, x.options().dtype(at::kDouble));
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used_splits));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "probe_stats_cuda", [&] {
     fused_sums_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
                                                                 partial.data_ptr<double>(), N, D, K,
