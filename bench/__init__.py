@@ -12,6 +12,8 @@ BENCHMARKS = {
     "class-spectrum": "shortcut_fast.bench.class_spectrum",
     "band-filter": "shortcut_fast.bench.band_filter",
     "dfm-search": "shortcut_fast.bench.dfm_search",
+    "probes": "shortcut_fast.bench.probes",
+    "ablation-sweep": "shortcut_fast.bench.ablation_sweep",
 }
 
 

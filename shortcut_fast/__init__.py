@@ -5,7 +5,16 @@ Import is light: ops, data and models load their heavy dependencies when first u
 __version__ = "0.1.0"
 
 from shortcut_fast.backends import BackendUnavailable, info  # noqa: E402
-from shortcut_fast.ops import ClassSpectrum, adcs, class_spectrum_sum  # noqa: E402
+from shortcut_fast.ops import (  # noqa: E402
+    ClassSpectrum,
+    ProbeStats,
+    adcs,
+    channel_ablation_sweep,
+    class_spectrum_sum,
+    fit_linear_probes,
+    fit_probes,
+    train_probes,
+)
 
 __all__ = [
     "__version__",
@@ -14,4 +23,9 @@ __all__ = [
     "ClassSpectrum",
     "adcs",
     "class_spectrum_sum",
+    "ProbeStats",
+    "fit_linear_probes",
+    "fit_probes",
+    "train_probes",
+    "channel_ablation_sweep",
 ]

@@ -1,9 +1,24 @@
-"""Public ops: argument checks, backend choice and the pure-PyTorch references."""
+"""Public ops: argument checks, backend choice and the pure-PyTorch references.
+
+One module per op family: spectrum / filtering / freq (frequency shortcuts), probes /
+probe_training / directions (V-information), ablation / sweep (channel ablation).
+"""
+from shortcut_fast.ops.ablation import channel_ablate, channel_masks, group_outcomes
+from shortcut_fast.ops.directions import Directions, fit_directions, nmf, nnls_codes, pca
+from shortcut_fast.ops.probe_training import train_probes
+from shortcut_fast.ops.probes import ProbeStats, accumulate_probe_stats, fit_linear_probes, fit_probes, probe_stats
 from shortcut_fast.ops.spectrum import (
     ClassSpectrum,
     adcs,
     class_spectrum_sum,
     class_spectrum_sum_reference,
 )
+from shortcut_fast.ops.sweep import channel_ablation_sweep, gradient_norm_scores, weight_norm_scores
 
-__all__ = ["ClassSpectrum", "adcs", "class_spectrum_sum", "class_spectrum_sum_reference"]
+__all__ = [
+    "ClassSpectrum", "adcs", "class_spectrum_sum", "class_spectrum_sum_reference",
+    "ProbeStats", "accumulate_probe_stats", "fit_linear_probes", "fit_probes", "probe_stats", "train_probes",
+    "Directions", "fit_directions", "nmf", "nnls_codes", "pca",
+    "channel_ablate", "channel_masks", "group_outcomes",
+    "channel_ablation_sweep", "gradient_norm_scores", "weight_norm_scores",
+]
