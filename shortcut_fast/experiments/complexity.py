@@ -674,7 +674,9 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
     paths.append(out / "complexity_hist.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    sc = ax.scatter(result.complexity, result.importance, c=result.importance_signed, cmap="RdBu_r", s=14)
+    m = max([abs(v) for v in result.importance_signed] + [1e-12])
+    sc = ax.scatter(result.complexity, result.importance, c=result.importance_signed, cmap="RdBu_r", s=14,
+                    vmin=-m, vmax=m)  # white = no net effect, blue = inhibiting
     ax.set_xlabel("complexity")
     ax.set_ylabel("importance E|z <d, w_c>|")
     rho = result.spearman_importance_complexity
