@@ -8,29 +8,18 @@ label logit per sample (not group counts), so it is checked against the fast pat
 per-sample logits on a slice before timing. The fast path's per-group counts must equal
 the naive loop's before anything is recorded.
 
-Two sweeps of the same stage: the block outputs (where="output": prefix caching only) and
-each block's conv1 after BN + ReLU (where="post-activation": the next layer is a conv, so
-linearity applies).
+Two sweeps per stage: the block outputs (where="output": prefix caching only) and each
+block's conv1 after BN + ReLU (where="post-activation": the next layer is a conv, so
+linearity applies). Two stages: layer2 (about 60 % of the network's compute lies after it,
+which bounds what caching the prefix can save) and layer4 (little lies after it).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from shortcut_fast.bench.common import BenchRow, record
+from shortcut_fast.bench.common import BenchRow, record, wall_ms
 from shortcut_fast.models import build_model
 from shortcut_fast.ops.sweep import channel_ablation_reference, channel_ablation_sweep
-
-
-def _wall(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, (time.perf_counter() - t) * 1e3
 
 
 def _captum(model, layer_module, x, y, channels, k, batch_size):
@@ -53,12 +42,13 @@ def _captum(model, layer_module, x, y, channels, k, batch_size):
     return torch.cat(out)
 
 
-def run(device: str = "cpu", quick: bool = False, stage: str = "layer2"):
+def run(device: str = "cpu", quick: bool = False, stages=None):
     if quick:
         width, n = 8, 96
     else:
-        width, n = (16, 512) if device == "cpu" else (64, 10_000)
-    batch = 256 if device == "cpu" else 1024
+        width, n = (16, 256) if device == "cpu" else (64, 10_000)
+    stages = stages or (("layer2",) if quick else ("layer2", "layer4"))
+    batch = 128 if device == "cpu" else 1024  # 128: the CPU's best forward batch (README)
     k = 8 if device == "cpu" else 16
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10, width=width).to(device).eval()
@@ -66,8 +56,6 @@ def run(device: str = "cpu", quick: bool = False, stage: str = "layer2"):
     x = torch.rand(n, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
     groups = (y % 4).to(device)  # any grouping: 4 groups
-    data = (x, y, groups)
-    blocks = [name for name in model.block_names if name.startswith(stage + ".")]
     try:
         import captum  # noqa: F401
         have_captum = True
@@ -75,11 +63,20 @@ def run(device: str = "cpu", quick: bool = False, stage: str = "layer2"):
         have_captum = False
 
     rows = []
+    for stage in stages:
+        rows += _run_stage(model, stage, x, y, groups, width, n, batch, k, have_captum, device, quick)
+    return rows
+
+
+def _run_stage(model, stage, x, y, groups, width, n, batch, k, have_captum, device, quick):
+    data = (x, y, groups)
+    blocks = [name for name in model.block_names if name.startswith(stage + ".")]
+    rows = []
     for where, layers in (("output", blocks), ("post-activation", [f"{b}.conv1" for b in blocks])):
         fast_fn = lambda: channel_ablation_sweep(model, layers, data, where=where, batch_size=batch)  # noqa: E731
-        fast, fast_ms = _wall(fast_fn, device)
-        fast_ms = min(fast_ms, _wall(fast_fn, device)[1])  # shared machines: best of two
-        slow, slow_ms = _wall(lambda: channel_ablation_reference(model, layers, data, where=where,
+        fast, fast_ms = wall_ms(fast_fn, device)
+        fast_ms = min(fast_ms, wall_ms(fast_fn, device)[1])  # shared machines: best of two
+        slow, slow_ms = wall_ms(lambda: channel_ablation_reference(model, layers, data, where=where,
                                                                  batch_size=batch), device)
         same = all(torch.equal(fast[l].correct, slow[l].correct) and
                    torch.equal(fast[l].baseline_correct, slow[l].baseline_correct) for l in layers)
@@ -112,7 +109,7 @@ def run(device: str = "cpu", quick: bool = False, stage: str = "layer2"):
 
         def captum_all():
             return [_captum(model, module, x, y, check[l].num_channels, k, batch) for l, module in zip(layers, mods)]
-        _, captum_ms = _wall(captum_all, device)
+        _, captum_ms = wall_ms(captum_all, device)
         rows.append(record(BenchRow(
             workload=f"ablation_sweep_{where.replace('-', '_')}", sizes=sizes, dtype="float32", backend="auto",
             baseline=f"captum LayerFeatureAblation(perturbations_per_eval={k})", median_ms=fast_ms,
