@@ -88,6 +88,17 @@ def hbm_fraction(bytes_moved: int, median_ms: float, device: str) -> float | Non
     return bytes_moved / (median_ms * 1e-3) / peak if peak else None
 
 
+def wall_ms(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    """(fn(), milliseconds) of one run: for workloads too long to repeat."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - start) * 1e3
+
+
 def time_fn(fn: Callable[[], object], device: str) -> Timing:
     return time_cuda(fn) if device == "cuda" else time_cpu(fn)
 

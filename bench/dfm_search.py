@@ -9,23 +9,11 @@ candidates (its agreement with the exact ranking is recorded).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from shortcut_fast.bench.common import BenchRow, record
+from shortcut_fast.bench.common import BenchRow, record, wall_ms
 from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.models import build_model
-
-
-def _wall(fn, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, (time.perf_counter() - t) * 1e3
 
 
 def run(device: str = "cpu", quick: bool = False):
@@ -39,11 +27,11 @@ def run(device: str = "cpu", quick: bool = False):
     candidates = fp.Candidates.build(32, 32, 1)
     amp = device == "cuda"
 
-    slow, slow_ms = _wall(lambda: fp.dfm_losses_reference(model, images, 3, candidates, batch_size=batch), device)
+    slow, slow_ms = wall_ms(lambda: fp.dfm_losses_reference(model, images, 3, candidates, batch_size=batch), device)
     fast_fn = lambda: fp.candidate_losses(model, images, 3, candidates, batch_size=batch,  # noqa: E731
                                           max_bytes=fp.default_max_bytes(device))[0]
     fast_fn()  # warm-up (kernel compilation on the GPU)
-    fast, fast_ms = _wall(fast_fn, device)
+    fast, fast_ms = wall_ms(fast_fn, device)
     torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
     order = slow[torch.argsort(fast, descending=True)]
     ties_ok = bool((order[1:] <= order[:-1] + 1e-4).all())
@@ -57,7 +45,7 @@ def run(device: str = "cpu", quick: bool = False):
                   "same_ranking_up_to_ties": ties_ok}, quick=quick), device)]
 
     cfg = fp.FreqProbeConfig(method="gradient", patch=1, batch_size=batch, amp=amp)
-    (grad_entry, grad_ms) = _wall(lambda: fp.class_dfm(model, images, 3, cfg), device)
+    (grad_entry, grad_ms) = wall_ms(lambda: fp.class_dfm(model, images, 3, cfg), device)
     exact_dfm = fp.dfm_from_scores(slow, candidates, cfg.top_percent)
     grad_dfm = torch.zeros(32, 32, dtype=torch.bool)
     idx = torch.tensor(grad_entry.dfm)

@@ -1,4 +1,4 @@
-"""Writing results: JSON (dataclasses, tensors, numpy), CSV, terminal tables, figures."""
+"""Writing results: JSON (dataclasses, tensors, numpy), CSV, terminal tables, progress, figures."""
 from __future__ import annotations
 
 import csv
@@ -71,6 +71,23 @@ def format_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line, sep] + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body])
+
+
+def progress_ticker(total: int, desc: str, enabled: bool = True):
+    """tick(n) advances a tqdm bar by n, tick(None) closes it; a no-op when not enabled."""
+    if not enabled:
+        return lambda n: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def tick(n):
+        if n is None:
+            bar.close()
+        else:
+            bar.update(n)
+
+    return tick
 
 
 def _pyplot():

@@ -34,3 +34,13 @@ FAST_BACKENDS = [
     pytest.param("triton", "cuda" if HAS_GPU else "cpu", id="triton"),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
 ]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models and problems: one intra-op thread avoids thread wake-up latency, which
+    dominates on a loaded 2-core machine. Use with pytestmark = pytest.mark.usefixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

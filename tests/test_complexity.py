@@ -18,13 +18,7 @@ from shortcut_fast.ops.probes import fit_probes
 from shortcut_fast.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is faster, and much faster on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,13 +6,7 @@ import torch
 from shortcut_fast.ops.directions import Directions, fit_directions, load_directions, nmf, nnls_codes, pca
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: on a loaded machine intra-op threads only add wake-up latency."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest)
 
 
 def _planted(N=300, k=5, D=40, seed=123):

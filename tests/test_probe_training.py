@@ -10,13 +10,7 @@ from shortcut_fast.backends import BackendUnavailable, backend_status
 from shortcut_fast.ops.probe_training import (FAMILIES, TrainedProbes, probe_step, probe_step_reference,
                                               train_probes)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: on a loaded machine intra-op threads only add wake-up latency."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest)
 
 
 # probe_step has no compiled (cpp/cuda) implementation: only the Triton kernel is fast.

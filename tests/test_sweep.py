@@ -18,13 +18,7 @@ from shortcut_fast.ops.sweep import (channel_ablation_reference, channel_ablatio
 from shortcut_fast.report import to_jsonable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convs: thread start-up dominates and the CI machine is shared
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest)
 
 
 def _data(n=11, size=8, classes=4, groups=3, seed=0, channels=3):

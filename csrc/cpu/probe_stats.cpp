@@ -10,23 +10,12 @@
 // bit-identical whatever the thread count, and z is read once for both sum and sum of
 // squares (the reference reads it twice and allocates z^2).
 #include <torch/extension.h>
+#include "../checks.h"
 #include <algorithm>
 #include <vector>
 
 namespace shortcut_fast {
 namespace {
-
-void check_probe_stats_args(const at::Tensor& x, const at::Tensor& z) {
-  TORCH_CHECK(x.dim() == 2, "probe_stats: x must have shape (N, D), got ", x.sizes());
-  TORCH_CHECK(z.dim() == 2, "probe_stats: z must have shape (N, K), got ", z.sizes());
-  TORCH_CHECK(z.size(0) == x.size(0), "probe_stats: z must have as many rows as x (", x.size(0), "), got ",
-              z.size(0));
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "probe_stats: x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(z.scalar_type() == x.scalar_type(), "probe_stats: z must have x's dtype (", x.scalar_type(), "), got ",
-              z.scalar_type());
-  TORCH_CHECK(z.device() == x.device(), "probe_stats: z must be on ", x.device(), ", got ", z.device());
-}
 
 // Columns per tile: a few KB of each row, so a tile streams through L1/L2.
 constexpr int64_t kColBlock = 512;

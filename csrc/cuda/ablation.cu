@@ -16,6 +16,7 @@
 // (for G above kSharedGroups, samples go straight to global atomics). The counts are exact;
 // the float loss sum order depends on scheduling.
 #include <torch/extension.h>
+#include "../checks.h"
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,37 +28,6 @@ namespace shortcut_fast {
 namespace {
 
 constexpr int kThreads = 256;
-
-void check_channel_ablate_args(const at::Tensor& act, const at::Tensor& mask, const at::Tensor& rep) {
-  TORCH_CHECK(act.dim() == 3, "channel_ablate: act must have shape (P, C, S), got ", act.sizes());
-  TORCH_CHECK(at::isFloatingType(act.scalar_type()), "channel_ablate: act must be floating point, got ",
-              act.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(1) == act.size(1), "channel_ablate: mask must have shape (V, ",
-              act.size(1), "), got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "channel_ablate: mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK((rep.dim() == 1 && rep.size(0) == act.size(1)) || rep.sizes() == act.sizes(),
-              "channel_ablate: replacement must have shape (", act.size(1), ",) or ", act.sizes(), ", got ",
-              rep.sizes());
-  TORCH_CHECK(mask.device() == act.device() && rep.device() == act.device(),
-              "channel_ablate: mask and replacement must be on ", act.device());
-}
-
-void check_group_outcomes_args(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& groups,
-                               int64_t num_groups) {
-  TORCH_CHECK(logits.dim() == 3 && logits.size(2) >= 1, "group_outcomes: logits must have shape (V, B, L), got ",
-              logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "group_outcomes: logits must be floating point, got ",
-              logits.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(1), "group_outcomes: labels must have shape (",
-              logits.size(1), ",), got ", labels.sizes());
-  TORCH_CHECK(groups.dim() == 1 && groups.size(0) == logits.size(1), "group_outcomes: groups must have shape (",
-              logits.size(1), ",), got ", groups.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong && groups.scalar_type() == at::kLong,
-              "group_outcomes: labels and groups must be int64");
-  TORCH_CHECK(labels.device() == logits.device() && groups.device() == logits.device(),
-              "group_outcomes: labels and groups must be on ", logits.device());
-  TORCH_CHECK(num_groups >= 1, "group_outcomes: num_groups must be >= 1, got ", num_groups);
-}
 
 // ----------------------------------------------------------------------------- channel_ablate
 

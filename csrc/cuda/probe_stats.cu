@@ -10,6 +10,7 @@
 // writes a double partial (sum, and sum of squares for z columns); a final ATen sum over
 // the splits makes the result deterministic (no atomics).
 #include <torch/extension.h>
+#include "../checks.h"
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,18 +22,6 @@ namespace shortcut_fast {
 namespace {
 
 constexpr int kThreads = 256;
-
-void check_probe_stats_args(const at::Tensor& x, const at::Tensor& z) {
-  TORCH_CHECK(x.dim() == 2, "probe_stats: x must have shape (N, D), got ", x.sizes());
-  TORCH_CHECK(z.dim() == 2, "probe_stats: z must have shape (N, K), got ", z.sizes());
-  TORCH_CHECK(z.size(0) == x.size(0), "probe_stats: z must have as many rows as x (", x.size(0), "), got ",
-              z.size(0));
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "probe_stats: x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(z.scalar_type() == x.scalar_type(), "probe_stats: z must have x's dtype (", x.scalar_type(), "), got ",
-              z.scalar_type());
-  TORCH_CHECK(z.device() == x.device(), "probe_stats: z must be on ", x.device(), ", got ", z.device());
-}
 
 // partial (S, D + 2K) double: [sum x | sum z | sum z^2] over the rows of split blockIdx.y.
 template <typename scalar_t>

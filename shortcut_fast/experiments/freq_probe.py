@@ -39,7 +39,7 @@ from torch import nn
 from shortcut_fast.ops import freq
 from shortcut_fast.ops.filtering import band_filter_chunks, remove_frequencies, remove_frequencies_chunks
 from shortcut_fast.ops.spectrum import ClassSpectrum, adcs
-from shortcut_fast.report import read_json, write_json
+from shortcut_fast.report import progress_ticker, read_json, write_json
 
 METHODS = ("loss", "greedy", "gradient")
 
@@ -547,23 +547,7 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: s
 
 def _bar(enabled: bool):
     """progress(total, desc) -> tick(n) where tick(None) closes the bar."""
-
-    def make(total: int, desc: str):
-        if not enabled:
-            return lambda n: None
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-        def tick(n):
-            if n is None:
-                bar.close()
-            else:
-                bar.update(n)
-
-        return tick
-
-    return make
+    return lambda total, desc: progress_ticker(total, desc, enabled)
 
 
 class BandLearningTracker:

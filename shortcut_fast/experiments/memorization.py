@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shortcut_fast.report import read_json, write_json
+from shortcut_fast.report import progress_ticker, read_json, write_json
 
 MODES = ("zero", "mean", "noise", "rewind")
 WHERE = ("output", "pre-bn", "post-activation")
@@ -364,7 +364,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     grad_scores = gradient_norm_scores(model, layers, train_only, grad_group, num_samples=cfg.gradient_samples)
     model.eval()
 
-    bar = _bar(progress, len(layers))
+    bar = progress_ticker(len(layers), "layers", progress)
     sweeps: list[LayerRanking] = []
     for layer in layers:
         done = partial / f"layer_{layer}.json" if partial is not None else None
@@ -463,20 +463,6 @@ def _top_channels(sweeps: list[LayerRanking], k: int, grouping: Grouping, train_
     return rows
 
 
-def _bar(enabled: bool, total: int):
-    if not enabled:
-        return lambda n: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="layers", leave=False, dynamic_ncols=True)
-
-    def tick(n):
-        if n is None:
-            bar.close()
-        else:
-            bar.update(n)
-
-    return tick
 
 
 # ---------------------------------------------------------------------------------------
