@@ -255,6 +255,23 @@ def test_fit_matches_sklearn(backend, device):
     torch.testing.assert_close(pred.cpu(), xh @ probes.weight.cpu() + probes.bias.cpu())
 
 
+def test_alpha_choice_matches_ridgecv_on_heldout_split():
+    """scikit-learn's RidgeCV picks alpha per target only by leave-one-out; on a held-out
+    split (PredefinedSplit) it picks one alpha per fit, so it is run once per target."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import PredefinedSplit
+
+    xt, zt, xh, zh = _problem(seed=3)
+    probes = fit_probes(xt, zt, xh, zh, ALPHAS, dtype=torch.float64)
+    ref = _sklearn_r2(xt, zt, xh, zh, ALPHAS)
+    split = PredefinedSplit(np.r_[np.full(len(xt), -1), np.zeros(len(xh))])
+    x_all = torch.cat([xt, xh]).numpy()
+    for k in range(4):  # the constant target has no best alpha
+        cv = RidgeCV(alphas=ALPHAS, cv=split).fit(x_all, torch.cat([zt[:, k], zh[:, k]]).numpy())
+        theirs, ours = ALPHAS.index(float(cv.alpha_)), ALPHAS.index(float(probes.alpha[k]))
+        assert ours == theirs or abs(ref[k, ours] - ref[k, theirs]) <= 1e-7, (k, ours, theirs, ref[k])
+
+
 def test_fit_k1_and_d_greater_than_n():
     g = torch.Generator().manual_seed(11)
     xt, xh = torch.randn(12, 30, generator=g, dtype=torch.float64), torch.randn(20, 30, generator=g,
