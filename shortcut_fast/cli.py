@@ -77,22 +77,52 @@ def list_models_cmd():
         click.echo(f"{name:<16} {doc}")
 
 
-# Options shared by every command that loads a dataset.
-def data_options(f):
-    decorators = [
-        click.option("--data", "data", default="synthetic-freq", help="Dataset name (see `shortcut-fast datasets`)."),
-        click.option("--data-root", type=click.Path(path_type=Path), default=None,
-                     help="Folder with dataset files (default: $SHORTCUT_FAST_DATA)."),
-        click.option("--download", is_flag=True, help="Allow downloading a missing dataset (network)."),
-        click.option("--bias-band", type=click.IntRange(1, 4), default=None, help="synthetic-freq: the distinctive band."),
-        click.option("--conflict-ratio", type=float, default=None, help="colored-*: bias-conflicting training fraction."),
-        click.option("--data-option", "-D", "data_option", multiple=True, metavar="KEY=VALUE",
-                     help="Any other dataset option, e.g. -D num_classes=6."),
-        click.option("--seed", type=int, default=0, help="Seeds data generation, initialization and order."),
-    ]
-    for decorator in reversed(decorators):
-        f = decorator(f)
-    return f
+# Options shared by every command that loads a dataset; `data_options` itself, or
+# `data_options_with("colored-digits")` for commands that need a dataset with groups.
+def data_options_with(default_data: str):
+    def decorate(f):
+        decorators = [
+            click.option("--data", "data", default=default_data, show_default=True,
+                         help="Dataset name (see `shortcut-fast datasets`)."),
+            click.option("--data-root", type=click.Path(path_type=Path), default=None,
+                         help="Folder with dataset files (default: $SHORTCUT_FAST_DATA)."),
+            click.option("--download", is_flag=True, help="Allow downloading a missing dataset (network)."),
+            click.option("--bias-band", type=click.IntRange(1, 4), default=None,
+                         help="synthetic-freq: the distinctive band."),
+            click.option("--conflict-ratio", type=float, default=None,
+                         help="colored-*: bias-conflicting training fraction."),
+            click.option("--data-option", "-D", "data_option", multiple=True, metavar="KEY=VALUE",
+                         help="Any other dataset option, e.g. -D num_classes=6."),
+            click.option("--seed", type=int, default=0, help="Seeds data generation, initialization and order."),
+        ]
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return decorate
+
+
+data_options = data_options_with("synthetic-freq")
+
+
+def model_options(model: str, width: int, epochs: int, epochs_help: str = "Training epochs"):
+    """--model/-M/--checkpoint/--epochs of the analysis commands (train a small model, or load one)."""
+    def decorate(f):
+        decorators = [
+            click.option("--model", default=model, show_default=True,
+                         help="Architecture to train when no --checkpoint is given."),
+            click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=(f"width={width}",),
+                         show_default=True, help=f"Model option (default width={width}: minutes on a CPU)."),
+            click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+                         help="A checkpoint written by `shortcut-fast train` (skips training)."),
+            click.option("--epochs", type=int, default=epochs, show_default=True,
+                         help=f"{epochs_help} when no --checkpoint is given."),
+        ]
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return decorate
 
 
 def _load_data(data, data_root, download, bias_band, conflict_ratio, data_option, seed):
@@ -232,12 +262,7 @@ def spectrum(data, data_root, download, bias_band, conflict_ratio, data_option, 
 
 @main.command("freq-probe")
 @data_options
-@click.option("--model", default="resnet18", help="Architecture to train when no --checkpoint is given.")
-@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=16",),
-              help="Model option (default width=16: minutes on a CPU).")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A checkpoint written by `shortcut-fast train` (skips training).")
-@click.option("--epochs", type=int, default=4, help="Training epochs when no --checkpoint is given.")
+@model_options("resnet18", width=16, epochs=4)
 @click.option("--method", type=click.Choice(["loss", "greedy", "gradient"]), default="loss")
 @click.option("--patch", type=int, default=2, help="Patch size p of the shifted spectrum (1: single pairs).")
 @click.option("--top-percent", type=float, default=5.0, help="DFM size in % of all frequencies.")
@@ -380,23 +405,9 @@ def _freq_probe_summary(result, data: str, out: Path) -> None:
 
 # ---- complexity command (owner: experiments/complexity.py) ----
 
-def _complexity_data_options(f):
-    """data_options with --data defaulting to colored-digits (offline, a planted color shortcut)."""
-    f = data_options(f)
-    for param in f.__click_params__:
-        if param.name == "data":
-            param.default = "colored-digits"
-    return f
-
-
 @main.command()
-@_complexity_data_options
-@click.option("--model", default="resnet20", help="Architecture to train when no --checkpoint is given.")
-@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=8",),
-              help="Model option (default width=8: minutes on a CPU).")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A checkpoint written by `shortcut-fast train` (skips training).")
-@click.option("--epochs", type=int, default=6, help="Training epochs when no --checkpoint is given.")
+@data_options_with("colored-digits")
+@model_options("resnet20", width=8, epochs=6)
 @click.option("--layers", default=None, help="Comma-separated block names (default: every block of the model).")
 @click.option("--directions", default="nmf:64", help="Features: nmf:K, pca:K or a directions file.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -491,17 +502,6 @@ def _complexity_summary(result, data: str, out: Path, top: int = 5) -> None:
 
 # ---- memorization and mitigate commands (owner: experiments/memorization.py) ----
 
-def _data_options_defaulting_to(name: str):
-    """data_options with another default --data (these experiments need a dataset with groups)."""
-    def decorate(f):
-        f = data_options(f)
-        for param in f.__click_params__:
-            if param.name == "data":
-                param.default = name
-        return f
-    return decorate
-
-
 def _erm_model(model, model_option, checkpoint, splits, seed, epochs, device, model_dir: Path, resume, quiet,
                keep_every=0):
     """The model to analyse: --checkpoint, or one trained here by plain ERM (kept in model_dir, resumable)."""
@@ -523,13 +523,8 @@ def _erm_model(model, model_option, checkpoint, splits, seed, epochs, device, mo
 
 
 @main.command()
-@_data_options_defaulting_to("colored-digits")
-@click.option("--model", default="small-cnn", help="Architecture to train when no --checkpoint is given.")
-@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", default=("width=16",),
-              help="Model option (default width=16: minutes on a CPU).")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A checkpoint written by `shortcut-fast train` (skips training).")
-@click.option("--epochs", type=int, default=15, help="ERM training epochs when no --checkpoint is given.")
+@data_options_with("colored-digits")
+@model_options("small-cnn", width=16, epochs=15, epochs_help="ERM training epochs")
 @click.option("--layers", default=None, help="Comma-separated layer names (default: up to 4 blocks of the model).")
 @click.option("--mode", type=click.Choice(["zero", "mean", "noise", "rewind"]), default="zero",
               help="What replaces an ablated channel.")
@@ -596,7 +591,7 @@ def _num_or_nan(v) -> float:
 
 
 @main.command()
-@_data_options_defaulting_to("colored-digits")
+@data_options_with("colored-digits")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The ERM checkpoint to start from (default: train one here with --model).")
 @click.option("--model", default="small-cnn", help="Architecture of the ERM model trained when no --checkpoint.")
