@@ -2,6 +2,9 @@
 # One call on a lent GPU machine (see the device tool): build the extension there, run the
 # GPU-marked tests and every benchmark; results append to bench/results/<gpu>.jsonl.
 # Usage (repo root): bash bench/gpu_check.sh [benchmark names...]
+# The device allows 600 s per call: the build plus the tests fit in one call, but the
+# probes (N = 50,000 vs RidgeCV) and ablation-sweep (10,000 images vs captum) benchmarks
+# may not; name one or two benchmarks per call after the first.
 set -euo pipefail
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SHORTCUT_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
