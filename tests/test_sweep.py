@@ -123,6 +123,21 @@ def test_torchvision_resnet():
     assert tv.net.layer1[0].relu.inplace
 
 
+def test_timm_convnext_blocks():
+    """ConvNeXt-style blocks: depthwise conv, channels-last LayerNorm / MLP (channel axis last)."""
+    pytest.importorskip("timm")
+    net = build_model("timm:convnext_atto", num_classes=4, image_size=32).eval()
+    data = _data(n=4, size=32)
+    block = "net.stages.1.blocks.0"
+    layers = [f"{block}.conv_dw", f"{block}.mlp.act", "net.stages.2"]
+    kw = dict(channels=[0, 5, 31], channel_sets=[[1, 2]], return_outputs=True)
+    fast = channel_ablation_sweep(net, layers, data, **kw)
+    ref = channel_ablation_reference(net, layers, data, **kw)
+    for layer in layers:
+        assert fast[layer].method == "fx"
+        _compare(fast[layer], ref[layer])
+
+
 @pytest.mark.parametrize("name,layers", [
     ("resnet20", ["layer2.0", "layer1.1.conv1"]), ("vgg11", ["conv2", "conv3"]),
     ("small-cnn", ["conv2"]), ("mlp", ["fc1"])])
