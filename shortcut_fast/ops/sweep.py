@@ -554,7 +554,11 @@ class _Point:
                              method="fx")
             last = sm.chain_nodes[-1]
             if last.op != "call_module":
-                raise NotImplementedError("the reference hooks modules; this activation is a function")
+                # The hook loop can only modify module outputs; the fast path has no such limit.
+                raise NotImplementedError(
+                    f"channel_ablation_reference: layer {layer!r} with where='post-activation' ends in the "
+                    f"function {getattr(last.target, '__name__', last.target)}, not a module, so it cannot be hooked; use "
+                    f"channel_ablation_sweep, or name the activation module with where='output'")
             self.modules = [c.target for c in sm.chain_nodes]
             self.module, self.call_index = last.target, sm.act_call_index
         else:
