@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
+from shortcut_fast.models.introspect import pool_block_output
 from shortcut_fast.ops.directions import Directions, fit_directions
 from shortcut_fast.ops.probes import ProbeStats, fit_linear_probes
 from shortcut_fast.report import read_json, write_csv, write_json
@@ -151,17 +152,6 @@ class ComplexityResult:
 # Extraction
 
 
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    """Spatial (N,C,H,W) or token (N,T,D) average, as models.block_outputs(pool=True)."""
-    if t.dim() == 4:
-        return t.mean(dim=(2, 3))
-    if t.dim() == 3:
-        return t.mean(dim=1)
-    if t.dim() == 2:
-        return t
-    raise ValueError(f"cannot pool a block output of shape {tuple(t.shape)}")
-
-
 def capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
             features_fn: Callable | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Pooled outputs of `layers` and the penultimate activations, from ONE forward pass."""
@@ -174,7 +164,7 @@ def capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
             if name not in captured:
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"output of {name!r} is a {type(out).__name__}, not a tensor")
-                captured[name] = _pool(out)
+                captured[name] = pool_block_output(out)
         return hook
 
     handles = [get_submodule(model, n).register_forward_hook(make_hook(n)) for n in layers]

@@ -45,7 +45,8 @@ def model_blocks(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def _pool(t: torch.Tensor) -> torch.Tensor:
+def pool_block_output(t: torch.Tensor) -> torch.Tensor:
+    """Spatial (N, C, H, W) or token (N, T, D) average; 2-D outputs as they are."""
     if t.dim() == 4:  # (N, C, H, W): spatial average
         return t.mean(dim=(2, 3))
     if t.dim() == 3:  # (N, T, D) tokens: average over tokens
@@ -81,7 +82,7 @@ def block_outputs(model: nn.Module, x: torch.Tensor, names: Optional[Sequence[st
                 return
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"output of {name!r} is a {type(output).__name__}, not a tensor")
-            captured[name] = _pool(output) if pool else output
+            captured[name] = pool_block_output(output) if pool else output
             if len(captured) == len(names):
                 raise _StopForward
         return hook
