@@ -73,21 +73,63 @@ def format_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join([line, sep] + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body])
 
 
-def progress_ticker(total: int, desc: str, enabled: bool = True):
-    """tick(n) advances a tqdm bar by n, tick(None) closes it; a no-op when not enabled."""
-    if not enabled:
-        return lambda n: None
-    from tqdm.auto import tqdm
+class Progress:
+    """Progress of one loop: a tqdm bar on a terminal, else one log line when it ends (and at
+    most one line every `every` seconds while it runs), nothing when not enabled.
 
-    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    update(n) advances it, set_postfix(...) shows figures, close() ends it; calling it as
+    tick(n) / tick(None) does the same (the form the experiment loops use).
+    """
 
-    def tick(n):
-        if n is None:
-            bar.close()
+    def __init__(self, total: int, desc: str, enabled: bool = True, *, every: float = 30.0):
+        import sys
+        import time
+
+        self.total, self.desc, self.enabled, self.every = total, desc, enabled, every
+        self.done, self.postfix, self._time = 0, {}, time.perf_counter
+        self.start = self._last = self._time()
+        self._bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._time() - self._last >= self.every:
+            self._line()
+
+    def set_postfix(self, **figures) -> None:
+        self.postfix.update(figures)
+        if self._bar is not None:
+            self._bar.set_postfix(**figures)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         else:
-            bar.update(n)
+            self._line()
+        self.enabled = False
 
-    return tick
+    def _line(self) -> None:
+        self._last = self._time()
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {self.done}/{self.total} in {self._last - self.start:.1f} s{extra}", flush=True)
+
+    def __call__(self, n: int | None) -> None:
+        self.close() if n is None else self.update(n)
+
+
+def progress_ticker(total: int, desc: str, enabled: bool = True) -> Progress:
+    """The progress of one loop (see Progress); tick(n) advances it, tick(None) ends it."""
+    return Progress(total, desc, enabled)
 
 
 def _pyplot():
