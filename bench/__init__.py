@@ -12,7 +12,7 @@ BENCHMARKS = {
     "class-spectrum": "shortcut_fast.bench.class_spectrum",
     "band-filter": "shortcut_fast.bench.band_filter",
     "dfm-search": "shortcut_fast.bench.dfm_search",
-    "probes": "shortcut_fast.bench.probes",
+    "probe-stats": "shortcut_fast.bench.probe_stats",
     "ablation-sweep": "shortcut_fast.bench.ablation_sweep",
 }
 

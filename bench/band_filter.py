@@ -10,7 +10,7 @@ import torch
 from shortcut_fast.backends import backend_status
 from shortcut_fast.bench.common import BenchRow, hbm_fraction, record, time_fn
 from shortcut_fast.ops import freq
-from shortcut_fast.ops.filtering import band_filter, remove_frequencies
+from shortcut_fast.ops.band_filter import band_filter, remove_frequencies
 
 
 def _loop_baseline(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

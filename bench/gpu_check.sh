@@ -3,7 +3,7 @@
 # GPU-marked tests and every benchmark; results append to bench/results/<gpu>.jsonl.
 # Usage (repo root): bash bench/gpu_check.sh [benchmark names...]
 # The device allows 600 s per call: the build plus the tests fit in one call, but the
-# probes (N = 50,000 vs RidgeCV) and ablation-sweep (10,000 images vs captum) benchmarks
+# probe-stats (N = 50,000 vs RidgeCV) and ablation-sweep (10,000 images vs captum) benchmarks
 # may not; name one or two benchmarks per call after the first.
 set -euo pipefail
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"

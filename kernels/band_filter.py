@@ -1,4 +1,4 @@
-"""Triton kernels of band_filter and remove_frequencies (shortcut_fast.ops.filtering).
+"""Triton kernels of band_filter and remove_frequencies (shortcut_fast.ops.band_filter).
 
 band_filter_op(x, weights)[k, b, c] = Re(ifft2(fft2(x[b, c]) * weights[k]))
 -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Triton kernel of probe_stats (shortcut_fast.ops.probes): linear-probe statistics of a chunk.
+"""Triton kernel of probe_stats (shortcut_fast.ops.probe_stats): linear-probe statistics of a chunk.
 
     probe_stats_op(x, z) = (x^T x, x^T z, sum_n x, sum_n z, sum_n z^2)
 

@@ -5,7 +5,7 @@ import torch
 from conftest import FAST_BACKENDS, TOLERANCES
 from shortcut_fast.backends import BackendUnavailable, backend_status
 from shortcut_fast.ops import freq
-from shortcut_fast.ops.filtering import (band_filter, band_filter_chunks, band_filter_reference, prepare_masks,
+from shortcut_fast.ops.band_filter import (band_filter, band_filter_chunks, band_filter_reference, prepare_masks,
                                          remove_frequencies, remove_frequencies_chunks,
                                          remove_frequencies_reference)
 

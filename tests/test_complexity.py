@@ -14,7 +14,7 @@ from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import complexity as cx
 from shortcut_fast.models import Classifier, block_outputs, build_model, features_and_head
 from shortcut_fast.ops.directions import Directions
-from shortcut_fast.ops.probes import fit_probes
+from shortcut_fast.ops.probe_stats import fit_probes
 from shortcut_fast.train import TrainConfig, train
 
 

@@ -12,7 +12,7 @@ from shortcut_fast.cli import main
 from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.ops import freq
-from shortcut_fast.ops.filtering import band_filter, remove_frequencies
+from shortcut_fast.ops.band_filter import band_filter, remove_frequencies
 from shortcut_fast.train import TrainConfig, train
 
 PLANTED = (3, 5)

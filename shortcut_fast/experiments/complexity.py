@@ -7,7 +7,7 @@ spatially average-pooled):
 
 - V-information I_V(f_l(x) -> z): with the linear-Gaussian family and z standardized by
   its probe-train mean and std, the held-out R^2 of the best ridge predictor, clipped at 0
-  (ops.probes: one streaming pass of sufficient statistics per layer, every feature and
+  (ops.probe_stats: one streaming pass of sufficient statistics per layer, every feature and
   every ridge alpha solved at once, alpha chosen per feature).
 - complexity K(z) = 1 - mean over layers of I_V: near 0 simple (decodable at the first
   block already), near 1 complex.
@@ -52,7 +52,7 @@ from torch import nn
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
 from shortcut_fast.ops.directions import Directions, fit_directions
-from shortcut_fast.ops.probes import ProbeStats, fit_linear_probes
+from shortcut_fast.ops.probe_stats import ProbeStats, fit_linear_probes
 from shortcut_fast.report import read_json, write_csv, write_json
 
 HELDOUT_SPLITS = ("val", "test")
@@ -67,11 +67,11 @@ class ComplexityConfig:
     heldout_split: str = "val"  # where V-information and importance are measured
     max_heldout: int | None = 1000  # held-out images (None: the whole split)
     direction_images: int = 2000  # probe-train images whose penultimate activations fit the directions
-    alphas: list[float] | None = None  # ridge grid (None: the ops.probes default)
+    alphas: list[float] | None = None  # ridge grid (None: the ops.probe_stats default)
     batch_size: int = 256  # images per forward chunk (bounds memory with the probe statistics)
     dtype: str | None = None  # probe statistics: None = float64 on the CPU, float32 on a GPU
     backend: str = "auto"
-    max_bytes: int | None = None  # workspace of the probe solve (None: the ops.probes default)
+    max_bytes: int | None = None  # workspace of the probe solve (None: the ops.probe_stats default)
     decodable_fraction: float = 0.9
     top_fraction: float = 0.1  # "most important features": this fraction, by importance
     seed: int = 0
@@ -285,7 +285,7 @@ def _fit_directions(model, dataset, index, cfg, device) -> tuple[Directions, tor
 
 
 def _standardize(codes, mean, std):
-    # Dead features (std 0) stay constant (0): ops.probes gives constant targets V-information 0.
+    # Dead features (std 0) stay constant (0): ops.probe_stats gives constant targets V-information 0.
     return (codes - mean.to(codes.device)) / torch.where(std > 0, std, torch.ones_like(std)).to(codes.device)
 
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast.ops import freq
-from shortcut_fast.ops.filtering import band_filter_chunks, remove_frequencies, remove_frequencies_chunks
-from shortcut_fast.ops.spectrum import ClassSpectrum, adcs
+from shortcut_fast.ops.band_filter import band_filter_chunks, remove_frequencies, remove_frequencies_chunks
+from shortcut_fast.ops.class_spectrum import ClassSpectrum, adcs
 from shortcut_fast.report import progress_ticker, read_json, write_json
 
 METHODS = ("loss", "greedy", "gradient")

@@ -1,13 +1,13 @@
 """Public ops: argument checks, backend choice and the pure-PyTorch references.
 
-One module per op family: spectrum / filtering / freq (frequency shortcuts), probes /
+One module per op family: class_spectrum / band_filter / freq (frequency shortcuts), probe_stats /
 probe_training / directions (V-information), ablation / sweep (channel ablation).
 """
 from shortcut_fast.ops.ablation import channel_ablate, channel_masks, group_outcomes
 from shortcut_fast.ops.directions import Directions, fit_directions, nmf, nnls_codes, pca
 from shortcut_fast.ops.probe_training import train_probes
-from shortcut_fast.ops.probes import ProbeStats, accumulate_probe_stats, fit_linear_probes, fit_probes, probe_stats
-from shortcut_fast.ops.spectrum import (
+from shortcut_fast.ops.probe_stats import ProbeStats, accumulate_probe_stats, fit_linear_probes, fit_probes, probe_stats
+from shortcut_fast.ops.class_spectrum import (
     ClassSpectrum,
     adcs,
     class_spectrum_sum,

@@ -10,7 +10,7 @@ from sklearn.metrics import r2_score
 
 from conftest import FAST_BACKENDS, TOLERANCES
 from shortcut_fast.backends import BackendUnavailable, backend_status
-from shortcut_fast.ops.probes import (DEFAULT_ALPHA_FACTORS, LinearProbes, ProbeStats, accumulate_probe_stats,
+from shortcut_fast.ops.probe_stats import (DEFAULT_ALPHA_FACTORS, LinearProbes, ProbeStats, accumulate_probe_stats,
                                       fit_linear_probes, fit_probes, probe_stats, probe_stats_reference)
 
 SHAPES = [

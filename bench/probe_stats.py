@@ -3,7 +3,7 @@ scikit-learn.
 
 Task (EXPERIMENTS.md section 2): for every target k, ridge probes x -> z_k with intercept for
 every alpha of one grid, alpha chosen per target by held-out error, held-out R^2 reported.
-- fast path: ops.probes.accumulate_probe_stats on the train and held-out splits (one GEMM
+- fast path: ops.probe_stats.accumulate_probe_stats on the train and held-out splits (one GEMM
   pass each) + fit_linear_probes (one eigendecomposition for every alpha and target).
 - baseline (a): a Python loop of sklearn Ridge, one fit per (target, alpha), scored on the
   held-out split; timed on a subset of targets and scaled linearly to all of them (each
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from shortcut_fast.bench.common import BenchRow, record, time_cpu, time_cuda
-from shortcut_fast.ops.probes import accumulate_probe_stats, fit_linear_probes
+from shortcut_fast.ops.probe_stats import accumulate_probe_stats, fit_linear_probes
 
 TF32_PEAK = 495e12
 ALPHA_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times N: one grid for every method
