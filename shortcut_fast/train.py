@@ -19,7 +19,6 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shortcut_fast.report import write_json
+from shortcut_fast.report import Progress
+from shortcut_fast.run_folder import Store, load_state_file, settings_diff
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -66,6 +66,12 @@ class TrainConfig:
             ("select", self.select in SELECT_METRICS, f"one of {SELECT_METRICS}"),
             ("lr", self.lr is None or self.lr > 0, "a positive float"),
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, f"in [0, epochs={self.epochs}]"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "an int >= 1"),
+            ("keep_every", self.keep_every >= 0, "an int >= 0 (0: keep no epoch checkpoints)"),
+            ("max_steps_per_epoch", self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+             "None or an int >= 1"),
+            ("weight_decay", self.weight_decay >= 0, "a float >= 0"),
+            ("num_workers", self.num_workers >= 0, "an int >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -102,11 +108,20 @@ class TrainResult:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'; anything else is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available here: got {device!r} but torch sees no CUDA device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: torch sees no CUDA device here (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
 
 
@@ -270,17 +285,12 @@ def _select_score(result: EvalResult, metric: str) -> float:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, map_location="cpu") -> dict:
-    """Load a checkpoint written by `train`; with `model`, also load its weights into it."""
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    """Load a checkpoint written by `train` (weights_only: a .pt never runs code); with
+    `model`, also load its weights into it."""
+    state = load_state_file(path, map_location=map_location, what="checkpoint")
     if model is not None:
         model.load_state_dict(state["model"] if "model" in state else state)
     return state
-
-
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a truncated checkpoint behind
 
 
 def train(
@@ -288,14 +298,17 @@ def train(
     splits,
     config: TrainConfig | None = None,
     *,
-    out_dir: str | os.PathLike | None = None,
-    resume: bool = False,
+    store: Store | None = None,
     progress: bool = True,
     loss_fn: Callable | None = None,
     on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
     on_step_end: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `splits.train`, select on `splits.val`, report on test and extras.
+
+    store (a run_folder.Store, e.g. `run.sub("model")`): where best.pt, last.pt, epoch_NNN.pt
+    and history.json go; when the run is resuming and last.pt is there, training continues
+    from it (the run folder has already checked that the settings are the same).
 
     loss_fn(model, x, y, a) -> scalar overrides plain cross-entropy (e.g. for mitigation
     objectives). on_epoch_end(epoch, model, record) runs after each epoch's evaluation;
@@ -307,9 +320,6 @@ def train(
     use_amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
     seed_everything(cfg.seed)
     model = model.to(device)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
 
     train_batches = Batches(splits.train, cfg.batch_size, device, num_workers=cfg.num_workers)
     steps_per_epoch = len(train_batches)
@@ -330,16 +340,12 @@ def train(
     best_weights = None
     start_epoch = 0
     best_epoch, best_score = -1, -math.inf
-    if resume:
-        last = out / "last.pt" if out is not None else None
-        if last is None or not last.exists():
-            raise FileNotFoundError(f"resume: no checkpoint to resume from at {last} (train once without --resume)")
-        state = load_checkpoint(last, model, map_location=device)
-        if state.get("config") != dataclasses.asdict(cfg):
-            changed = {k for k, v in dataclasses.asdict(cfg).items() if state.get("config", {}).get(k) != v}
-            changed.discard("epochs")  # extending a finished run is allowed
-            if changed:
-                raise ValueError(f"resume: config differs from the checkpoint's in {sorted(changed)}")
+    state = store.load_state("last.pt", map_location=device) if store is not None else None
+    if state is not None:
+        changed = settings_diff(state.get("config", {}), dataclasses.asdict(cfg))
+        if changed:  # the run folder refuses this first; a library caller may pass any store
+            raise ValueError(f"resume: the training config differs from {store.file('last.pt')} ({'; '.join(changed)})")
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
@@ -352,7 +358,7 @@ def train(
         order = torch.randperm(len(splits.train), generator=gen)
         loss_total = torch.zeros((), device=device)
         seen = 0
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         epoch_start = time.perf_counter()
         for step, (x, y, a) in enumerate(train_batches.iterate(order)):
             if step >= steps_per_epoch:
@@ -368,8 +374,7 @@ def train(
             seen += y.numel()
             if on_step_end is not None:
                 on_step_end(epoch * steps_per_epoch + step + 1, model)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
         train_seconds = time.perf_counter() - epoch_start
         if not torch.isfinite(loss_total):  # checked once per epoch: no per-step device sync
             raise FloatingPointError(f"training loss became non-finite in epoch {epoch + 1}; "
@@ -384,34 +389,34 @@ def train(
             "seconds": train_seconds,
         }
         history.append(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val.accuracy:.3f}")
-            bar.close()
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val.accuracy:.3f}")
+        bar.close()
         score = epoch if cfg.select == "last" else _select_score(val, cfg.select)
         improved = score > best_score
         weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model_config = getattr(model, "build_config", None)  # lets models.model_from_checkpoint rebuild it
         if improved:
             best_epoch, best_score, best_weights = epoch, score, weights
-        if out is not None:
+        if store is not None:
             if improved:
-                _save(out / "best.pt", {"model": weights, "epoch": epoch, "model_config": model_config})
+                store.save_state("best.pt", {"model": weights, "epoch": epoch, "model_config": model_config})
             if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
-                _save(out / f"epoch_{epoch + 1:03d}.pt", {"model": weights, "epoch": epoch, "model_config": model_config})
-            _save(out / "last.pt", {
+                store.save_state(f"epoch_{epoch + 1:03d}.pt",
+                                 {"model": weights, "epoch": epoch, "model_config": model_config})
+            store.save_state("last.pt", {
                 "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "history": history, "best_epoch": best_epoch, "best_score": best_score,
                 "config": dataclasses.asdict(cfg), "model_config": model_config,
             })
-            write_json(history, out / "history.json")
+            store.save_json("history.json", history)
         if on_epoch_end is not None:
             on_epoch_end(epoch, model, record)
 
     seconds = time.perf_counter() - t0
     if best_weights is not None:
         model.load_state_dict(best_weights)
-    elif out is not None and (out / "best.pt").exists():  # resumed a run that had already finished
-        load_checkpoint(out / "best.pt", model, map_location=device)
+    elif store is not None and store.has("best.pt"):  # resumed a run that had already finished
+        load_checkpoint(store.file("best.pt"), model, map_location=device)
     final = {"test": evaluate_split(splits.test), "val": evaluate_split(splits.val)}
     for name, dataset in (getattr(splits, "extra", None) or {}).items():
         final[name] = evaluate_split(dataset)
@@ -422,13 +427,5 @@ def train(
         history=history,
         final=final,
         seconds=seconds,
-        out_dir=str(out) if out is not None else None,
+        out_dir=str(store.root) if store is not None else None,
     )
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -30,16 +30,14 @@ Dynamics (a folder of epoch_NNN.pt checkpoints): for every checkpoint t,
     mean complexity, and the Spearman correlation of importance vs complexity.
 Both use one pass over the checkpoint's layers with the two target sets concatenated.
 
-Resume: with out_dir, the fitted directions, the final model's per-layer probe statistics
-(ProbeStats state dicts) and every finished checkpoint are saved under out_dir/partial;
-resume=True reuses them (a pass interrupted in the middle is redone from its start).
+Resume: with a run-folder store, the fitted directions, the final model's per-layer probe
+statistics (ProbeStats state dicts) and every finished checkpoint are saved in it; a resuming
+run reuses them (a pass interrupted in the middle is redone from its start).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -49,11 +47,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
 from shortcut_fast.ops.directions import Directions, fit_directions
 from shortcut_fast.ops.probe_stats import ProbeStats, fit_linear_probes
-from shortcut_fast.report import read_json, write_csv, write_json
+from shortcut_fast.report import Progress, write_csv, write_json
+from shortcut_fast.run_folder import Store, file_digest, load_state_file
 
 HELDOUT_SPLITS = ("val", "test")
 _SPEC = re.compile(r"^(nmf|pca):([0-9]+)$")
@@ -247,26 +247,6 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
 # One analysis pass of a model (final model or checkpoint)
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation with average ranks for ties (NaN if either is constant)."""
-    def ranks(v):
-        v = v.double()
-        order = torch.argsort(v)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        _, inverse = torch.unique(v, return_inverse=True)  # ties: average rank
-        sums = torch.zeros(int(inverse.max()) + 1, dtype=torch.float64).index_add_(0, inverse, r)
-        counts = torch.zeros_like(sums).index_add_(0, inverse, torch.ones_like(r))
-        return (sums / counts)[inverse]
-
-    if a.numel() < 2:
-        return float("nan")
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
 def _penultimate(model, dataset, index, batch_size, device) -> torch.Tensor:
     features_fn, _ = features_and_head(model)
     out = []
@@ -351,12 +331,7 @@ class _Pass:
 
 def _stream(p: _Pass, splits_data, batch_size, device, progress, desc):
     """Feed (split, dataset, index) triples through the pass, in chunks."""
-    bar = None
-    total = sum(len(index) for _, _, index in splits_data)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    bar = Progress(sum(len(index) for _, _, index in splits_data), desc, progress)
     with torch.no_grad():
         for split, dataset, index in splits_data:
             for sl in _chunks(len(index), batch_size):
@@ -367,10 +342,8 @@ def _stream(p: _Pass, splits_data, batch_size, device, progress, desc):
                 else:
                     x, p.labels = _get_images(dataset, idx, device), None
                 p.update(split, x)
-                if bar is not None:
-                    bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+                bar.update(len(idx))
+    bar.close()
 
 
 def _images_and_labels(dataset, index, device):
@@ -406,7 +379,7 @@ def _summaries(v_info: torch.Tensor, importance: torch.Tensor, alive: torch.Tens
     rest = torch.ones(idx.numel(), dtype=torch.bool)
     rest[top] = False
     return {"complexity": complexity,
-            "spearman": _spearman(imp, c),
+            "spearman": spearman(imp, c),
             "top": float(c[top].mean()),
             "rest": float(c[rest].mean()) if bool(rest.any()) else float("nan")}
 
@@ -431,13 +404,8 @@ def list_checkpoints(folder) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _file_stamp(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
 def _load_like(model: nn.Module, path: Path, device) -> nn.Module:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state_file(path, what="checkpoint")
     weights = state["model"] if isinstance(state, dict) and "model" in state else state
     other = copy.deepcopy(model)
     try:
@@ -451,28 +419,17 @@ def _load_like(model: nn.Module, path: Path, device) -> nn.Module:
 # The experiment
 
 
-def _fingerprint(cfg: ComplexityConfig, layers, model: nn.Module, n_train: int, n_heldout: int) -> str:
-    """What partial results depend on: the config, the layers, the sample sizes and the weights."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"cfg": dataclasses.asdict(cfg), "layers": list(layers), "n": [n_train, n_heldout]},
-                        sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().sum().double().numpy().tobytes())
-        h.update(str(tuple(t.shape)).encode())
-    return h.hexdigest()[:16]
-
-
 def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None, *,
-                   out_dir: str | Path | None = None, checkpoints: str | Path | None = None,
-                   resume: bool = False, device="cpu", progress: bool = True) -> ComplexityResult:
+                   store: Store | None = None, checkpoints: str | Path | None = None,
+                   device="cpu", progress: bool = True) -> ComplexityResult:
     """Feature complexity, per-layer decodability, importance and (with checkpoints) dynamics.
 
     splits: DatasetSplits (probe-train = splits.train capped at cfg.max_images, held-out =
     splits.<cfg.heldout_split> capped at cfg.max_heldout). checkpoints: a folder of
     epoch_NNN.pt files of the same architecture (from `train(..., keep_every=k)`).
-    With out_dir: result.json, features.csv, figures, and partial results under
-    out_dir/partial that resume=True reuses.
+    With a store (e.g. `run.partial` of a RunFolder): the final model's pass and every
+    finished checkpoint are saved there, and a resuming run reuses them. Nothing else is
+    written: `write_outputs` writes result.json, features.csv and the figures.
     """
     t0 = time.perf_counter()
     cfg = cfg or ComplexityConfig()
@@ -491,23 +448,9 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
     direction_index = train_index[:cfg.direction_images]
     dtype = _stats_dtype(cfg, device)
 
-    partial = Path(out_dir) / "partial" if out_dir is not None else None
-    fingerprint = _fingerprint(cfg, layers, model, len(train_index), len(heldout_index))
-    if partial is not None:
-        partial.mkdir(parents=True, exist_ok=True)
-        stamp = partial / "fingerprint.json"
-        if resume and stamp.exists() and read_json(stamp).get("fingerprint") != fingerprint:
-            raise ValueError(f"resume: {partial} holds results of another model or configuration "
-                             f"(remove it or run without --resume)")
-        if not resume:
-            for old in list(partial.glob("*.pt")) + list(partial.glob("*.json")):
-                old.unlink()
-        write_json({"fingerprint": fingerprint}, stamp)
-
     # 1. directions of the final model, and the standardization of their codes
-    final_path = partial / "final.pt" if partial is not None else None
-    if resume and final_path is not None and final_path.exists():
-        saved = torch.load(final_path, map_location="cpu", weights_only=False)
+    saved = store.load_state("final.pt") if store is not None else None
+    if saved is not None:
         directions = Directions.from_state_dict(saved["directions"])
         mean, std = saved["mean"], saved["std"]
         pass_state = saved["pass"]
@@ -517,9 +460,9 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
                 cfg.batch_size, device, progress, "complexity: final model")
         pass_state = p.state_dict()
-        if final_path is not None:
-            torch.save({"directions": directions.state_dict(), "mean": mean, "std": std, "pass": pass_state},
-                       final_path)
+        if store is not None:
+            store.save_state("final.pt", {"directions": directions.state_dict(), "mean": mean, "std": std,
+                                          "pass": pass_state})
 
     k = directions.components.shape[0]
     v_info = _v_information(pass_state["stats"], layers, cfg.alphas, cfg.max_bytes)  # (k, L)
@@ -536,10 +479,10 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         final_features_fn, _ = features_and_head(model)
         per_ckpt = []
         for epoch, path in ckpts:
-            done = partial / f"checkpoint_{epoch:03d}.json" if partial is not None else None
-            stamp = _file_stamp(path)
-            if resume and done is not None and done.exists():
-                entry = read_json(done)
+            done = f"checkpoint_{epoch:03d}.json"
+            stamp = file_digest(path)
+            entry = store.load_json(done) if store is not None else None
+            if entry is not None:
                 if entry.get("stamp") == stamp:  # the same checkpoint file as when it was analysed
                     per_ckpt.append(entry)
                     continue
@@ -562,8 +505,8 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
                      "spearman_importance_complexity": s["spearman"],
                      "mean_complexity_top_importance": s["top"], "mean_complexity_rest": s["rest"],
                      "decodability": dict(zip(layers, vi[:k_own].mean(0).tolist()))}
-            if done is not None:
-                write_json(entry, done)
+            if store is not None:
+                store.save_json(done, entry)
             per_ckpt.append(entry)
             del other
         dynamics = _dynamics(per_ckpt, (1 - summary["complexity"]).nan_to_num(0.0), cfg.decodable_fraction)
@@ -581,8 +524,6 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         feature_std=std.tolist(), spearman_importance_complexity=summary["spearman"],
         mean_complexity_top_importance=summary["top"], mean_complexity_rest=summary["rest"],
         dead_features=int((~alive).sum()), dynamics=dynamics, seconds=time.perf_counter() - t0)
-    if out_dir is not None:
-        write_outputs(result, out_dir)
     return result
 
 
@@ -625,10 +566,10 @@ def _dynamics(per_ckpt: list[dict], final_v: torch.Tensor, fraction: float) -> d
 # Outputs
 
 
-def write_outputs(result: ComplexityResult, out_dir) -> None:
-    """result.json, features.csv and the figures."""
+def write_outputs(result: ComplexityResult, out_dir, record: dict | None = None) -> None:
+    """result.json (the result inside `record` when given), features.csv and the figures."""
     out = Path(out_dir)
-    write_json(result, out / "result.json")
+    write_json(result if record is None else {**record, "result": result}, out / "result.json")
     write_csv(result.feature_rows(), out / "features.csv")
     write_figures(result, out)
 

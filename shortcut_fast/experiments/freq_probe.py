@@ -29,17 +29,18 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops import freq
 from shortcut_fast.ops.band_filter import band_filter_chunks, remove_frequencies, remove_frequencies_chunks
 from shortcut_fast.ops.class_spectrum import ClassSpectrum, adcs
-from shortcut_fast.report import progress_ticker, read_json, write_json
+from shortcut_fast.report import progress_ticker
+from shortcut_fast.run_folder import Store
 
 METHODS = ("loss", "greedy", "gradient")
 
@@ -225,16 +226,6 @@ def gradient_scores(model: nn.Module, images: torch.Tensor, label: int, candidat
     return -(masks.flatten(1) @ density.flatten()).cpu().float() / images.shape[0]
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() < 2:
-        return float("nan")
-    ra = torch.argsort(torch.argsort(a)).double()
-    rb = torch.argsort(torch.argsort(b)).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
 # ---------------------------------------------------------------------------------------
 # Tables
 
@@ -258,17 +249,24 @@ def predict_filtered(model: nn.Module, images: torch.Tensor, masks: torch.Tensor
 
 
 def shortcut_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dfms: torch.Tensor,
-                   **kwargs) -> list[dict]:
-    """TPR_c and FPR_c of every class's DFM over ALL images (EXPERIMENTS.md section 1)."""
+                   classes: Sequence[int] | None = None, **kwargs) -> list[dict]:
+    """TPR_c and FPR_c of every class's DFM over ALL images (EXPERIMENTS.md section 1).
+
+    dfms[i] is the DFM of class classes[i] (default: class i), so a subset such as
+    classes=[3] scores DFM 0 as class 3's.
+    """
+    classes = list(range(dfms.shape[0])) if classes is None else [int(c) for c in classes]
+    if len(classes) != dfms.shape[0]:
+        raise ValueError(f"classes must name one class per DFM: {len(classes)} classes for {dfms.shape[0]} DFMs")
     preds = predict_filtered(model, images, dfms, "pass", **kwargs)
     labels = labels.cpu()
     rows = []
-    for c in range(dfms.shape[0]):
+    for i, c in enumerate(classes):
         is_c = labels == c
         positives, negatives = int(is_c.sum()), int((~is_c).sum())
-        tp = int((preds[c][is_c] == c).sum())
-        fp = int((preds[c][~is_c] == c).sum())
-        rows.append({"class": c, "dfm_size": int(dfms[c].sum()),
+        tp = int((preds[i][is_c] == c).sum())
+        fp = int((preds[i][~is_c] == c).sum())
+        rows.append({"class": c, "dfm_size": int(dfms[i].sum()),
                      "tpr": tp / positives if positives else float("nan"),
                      "fpr": fp / negatives if negatives else float("nan"),
                      "positives": positives, "negatives": negatives})
@@ -390,19 +388,31 @@ def _all_images(dataset, device):
     return x.to(device), y.to(device)
 
 
-def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512,
-                 device="cpu") -> torch.Tensor:
+def class_spectra(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512, device="cpu",
+                  progress: bool = False) -> ClassSpectrum:
+    """One streaming pass over `dataset`: the per-class mean |FFT| accumulator."""
     acc = ClassSpectrum(num_classes, backend=backend)
+    bar = progress_ticker(len(dataset), "class spectra", progress)
     for start in range(0, len(dataset), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.labels.device)
         x, y, _ = dataset.get_batch(idx)
         acc.update(x.to(device), y.to(device))
+        bar(len(idx))
+    bar(None)
+    return acc
+
+
+def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512,
+                 device="cpu") -> torch.Tensor:
+    """ADCS maps of a dataset; a class without images scores 0 against the others."""
+    acc = class_spectra(dataset, num_classes, backend=backend, batch_size=batch_size, device=device)
     return adcs(acc.mean().nan_to_num(0.0))
 
 
 def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbeConfig, *,
-              partial_path: Path | None = None, progress=None) -> ClassDFM:
-    """One class's DFM by cfg.method (resumable through partial_path for the loss method)."""
+              store: Store | None = None, progress=None) -> ClassDFM:
+    """One class's DFM by cfg.method (the loss method saves its progress within the class in
+    `store` and, when the run is resuming, continues from it)."""
     t0 = time.perf_counter()
     cfg = cfg.resolved(images.device)
     H, W = images.shape[-2:]
@@ -416,8 +426,9 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
     details: dict = {"candidates": len(candidates), "patch": cfg.patch}
     if cfg.method == "loss":
         resume_from = None
-        if partial_path is not None and partial_path.exists():  # resume a class cut short
-            saved = read_json(partial_path)
+        progress_file = f"class_{label}.loss-progress.json"
+        saved = store.load_json(progress_file) if store is not None else None
+        if saved is not None:  # resume a class cut short
             resume_from = (torch.tensor([float("nan") if v is None else v for v in saved["losses"]]),
                            torch.tensor(saved["correct"], dtype=torch.long))
             if progress is not None:
@@ -425,8 +436,8 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         last_save = [0.0]
 
         def save(losses, correct):  # at most every few seconds: progress within a long class
-            if partial_path is not None and time.perf_counter() - last_save[0] > 5:
-                write_json({"label": label, "losses": losses, "correct": correct}, partial_path)
+            if store is not None and time.perf_counter() - last_save[0] > 5:
+                store.save_json(progress_file, {"label": label, "losses": losses, "correct": correct})
                 last_save[0] = time.perf_counter()
 
         losses, correct = candidate_losses(model, images, label, candidates, max_bytes=cfg.max_bytes,
@@ -448,12 +459,12 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         rest[top] = False
         scores[rest] = estimate[rest] - estimate.abs().max() - exact.abs().max() - 1  # below every exact one
         details.update(exact_evaluations=n_exact, estimate=estimate.tolist(),
-                       spearman_estimate_vs_exact_on_evaluated=_spearman(estimate[top], exact))
+                       spearman_estimate_vs_exact_on_evaluated=spearman(estimate[top], exact))
         if cfg.verify_gradient:
             full, _ = candidate_losses(model, images, label, candidates, **common, max_bytes=cfg.max_bytes)
             exact_dfm = dfm_from_scores(full, candidates, cfg.top_percent)
             fast_dfm = dfm_from_scores(scores, candidates, cfg.top_percent)
-            details.update(spearman_estimate_vs_exact_all=_spearman(estimate, full),
+            details.update(spearman_estimate_vs_exact_all=spearman(estimate, full),
                            dfm_jaccard_vs_exact=float((exact_dfm & fast_dfm).sum() / (exact_dfm | fast_dfm).sum()))
     keep = dfm_from_scores(scores, candidates, cfg.top_percent)
     return ClassDFM(label, images.shape[0], cfg.method, keep.nonzero().tolist(), int(keep.sum()),
@@ -468,13 +479,14 @@ def _dfm_mask(entry: ClassDFM, H: int, W: int) -> torch.Tensor:
     return mask
 
 
-def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: str | Path | None = None,
-                   resume: bool = False, device="cpu", ood_sets: dict | None = None, band_table: bool = False,
+def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Store | None = None,
+                   device="cpu", ood_sets: dict | None = None, band_table: bool = False,
                    progress: bool = True) -> FreqProbeResult:
     """ADCS, DFMs, the TPR/FPR table, the band-stop table and OOD transfer for a frozen model.
 
-    With out_dir, each finished class is written to out_dir/partial/class_<c>.json (and the
-    loss method's progress within a class); resume=True picks them up instead of redoing them.
+    With a store (e.g. `run.partial` of a RunFolder), each finished class is saved as
+    class_<c>.json (and the loss method's progress within a class); a resuming run picks
+    them up instead of redoing them.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -487,13 +499,6 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: s
     for c in classes:
         if not 0 <= c < num_classes:
             raise ValueError(f"classes must lie in [0, {num_classes}), got {c}")
-    partial = Path(out_dir) / "partial" if out_dir is not None else None
-    if partial is not None:
-        partial.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for old in partial.glob("*.json"):
-                old.unlink()
-
     kw = dict(batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, backend=cfg.backend, amp=cfg.amp)
     x_test, y_test = _all_images(test, device)
     with torch.inference_mode():
@@ -502,52 +507,39 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, out_dir: s
     adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device)
 
     entries: list[ClassDFM] = []
-    bar = _bar(progress)
     for c in classes:
-        done_path = partial / f"class_{c}.json" if partial is not None else None
-        if resume and done_path is not None and done_path.exists():
-            entries.append(ClassDFM(**read_json(done_path)))
+        done = store.load_json(f"class_{c}.json") if store is not None else None
+        if done is not None:
+            entries.append(ClassDFM(**done))
             continue
         images = _class_images(test, c, cfg.max_images_per_class, cfg.seed, device)
         if images.shape[0] == 0:
             raise ValueError(f"class {c} has no test images")
         total = len(freq.conjugate_pairs(H, W)) if cfg.method == "greedy" or cfg.patch == 1 else \
             len(Candidates.build(H, W, cfg.patch))
-        tick = bar(total, f"class {c} ({cfg.method})")
-        in_class = partial / f"class_{c}.loss-progress.json" if partial is not None else None
-        entry = class_dfm(model, images, c, cfg, partial_path=in_class, progress=tick)
+        tick = progress_ticker(total, f"class {c} ({cfg.method})", progress)
+        entry = class_dfm(model, images, c, cfg, store=store, progress=tick)
         tick(None)
-        if done_path is not None:
-            write_json(entry, done_path)
-            if in_class is not None and in_class.exists():
-                in_class.unlink()
+        if store is not None:
+            store.save_json(f"class_{c}.json", entry)
+            store.discard(f"class_{c}.loss-progress.json")
         entries.append(entry)
 
     dfms = torch.stack([_dfm_mask(e, H, W) for e in entries]) if entries else None
     table = []
     if dfms is not None:
-        table = shortcut_table(model, x_test, y_test, dfms, **kw)
-        for row, entry in zip(table, entries):
-            row["class"] = entry.label
+        table = shortcut_table(model, x_test, y_test, dfms, [e.label for e in entries], **kw)
     band = band_stop_table(model, x_test, y_test, num_classes, **kw) if band_table else None
     ood = None
     if ood_sets and dfms is not None:
         ood = {}
         for name, dataset in ood_sets.items():
             xo, yo = _all_images(dataset, device)
-            rows = shortcut_table(model, xo, yo, dfms, **kw)
-            for row, entry in zip(rows, entries):
-                row["class"] = entry.label
-            ood[name] = rows
+            ood[name] = shortcut_table(model, xo, yo, dfms, [e.label for e in entries], **kw)
     return FreqProbeResult(
         config=dict(cfg.__dict__), image_shape=tuple(splits.image_shape), num_classes=num_classes,
         test_accuracy=test_accuracy, adcs=adcs_map.tolist(), classes=entries, shortcut=table, band_stop=band,
         ood=ood, seconds=time.perf_counter() - t0)
-
-
-def _bar(enabled: bool):
-    """progress(total, desc) -> tick(n) where tick(None) closes the bar."""
-    return lambda total, desc: progress_ticker(total, desc, enabled)
 
 
 class BandLearningTracker:
@@ -576,6 +568,12 @@ class BandLearningTracker:
         self.steps.append(step)
         self.band_pass.append(accuracy[:-1])
         self.clean.append(accuracy[-1])
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "band_pass": self.band_pass, "clean": self.clean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.band_pass, self.clean = list(state["steps"]), list(state["band_pass"]), list(state["clean"])
 
     def summary(self) -> dict:
         threshold = self.chance + 0.25 * (1 - self.chance)
