@@ -182,10 +182,8 @@ def capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
 def _get_images(dataset, index: torch.Tensor, device) -> torch.Tensor:
     if isinstance(dataset, torch.Tensor):
         return dataset[index].to(device).float()
-    if hasattr(dataset, "get_batch"):
-        x, _, _ = dataset.get_batch(index.to(getattr(dataset, "device", "cpu")))
-        return x.to(device)
-    return torch.stack([dataset[int(i)][0] for i in index]).to(device)
+    x, _, _ = dataset.get_batch(index, device=device)  # in-memory and file-backed datasets alike
+    return x
 
 
 def _chunks(n: int, size: int):
@@ -347,12 +345,8 @@ def _stream(p: _Pass, splits_data, batch_size, device, progress, desc):
 
 
 def _images_and_labels(dataset, index, device):
-    if hasattr(dataset, "get_batch"):
-        x, y, _ = dataset.get_batch(index.to(getattr(dataset, "device", "cpu")))
-        return x.to(device), y.to(device)
-    items = [dataset[int(i)] for i in index]
-    return (torch.stack([it[0] for it in items]).to(device),
-            torch.tensor([int(it[1]) for it in items], device=device))
+    x, y, _ = dataset.get_batch(index, device=device)
+    return x, y
 
 
 def _v_information(stats: dict, layers, alphas, max_bytes) -> torch.Tensor:
@@ -564,6 +558,42 @@ def _dynamics(per_ckpt: list[dict], final_v: torch.Tensor, fraction: float) -> d
 
 # ---------------------------------------------------------------------------------------
 # Outputs
+
+
+def summary(result: ComplexityResult, data: str, out: Path, top: int = 5) -> str:
+    """The terminal report: per-layer decodability, least/most complex features, dynamics."""
+    from shortcut_fast.report import format_table
+
+    lines = []
+    k = len(result.complexity)
+    lines.append(f"\ncomplexity on {data}: {k} features ({result.directions['kind']}, from a "
+               f"{result.directions['dim']}-d penultimate layer), {result.n_train} probe-train / "
+               f"{result.n_heldout} held-out images, held-out accuracy {result.heldout_accuracy:.4f}, "
+               f"{result.seconds:.1f} s")
+    rows = [[name, dim, result.decodability[name]] for name, dim in zip(result.layers, result.layer_dims)]
+    lines.append(format_table(rows, ["layer", "dim", "mean V-information"]))
+    order = sorted((i for i in range(k) if result.complexity[i] == result.complexity[i]),
+                   key=lambda i: result.complexity[i])  # dead features (NaN) left out
+    pick = order[:top] + [i for i in order[-top:] if i not in order[:top]]
+    rows = [[i, result.complexity[i], result.importance[i], result.importance_signed[i],
+             result.v_information[i][0], result.v_information[i][-1]] for i in pick]
+    lines.append(f"\nleast and most complex features (of {k}):")
+    lines.append(format_table(rows, ["feature", "complexity", "importance", "signed", "V-info first", "V-info last"]))
+    mean_c = sum(result.complexity[i] for i in order) / max(len(order), 1)
+    dead = f" ({result.dead_features} dead features left out)" if result.dead_features else ""
+    lines.append(f"\nmean complexity {mean_c:.4f}{dead}; most important {100 * result.config['top_fraction']:.0f}%: "
+               f"{result.mean_complexity_top_importance:.4f}, rest {result.mean_complexity_rest:.4f}; "
+               f"Spearman(importance, complexity) {result.spearman_importance_complexity:.4f}")
+    d = result.dynamics
+    if d:
+        rows = [[e, acc, frac, mc, top_c, rho] for e, acc, frac, mc, top_c, rho in zip(
+            d["epochs"], d["heldout_accuracy"], d["fraction_decodable"], d["mean_complexity"],
+            d["mean_complexity_top_importance"], d["spearman_importance_complexity"])]
+        lines.append("\ndynamics (final features decodable; the checkpoint's own features):")
+        lines.append(format_table(rows, ["epoch", "held-out acc", "final decodable", "mean complexity",
+                                       "top-importance complexity", "Spearman(imp, cx)"]))
+    lines.append(f"\nwrote {out / 'result.json'}, {out / 'features.csv'} and figures in {out}")
+    return "\n".join(lines)
 
 
 def write_outputs(result: ComplexityResult, out_dir, record: dict | None = None) -> None:

@@ -29,6 +29,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -379,13 +380,13 @@ def _class_images(dataset, label: int, limit: int | None, seed: int, device) -> 
     if limit is not None and index.numel() > limit:
         g = torch.Generator().manual_seed(seed * 7919 + label)
         index = index[torch.randperm(index.numel(), generator=g)[:limit]].sort().values
-    x, _, _ = dataset.get_batch(index.to(dataset.labels.device))
-    return x.to(device)
+    x, _, _ = dataset.get_batch(index, device=device)  # in-memory or file-backed: uint8 travels, not float
+    return x
 
 
 def _all_images(dataset, device):
-    x, y, _ = dataset.get_batch(torch.arange(len(dataset), device=dataset.labels.device))
-    return x.to(device), y.to(device)
+    x, y, _ = dataset.get_batch(torch.arange(len(dataset)), device=device)
+    return x, y
 
 
 def class_spectra(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512, device="cpu",
@@ -394,9 +395,8 @@ def class_spectra(dataset, num_classes: int, *, backend: str = "auto", batch_siz
     acc = ClassSpectrum(num_classes, backend=backend)
     bar = progress_ticker(len(dataset), "class spectra", progress)
     for start in range(0, len(dataset), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(dataset)), device=dataset.labels.device)
-        x, y, _ = dataset.get_batch(idx)
-        acc.update(x.to(device), y.to(device))
+        x, y, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))), device=device)
+        acc.update(x, y)
         bar(len(idx))
     bar(None)
     return acc
@@ -540,6 +540,72 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
         config=dict(cfg.__dict__), image_shape=tuple(splits.image_shape), num_classes=num_classes,
         test_accuracy=test_accuracy, adcs=adcs_map.tolist(), classes=entries, shortcut=table, band_stop=band,
         ood=ood, seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures and the terminal summary
+
+
+def write_figures(result: FreqProbeResult, out: Path) -> None:
+    """ADCS maps, DFMs, TPR/FPR bars, the band-stop heat map and the band learning curves."""
+    from shortcut_fast.ops.freq import shifted
+    from shortcut_fast.report import plot_bars, plot_curves, plot_heatmap, plot_maps
+
+    H, W = result.image_shape[-2:]
+    names = [f"class {e.label}" for e in result.classes]
+    scores = torch.tensor(result.adcs)
+    plot_maps([shifted(s.float()) for s in scores], [f"class {c}" for c in range(result.num_classes)],
+              out / "adcs.png", suptitle="ADCS (centred spectrum)", cmap="RdBu_r", symmetric=True)
+    dfms = []
+    for e in result.classes:
+        m = torch.zeros(H, W)
+        if e.dfm:
+            idx = torch.tensor(e.dfm)
+            m[idx[:, 0], idx[:, 1]] = 1
+        dfms.append(shifted(m))
+    if dfms:
+        plot_maps(dfms, names, out / "dfm.png", suptitle=f"DFMs ({result.config['method']}, centred)",
+                  cmap="gray_r")
+    labels = [str(row["class"]) for row in result.shortcut]
+    if labels:
+        plot_bars({"TPR": [r["tpr"] for r in result.shortcut], "FPR": [r["fpr"] for r in result.shortcut]},
+                  labels, out / "tpr_fpr.png", ylabel="rate", title="DFM-filtered test set", ylim=(0, 1))
+    if result.band_stop:
+        plot_heatmap(result.band_stop["delta"], [f"class {c}" for c in range(result.num_classes)],
+                     [f"B{b + 1}" for b in range(len(result.band_stop["delta"][0]))], out / "band_stop.png",
+                     title="band-stop: change in correct predictions (%)", colorbar_label="Delta %")
+    if result.learning and result.learning.get("steps"):
+        acc = result.learning["band_pass_accuracy"]
+        curves = {f"B{b + 1} only": [a[b] for a in acc] for b in range(len(acc[0]))}
+        curves["clean"] = result.learning["clean_accuracy"]
+        plot_curves(curves, out / "learning_order.png", x=result.learning["steps"], xlabel="training step",
+                    ylabel="val accuracy", title="what the model can read from each band")
+
+
+def summary(result: FreqProbeResult, data: str, out: Path) -> str:
+    """The terminal report: DFM sizes with TPR/FPR, band-stop, learning order, OOD."""
+    from shortcut_fast.report import format_table
+
+    lines = []
+    lines.append(f"\nfreq-probe on {data}: test accuracy {result.test_accuracy:.4f}, method {result.config['method']}, "
+               f"{result.seconds:.1f} s")
+    if result.shortcut:
+        rows = [[r["class"], r["dfm_size"], r["tpr"], r["fpr"]] for r in result.shortcut]
+        lines.append(format_table(rows, ["class", "DFM size", "TPR", "FPR"]))
+    if result.band_stop:
+        n_bands = len(result.band_stop["delta"][0])
+        lines.append("\nband-stop Delta (% of class images, change in correct predictions):")
+        rows = [[c] + row for c, row in enumerate(result.band_stop["delta"])]
+        rows.append(["acc"] + [a * 100 for a in result.band_stop["accuracy_band_stopped"]])
+        lines.append(format_table(rows, ["class"] + [f"stop B{b + 1}" for b in range(n_bands)]))
+    if result.learning and result.learning.get("learned_first_band"):
+        lines.append(f"\nlearned first: B{result.learning['learned_first_band']} "
+                   f"(band-pass accuracy leads at step {result.learning['first_step_above_threshold']})")
+    for name, rows in (result.ood or {}).items():
+        lines.append(f"\nOOD {name}:")
+        lines.append(format_table([[r["class"], r["tpr"], r["fpr"]] for r in rows], ["class", "TPR", "FPR"]))
+    lines.append(f"\nwrote {out / 'result.json'} and figures in {out}")
+    return "\n".join(lines)
 
 
 class BandLearningTracker:

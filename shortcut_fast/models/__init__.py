@@ -21,7 +21,7 @@ timm and torchvision are imported only when a "timm:" / "tv:" model is built.
 from .base import Classifier
 from .bridges import BridgedModel, discover_blocks
 from .introspect import block_outputs, features_and_head, get_submodule, model_blocks
-from .registry import build_model, list_models, model_from_checkpoint
+from .registry import build_model, check_model_fits, list_models, model_from_checkpoint, model_option_names
 from .weights import load_pretrained
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "build_model",
     "list_models",
     "model_from_checkpoint",
+    "check_model_fits",
+    "model_option_names",
     "model_blocks",
     "block_outputs",
     "features_and_head",

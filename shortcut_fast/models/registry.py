@@ -119,17 +119,49 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     return model
 
 
-def model_from_checkpoint(path: Union[str, os.PathLike], map_location="cpu") -> nn.Module:
-    """Rebuild a model from a checkpoint written by shortcut_fast.train (its `model_config`
-    records the build_model arguments) and load its weights."""
-    import torch
+def model_option_names(name: str) -> list[str] | None:
+    """The options model `name` accepts (None for timm:/tv: models, which pass any through)."""
+    if any(name.startswith(p) for p in _BRIDGES):
+        return None
+    entry = _MODELS.get(name)
+    if entry is None:
+        raise _unknown_name(name)
+    return entry.options()
 
-    state = torch.load(path, map_location=map_location, weights_only=False)
+
+def model_from_checkpoint(path: Union[str, os.PathLike], map_location="cpu", *,
+                          what: str = "--checkpoint") -> nn.Module:
+    """Rebuild a model from a checkpoint written by shortcut_fast.train (its `model_config`
+    records the build_model arguments) and load its weights. The file is read with
+    weights_only=True (a .pt never runs code); anything else is refused naming the file."""
+    from shortcut_fast.run_folder import load_state_file
+
+    state = load_state_file(path, map_location=map_location, what=what)
     config = state.get("model_config") if isinstance(state, dict) else None
-    if not config:
-        raise ValueError(f"checkpoint {path} has no model_config (not written by shortcut-fast train); "
-                         f"build the model with build_model(...) and load its weights instead")
+    if not config or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{what} {str(path)!r} is not a checkpoint written by shortcut-fast train (it has no "
+                         f"model_config); build the model with build_model(...) and load its weights instead")
     config = dict(config)
     model = build_model(config.pop("name"), **config)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{what} {str(path)!r}: its weights do not fit its own model_config ({first})") from None
     return model
+
+
+def check_model_fits(model: nn.Module, *, num_classes: int, in_channels: int, image_size: int,
+                     source: str = "the model") -> None:
+    """Refuse a model built for other data: a 10-class head on 4-class data would report a
+    meaningless accuracy (and the converse crashes deep inside the loss)."""
+    built = getattr(model, "build_config", None) or {}
+    wanted = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    head = getattr(model, "head", None)
+    if built.get("num_classes") is None and isinstance(head, nn.Linear):
+        built = {**built, "num_classes": head.out_features}
+    bad = [f"{k} {built[k]} (the data has {v})" for k, v in wanted.items()
+           if built.get(k) is not None and built[k] != v]
+    if bad:
+        raise ValueError(f"{source} was built for other data: " + ", ".join(bad)
+                         + "; use a checkpoint trained on this dataset or choose the matching --data")
