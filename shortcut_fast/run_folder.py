@@ -181,6 +181,8 @@ class RunFolder(Store):
 
     # -- life cycle
     def open(self) -> "RunFolder":
+        if self._locked:  # already open (e.g. opened, then used as a context manager)
+            return self
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
