@@ -142,8 +142,10 @@ class Batches:
         self.dataset = dataset
         self.batch_size = batch_size
         self.device = device
-        self.in_memory = hasattr(dataset, "get_batch")
-        if self.in_memory and hasattr(dataset, "to"):
+        # Resident data is batched on the device; file-backed data (in_memory False) and foreign
+        # torch Datasets (no such property) go through a DataLoader with worker processes.
+        self.in_memory = bool(getattr(dataset, "in_memory", False))
+        if self.in_memory:
             self.dataset = dataset.to(device)
         self.num_workers = num_workers
 

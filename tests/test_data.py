@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from shortcut_fast.ops.freq import radial_band_index
-from shortcut_fast.data import (LFF_COLORS, DatasetNotFoundError, FileImageDataset, ImageDataset,
+from shortcut_fast.data import (LFF_COLORS, DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset,
+                                ImageDataset,
                                 assign_bias_attributes, colorize, dataset_options, default_data_root,
                                 inject_shortcut, list_datasets, load_dataset, read_idx,
                                 stratified_split)
@@ -496,12 +497,25 @@ def test_waterbirds_fake_files(tmp_path):
     x, y, a = s.val[1]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and (y, a) == (1, 1)
     assert torch.allclose(x, torch.tensor([50, 155, 150.0])[:, None, None] / 255, atol=1e-6)
-    assert not hasattr(s.test, "get_batch")  # the trainer reads file datasets through a DataLoader
+    assert not s.test.in_memory  # the trainer reads file datasets through a DataLoader
+    xg, yg, ag = s.val.get_batch(torch.tensor([1, 0]), device="cpu")  # the same contract as ImageDataset
+    assert xg.dtype == torch.float32 and xg.shape == (2, 3, 16, 16) and torch.equal(xg[0], x)
+    assert torch.equal(xg[1], s.val[0][0]) and yg.tolist() == [1, 0] and ag.tolist() == [1, 0]
+    assert yg.dtype == ag.dtype == torch.int64
+    assert s.val.get_batch(torch.tensor([True, False]))[0].shape == (1, 3, 16, 16)
+    with pytest.raises(IndexError, match="out of range for 2 images"):
+        s.val.get_batch([2])
     xb, yb, ab = next(iter(torch.utils.data.DataLoader(s.test, batch_size=2)))
     assert xb.shape == (2, 3, 16, 16) and yb.tolist() == [0, 1] and ab.tolist() == [1, 0]
     mem = load_dataset("waterbirds", root=tmp_path / "waterbird_complete95_forest2water2", image_size=16,
                        in_memory=True)  # the folder itself is accepted as root
     assert isinstance(mem.train, ImageDataset) and torch.equal(mem.val.get_batch([1])[0][0], x)
+    assert mem.train.in_memory
+    for split in ("train", "val", "test"):  # file-backed get_batch == in-memory get_batch
+        file_ds, mem_ds = getattr(s, split), getattr(mem, split)
+        idx = torch.arange(len(file_ds)).flip(0)
+        for got, want in zip(file_ds.get_batch(idx), mem_ds.get_batch(idx)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
     assert s.meta["splits"]["train"]["group_counts"] == [1, 1, 1, 1]
     sub = s.train.subset(torch.tensor([3, 0]))
     assert isinstance(sub, FileImageDataset) and sub.groups.tolist() == [2, 0]
@@ -553,6 +567,271 @@ def test_celeba_fake_files(tmp_path, csv):
     assert other.image_shape == (3, 64, 64)
     with pytest.raises(ValueError, match="target_attribute must be one of the CelebA attributes.*Male"):
         load_dataset("celeba", root=tmp_path, target_attribute="Blue_Hair")
+
+
+# --------------------------------------------------------------------------- malformed files
+
+def _error_text(excinfo):
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_dict", "no_data", "bad_shape", "bad_labels"])
+def test_cifar10_corrupt_batch_names_the_file(tmp_path, damage):
+    _write_cifar(tmp_path, n_per_batch=10)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    raw = path.read_bytes()
+    payload = {
+        "truncated": raw[: len(raw) // 2],
+        "garbage": b"\x80\x04this is not a pickle at all" * 10,
+        "not_a_dict": pickle.dumps([1, 2, 3]),
+        "no_data": pickle.dumps({b"labels": [0] * 10}),
+        "bad_shape": pickle.dumps({b"labels": [0] * 10, b"data": np.zeros((10, 100), np.uint8)}),
+        "bad_labels": pickle.dumps({b"labels": [0] * 9 + [10], b"data": np.zeros((10, 3072), np.uint8)}),
+    }[damage]
+    path.write_bytes(payload)
+    with pytest.raises(DataFormatError) as excinfo:
+        load_dataset("cifar10", root=tmp_path, val_size=10)
+    assert str(path) in _error_text(excinfo) and excinfo.value.path == path
+    assert "Traceback" not in _error_text(excinfo)
+
+
+def _edit_line(path, line, edit):
+    lines = path.read_text().splitlines()
+    lines[line - 1] = edit(lines[line - 1])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _set_field(index, value, sep=","):
+    def edit(text):
+        fields = text.split(None if sep == " " else sep)
+        fields[index] = value
+        return sep.join(fields)
+    return edit
+
+
+# metadata.csv columns: img_id,img_filename,y,split,place,place_filename; data row i is on line i + 2
+@pytest.mark.parametrize("line, edit, column, problem", [
+    (4, lambda t: ",".join(t.split(",")[:4]), "place", "the column is missing"),
+    (3, _set_field(2, "bird"), "y", "expected an integer"),
+    (5, _set_field(3, "1.5"), "split", "expected an integer"),
+    (9, _set_field(4, ""), "place", "expected an integer"),
+    (6, _set_field(2, "2"), "y", "expected a value in (0, 1)"),
+    (7, _set_field(3, "-1"), "split", "expected a value in (0, 1, 2)"),
+    (8, lambda t: t + ",extra", None, "expected 6 fields"),
+    (2, _set_field(1, ""), "img_filename", "empty image file name"),
+    (1, lambda t: t.replace("place,", "where,"), None, "lacks the column(s) place"),
+])
+def test_waterbirds_malformed_row_names_file_line_and_column(tmp_path, line, edit, column, problem):
+    root = _fake_waterbirds(tmp_path)
+    table = root / "waterbird_complete95_forest2water2" / "metadata.csv"
+    _edit_line(table, line, edit)
+    with pytest.raises(DataFormatError) as excinfo:
+        load_dataset("waterbirds", root=root, image_size=8)
+    err = excinfo.value
+    assert (err.path, err.line, err.column) == (table, line, column)
+    expected = f"{table}, line {line}" + (f", column {column!r}" if column else "") + ": "
+    assert _error_text(excinfo).startswith(expected) and problem in _error_text(excinfo)
+
+
+def test_waterbirds_empty_table(tmp_path):
+    root = _fake_waterbirds(tmp_path)
+    table = root / "waterbird_complete95_forest2water2" / "metadata.csv"
+    table.write_text(table.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataFormatError, match="no data rows"):
+        load_dataset("waterbirds", root=root)
+    table.write_text("")
+    with pytest.raises(DataFormatError, match="empty file"):
+        load_dataset("waterbirds", root=root)
+
+
+# list_attr_celeba.txt: line 1 the count, line 2 the names, data row i on line i + 3;
+# Blond_Hair is field 10 of a row, Male field 21 (the image name is field 0)
+@pytest.mark.parametrize("line, edit, column, problem", [
+    (5, lambda t: " ".join(t.split()[:15]), "Attr_14", "the column is missing"),
+    (4, _set_field(10, "yes", sep=" "), "Blond_Hair", "expected an integer"),
+    (11, _set_field(21, "2", sep=" "), "Male", "expected a value in (-1, 0, 1)"),
+    (1, lambda t: "12", None, "declares 12 images but the table has 9 rows"),
+    (1, lambda t: "many", None, "number of images"),
+])
+def test_celeba_malformed_attribute_row(tmp_path, line, edit, column, problem):
+    _fake_celeba(tmp_path)
+    table = tmp_path / "celeba" / "list_attr_celeba.txt"
+    _edit_line(table, line, edit)
+    with pytest.raises(DataFormatError) as excinfo:
+        load_dataset("celeba", root=tmp_path, image_size=8)
+    err = excinfo.value
+    assert (err.path, err.line, err.column) == (table, line, column)
+    assert str(table) in _error_text(excinfo) and problem in _error_text(excinfo)
+
+
+@pytest.mark.parametrize("csv, line, edit, column, problem", [
+    (False, 3, lambda t: t.split()[0], "partition", "the column is missing"),
+    (False, 7, _set_field(1, "test", sep=" "), "partition", "expected an integer"),
+    (False, 2, _set_field(1, "3", sep=" "), "partition", "expected a value in (0, 1, 2)"),
+    (False, 5, lambda t: "000001.jpg 0", "image_id", "listed twice"),
+    (True, 4, _set_field(1, "x"), "partition", "expected an integer"),  # csv: header on line 1, row i on i + 2
+])
+def test_celeba_malformed_partition_row(tmp_path, csv, line, edit, column, problem):
+    _fake_celeba(tmp_path, csv=csv)
+    table = tmp_path / "celeba" / ("list_eval_partition.csv" if csv else "list_eval_partition.txt")
+    _edit_line(table, line, edit)
+    with pytest.raises(DataFormatError) as excinfo:
+        load_dataset("celeba", root=tmp_path, image_size=8)
+    err = excinfo.value
+    assert (err.path, err.line, err.column) == (table, line, column)
+    assert _error_text(excinfo).startswith(f"{table}, line {line}, column {column!r}: ")
+    assert problem in _error_text(excinfo)
+
+
+def test_celeba_csv_attribute_row_and_missing_partition(tmp_path):
+    _fake_celeba(tmp_path, csv=True)
+    table = tmp_path / "celeba" / "list_attr_celeba.csv"
+    _edit_line(table, 6, _set_field(10, "1.0"))  # csv: header on line 1, Blond_Hair is field 10
+    with pytest.raises(DataFormatError, match=r"list_attr_celeba.csv, line 6, column 'Blond_Hair'"):
+        load_dataset("celeba", root=tmp_path)
+    _fake_celeba(tmp_path / "b")
+    part = tmp_path / "b" / "celeba" / "list_eval_partition.txt"
+    part.write_text("".join(ln + "\n" for ln in part.read_text().splitlines()[:-1]))  # drops 000009.jpg
+    with pytest.raises(DataFormatError, match=r"list_eval_partition.txt: no entry for 1 of the 9 images.*"
+                                              r"000009.jpg \(its line 11\)"):
+        load_dataset("celeba", root=tmp_path / "b")
+
+
+def test_missing_image_named_with_its_table_line(tmp_path):
+    root = _fake_waterbirds(tmp_path)
+    folder = root / "waterbird_complete95_forest2water2"
+    (folder / "001.Bird" / "img_5.png").unlink()  # data row 5: line 7 of metadata.csv
+    with pytest.raises(DatasetNotFoundError) as excinfo:
+        load_dataset("waterbirds", root=root, image_size=8)
+    text = _error_text(excinfo)
+    assert "001.Bird/img_5.png" in text and str(folder / "metadata.csv") in text and "line 7" in text
+    assert "1 of 8 images" in text
+
+    _fake_celeba(tmp_path / "c")
+    (tmp_path / "c" / "celeba" / "img_align_celeba" / "000004.jpg").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"expected 000004.jpg.*list_attr_celeba.txt.*line 6"):
+        load_dataset("celeba", root=tmp_path / "c", image_size=8)
+
+
+def test_unreadable_image_names_the_file_and_table(tmp_path):
+    root = _fake_waterbirds(tmp_path)
+    folder = root / "waterbird_complete95_forest2water2"
+    s = load_dataset("waterbirds", root=root, image_size=8)
+    bad = folder / "001.Bird" / "img_2.png"  # train row 2 (y=1, split 0)
+    good = bad.read_bytes()
+    for payload in (b"not an image", good[: len(good) // 2]):  # garbage, then a truncated PNG
+        bad.write_bytes(payload)
+        for read in (lambda: s.train[2], lambda: s.train.get_batch([0, 2, 3]), s.train.load_into_memory):
+            with pytest.raises(DataFormatError) as excinfo:
+                read()
+            assert excinfo.value.path == bad and "metadata.csv" in _error_text(excinfo)
+    bad.unlink()  # removed after loading: a clear FileNotFoundError, not a PIL traceback
+    with pytest.raises(FileNotFoundError, match=r"image file .*img_2.png \(listed in .*metadata.csv\) not found"):
+        s.train.get_batch([2])
+    bad.write_bytes(b"garbage")
+    with pytest.raises(DataFormatError, match="img_2.png"):
+        load_dataset("waterbirds", root=root, image_size=8, in_memory=True)
+
+
+# --------------------------------------------------------------------------- identity
+
+def test_identity_same_data_same_identity_and_changes_otherwise(digits):
+    ident = digits.identity()
+    assert json.loads(json.dumps(ident)) == ident  # JSON-able
+    assert ident == load_dataset("digits", seed=0).identity()
+    assert ident["meta"]["seed"] == 0 and set(ident["digests"]) == {"train", "val", "test"}
+    assert load_dataset("digits", seed=1).identity() != ident
+    assert load_dataset("digits", seed=0, val_fraction=0.2).identity() != ident
+    shortcut = load_dataset("digits", seed=0, shortcut="patch").identity()
+    assert shortcut != ident and set(shortcut["digests"]) >= {"clean", "aligned", "conflicting"}
+
+    # same meta, one pixel / one label changed: only the content digest can tell
+    def splits(images, labels):
+        ds = ImageDataset(images, labels, num_classes=3)
+        return DatasetSplits(name="t", train=ds, val=ds.subset([0]), test=ds.subset([1]), num_classes=3,
+                             image_shape=(1, 2, 2), meta={"seed": 0})
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0])
+    base = splits(x, y).identity()
+    x2 = x.clone()
+    x2[3, 0, 1, 1] = 1
+    y2 = y.clone()
+    y2[2] = 1
+    assert splits(x.clone(), y.clone()).identity() == base
+    assert splits(x2, y).identity()["digests"]["train"] != base["digests"]["train"]
+    assert splits(x, y2).identity()["digests"]["train"] != base["digests"]["train"]
+    foreign = splits(x, y)
+    foreign.extra["odd"] = torch.utils.data.TensorDataset(x)
+    with pytest.raises(TypeError, match="split 'odd' is a TensorDataset"):
+        foreign.identity()
+
+
+def test_identity_of_file_backed_splits(tmp_path):
+    import shutil
+
+    root = _fake_waterbirds(tmp_path / "a")
+    ident = load_dataset("waterbirds", root=root, image_size=8).identity()
+    assert json.loads(json.dumps(ident)) == ident and list(ident["source_files"]) == ["metadata.csv"]
+    assert load_dataset("waterbirds", root=root, image_size=8).identity() == ident
+    moved = tmp_path / "b"
+    shutil.copytree(root, moved)  # the same data elsewhere: the same identity
+    assert load_dataset("waterbirds", root=moved, image_size=8).identity() == ident
+    assert load_dataset("waterbirds", root=root, image_size=16).identity() != ident
+    table = moved / "waterbird_complete95_forest2water2" / "metadata.csv"
+    _edit_line(table, 2, _set_field(2, "1"))  # one label flipped
+    changed = load_dataset("waterbirds", root=moved, image_size=8).identity()
+    assert changed["digests"]["train"] != ident["digests"]["train"]
+    assert changed["source_files"] != ident["source_files"]
+    # the file-backed identity reads no pixels (too slow at 200k images) ...
+    (root / "waterbird_complete95_forest2water2" / "001.Bird" / "img_0.png").write_bytes(b"changed")
+    assert load_dataset("waterbirds", root=moved, image_size=8).identity() == changed
+    # ... the in-memory one does
+    mem = load_dataset("waterbirds", root=moved, image_size=8, in_memory=True).identity()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(moved / "waterbird_complete95_forest2water2" / "001.Bird" / "img_7.png")
+    mem2 = load_dataset("waterbirds", root=moved, image_size=8, in_memory=True).identity()
+    assert mem2["digests"]["test"] != mem["digests"]["test"] and mem2["digests"]["train"] == mem["digests"]["train"]
+
+
+# --------------------------------------------------------------------------- sizes and the trainer
+
+def test_zero_or_negative_sizes_are_refused_by_name(tmp_path):
+    from shortcut_fast.data import make_shortcut
+
+    x, y = torch.zeros(2, 1, 3, 3), torch.tensor([0, 1])
+    for value in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"num_classes must be an int >= 1, got {value!r}"):
+            ImageDataset(x, y, num_classes=value)
+    with pytest.raises(ValueError, match="num_attributes must be an int >= 0, got -1"):
+        ImageDataset(x, y, num_attributes=-1)
+    with pytest.raises(ValueError, match="image_size must be an int >= 1, got 8.0"):
+        FileImageDataset(["a.png", "b.png"], y, image_size=8.0)
+    for value in (0, -3):  # (load_dataset refuses a float option by type before the builder runs)
+        with pytest.raises(ValueError, match=f"image_size must be an int >= 1, got {value!r}"):
+            FileImageDataset(["a.png", "b.png"], y, image_size=value)
+        with pytest.raises(ValueError, match=f"image_size must be an int >= 1, got {value!r}"):
+            load_dataset("waterbirds", root=tmp_path, image_size=value)
+        with pytest.raises(ValueError, match=f"image_size must be an int >= 1, got {value!r}"):
+            load_dataset("celeba", root=tmp_path, image_size=value)
+    with pytest.raises(ValueError, match="image_size must be an int >= 8, got 0"):
+        load_dataset("digits", image_size=0)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2, got 1"):
+        make_shortcut("patch", 1, (3, 8, 8))
+    _write_cifar(tmp_path, n_per_batch=10)
+    for value in (0, -5):
+        with pytest.raises(ValueError, match=f"val_size must be an int >= 1, got {value}"):
+            load_dataset("cifar10", root=tmp_path, val_size=value)
+
+
+def test_trainer_batches_choose_by_in_memory(tmp_path):
+    from shortcut_fast.train import Batches
+
+    s = load_dataset("waterbirds", root=_fake_waterbirds(tmp_path), image_size=8)
+    mem = s.train.load_into_memory()
+    file_batches, mem_batches = Batches(s.train, 3, torch.device("cpu")), Batches(mem, 3, torch.device("cpu"))
+    assert not file_batches.in_memory and mem_batches.in_memory
+    order = torch.tensor([2, 0, 3, 1])
+    for got, want in zip(file_batches.iterate(order), mem_batches.iterate(order)):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.gpu

@@ -7,8 +7,8 @@ and group = label * num_attributes + attribute. Start with load_dataset(name, ..
 list_datasets().
 """
 from .colored import LFF_COLORS, assign_bias_attributes, colorize
-from .core import (DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset, default_data_root,
-                   stratified_split)
+from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,
+                   default_data_root, stratified_split)
 from .loaders import read_idx
 from .registry import dataset_options, list_datasets, load_dataset
 from .shortcuts import SHORTCUT_KINDS, Shortcut, inject_shortcut, make_shortcut
@@ -19,6 +19,7 @@ __all__ = [
     "FileImageDataset",
     "DatasetSplits",
     "DatasetNotFoundError",
+    "DataFormatError",
     "load_dataset",
     "list_datasets",
     "dataset_options",

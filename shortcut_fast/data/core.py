@@ -15,11 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from shortcut_fast.ops._checks import check_int
+
 __all__ = [
     "ImageDataset",
     "FileImageDataset",
     "DatasetSplits",
     "DatasetNotFoundError",
+    "DataFormatError",
     "default_data_root",
     "stratified_split",
     "rank_within_class",
@@ -48,6 +51,26 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __reduce__(self):  # picklable (e.g. across DataLoader workers) despite the custom __init__
         return (type(self), (self.dataset, self.folder, self.expected, self.hint))
+
+
+class DataFormatError(ValueError):
+    """A dataset file exists but its content is malformed. The message names the file and,
+    for tables, the line (1-based, as an editor shows it) and the column."""
+
+    def __init__(self, path: Path | str, problem: str, line: int | None = None, column: str | None = None):
+        self.path, self.problem, self.line, self.column = Path(path), problem, line, column
+        where = str(self.path)
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {problem}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):  # picklable across DataLoader workers despite the custom __init__
+        return (type(self), (self.path, self.problem, self.line, self.column))
 
 
 def default_data_root() -> Path | None:
@@ -126,12 +149,18 @@ def _group_ids(labels: torch.Tensor, attributes: torch.Tensor, num_attributes: i
 
 
 class _GroupMixin:
-    """groups / num_groups / counts shared by the in-memory and the file-backed dataset."""
+    """What the in-memory and the file-backed dataset share: groups / counts, and `in_memory`.
+
+    Both have get_batch(index, device=None) -> (x float32 (n,C,H,W), y int64 (n,), a int64 (n,)),
+    so callers never branch on the kind; `in_memory` only tells the trainer whether to batch
+    on the device (True) or to read through a DataLoader with worker processes (False).
+    """
 
     labels: torch.Tensor
     attributes: torch.Tensor
     num_classes: int
     num_attributes: int
+    in_memory: bool
 
     @property
     def groups(self) -> torch.Tensor:
@@ -154,6 +183,7 @@ class _GroupMixin:
 
 
 def _int_vector(name: str, value, n: int) -> torch.Tensor:
+    """An int64 tensor of shape (n,) (the per-sample counterpart of check_int, for label columns)."""
     value = torch.as_tensor(value)
     if value.dtype.is_floating_point or value.dtype == torch.bool:
         raise TypeError(f"{name} must be integers, got {value.dtype}")
@@ -170,9 +200,9 @@ def _check_targets(labels, attributes, n, num_classes, num_attributes):
     attributes = _int_vector("attributes", attributes, n)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if n else 0
-    num_classes, num_attributes = int(num_classes), int(num_attributes)
-    if num_attributes < 0:
-        raise ValueError(f"num_attributes must be >= 0, got {num_attributes}")
+    else:  # refuse 0, negatives and 2.5 (int() would silently truncate it)
+        num_classes = check_int("num_classes", num_classes, 1)
+    num_attributes = check_int("num_attributes", num_attributes, 0)
     if n:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
@@ -238,6 +268,18 @@ class ImageDataset(_GroupMixin, Dataset):
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         return x, y, a
 
+    @property
+    def in_memory(self) -> bool:
+        """True: the images are resident tensors (see _GroupMixin)."""
+        return True
+
+    def digest(self) -> str:
+        """Content hash of the images (as stored: uint8 is not converted), labels and attributes."""
+        from shortcut_fast.run_folder import tensor_digest  # lazy: only fingerprints need it
+
+        counts = torch.tensor([self.num_classes, self.num_attributes])
+        return tensor_digest(self.images, self.labels, self.attributes, counts)
+
     def to(self, device) -> "ImageDataset":
         """The same dataset with every tensor on `device`."""
         return self._derive(self.images.to(device), self.labels.to(device), self.attributes.to(device))
@@ -266,47 +308,68 @@ class ImageDataset(_GroupMixin, Dataset):
                 f"attributes={self.num_attributes}, device={self.device})")
 
 
-def _load_image(path: Path, image_size: int, crop_fraction: float) -> np.ndarray:
-    """Decode, center-crop a square of side crop_fraction * min(H, W), resize: uint8 (H,W,3)."""
-    from PIL import Image
+def _load_image(path: Path, image_size: int, crop_fraction: float, source: str = "") -> np.ndarray:
+    """Decode, center-crop a square of side crop_fraction * min(H, W), resize: uint8 (H,W,3).
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        side = crop_fraction * min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        # PIL's bilinear filter widens its support when downscaling, i.e. it antialiases.
-        img = img.resize((image_size, image_size), resample=Image.BILINEAR, box=box)
-        return np.asarray(img, dtype=np.uint8)
+    A missing file raises FileNotFoundError and an undecodable one DataFormatError, both naming
+    the file (and `source`, the table that lists it), never a bare PIL traceback.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    listed = f" (listed in {source})" if source else ""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # forces the full decode, so truncated files fail here
+            w, h = img.size
+            side = crop_fraction * min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            # PIL's bilinear filter widens its support when downscaling, i.e. it antialiases.
+            img = img.resize((image_size, image_size), resample=Image.BILINEAR, box=box)
+            return np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path}{listed} not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # PIL's ways to say "corrupt"
+        raise DataFormatError(path, f"cannot decode the image{listed}: {exc}") from None
 
 
 class FileImageDataset(_GroupMixin, Dataset):
     """Images read lazily from files (Waterbirds, CelebA), returned float32 (3,S,S) in [0,1].
 
-    Deliberately without `get_batch`: the trainer then reads it through a DataLoader with
-    worker processes. For the in-memory fast path, use `load_into_memory()`.
+    `in_memory` is False: the trainer reads it through a DataLoader with worker processes.
+    `get_batch` decodes just the requested images (threaded); for the in-memory fast path
+    over many epochs, use `load_into_memory()`.
 
     Each image is center-cropped to a square of side crop_fraction * min(H, W) and resized
     (bilinear, antialiased) to image_size x image_size. crop_fraction = 224/256 is the usual
     Waterbirds transform (resize to 256/224 of the target, center crop); 1.0 is the usual
     CelebA one (center crop of the shorter side, resize). Decoding needs Pillow.
+
+    root: the dataset folder the paths live in; the identity digest uses paths relative to
+    it, so moving the folder keeps the identity. source: the table listing the images, named
+    in error messages.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], labels, attributes=None, *, num_classes: int | None = None,
-                 num_attributes: int = 0, name: str = "", image_size: int = 64, crop_fraction: float = 1.0):
+                 num_attributes: int = 0, name: str = "", image_size: int = 64, crop_fraction: float = 1.0,
+                 root: str | os.PathLike | None = None, source: str = ""):
         self.paths = [Path(p) for p in paths]
         labels, attributes, num_classes, num_attributes = _check_targets(
             labels, attributes, len(self.paths), num_classes, num_attributes)
-        if not isinstance(image_size, (int, np.integer)) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        check_int("image_size", image_size, 1)
         if not 0 < crop_fraction <= 1:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
         self.labels, self.attributes = labels.cpu(), attributes.cpu()
         self.num_classes, self.num_attributes, self.name = num_classes, num_attributes, name
         self.image_size, self.crop_fraction = int(image_size), float(crop_fraction)
+        self.root, self.source = (None if root is None else Path(root)), str(source)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def in_memory(self) -> bool:
+        """False: every access decodes files (see _GroupMixin)."""
+        return False
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -314,11 +377,63 @@ class FileImageDataset(_GroupMixin, Dataset):
 
     def load_uint8(self, i: int) -> torch.Tensor:
         """Image i as uint8 (3,S,S)."""
-        arr = _load_image(self.paths[i], self.image_size, self.crop_fraction)
+        arr = _load_image(self.paths[i], self.image_size, self.crop_fraction, self.source)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
     def __getitem__(self, i: int):
         return self.load_uint8(i).float().div_(255), int(self.labels[i]), int(self.attributes[i])
+
+    def _decode(self, index: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+        """uint8 (n,3,S,S) of the images at `index`, decoded in a thread pool.
+
+        Pillow releases the GIL while decoding and resizing, so threads scale.
+        """
+        n = index.numel()
+        if n and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images: values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        out = torch.empty((n, *self.image_shape), dtype=torch.uint8)
+        rows = index.tolist()
+
+        def work(j):
+            out[j] = self.load_uint8(rows[j])
+
+        workers = min(num_threads or min(8, os.cpu_count() or 1), max(n, 1))
+        if workers <= 1:
+            for j in range(n):
+                work(j)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(work, range(n)))  # list(): re-raises the first worker's error here
+        return out
+
+    def get_batch(self, index, device=None):
+        """(x float32 (n,3,S,S), y int64 (n,), a int64 (n,)) for `index`, moved to `device`.
+
+        The same contract as ImageDataset.get_batch; only the images at `index` are decoded.
+        """
+        index = _as_index(index, len(self)).cpu()
+        x, y, a = self._decode(index), self.labels[index], self.attributes[index]
+        if device is not None:
+            x, y, a = (t.to(device, non_blocking=True) for t in (x, y, a))
+        return x.float().div_(255), y, a
+
+    def digest(self) -> str:
+        """Hash of the image list (paths relative to `root`), labels, attributes and transform.
+
+        The pixels are not read (decoding a whole dataset would be too slow); the table the
+        paths come from is digested by DatasetSplits.identity.
+        """
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(f"{self.image_size} {self.crop_fraction!r} {self.num_classes} {self.num_attributes}\n".encode())
+        prefix = "" if self.root is None else str(self.root) + os.sep
+        for p in map(str, self.paths):  # string slicing: Path.relative_to costs ~1 s on CelebA
+            h.update((p[len(prefix):] if prefix and p.startswith(prefix) else p).encode() + b"\n")
+        h.update(self.labels.numpy().tobytes())
+        h.update(self.attributes.numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def subset(self, index) -> "FileImageDataset":
         index = _as_index(index, len(self))
@@ -329,25 +444,17 @@ class FileImageDataset(_GroupMixin, Dataset):
         return new
 
     def load_into_memory(self, num_threads: int | None = None) -> ImageDataset:
-        """Decode every image once into a uint8 ImageDataset (fast path for training).
-
-        Decoding runs in a thread pool: Pillow releases the GIL while decoding and resizing.
-        """
-        n = len(self)
-        out = torch.empty((n, *self.image_shape), dtype=torch.uint8)
-
-        def work(i):
-            out[i] = self.load_uint8(i)
-
-        workers = num_threads or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, range(n)))
+        """Decode every image once into a uint8 ImageDataset (fast path for training)."""
+        out = self._decode(torch.arange(len(self)), num_threads)
         return ImageDataset(out, self.labels, self.attributes, num_classes=self.num_classes,
                             num_attributes=self.num_attributes, name=self.name)
 
     def __repr__(self) -> str:
         return (f"FileImageDataset(name={self.name!r}, n={len(self)}, size={self.image_size}, "
                 f"classes={self.num_classes}, attributes={self.num_attributes})")
+
+
+_LOCATION_KEYS = ("root", "folder")  # meta keys that say where the data lives, not what it is
 
 
 @dataclass
@@ -368,6 +475,9 @@ class DatasetSplits:
     image_shape: tuple = ()
     bias_aligned_attribute: bool = False
     meta: dict = field(default_factory=dict)
+    # The tables the (file-backed) samples were read from, e.g. Waterbirds' metadata.csv;
+    # identity() digests their bytes.
+    source_files: tuple = ()
 
     @property
     def num_groups(self) -> int:
@@ -388,6 +498,34 @@ class DatasetSplits:
                     if bool(known.any()) else None
             out[key] = d
         return out
+
+    def identity(self) -> dict:
+        """A small JSON-able dict that identifies this data, for run fingerprints.
+
+        Holds the name, shape facts, `meta` (options, seed, sizes; minus where the files live,
+        so a moved data folder keeps its identity), a content digest per split (in-memory:
+        the stored tensors; file-backed: the image list, labels and attributes) and the
+        digest of each source table. Equal data and options give an equal dict; a changed
+        option, seed, label or pixel (of in-memory data) changes it.
+        """
+        from shortcut_fast.run_folder import file_digest  # lazy: only fingerprints need it
+
+        splits = {}
+        for key, ds in self.eval_sets().items():
+            if not isinstance(ds, (ImageDataset, FileImageDataset)):  # refuse rather than fingerprint nothing
+                raise TypeError(f"split {key!r} is a {type(ds).__name__}, which has no content digest; "
+                                f"use ImageDataset or FileImageDataset")
+            splits[key] = ds.digest()
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "num_attributes": self.num_attributes,
+            "image_shape": [int(d) for d in self.image_shape],
+            "bias_aligned_attribute": self.bias_aligned_attribute,
+            "meta": {k: v for k, v in self.meta.items() if k not in _LOCATION_KEYS},
+            "digests": splits,
+            "source_files": {Path(f).name: file_digest(f) for f in self.source_files},
+        }
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.eval_sets().items())

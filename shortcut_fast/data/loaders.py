@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shortcut_fast.ops._checks import check_int
+
 from .colored import make_colored_splits
-from .core import (DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset, default_data_root,
-                   make_generator, stratified_split)
+from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,
+                   default_data_root, make_generator, stratified_split)
 from .synthetic import make_synthetic_freq
 
 __all__ = ["read_idx", "load_digits_gray", "load_mnist_raw", "load_cifar10_arrays", "BUILDERS"]
@@ -43,15 +46,9 @@ def _check_fraction(name, value, low_open=True):
     return float(value)
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _holdout(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int, dataset: str):
     """Stratified, seeded hold-out of val_size samples: (x_train, y_train, x_val, y_val)."""
-    val_size = _check_int("val_size", val_size, 0)
+    val_size = check_int("val_size", val_size, 1)  # an empty val set would make model selection meaningless
     if val_size >= len(y):
         raise ValueError(f"val_size must be smaller than the {len(y)} {dataset} training images, got {val_size}")
     val_idx, train_idx = stratified_split(y, [val_size], make_generator(seed, 7))
@@ -64,7 +61,7 @@ def load_digits_gray(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 8x8 digits (values 0..16), upsampled bilinearly: uint8 (N,S,S), int64 (N,)."""
     from sklearn.datasets import load_digits  # ships inside scikit-learn: no download
 
-    image_size = _check_int("image_size", image_size, 8)
+    image_size = check_int("image_size", image_size, 8)
     d = load_digits()
     x = torch.from_numpy(d.images).float()[:, None] / 16.0
     x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -191,17 +188,29 @@ CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N,3,32,32), int64 (N,)) of one python batch; DataFormatError naming the file if malformed."""
     with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")  # the official format is a Python pickle
-    data = d[b"data"] if b"data" in d else d["data"]
-    labels = d[b"labels"] if b"labels" in d else d["labels"]
-    x = np.asarray(data, dtype=np.uint8)
-    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: expected data of shape (N, 3072), got {x.shape}")
-    y = np.asarray(labels, dtype=np.int64)
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{path}: {x.shape[0]} images but {y.shape} labels")
-    return x.reshape(-1, 3, 32, 32), y
+        try:
+            # The official format is a Python pickle (so only load files from a trusted source).
+            d = pickle.load(f, encoding="bytes")
+        except Exception as exc:  # truncation and garbage surface as many exception types
+            raise DataFormatError(path, f"not a readable CIFAR-10 python batch ({type(exc).__name__}: {exc}); "
+                                  "the file is truncated or corrupt, download it again") from None
+    if not isinstance(d, dict):
+        raise DataFormatError(path, f"expected a pickled dict with 'data' and 'labels', got {type(d).__name__}")
+    data = d.get(b"data", d.get("data"))
+    labels = d.get(b"labels", d.get("labels"))
+    if data is None or labels is None:
+        raise DataFormatError(path, "the pickled dict lacks 'data' or 'labels' (not a CIFAR-10 batch)")
+    data, labels = np.asarray(data), np.asarray(labels)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataFormatError(path, f"expected data uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise DataFormatError(path, f"{data.shape[0]} images but labels of shape {labels.shape} "
+                              f"and dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataFormatError(path, f"labels must lie in 0..9, got values in [{labels.min()}, {labels.max()}]")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_cifar10_arrays(root=None, download: bool = False):
@@ -239,69 +248,193 @@ def _build_cifar10(*, root=None, download=False, seed=0, val_size=5000):
                          meta={"val": "stratified seeded hold-out from the training batches"})
 
 
+# --------------------------------------------------------------------------- tables
+
+def _int_cell(path: Path, line: int, column: str, text: str, allowed: tuple) -> int:
+    """One integer cell of a table, checked against `allowed`; errors name file, line and column."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise DataFormatError(path, f"expected an integer in {allowed}, got {text!r}", line, column) from None
+    if value not in allowed:
+        raise DataFormatError(path, f"expected a value in {allowed}, got {value}", line, column)
+    return value
+
+
+def _check_fields(path: Path, line: int, fields: list, header: list) -> None:
+    """A row must have one field per column; a short row names its first missing column."""
+    if len(fields) < len(header):
+        raise DataFormatError(path, f"expected {len(header)} fields, got {len(fields)}: the column is missing",
+                              line, header[len(fields)])
+    if len(fields) > len(header):
+        raise DataFormatError(path, f"expected {len(header)} fields ({', '.join(header)}), got {len(fields)}",
+                              line)
+
+
+def _table_lines(path: Path, sep: str | None):
+    """(line number, fields) of every non-blank line; undecodable text is a DataFormatError."""
+    line = 0
+    try:
+        with open(path, encoding="utf-8", newline="" if sep == "," else None) as f:
+            if sep == ",":
+                reader = csv.reader(f)
+                for fields in reader:
+                    line = reader.line_num
+                    if any(c.strip() for c in fields):
+                        yield line, [c.strip() for c in fields]
+            else:
+                for line, text in enumerate(f, 1):
+                    if text.strip():
+                        yield line, text.split()
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataFormatError(path, f"not a readable text table ({exc})", line + 1) from None
+
+
+def _check_images_exist(dataset: str, folder: Path, names: list[str], lines: list[int], table: Path) -> None:
+    """Every image a table lists must exist: one directory listing per folder, not one stat per
+    file (200k stats take minutes on a network disk), so a partial copy fails now, not in epoch 3."""
+    listing: dict[str, set] = {}
+    missing = []
+    for i, name in enumerate(names):
+        sub, base = os.path.split(name)
+        if sub not in listing:
+            try:
+                listing[sub] = set(os.listdir(folder / sub))
+            except OSError:
+                listing[sub] = set()
+        if base not in listing[sub]:
+            missing.append(i)
+    if missing:
+        i = missing[0]
+        raise DatasetNotFoundError(dataset, folder, [names[i]],
+                                   hint=f"{len(missing)} of {len(names)} images listed in {table} are missing; "
+                                        f"the first is on line {lines[i]}")
+
+
 # --------------------------------------------------------------------------- Waterbirds
 
 WATERBIRDS_DIR = "waterbird_complete95_forest2water2"
 WATERBIRDS_URL = "https://nlp.stanford.edu/data/dro/waterbird_complete95_forest2water2.tar.gz"
 
 
-def _file_splits(name, paths, labels, attrs, split, image_size, crop_fraction, in_memory, n_attr=2):
+def _file_splits(name, folder, source, paths, labels, attrs, split, image_size, crop_fraction, in_memory,
+                 n_attr=2):
     sets = {}
     for code, key in enumerate(("train", "val", "test")):
         sel = np.flatnonzero(split == code)
         ds = FileImageDataset([paths[i] for i in sel], labels[sel], attrs[sel], num_classes=2,
-                              num_attributes=n_attr, name=name, image_size=image_size, crop_fraction=crop_fraction)
+                              num_attributes=n_attr, name=name, image_size=image_size, crop_fraction=crop_fraction,
+                              root=folder, source=str(source))
         sets[key] = ds.load_into_memory() if in_memory else ds
     return sets
 
 
+def _read_waterbirds_table(path: Path):
+    """(file names, y, place, split, line numbers) of metadata.csv, every cell checked."""
+    needed = ("img_filename", "y", "split", "place")
+    rows = _table_lines(path, ",")
+    first = next(rows, None)
+    if first is None:
+        raise DataFormatError(path, f"empty file: expected a header with the columns {', '.join(needed)}", 1)
+    line, header = first
+    absent = [c for c in needed if c not in header]
+    if absent:
+        raise DataFormatError(path, f"the header lacks the column(s) {', '.join(absent)} "
+                              f"(needs {', '.join(needed)})", line)
+    col = {c: header.index(c) for c in needed}
+    files, y, place, split, lines = [], [], [], [], []
+    for line, fields in rows:
+        _check_fields(path, line, fields, header)
+        if not fields[col["img_filename"]]:
+            raise DataFormatError(path, "empty image file name", line, "img_filename")
+        files.append(fields[col["img_filename"]])
+        y.append(_int_cell(path, line, "y", fields[col["y"]], (0, 1)))
+        place.append(_int_cell(path, line, "place", fields[col["place"]], (0, 1)))
+        split.append(_int_cell(path, line, "split", fields[col["split"]], (0, 1, 2)))
+        lines.append(line)
+    if not files:
+        raise DataFormatError(path, "no data rows after the header")
+    return files, *(np.array(v, dtype=np.int64) for v in (y, place, split)), lines
+
+
 def _build_waterbirds(*, root=None, download=False, seed=0, image_size=64, in_memory=False):
+    image_size = check_int("image_size", image_size, 1)
     expected = [f"{WATERBIRDS_DIR}/metadata.csv (and the images it lists)"]
     root = _root(root, "waterbirds", expected)
     folder = next((f for f in (root / WATERBIRDS_DIR, root) if (f / "metadata.csv").is_file()), None)
     if folder is None:
         raise DatasetNotFoundError("waterbirds", root, expected,
                                    hint=f"Download and extract {WATERBIRDS_URL} there (download=True is not supported)")
-    with open(folder / "metadata.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    needed = ("img_filename", "y", "split", "place")
-    if not rows or any(c not in rows[0] for c in needed):
-        raise ValueError(f"{folder / 'metadata.csv'} must have the columns {', '.join(needed)} and at least one row")
-    paths = [folder / r["img_filename"] for r in rows]
-    if not paths[0].is_file():
-        raise DatasetNotFoundError("waterbirds", folder, [rows[0]["img_filename"]],
-                                   hint="metadata.csv was found but not the images it lists")
-    y = np.array([int(r["y"]) for r in rows], dtype=np.int64)
-    place = np.array([int(r["place"]) for r in rows], dtype=np.int64)
-    split = np.array([int(r["split"]) for r in rows], dtype=np.int64)
-    for col, v in (("y", y), ("place", place), ("split", split)):
-        allowed = (0, 1, 2) if col == "split" else (0, 1)
-        if not np.isin(v, allowed).all():
-            raise ValueError(f"metadata.csv column {col!r} must hold values in {allowed}")
-    sets = _file_splits("waterbirds", paths, y, place, split, _check_int("image_size", image_size, 1),
+    table = folder / "metadata.csv"
+    files, y, place, split, lines = _read_waterbirds_table(table)
+    _check_images_exist("waterbirds", folder, files, lines, table)
+    sets = _file_splits("waterbirds", folder, table, [folder / f for f in files], y, place, split, image_size,
                         224 / 256, in_memory)
     return DatasetSplits(name="waterbirds", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=2,
                          num_attributes=2, image_shape=(3, image_size, image_size), bias_aligned_attribute=True,
                          meta={"folder": str(folder), "label": "y (0 landbird, 1 waterbird)",
                                "attribute": "place (0 land, 1 water)",
-                               "transform": "center crop 224/256 of the shorter side, bilinear resize"})
+                               "transform": "center crop 224/256 of the shorter side, bilinear resize"},
+                         source_files=(table,))
 
 
 # --------------------------------------------------------------------------- CelebA
 
-def _celeba_rows(path: Path, header_lines: int):
-    """(column names or None, rows as token lists) of a CelebA table in txt (spaces) or csv form."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    sep = "," if path.suffix == ".csv" else None
-    names = None
-    if path.suffix == ".csv":
-        names = lines[0].split(",")[1:]
-        lines = lines[1:]
-    elif header_lines == 2:  # list_attr_celeba.txt: count, then the attribute names
-        names = lines[1].split()
-        lines = lines[2:]
-    return names, (ln.split(sep) for ln in lines if ln.strip())
+CELEBA_VALUES = (-1, 0, 1)  # the official tables use -1/1; some converted copies use 0/1
+
+
+def _read_celeba_attributes(path: Path, target_attribute: str, bias_attribute: str):
+    """(image names, target values, bias values, line numbers) of list_attr_celeba.txt / .csv.
+
+    Only the two needed columns are parsed as integers (all 40 would cost seconds on 200k
+    rows), but every row's field count is checked, and the txt count line against the rows.
+    """
+    is_csv = path.suffix == ".csv"
+    rows = _table_lines(path, "," if is_csv else None)
+    declared = None
+    if not is_csv:  # line 1: the number of images, line 2: the attribute names
+        first = next(rows, None)
+        if first is None or len(first[1]) != 1 or not first[1][0].isdigit():
+            raise DataFormatError(path, "line 1 must hold the number of images", 1 if first is None else first[0])
+        declared = int(first[1][0])
+    head = next(rows, None)
+    if head is None:
+        raise DataFormatError(path, "no header line with the attribute names")
+    line, names = head
+    header = ["image_id", *(names[1:] if is_csv else names)]
+    for role, attr in (("target_attribute", target_attribute), ("bias_attribute", bias_attribute)):
+        if attr not in header[1:]:
+            raise ValueError(f"{role} must be one of the CelebA attributes {', '.join(header[1:])}; got {attr!r}")
+    ti, bi = header.index(target_attribute), header.index(bias_attribute)
+    files, target, bias, lines = [], [], [], []
+    for line, fields in rows:  # keep only the two needed columns: 200k x 40 tokens would cost ~0.5 GB
+        _check_fields(path, line, fields, header)
+        files.append(fields[0])
+        target.append(_int_cell(path, line, target_attribute, fields[ti], CELEBA_VALUES))
+        bias.append(_int_cell(path, line, bias_attribute, fields[bi], CELEBA_VALUES))
+        lines.append(line)
+    if declared is not None and declared != len(files):  # a truncated copy would otherwise load silently
+        raise DataFormatError(path, f"line 1 declares {declared} images but the table has {len(files)} rows "
+                              "(truncated file?)", 1)
+    if not files:
+        raise DataFormatError(path, "no data rows")
+    return files, np.array(target, dtype=np.int64), np.array(bias, dtype=np.int64), lines
+
+
+def _read_celeba_partition(path: Path) -> dict[str, int]:
+    """image name -> 0 (train) / 1 (val) / 2 (test) from list_eval_partition.txt / .csv."""
+    is_csv = path.suffix == ".csv"
+    rows = _table_lines(path, "," if is_csv else None)
+    header = ["image_id", "partition"]
+    if is_csv:
+        next(rows, None)
+    partition = {}
+    for line, fields in rows:
+        _check_fields(path, line, fields, header)
+        if fields[0] in partition:
+            raise DataFormatError(path, f"image {fields[0]!r} is listed twice", line, "image_id")
+        partition[fields[0]] = _int_cell(path, line, "partition", fields[1], (0, 1, 2))
+    return partition
 
 
 def _find_any(folder: Path, stem: str) -> Path | None:
@@ -310,6 +443,7 @@ def _find_any(folder: Path, stem: str) -> Path | None:
 
 def _build_celeba(*, root=None, download=False, seed=0, target_attribute="Blond_Hair", bias_attribute="Male",
                   image_size=64, in_memory=False):
+    image_size = check_int("image_size", image_size, 1)
     expected = ["celeba/img_align_celeba/", "celeba/list_attr_celeba.txt (or .csv)",
                 "celeba/list_eval_partition.txt (or .csv)"]
     root = _root(root, "celeba", expected)
@@ -333,34 +467,24 @@ def _build_celeba(*, root=None, download=False, seed=0, target_attribute="Blond_
     if (image_dir / "img_align_celeba").is_dir():  # the Kaggle archive nests the folder
         image_dir = image_dir / "img_align_celeba"
 
-    attr_path = _find_any(folder, "list_attr_celeba")
-    names, rows = _celeba_rows(attr_path, header_lines=2)
-    for role, attr in (("target_attribute", target_attribute), ("bias_attribute", bias_attribute)):
-        if attr not in names:
-            raise ValueError(f"{role} must be one of the CelebA attributes {', '.join(names)}; got {attr!r}")
-    ti, bi = names.index(target_attribute) + 1, names.index(bias_attribute) + 1
-    files, target, bias = [], [], []
-    for r in rows:  # keep only the two needed columns: 200k x 40 tokens would cost ~0.5 GB
-        files.append(r[0])
-        target.append(r[ti])
-        bias.append(r[bi])
-    _, prow = _celeba_rows(_find_any(folder, "list_eval_partition"), header_lines=0)
-    partition = {r[0]: int(r[1]) for r in prow}
-    missing = [f for f in files if f not in partition]
+    attr_path, part_path = _find_any(folder, "list_attr_celeba"), _find_any(folder, "list_eval_partition")
+    files, target, bias, lines = _read_celeba_attributes(attr_path, target_attribute, bias_attribute)
+    partition = _read_celeba_partition(part_path)
+    missing = [i for i, f in enumerate(files) if f not in partition]
     if missing:
-        raise ValueError(f"list_eval_partition has no entry for {len(missing)} images, e.g. {missing[0]}")
+        raise DataFormatError(part_path, f"no entry for {len(missing)} of the {len(files)} images of {attr_path.name}, "
+                              f"e.g. {files[missing[0]]} (its line {lines[missing[0]]})")
     split = np.array([partition[f] for f in files], dtype=np.int64)
-    y = (np.array(target, dtype=np.int64) > 0).astype(np.int64)  # -1 -> 0, 1 -> 1
-    a = (np.array(bias, dtype=np.int64) > 0).astype(np.int64)
-    paths = [image_dir / f for f in files]
-    if not paths[0].is_file():
-        raise DatasetNotFoundError("celeba", image_dir, [files[0]], hint="the attribute table lists images not found")
-    sets = _file_splits("celeba", paths, y, a, split, _check_int("image_size", image_size, 1), 1.0,
-                        in_memory)
+    y = (target > 0).astype(np.int64)  # -1/0 -> 0, 1 -> 1
+    a = (bias > 0).astype(np.int64)
+    _check_images_exist("celeba", image_dir, files, lines, attr_path)
+    sets = _file_splits("celeba", image_dir, attr_path, [image_dir / f for f in files], y, a, split, image_size,
+                        1.0, in_memory)
     return DatasetSplits(name="celeba", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=2,
                          num_attributes=2, image_shape=(3, image_size, image_size), bias_aligned_attribute=False,
                          meta={"folder": str(folder), "label": target_attribute, "attribute": bias_attribute,
-                               "transform": "center crop of the shorter side, bilinear resize"})
+                               "transform": "center crop of the shorter side, bilinear resize"},
+                         source_files=(attr_path, part_path))
 
 
 # name -> (builder, one-line description)

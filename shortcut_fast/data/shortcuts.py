@@ -32,6 +32,7 @@ import torch
 
 from .colored import LFF_COLORS
 from .core import DatasetSplits, FileImageDataset, ImageDataset, make_generator, rank_within_class
+from shortcut_fast.ops._checks import check_int
 from shortcut_fast.ops.freq import radial_frequency
 
 __all__ = ["SHORTCUT_KINDS", "DEFAULT_STRENGTH", "Shortcut", "make_shortcut", "inject_shortcut"]
@@ -136,8 +137,7 @@ def make_shortcut(kind: str, num_classes: int, image_shape, *, seed: int = 0, st
     """Draw the per-class parameters of a shortcut (see the module docstring)."""
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"kind must be one of {', '.join(SHORTCUT_KINDS)}, got {kind!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, 2)
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (C, H, W), got {image_shape!r}")
     channels, H, W = (int(s) for s in image_shape)
