@@ -397,7 +397,7 @@ def class_spectra(dataset, num_classes: int, *, backend: str = "auto", batch_siz
     for start in range(0, len(dataset), batch_size):
         x, y, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))), device=device)
         acc.update(x, y)
-        bar(len(idx))
+        bar(len(y))
     bar(None)
     return acc
 
