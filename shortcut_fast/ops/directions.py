@@ -227,31 +227,37 @@ def load_directions(path: str | os.PathLike, dim: int) -> torch.Tensor:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"directions file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict):
-            if "components" not in obj:
-                raise ValueError(f"directions file {path!r} holds a dict without a 'components' entry "
-                                 f"(keys: {sorted(obj)})")
-            obj = obj["components"]
-        if not isinstance(obj, torch.Tensor):
-            raise ValueError(f"directions file {path!r} must hold a tensor, got {type(obj).__name__}")
-        data = obj
-    elif ext == ".npy":
-        data = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif ext == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            names = list(archive.keys())
-            if "components" in names:
-                data = torch.from_numpy(archive["components"])
-            elif len(names) == 1:
-                data = torch.from_numpy(archive[names[0]])
-            else:
-                raise ValueError(f"directions file {path!r} holds arrays {names}: name one 'components'")
-    elif ext == ".csv":
-        data = torch.from_numpy(np.loadtxt(path, delimiter=",", ndmin=2))
-    else:
-        raise ValueError(f"directions file {path!r} must end in .pt, .pth, .npy, .npz or .csv, got {ext!r}")
+    try:
+        if ext in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                if "components" not in obj:
+                    raise ValueError(f"directions file {path!r} holds a dict without a 'components' entry "
+                                     f"(keys: {sorted(obj)})")
+                obj = obj["components"]
+            if not isinstance(obj, torch.Tensor):
+                raise ValueError(f"directions file {path!r} must hold a tensor, got {type(obj).__name__}")
+            data = obj
+        elif ext == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.keys())
+                if "components" in names:
+                    data = torch.from_numpy(archive["components"])
+                elif len(names) == 1:
+                    data = torch.from_numpy(archive[names[0]])
+                else:
+                    raise ValueError(f"directions file {path!r} holds arrays {names}: name one 'components'")
+        elif ext == ".csv":
+            data = torch.from_numpy(np.loadtxt(path, delimiter=",", ndmin=2))
+        else:
+            raise ValueError(f"directions file {path!r} must end in .pt, .pth, .npy, .npz or .csv, got {ext!r}")
+    except Exception as exc:  # unpickling refusals, zip/format/parse errors: not a directions file
+        if isinstance(exc, ValueError) and path in str(exc):
+            raise
+        raise ValueError(f"directions file {path!r} could not be read as {ext}: "
+                         f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
     if data.dim() == 1:
         data = data[None]
     if data.dim() != 2 or data.shape[1] != dim or data.shape[0] < 1:
