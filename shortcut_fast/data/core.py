@@ -428,9 +428,11 @@ class FileImageDataset(_GroupMixin, Dataset):
 
         h = hashlib.sha256()
         h.update(f"{self.image_size} {self.crop_fraction!r} {self.num_classes} {self.num_attributes}\n".encode())
-        prefix = "" if self.root is None else str(self.root) + os.sep
-        for p in map(str, self.paths):  # string slicing: Path.relative_to costs ~1 s on CelebA
-            h.update((p[len(prefix):] if prefix and p.startswith(prefix) else p).encode() + b"\n")
+        names = [str(p) for p in self.paths]
+        if self.root is not None:  # string slicing: Path.relative_to costs seconds on CelebA
+            prefix = str(self.root) + os.sep
+            names = [n[len(prefix):] if n.startswith(prefix) else n for n in names]
+        h.update("\n".join(names).encode())
         h.update(self.labels.numpy().tobytes())
         h.update(self.attributes.numpy().tobytes())
         return h.hexdigest()[:16]

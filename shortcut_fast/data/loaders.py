@@ -261,6 +261,17 @@ def _int_cell(path: Path, line: int, column: str, text: str, allowed: tuple) -> 
     return value
 
 
+def _int_column(path: Path, column: str, texts: list[str], lines: list[int], allowed: tuple) -> np.ndarray:
+    """A column's cells as int64, each checked against `allowed`. A text lookup covers the usual
+    spellings fast (200k CelebA rows); any other text goes through _int_cell, which names the line."""
+    lookup = {str(v): v for v in allowed}
+    values = [lookup.get(t) for t in texts]
+    for i, v in enumerate(values):
+        if v is None:  # e.g. "+1", or malformed: _int_cell converts it or raises
+            values[i] = _int_cell(path, lines[i], column, texts[i], allowed)
+    return np.array(values, dtype=np.int64)
+
+
 def _check_fields(path: Path, line: int, fields: list, header: list) -> None:
     """A row must have one field per column; a short row names its first missing column."""
     if len(fields) < len(header):
@@ -293,18 +304,15 @@ def _table_lines(path: Path, sep: str | None):
 def _check_images_exist(dataset: str, folder: Path, names: list[str], lines: list[int], table: Path) -> None:
     """Every image a table lists must exist: one directory listing per folder, not one stat per
     file (200k stats take minutes on a network disk), so a partial copy fails now, not in epoch 3."""
-    listing: dict[str, set] = {}
-    missing = []
-    for i, name in enumerate(names):
-        sub, base = os.path.split(name)
-        if sub not in listing:
-            try:
-                listing[sub] = set(os.listdir(folder / sub))
-            except OSError:
-                listing[sub] = set()
-        if base not in listing[sub]:
-            missing.append(i)
-    if missing:
+    present = set()
+    for sub in {os.path.dirname(n) for n in names}:
+        try:
+            present.update(os.path.join(sub, f) for f in os.listdir(folder / sub))
+        except OSError:  # a missing folder: all its images count as missing
+            pass
+    absent = set(names).difference(present)
+    if absent:
+        missing = [i for i, n in enumerate(names) if n in absent]
         i = missing[0]
         raise DatasetNotFoundError(dataset, folder, [names[i]],
                                    hint=f"{len(missing)} of {len(names)} images listed in {table} are missing; "
@@ -342,19 +350,20 @@ def _read_waterbirds_table(path: Path):
         raise DataFormatError(path, f"the header lacks the column(s) {', '.join(absent)} "
                               f"(needs {', '.join(needed)})", line)
     col = {c: header.index(c) for c in needed}
-    files, y, place, split, lines = [], [], [], [], []
+    cells = {c: [] for c in needed}
+    lines = []
     for line, fields in rows:
         _check_fields(path, line, fields, header)
         if not fields[col["img_filename"]]:
             raise DataFormatError(path, "empty image file name", line, "img_filename")
-        files.append(fields[col["img_filename"]])
-        y.append(_int_cell(path, line, "y", fields[col["y"]], (0, 1)))
-        place.append(_int_cell(path, line, "place", fields[col["place"]], (0, 1)))
-        split.append(_int_cell(path, line, "split", fields[col["split"]], (0, 1, 2)))
+        for c in needed:
+            cells[c].append(fields[col[c]])
         lines.append(line)
-    if not files:
+    if not lines:
         raise DataFormatError(path, "no data rows after the header")
-    return files, *(np.array(v, dtype=np.int64) for v in (y, place, split)), lines
+    y, place, split = (_int_column(path, c, cells[c], lines, allowed)
+                       for c, allowed in (("y", (0, 1)), ("place", (0, 1)), ("split", (0, 1, 2))))
+    return cells["img_filename"], y, place, split, lines
 
 
 def _build_waterbirds(*, root=None, download=False, seed=0, image_size=64, in_memory=False):
@@ -407,18 +416,21 @@ def _read_celeba_attributes(path: Path, target_attribute: str, bias_attribute: s
             raise ValueError(f"{role} must be one of the CelebA attributes {', '.join(header[1:])}; got {attr!r}")
     ti, bi = header.index(target_attribute), header.index(bias_attribute)
     files, target, bias, lines = [], [], [], []
+    width = len(header)
     for line, fields in rows:  # keep only the two needed columns: 200k x 40 tokens would cost ~0.5 GB
-        _check_fields(path, line, fields, header)
+        if len(fields) != width:
+            _check_fields(path, line, fields, header)
         files.append(fields[0])
-        target.append(_int_cell(path, line, target_attribute, fields[ti], CELEBA_VALUES))
-        bias.append(_int_cell(path, line, bias_attribute, fields[bi], CELEBA_VALUES))
+        target.append(fields[ti])
+        bias.append(fields[bi])
         lines.append(line)
     if declared is not None and declared != len(files):  # a truncated copy would otherwise load silently
         raise DataFormatError(path, f"line 1 declares {declared} images but the table has {len(files)} rows "
                               "(truncated file?)", 1)
     if not files:
         raise DataFormatError(path, "no data rows")
-    return files, np.array(target, dtype=np.int64), np.array(bias, dtype=np.int64), lines
+    return (files, _int_column(path, target_attribute, target, lines, CELEBA_VALUES),
+            _int_column(path, bias_attribute, bias, lines, CELEBA_VALUES), lines)
 
 
 def _read_celeba_partition(path: Path) -> dict[str, int]:
@@ -428,12 +440,21 @@ def _read_celeba_partition(path: Path) -> dict[str, int]:
     header = ["image_id", "partition"]
     if is_csv:
         next(rows, None)
-    partition = {}
+    names, texts, lines = [], [], []
     for line, fields in rows:
-        _check_fields(path, line, fields, header)
-        if fields[0] in partition:
-            raise DataFormatError(path, f"image {fields[0]!r} is listed twice", line, "image_id")
-        partition[fields[0]] = _int_cell(path, line, "partition", fields[1], (0, 1, 2))
+        if len(fields) != 2:
+            _check_fields(path, line, fields, header)
+        names.append(fields[0])
+        texts.append(fields[1])
+        lines.append(line)
+    values = _int_column(path, "partition", texts, lines, (0, 1, 2))
+    partition = dict(zip(names, values.tolist()))
+    if len(partition) < len(names):  # find the first repeated name for the message
+        seen = set()
+        for name, line in zip(names, lines):
+            if name in seen:
+                raise DataFormatError(path, f"image {name!r} is listed twice", line, "image_id")
+            seen.add(name)
     return partition
 
 
