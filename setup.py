@@ -22,7 +22,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["shortcut_fast", "shortcut_fast.kernels", "shortcut_fast.bench"] + [
-    "shortcut_fast." + p for p in ("ops", "data", "models", "experiments")
+    "shortcut_fast." + p for p in ("ops", "data", "models", "surgery", "experiments")
 ]
 PACKAGE_DIR = {"shortcut_fast.kernels": "kernels", "shortcut_fast.bench": "bench"}
 

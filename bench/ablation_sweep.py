@@ -1,6 +1,6 @@
 """Channel-ablation sweep of every channel of a ResNet-18 stage, per-group accuracy.
 
-Fast path: ops.sweep.channel_ablation_sweep (prefix run once per batch, V*B stacked
+Fast path: surgery.sweep.channel_ablation_sweep (prefix run once per batch, V*B stacked
 variants, linearity for the next conv, one per-(variant, group) reduction). Baselines:
 the naive loop (channel_ablation_reference: one hooked full forward per channel and batch)
 and captum's LayerFeatureAblation(perturbations_per_eval=k), which returns the drop of the
@@ -19,7 +19,7 @@ import torch
 
 from shortcut_fast.bench.common import BenchRow, record, wall_ms
 from shortcut_fast.models import build_model
-from shortcut_fast.ops.sweep import channel_ablation_reference, channel_ablation_sweep
+from shortcut_fast.surgery import channel_ablation_reference, channel_ablation_sweep
 
 
 def _captum(model, layer_module, x, y, channels, k, batch_size):

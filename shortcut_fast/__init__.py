@@ -9,12 +9,12 @@ from shortcut_fast.ops import (  # noqa: E402
     ClassSpectrum,
     ProbeStats,
     adcs,
-    channel_ablation_sweep,
     class_spectrum_sum,
     fit_linear_probes,
     fit_probes,
     train_probes,
 )
+from shortcut_fast.surgery import channel_ablation_sweep  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -1,5 +1,5 @@
 """memorization / mitigate: NT-Xent, the global magnitude mask, the mitigation step, groups,
-an end-to-end run through the CLI (result.json keys, figures), and resume."""
+an end-to-end run through the CLI (result.json keys, figures), and resume through a run folder."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +17,7 @@ from shortcut_fast.data import load_dataset
 from shortcut_fast.experiments import memorization as mem
 from shortcut_fast.models import build_model
 from shortcut_fast.report import to_jsonable
+from shortcut_fast.run_folder import RunFolder, Store, load_state_file
 
 
 @pytest.fixture(scope="module")
@@ -217,11 +218,12 @@ def tiny_checkpoint(tmp_path_factory, tiny_splits):
     torch.manual_seed(0)
     net = build_model("small-cnn", num_classes=10, image_size=16, width=4, padding=2)
     out = tmp_path_factory.mktemp("erm")
-    train(net, tiny_splits, TrainConfig(epochs=1, batch_size=60, device="cpu"), out_dir=out, progress=False)
+    train(net, tiny_splits, TrainConfig(epochs=1, batch_size=60, device="cpu"), store=Store(out, False),
+          progress=False)
     return out / "last.pt"
 
 
-def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch, tiny_checkpoint):
+def test_memorization_cli_end_to_end(tmp_path, tiny_checkpoint):
     out = tmp_path / "mem"
     args = ["memorization", "--data", "colored-digits", "-D", "image_size=16", "-D", "conflict_ratio=0.1",
             "--checkpoint", str(tiny_checkpoint), "--max-samples", "200", "--top-k", "3", "--backend", "torch",
@@ -274,19 +276,61 @@ def test_memorization_cli_end_to_end_and_resume(tmp_path, monkeypatch, tiny_chec
     assert top["train_accuracy"]["conflicting"] == pytest.approx(float(correct[1] / counts[1]))
     assert top["train_accuracy"]["aligned"] == pytest.approx(float(correct[0] / counts[0]))
 
+
+def _jsonable(result) -> dict:
+    out = json.loads(json.dumps(to_jsonable(result)))
+    for s in out["layers"]:
+        s.pop("seconds")
+    out.pop("seconds")
+    return out
+
+
+def test_memorization_resume_through_store(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits):
+    from shortcut_fast.models import model_from_checkpoint
+
+    net = model_from_checkpoint(tiny_checkpoint).eval()
+    cfg = mem.MemorizationConfig(max_samples=120, top_k=2, backend="torch")
+    with RunFolder(tmp_path / "run", "memorization", {"cfg": cfg}) as run:
+        first = mem.run_memorization(net, tiny_splits, cfg, store=run.partial, progress=False)
+    partial = tmp_path / "run" / "partial"
+    assert sorted(p.name for p in partial.glob("layer_*.json")) == ["layer_conv1.json", "layer_conv2.json",
+                                                                   "layer_conv3.json"]
+    assert load_state_file(partial / "sweep_conv3" / "sweep.pt")["done"].keys() == {"conv3"}
+
     # Resume: finished layers are read back, not swept again; the result is unchanged.
     calls = []
     real = mem._sweep
     monkeypatch.setattr(mem, "_sweep", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    (out / "partial" / "layer_conv3.json").unlink()
-    cfg = mem.MemorizationConfig(max_samples=200, top_k=3, backend="torch")  # what the CLI ran
-    again = mem.run_memorization(net, splits, cfg, out_dir=out, progress=False, resume=True)
+    (partial / "layer_conv3.json").unlink()
+    with RunFolder(tmp_path / "run", "memorization", {"cfg": cfg}, resume=True) as run:
+        again = mem.run_memorization(net, tiny_splits, cfg, store=run.partial, progress=False)
     assert calls == [["conv3"], ["conv3"]]  # the single-channel and the cumulative sweep of conv3 only
-    again = json.loads(json.dumps(to_jsonable(again)))
-    assert again["top_channels"] == r["top_channels"] and again["memorization_gap"] == r["memorization_gap"]
-    for s_again, s_first in zip(again["layers"], r["layers"]):
-        s_again.pop("seconds"), s_first.pop("seconds")
-        assert s_again == s_first
+    assert _jsonable(again) == _jsonable(first)
+    # Without resuming, the same store is swept afresh (and gives the same numbers).
+    calls.clear()
+    fresh = mem.run_memorization(net, tiny_splits, cfg, store=Store(partial, False), progress=False)
+    assert len(calls) == 6 and _jsonable(fresh) == _jsonable(first)
+
+    # A library caller resuming a store written with other settings is refused, not mixed in.
+    with pytest.raises(ValueError, match=r"layer_conv1.json was written for another memorization run "
+                                         r"\(config.top_k: 2 -> 3\)"):
+        mem.run_memorization(net, tiny_splits, dataclasses.replace(cfg, top_k=3), store=Store(partial, True),
+                             progress=False)
+    other = model_from_checkpoint(tiny_checkpoint).eval()
+    with torch.no_grad():
+        other.conv1.conv.weight.mul_(1.5)
+    with pytest.raises(ValueError, match=r"another memorization run \(model:"):
+        mem.run_memorization(other, tiny_splits, cfg, store=Store(partial, True), progress=False)
+
+
+def test_spearman_ties_and_undefined():
+    # Average ranks on ties (many channels share a score of 0), as scipy.stats.spearmanr.
+    from scipy.stats import spearmanr
+
+    a, b = [0.0, 0.0, 0.0, 0.2, 0.5], [1.0, 3.0, 2.0, 4.0, 5.0]
+    assert mem._spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert mem._spearman([0.0, 0.0, 0.0], [1.0, 2.0, 3.0]) is None  # constant scores: undefined
+    assert mem._spearman([1.0], [2.0]) is None
 
 
 def test_mitigate_cli(tmp_path):
@@ -308,18 +352,36 @@ def test_mitigate_cli(tmp_path):
         assert (out / name).stat().st_size > 1000
 
 
-def test_mitigation_resume_matches_uninterrupted(tmp_path, tiny_splits):
+def test_mitigation_resume_matches_uninterrupted(tmp_path, tiny_splits, monkeypatch):
     def model():
         torch.manual_seed(0)
         return build_model("small-cnn", num_classes=10, image_size=16, width=4, padding=2)
 
     cfg = mem.MitigationConfig(epochs=2, batch_size=60, max_steps_per_epoch=2, device="cpu")
-    full = mem.run_mitigation(model(), tiny_splits, cfg, out_dir=tmp_path / "full", progress=False)
-    mem.run_mitigation(model(), tiny_splits, dataclasses.replace(cfg, epochs=1), out_dir=tmp_path / "part",
-                       progress=False)
-    resumed = mem.run_mitigation(model(), tiny_splits, cfg, out_dir=tmp_path / "part", progress=False, resume=True)
-    a = torch.load(tmp_path / "full" / "best.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "best.pt", weights_only=False)["model"]
+
+    def run(name, resume=False):
+        return RunFolder(tmp_path / name, "mitigate", {"cfg": cfg}, resume=resume)
+    with run("full") as folder:
+        full = mem.run_mitigation(model(), tiny_splits, cfg, store=folder, progress=False)
+    assert full.checkpoint == str(tmp_path / "full" / "best.pt")
+
+    # Interrupted on the first step of epoch 2 (after epoch 1's checkpoint and log entry).
+    real, steps = mem.MitigationObjective.__call__, [0]
+
+    def flaky(self, *a):
+        steps[0] += 1
+        if steps[0] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a)
+    monkeypatch.setattr(mem.MitigationObjective, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt), run("part") as folder:
+        mem.run_mitigation(model(), tiny_splits, cfg, store=folder, progress=False)
+    monkeypatch.setattr(mem.MitigationObjective, "__call__", real)
+    assert [h["epoch"] for h in json.loads((tmp_path / "part" / "mitigation_log.json").read_text())] == [1]
+    with run("part", resume=True) as folder:
+        resumed = mem.run_mitigation(model(), tiny_splits, cfg, store=folder, progress=False)
+    a = load_state_file(tmp_path / "full" / "best.pt")["model"]
+    b = load_state_file(tmp_path / "part" / "best.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert resumed.history == full.history and resumed.after == full.after and resumed.before == full.before

@@ -1,4 +1,4 @@
-"""Channel-ablation sweep: the fast path (models.split + ops.sweep) against the hook loop,
+"""Channel-ablation sweep: the fast path (surgery.split + surgery.sweep) against the hook loop,
 captum, direct counts and a planted channel; partial results; bad inputs."""
 import copy
 import json
@@ -11,10 +11,11 @@ from torch import nn
 from conftest import FAST_BACKENDS
 from shortcut_fast.backends import BackendUnavailable, choose_backend
 from shortcut_fast.models import build_model
-from shortcut_fast.models import split as split_mod
 from shortcut_fast.ops import ablation
-from shortcut_fast.ops.sweep import (channel_ablation_reference, channel_ablation_sweep, gradient_norm_scores,
-                                     weight_norm_scores)
+from shortcut_fast.run_folder import RunFolder, Store, load_state_file
+from shortcut_fast.surgery import split as split_mod
+from shortcut_fast.surgery import (channel_ablation_reference, channel_ablation_sweep, gradient_norm_scores,
+                                   weight_norm_scores)
 from shortcut_fast.report import to_jsonable
 
 
@@ -275,33 +276,111 @@ def test_planted_channel_ranks_first(linearity):
     assert res.drop()[2, [0, 3]].abs().max() == 0  # majority untouched
 
 
-def test_partial_resume(tmp_path, monkeypatch):
+def _run(tmp_path, resume):
+    return RunFolder(tmp_path / "run", "sweep-test", {"case": 1}, resume=resume)
+
+
+def test_resume_through_store_equals_uninterrupted(tmp_path, monkeypatch):
     model = MODELS["resnet18"]
     data = _data(n=10)
+    layers = ["layer1.0", "layer1.1"]
     kw = dict(mode="noise", return_outputs=True, batch_size=3, backend="torch", channels=[0, 1, 3])
-    full = channel_ablation_sweep(model, ["layer1.0", "layer1.1"], data, **kw)
-    for suffix in (".pt", ".json"):
-        path = tmp_path / f"partial{suffix}"
-        real = split_mod.SplitModel.run_variants
-        calls = [0]
+    real = split_mod.SplitModel.run_variants
+    calls = [0]
 
-        def flaky(self, *a, **k):
-            calls[0] += 1
-            if calls[0] == 15:  # part-way through the second layer (verify, then base + variants per batch)
-                raise KeyboardInterrupt
-            return real(self, *a, **k)
-        monkeypatch.setattr(split_mod.SplitModel, "run_variants", flaky)
-        with pytest.raises(KeyboardInterrupt):
-            channel_ablation_sweep(model, ["layer1.0", "layer1.1"], data, partial_path=path, **kw)
-        monkeypatch.setattr(split_mod.SplitModel, "run_variants", real)
-        saved = torch.load(path, weights_only=False) if suffix == ".pt" else json.loads(path.read_text())
-        assert "layer1.0" in saved["done"] and saved["current"]["next_batch"] >= 1
-        resumed = channel_ablation_sweep(model, ["layer1.0", "layer1.1"], data, partial_path=path, **kw)
-        for layer in ("layer1.0", "layer1.1"):
-            _compare(resumed[layer], full[layer])
-        with pytest.raises(ValueError, match="different sweep"):
-            channel_ablation_sweep(model, ["layer1.0", "layer1.1"], data, partial_path=path,
-                                   **{**kw, "mode": "zero"})
+    def counting(self, *a, **k):
+        calls[0] += 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(split_mod.SplitModel, "run_variants", counting)
+    full = channel_ablation_sweep(model, layers, data, **kw)
+    full_calls, calls[0] = calls[0], 0
+
+    def flaky(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 15:  # part-way through the second layer (verify, then base + variants per batch)
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(split_mod.SplitModel, "run_variants", flaky)
+    with pytest.raises(KeyboardInterrupt), _run(tmp_path, resume=False) as run:
+        channel_ablation_sweep(model, layers, data, store=run.partial, **kw)
+    saved = load_state_file(tmp_path / "run" / "partial" / "sweep.pt")  # weights_only=True suffices
+    assert "layer1.0" in saved["done"] and saved["current"]["layer"] == "layer1.1"
+    assert 1 <= saved["current"]["next_batch"] < 4
+
+    monkeypatch.setattr(split_mod.SplitModel, "run_variants", counting)
+    calls[0] = 0
+    with _run(tmp_path, resume=True) as run:
+        resumed = channel_ablation_sweep(model, layers, data, store=run.partial, **kw)
+    assert 0 < calls[0] < full_calls - 10  # layer1.0 and the saved batches were not run again
+    for layer in layers:
+        _compare(resumed[layer], full[layer])
+        torch.testing.assert_close(resumed[layer].loss, full[layer].loss, rtol=0, atol=0)
+        assert resumed[layer].method == full[layer].method
+
+    # A finished sweep is read back whole; a fresh (not resuming) run starts again from nothing.
+    calls[0] = 0
+    again = channel_ablation_sweep(model, layers, data, store=Store(tmp_path / "run" / "partial", True), **kw)
+    assert calls[0] == 0 and torch.equal(again["layer1.1"].outputs, full["layer1.1"].outputs)
+    with _run(tmp_path / "other", resume=False) as run:
+        channel_ablation_sweep(model, layers, data, store=run.partial, **kw)
+    assert calls[0] > 0
+
+
+def test_store_of_another_sweep_is_refused(tmp_path):
+    model = MODELS["resnet18"]
+    data = _data(n=6)
+    kw = dict(batch_size=4, backend="torch", channels=[0, 1])
+    store = Store(tmp_path, resuming=True)
+    channel_ablation_sweep(model, "layer1.0", data, store=store, **kw)
+    assert (tmp_path / "sweep.pt").exists()
+    other_data = (data[0].flip(0), data[1], data[2])
+    for change, key in ((dict(mode="mean"), "mode"), (dict(channels=[0, 2]), "channels"),
+                        (dict(layers="layer1.1"), "layers"), (dict(data=other_data), "data"),
+                        (dict(model=_perturbed(model)), "model"), (dict(num_groups=5), "num_groups")):
+        args = {"model": model, "layers": "layer1.0", "data": data, **kw, **change}
+        with pytest.raises(ValueError, match=rf"different sweep \(.*{key}"):
+            channel_ablation_sweep(args.pop("model"), args.pop("layers"), args.pop("data"), store=store, **args)
+    # A store that is not resuming ignores (and then replaces) what it holds.
+    fresh = channel_ablation_sweep(model, "layer1.0", data, store=Store(tmp_path, False), **{**kw, "mode": "mean"})
+    assert fresh.mode == "mean"
+    with pytest.raises(ValueError, match="different sweep"):
+        channel_ablation_sweep(model, "layer1.0", data, store=store, **kw)
+
+
+def test_rewind_checkpoint_files(tmp_path):
+    model = MODELS["resnet18"]
+    data = _data(n=5)
+    old = _perturbed(model)
+    kw = dict(mode="rewind", channels=[0, 2], backend="torch", return_outputs=True)
+    ckpt = tmp_path / "epoch_001.pt"
+    torch.save({"model": old.state_dict(), "epoch": 0, "model_config": {"name": "resnet18"}}, ckpt)
+    from_file = channel_ablation_sweep(model, "layer1.0", data, rewind_to=ckpt, **kw)["layer1.0"]
+    from_model = channel_ablation_sweep(model, "layer1.0", data, rewind_to=old, **kw)["layer1.0"]
+    assert torch.equal(from_file.outputs, from_model.outputs)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"rewind_to '.*notes.txt' is not a readable torch state file"):
+        channel_ablation_sweep(model, "layer1.0", data, rewind_to=tmp_path / "notes.txt", **kw)
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"rewind_to '.*tensor.pt' is not a model checkpoint.*got Tensor"):
+        channel_ablation_sweep(model, "layer1.0", data, rewind_to=tmp_path / "tensor.pt", **kw)
+    torch.save(old, tmp_path / "pickled_module.pt")  # a whole pickled model: refused by weights_only=True
+    with pytest.raises(ValueError, match=r"rewind_to '.*pickled_module.pt' is not a readable torch state"):
+        channel_ablation_sweep(model, "layer1.0", data, rewind_to=tmp_path / "pickled_module.pt", **kw)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_images_are_named(bad):
+    model = MODELS["resnet18"]
+    x, y, g = _data(n=9)
+    x[6, 1, 2, 3] = bad
+    for fn, extra in ((channel_ablation_sweep, dict(backend="torch")), (channel_ablation_reference, {})):
+        with pytest.raises(ValueError, match=r"data: the images contain NaN or Inf .*first is sample 6"):
+            fn(model, "layer1.0", (x, y, g), batch_size=4, channels=[0], **extra)
+    x[0, 0, 0, 0] = bad  # in the batch the split is checked on: still the input is blamed, not the split
+    with pytest.raises(ValueError, match=r"data: the images contain NaN or Inf \(1 bad samples among 0..3"):
+        channel_ablation_sweep(model, "layer1.0", (x, y, g), batch_size=4, channels=[0], backend="torch")
+    with pytest.raises(ValueError, match="data: the images contain NaN or Inf"):
+        gradient_norm_scores(model, ["layer1.0.conv1"], (x, y, torch.zeros_like(g)), 0, num_samples=3)
 
 
 class _Untraceable(nn.Module):
@@ -406,7 +485,7 @@ def test_weight_and_gradient_norm_scores():
 def test_backends(backend, device):
     for op in ("channel_ablate", "group_outcomes"):
         try:
-            choose_backend(op, backend, device, ablation.IMPLEMENTED, auto_order=ablation.AUTO_ORDER)
+            choose_backend(op, backend, device, ("torch", "cpp", "cuda", "triton"))
         except BackendUnavailable as exc:
             pytest.skip(str(exc))
     model = copy.deepcopy(MODELS["resnet18"]).to(device)

@@ -3,7 +3,7 @@
 `run_memorization` asks whether a model's minority-group gap comes from a few channels that
 memorize the minority training samples:
 - per-group train and test accuracy and the memorization gap (train minus test), per group;
-- an exact ablation sweep (ops.sweep.channel_ablation_sweep) of every channel of the chosen
+- an exact ablation sweep (surgery.channel_ablation_sweep) of every channel of the chosen
   layers, on the train and the test split in one pass (the test samples get group ids
   shifted by G), ranking channels by
       score = (minority train accuracy drop) - (majority train accuracy drop);
@@ -19,6 +19,10 @@ threshold) and every step minimizes
 with Adam; the pruned forward uses the same parameters with the mask applied
 (torch.func.functional_call), so the dense weights are never zeroed in place.
 
+Persistence: both take `store=` (a run_folder.Store the caller owns, e.g. a RunFolder's
+`partial`); they write resume state only there and never write results or figures (the CLI
+writes result.json; plot_memorization / plot_mitigation draw the figures).
+
 Groups. The analysis works on a small set of groups (`Grouping`): the dataset's own groups
 (label * num_attributes + attribute) when there are at most 16 of them (Waterbirds, CelebA),
 otherwise, for datasets whose attribute is a class index (colored digits / MNIST, injected
@@ -32,17 +36,24 @@ samples of their groups (sample-weighted).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shortcut_fast.report import progress_ticker, read_json, write_json
+from shortcut_fast.experiments.stats import spearman
+from shortcut_fast.report import progress_ticker, to_jsonable
+from shortcut_fast.run_folder import file_digest, settings_diff, tensor_digest
+
+if TYPE_CHECKING:
+    from shortcut_fast.run_folder import Store
 
 MODES = ("zero", "mean", "noise", "rewind")
 WHERE = ("output", "pre-bn", "post-activation")
@@ -256,14 +267,10 @@ def default_layers(model: nn.Module, count: int = 4) -> list[str]:
 
 
 def _spearman(a, b) -> float | None:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    if a.numel() < 2:
-        return None
-    ra = torch.argsort(torch.argsort(a)).double()
-    rb = torch.argsort(torch.argsort(b)).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else None
+    """experiments.stats.spearman (average ranks on ties: many channels share a score of 0),
+    None where it is undefined, as a result read back from JSON has it."""
+    r = spearman(a, b)
+    return None if math.isnan(r) else r
 
 
 def _rank_desc(values: torch.Tensor, i: int) -> int:
@@ -279,13 +286,13 @@ def _layer_scores(scores, layer: str) -> torch.Tensor | None:
 
 
 def _sweep(model, layers, data, cfg: MemorizationConfig, num_groups: int, *, channel_sets=None, rewind_to=None,
-           partial_path=None, progress=False):
-    from shortcut_fast.ops.sweep import channel_ablation_sweep
+           store=None, progress=False):
+    from shortcut_fast.surgery import channel_ablation_sweep
 
     return channel_ablation_sweep(model, layers, data, channel_sets=channel_sets, mode=cfg.mode, where=cfg.where,
                                   repeats=cfg.repeats, rewind_to=rewind_to, num_groups=num_groups,
                                   batch_size=cfg.batch_size, backend=cfg.backend, seed=cfg.seed,
-                                  progress=progress, partial_path=partial_path)
+                                  progress=progress, store=store)
 
 
 def _tensor(value) -> torch.Tensor:
@@ -293,15 +300,17 @@ def _tensor(value) -> torch.Tensor:
 
 
 def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = None, *,
-                     out_dir: str | Path | None = None, device="cpu", progress: bool = True,
-                     resume: bool = False, rewind_to=None) -> MemorizationResult:
+                     store: Store | None = None, device="cpu", progress: bool = True,
+                     rewind_to=None) -> MemorizationResult:
     """Per-group memorization gap, channel ablation sweep and top channels (see the module docstring).
 
-    rewind_to: the earlier model / state dict / checkpoint path for mode "rewind". With
-    out_dir, sweeps write out_dir/partial/*.pt as they go and finished stages
-    out_dir/partial/*.json; resume=True continues from them (else they are cleared).
+    rewind_to: the earlier model / state dict / checkpoint path for mode "rewind". store (a
+    run_folder.Store, e.g. RunFolder(...).partial): each finished layer is saved there as
+    layer_<name>.json and each running sweep in sweep_<name>/ and cumulative_<name>/; when the
+    store is resuming, finished layers are read back and cut-short sweeps continue. State
+    written for another model, data subset or configuration is refused with a ValueError.
     """
-    from shortcut_fast.ops.sweep import gradient_norm_scores, weight_norm_scores
+    from shortcut_fast.surgery import gradient_norm_scores, weight_norm_scores
 
     t0 = time.perf_counter()
     cfg = cfg or MemorizationConfig()
@@ -312,12 +321,6 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     layers = list(cfg.layers) if cfg.layers else default_layers(model)
     grouping = Grouping.build(splits, cfg.grouping)
     G = grouping.num_groups
-    partial = Path(out_dir) / "partial" if out_dir is not None else None
-    if partial is not None:
-        partial.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for old in list(partial.glob("*.json")) + list(partial.glob("*.pt")):
-                old.unlink()
 
     x_tr, y_tr, g_tr = _take(splits.train, grouping, cfg.max_samples, cfg.seed, 1)
     x_te, y_te, g_te = _take(splits.test, grouping, cfg.max_samples, cfg.seed, 2)
@@ -335,7 +338,10 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     # Train and test in one sweep: test sample groups are shifted by G.
     data = (torch.cat([x_tr, x_te]).to(device), torch.cat([y_tr, y_te]).to(device),
             torch.cat([g_tr, g_te + G]).to(device))
-    counts2 = torch.cat([train_counts, test_counts])
+    # What a finished layer's numbers depend on (the sweeps keep their own, finer record).
+    record = {"config": {**dataclasses.asdict(cfg), "layers": layers}, "model": _weights_id(model),
+              "data": tensor_digest(y_tr, g_tr, y_te, g_te, x_tr[:8], x_te[:8]),
+              "rewind_to": _weights_id(rewind_to) if cfg.mode == "rewind" else None}
 
     # Baseline: per-group accuracy and memorization gap.
     base_correct, _ = group_outcomes_of(model, data[0], data[1].cpu(), data[2].cpu(), 2 * G,
@@ -367,15 +373,15 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     bar = progress_ticker(len(layers), "layers", progress)
     sweeps: list[LayerRanking] = []
     for layer in layers:
-        done = partial / f"layer_{layer}.json" if partial is not None else None
-        if resume and done is not None and done.exists():
-            sweeps.append(LayerRanking(**read_json(done)))
+        saved = store.load_json(f"layer_{layer}.json") if store is not None else None
+        if saved is not None:
+            _check_record(saved.get("record"), record, store, layer)
+            sweeps.append(LayerRanking(**saved["ranking"]))
             bar(1)
             continue
         t_layer = time.perf_counter()
         result = _sweep(model, [layer], data, cfg, 2 * G, rewind_to=rewind_to,
-                        partial_path=partial / f"sweep_{layer}.pt" if partial is not None else None,
-                        progress=progress)
+                        store=store.sub(f"sweep_{layer}") if store is not None else None, progress=progress)
         entry = _layer_result(result, layer)
         correct = _tensor(entry.correct).double()  # (C, 2G)
         min_tr = _pooled(correct[:, :G], train_counts, minority)
@@ -400,8 +406,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
         order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
         sets = [order[:i + 1] for i in range(k)]
         cum = _sweep(model, [layer], data, cfg, 2 * G, channel_sets=sets, rewind_to=rewind_to,
-                     partial_path=partial / f"cumulative_{layer}.pt" if partial is not None else None,
-                     progress=False)
+                     store=store.sub(f"cumulative_{layer}") if store is not None else None, progress=False)
         cum_correct = _tensor(_layer_result(cum, layer).correct).double()
         for i, channels in enumerate(sets):
             row = cum_correct[i]
@@ -414,8 +419,8 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
                 "train_accuracy": _accuracy(row[:G], train_counts),
                 "test_accuracy": _accuracy(row[G:], test_counts)})
         sweep.seconds = time.perf_counter() - t_layer
-        if done is not None:
-            write_json(sweep, done)
+        if store is not None:
+            store.save_json(f"layer_{layer}.json", {"record": record, "ranking": sweep})
         sweeps.append(sweep)
         bar(1)
     bar(None)
@@ -430,6 +435,22 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
                   "gradient_norm_group": grouping.names[grad_group]},
         baseline=baseline, memorization_gap=gap, layers=sweeps, top_channels=top,
         seconds=time.perf_counter() - t0)
+
+
+def _weights_id(obj) -> str:
+    """A digest of a model's (or state dict's, or checkpoint file's) weights."""
+    from shortcut_fast.surgery.sweep import weights_digest
+
+    if isinstance(obj, (str, os.PathLike)):
+        return file_digest(obj)
+    return weights_digest(obj.state_dict() if isinstance(obj, nn.Module) else obj)
+
+
+def _check_record(old, new: dict, store: Store, layer: str) -> None:
+    if old != json.loads(json.dumps(to_jsonable(new))):  # compare as read back from JSON
+        diff = settings_diff(old or {}, json.loads(json.dumps(to_jsonable(new)))) or ["format"]
+        raise ValueError(f"store {str(store.root)!r}: layer_{layer}.json was written for another memorization run "
+                         f"({'; '.join(diff)}); resume with the same model, data and settings, or start afresh")
 
 
 def _layer_result(result, layer: str):
@@ -738,6 +759,9 @@ class MitigationResult:
     seconds: float = 0.0
 
 
+LOG = "mitigation_log.json"
+
+
 class _PrunedView(nn.Module):
     """The model evaluated with a fixed keep-mask applied (for the after-pruned report)."""
 
@@ -750,13 +774,13 @@ class _PrunedView(nn.Module):
 
 
 def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None, *,
-                   out_dir: str | Path | None = None, progress: bool = True,
-                   resume: bool = False) -> MitigationResult:
+                   store: Store | None = None, progress: bool = True) -> MitigationResult:
     """Train `model` (the ERM model, changed in place) with the pruned/dense contrastive objective.
 
-    Reports per-group accuracy before and after on train/val/test. With out_dir, the trainer's
-    checkpoints (last.pt for resume, best.pt = the reported weights) and mitigation_log.json
-    (per-epoch loss terms and mask thresholds) are written there.
+    Reports per-group accuracy before and after on train/val/test. store (a run_folder.Store,
+    e.g. RunFolder(...).sub("mitigated")): the trainer's checkpoints (last.pt for resume,
+    best.pt = the reported weights) and mitigation_log.json (per-epoch loss terms and mask
+    thresholds) go there; when the store is resuming, training and the log continue from them.
     """
     from shortcut_fast.train import resolve_device
     from shortcut_fast.train import train as run_training
@@ -772,9 +796,7 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
     report = dict(batch_size=cfg.eval_batch_size, device=device)
     before = group_report(model, splits, grouping, minority, **report)
 
-    out = Path(out_dir) if out_dir is not None else None
-    log_path = out / "mitigation_log.json" if out is not None else None
-    log: list[dict] = read_json(log_path) if resume and log_path is not None and log_path.exists() else []
+    log: list[dict] = store.load_json(LOG, []) if store is not None else []
     objective = MitigationObjective(cfg.prune_fraction, cfg.tau, cfg.ce_weight, cfg.contrastive_weight)
 
     def on_epoch_end(epoch: int, net: nn.Module, record: dict) -> None:
@@ -782,11 +804,17 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
                  "val_accuracy": record["val_accuracy"]}
         del log[epoch:]  # a resumed epoch replaces what an interrupted run logged for it
         log.append(entry)
-        if log_path is not None:
-            write_json(log, log_path)
+        if store is not None:
+            store.save_json(LOG, log)
 
-    run_training(model, splits, cfg.train_config(), out_dir=out, resume=resume, progress=progress,
-                 loss_fn=objective, on_epoch_end=on_epoch_end)
+    trained = run_training(model, splits, cfg.train_config(), store=store, progress=progress, loss_fn=objective,
+                           on_epoch_end=on_epoch_end)
+    # A run killed between the trainer's checkpoint and the log write resumes past that epoch:
+    # its loss terms are unknown (None), never invented.
+    for record in trained.history[len(log):]:
+        log.append({"epoch": record["epoch"], "contrastive_loss": None, "ce_loss": None, "mask_threshold": None,
+                    "pruned_weights": None, "train_loss": record["train_loss"],
+                    "val_accuracy": record["val_accuracy"]})
     after = group_report(model, splits, grouping, minority, **report)
     objective.update_mask(model)
     after_pruned = group_report(_PrunedView(model, objective), splits, grouping, minority, **report)
@@ -795,7 +823,7 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
         grouping={"kind": grouping.kind, "names": grouping.names, "minority": [grouping.names[g] for g in minority],
                   "train_counts": train_counts.tolist()},
         before=before, after=after, after_pruned=after_pruned, history=log,
-        checkpoint=str(out / "best.pt") if out is not None else None, seconds=time.perf_counter() - t0)
+        checkpoint=str(store.root / "best.pt") if store is not None else None, seconds=time.perf_counter() - t0)
 
 
 def mitigation_table(result: MitigationResult) -> tuple[list[list], list[str]]:
@@ -827,8 +855,8 @@ def plot_mitigation(result: MitigationResult, out_dir: str | Path) -> list[Path]
                 title=f"{split}: per-group accuracy before / after mitigation"))
     if result.history:
         paths.append(plot_curves(
-            {"contrastive (NT-Xent)": [h["contrastive_loss"] for h in result.history],
-             "cross-entropy": [h["ce_loss"] for h in result.history]},
+            {"contrastive (NT-Xent)": [_num(h["contrastive_loss"]) for h in result.history],
+             "cross-entropy": [_num(h["ce_loss"]) for h in result.history]},
             out / "mitigation_curves.png", x=[h["epoch"] for h in result.history], xlabel="epoch",
             ylabel="mean loss", title="mitigation loss terms"))
     return paths

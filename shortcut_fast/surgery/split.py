@@ -49,7 +49,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .introspect import get_submodule
+from shortcut_fast.models.introspect import get_submodule
+# surgery sits above ops/ and models/: it may use both (neither imports surgery).
+from shortcut_fast.ops.ablation import channel_ablate
 
 WHERE = ("output", "pre-bn", "post-activation")
 METHODS = ("auto", "fx", "hook")
@@ -234,8 +236,6 @@ class SplitModel:
     def run_variants(self, pre: Prefix, masks: torch.Tensor, replacement=0.0, *,
                      backend: str = "auto") -> torch.Tensor:
         """Logits (V, B, L) of the V variants masks (V, C) bool describe (see module doc)."""
-        from shortcut_fast.ops.ablation import channel_ablate
-
         V = masks.shape[0]
         B = pre.act.shape[0]
         with torch.no_grad(), no_inplace(self.model):
@@ -386,7 +386,7 @@ def split_model(model: nn.Module, layer: str, x: torch.Tensor, *, where: str = "
     x is used to find batch dimensions and sizes (two tiny probe runs) and to `verify` the
     split. rewind_state: a state dict whose weights for the ablation chain (the named module
     for "output", the conv for "pre-bn", conv and BN for "post-activation") produce
-    `Prefix.rewound`. The model is evaluated in eval mode by the caller (see sweep).
+    `Prefix.rewound`. The model is evaluated in eval mode by the caller (see surgery.sweep).
     """
     if where not in WHERE:
         raise ValueError(f"where must be one of {WHERE}, got {where!r}")

@@ -4,7 +4,7 @@ For each layer and each channel (or channel set), modify that channel at the abl
 and count per-group correct predictions and summed cross-entropy over a data set.
 
 Fast path (`channel_ablation_sweep`): the model is cut at the ablation point
-(models.split): the prefix runs once per image batch, the cached activation is expanded into
+(surgery.split): the prefix runs once per image batch, the cached activation is expanded into
 many masked copies in one op (ops.ablation.channel_ablate) or, when the next layer is a conv
 or Linear, through linearity (one grouped conv for all channels), the rest of the model
 runs on the V*B stacked variants in chunks sized by `max_bytes`, and one reduction
@@ -18,13 +18,18 @@ Modes: "zero"; "mean" (per-channel mean over the data and positions, from a firs
 "rewind" (the ablation point recomputed with the weights of `rewind_to` for the chain that
 produces it: the named module for "output", the conv for "pre-bn", conv and BN for
 "post-activation"). The model is evaluated in eval mode (its mode is restored afterwards).
+
+Persistence: with `store=` (a run_folder.Store) the sweep saves its accumulators after every
+batch and layer, and a store that is resuming continues from them. The saved state carries a
+compact record of the sweep's arguments (and digests of the model and the data's labels and
+groups); a store holding another sweep's state is refused, never silently mixed in.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,16 +37,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast.models.introspect import get_submodule
-from shortcut_fast.models.split import (
+from shortcut_fast.ops._checks import check_int
+from shortcut_fast.ops.ablation import channel_masks, group_outcomes
+from shortcut_fast.report import Progress
+from shortcut_fast.run_folder import fingerprint, load_state_file, settings_diff, tensor_digest
+from shortcut_fast.surgery.split import (
     WHERE,
+    _load_rewound,
     _resolve_conv,
     default_channel_axis,
     eval_mode,
     no_inplace,
     split_model,
 )
-from shortcut_fast.ops._checks import check_int
-from shortcut_fast.ops.ablation import channel_masks, group_outcomes
+
+if TYPE_CHECKING:
+    from shortcut_fast.run_folder import Store
 
 MODES = ("zero", "mean", "noise", "rewind")
 
@@ -173,7 +184,19 @@ class _Data:
             x = self.source[start:stop].to(device)
             if not x.is_floating_point():
                 x = x.float().div_(255)
+        _check_finite(x, torch.arange(start, stop))
         return x, self.labels[start:stop].to(device), self.groups[start:stop].to(device)
+
+
+def _check_finite(x: torch.Tensor, index: torch.Tensor) -> None:
+    """NaN/Inf images would make every variant's prediction garbage (or fail the split check
+    with a misleading message): name the input and the first bad sample instead."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bool(bad.any()):
+        first = int(index[int(bad.nonzero()[0, 0])])
+        raise ValueError(f"data: the images contain NaN or Inf ({int(bad.sum())} bad samples among "
+                         f"{int(index[0])}..{int(index[-1])}, the first is sample {first}); clean or drop them "
+                         f"before the sweep")
 
 
 def _as_data(data, num_groups: Optional[int]) -> _Data:
@@ -221,20 +244,25 @@ def _variants(C: int, channels, channel_sets) -> list[list[int]]:
     return out
 
 
-def load_state(rewind_to) -> dict:
+def _rewind_weights(rewind_to) -> dict:
     """A state dict from a state dict, a model, or a checkpoint path (the project's
-    checkpoints keep the weights under "model")."""
+    checkpoints keep the weights under "model"; files are read with weights_only=True)."""
     if isinstance(rewind_to, nn.Module):
         return rewind_to.state_dict()
     if isinstance(rewind_to, (str, os.PathLike)):
-        state = torch.load(rewind_to, map_location="cpu", weights_only=False)
+        state = load_state_file(rewind_to, what="rewind_to")
+        where = f"rewind_to {str(rewind_to)!r}"
     elif isinstance(rewind_to, dict):
-        state = rewind_to
+        state, where = rewind_to, "rewind_to"
     else:
         raise TypeError(f"rewind_to must be a state dict, a checkpoint path or a model, got "
                         f"{type(rewind_to).__name__}")
-    if "model" in state and isinstance(state["model"], dict):
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        got = type(state).__name__ if not isinstance(state, dict) else f"a dict of {sorted(state)[:5]}"
+        raise ValueError(f"{where} is not a model checkpoint: expected a state dict (name -> tensor) or "
+                         f"{{'model': state dict}}, got {got}")
     return state
 
 
@@ -306,79 +334,61 @@ def _noise(act: torch.Tensor, axis: int, mean: torch.Tensor, std: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------
-# Partial results
+# Partial results (through a run_folder.Store: nothing here writes files itself)
+
+STATE = "sweep.pt"  # the one file a sweep keeps in its store
 
 
-def _save_partial(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".json":
-        from shortcut_fast.report import write_json
-
-        write_json(state, tmp)
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, path)
+def _record(model, d: "_Data", rewind: Optional[dict], **args) -> dict:
+    """A compact record of what makes a sweep's results: its arguments, and digests of the
+    model's weights, the data's labels, groups and first images, and the rewind weights."""
+    rec = dict(args)
+    rec["model"] = weights_digest(model.state_dict())
+    rec["data"] = tensor_digest(d.labels, d.groups, d.batch(0, 8, "cpu")[0])
+    rec["rewind_to"] = None if rewind is None else weights_digest(rewind)
+    return rec
 
 
-def _load_partial(path: Path, fingerprint: dict) -> Optional[dict]:
-    if not path.exists():
+def weights_digest(state: dict) -> str:
+    """Digest of a state dict's names and tensors (0-d buffers such as num_batches_tracked included)."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # reshape(-1): tensor_digest cannot view a 0-d tensor as bytes
+    return fingerprint({"keys": list(tensors), "weights": tensor_digest(*(v.reshape(-1) for v in tensors.values()))})
+
+
+def _load_sweep_state(store: "Store", record: dict) -> Optional[dict]:
+    state = store.load_state(STATE)
+    if state is None:
         return None
-    if path.suffix == ".json":
-        from shortcut_fast.report import read_json
-
-        state = read_json(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    old = state.get("fingerprint")
-    from shortcut_fast.report import to_jsonable
-
-    if to_jsonable(old) != to_jsonable(fingerprint):
-        diff = sorted(k for k in fingerprint if (old or {}).get(k) != to_jsonable(fingerprint[k]))
-        raise ValueError(f"partial file {path} was written by a different sweep (differs in {diff}); "
-                         f"delete it or pass another partial_path")
+    old = state.get("args") if isinstance(state, dict) else None
+    if old != record:
+        diff = settings_diff(old or {}, record) or ["format"]
+        raise ValueError(f"store {str(store.root)!r}: {STATE} holds the partial state of a different sweep "
+                         f"({'; '.join(diff)}); give each sweep its own store (e.g. store.sub(name)), "
+                         f"or start the run afresh instead of resuming")
     return state
 
 
-_LAYER_TENSORS = ("correct", "loss", "group_counts", "baseline_correct", "baseline_loss", "outputs",
-                  "baseline_outputs")
+def _layer_to_state(layer: LayerSweep) -> dict:
+    return dataclasses.asdict(layer)  # plain dict of tensors and lists: loadable with weights_only=True
 
 
-def _layer_from_state(d) -> LayerSweep:
-    if isinstance(d, LayerSweep):
-        return d
-    d = dict(d)
-    for k in _LAYER_TENSORS:
-        if d.get(k) is not None and not isinstance(d[k], torch.Tensor):
-            dtype = torch.int64 if k in ("group_counts", "baseline_correct") or (
-                k == "correct" and d.get("repeats", 1) == 1) else torch.float64
-            if k in ("outputs", "baseline_outputs"):
-                dtype = torch.float32
-            d[k] = torch.tensor(d[k], dtype=dtype)
-    return LayerSweep(**d)
+def _to_cpu(v):
+    if isinstance(v, torch.Tensor):
+        return v.cpu()
+    if isinstance(v, tuple):
+        return tuple(_to_cpu(t) for t in v)
+    return v
 
 
 def _restore_current(cur: dict, device) -> dict:
-    """Accumulators of a half-done layer from a partial file (.pt tensors or .json lists)."""
-    dtypes = dict(correct=torch.int64, loss=torch.float64, base_correct=torch.int64, base_loss=torch.float64,
-                  outputs=torch.float32, base_outputs=torch.float32)
+    """Accumulators of a half-done layer, back on the sweep's device (outputs stay on the CPU)."""
     acc = dict(cur)
-    for k, dt in dtypes.items():
-        if acc.get(k) is not None:
-            acc[k] = torch.as_tensor(acc[k], dtype=dt)
-            if k not in ("outputs", "base_outputs"):
-                acc[k] = acc[k].to(device)
+    for k in ("correct", "loss", "base_correct", "base_loss"):
+        acc[k] = acc[k].to(device)
     if acc.get("stats") is not None:
-        acc["stats"] = tuple(torch.as_tensor(s, dtype=torch.float64, device=device) for s in acc["stats"])
+        acc["stats"] = tuple(s.to(device) for s in acc["stats"])
     return acc
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,9 +398,9 @@ def _progress(enabled: bool, total: int, desc: str):
 def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, channel_sets=None, mode: str = "zero",
                            where: str = "output", repeats: int = 1, rewind_to=None, num_groups: Optional[int] = None,
                            return_outputs: bool = False, batch_size: int = 256, max_bytes: Optional[int] = None,
-                           backend: str = "auto", seed: int = 0, progress: bool = False, partial_path=None,
-                           channel_axis: Optional[int] = None, linearity: bool = True,
-                           split: str = "auto") -> SweepResult:
+                           backend: str = "auto", seed: int = 0, progress: bool = False,
+                           store: "Store | None" = None, channel_axis: Optional[int] = None,
+                           linearity: bool = True, split: str = "auto") -> SweepResult:
     """Per-(variant, group) outcomes of ablating each channel (or channel set) of each layer.
 
     layers: module names (a str for one). data: an ImageDataset or (images, labels, groups).
@@ -399,8 +409,10 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     run; variants run in chunks whose stacked suffix activations stay under max_bytes
     (default: 16 MB on the CPU, where cache-sized chunks ran 1.7x faster than 1 GB ones
     on a ResNet-18 stage, and 1 GB on a GPU).
-    partial_path (.pt or .json): written after every batch and layer; a rerun with the same
-    arguments resumes from it. linearity=False turns off the next-layer linearity shortcut;
+    store (a run_folder.Store, e.g. RunFolder(...).partial.sub("sweep")): the accumulators are
+    saved there (sweep.pt) after every batch and layer; when the store is resuming, the sweep
+    continues from them. A store holding another sweep's state (other arguments, model or
+    data) is refused with a ValueError. linearity=False turns off the next-layer linearity shortcut;
     split="hook" forces the (slow) full-forward fallback. backend goes to channel_ablate and
     group_outcomes.
     """
@@ -411,36 +423,37 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     if max_bytes is None:
         max_bytes = (16 << 20) if device.type == "cpu" else (1 << 30)
     check_int("max_bytes", max_bytes, 1)
-    rewind_state = load_state(rewind_to) if mode == "rewind" else None
+    rewind_state = _rewind_weights(rewind_to) if mode == "rewind" else None
     G, R = d.num_groups, repeats
-    fingerprint = dict(layers=layers, where=where, mode=mode, repeats=R, seed=seed, n=d.n, num_groups=G,
-                       channels=None if channels is None else [int(c) for c in channels],
-                       channel_sets=None if channel_sets is None else [sorted(map(int, s)) for s in channel_sets],
-                       return_outputs=return_outputs, batch_size=batch_size, channel_axis=channel_axis)
-    path = Path(partial_path) if partial_path is not None else None
-    state = (_load_partial(path, fingerprint) if path is not None else None) or \
-        {"fingerprint": fingerprint, "done": {}, "current": None}
+    state = {"args": None, "done": {}, "current": None}
+    if store is not None:
+        state["args"] = _record(
+            model, d, rewind_state, layers=layers, where=where, mode=mode, repeats=R, seed=seed, n=d.n,
+            num_groups=G, channels=None if channels is None else [int(c) for c in channels],
+            channel_sets=None if channel_sets is None else [sorted(map(int, s)) for s in channel_sets],
+            return_outputs=return_outputs, batch_size=batch_size, channel_axis=channel_axis)
+        state = _load_sweep_state(store, state["args"]) or state
     counts = torch.bincount(d.groups, minlength=G)
     results: dict[str, LayerSweep] = {}
     with eval_mode(model), torch.no_grad():
         for li, layer in enumerate(layers):
             if layer in state["done"]:
-                results[layer] = _layer_from_state(state["done"][layer])
+                results[layer] = LayerSweep(**state["done"][layer])
                 continue
-            results[layer] = _sweep_layer(model, layer, li, d, device, state, path, counts, channels=channels,
+            results[layer] = _sweep_layer(model, layer, li, d, device, state, store, counts, channels=channels,
                                           channel_sets=channel_sets, mode=mode, where=where, repeats=R,
                                           rewind_state=rewind_state, return_outputs=return_outputs,
                                           batch_size=batch_size, max_bytes=max_bytes, backend=backend,
                                           seed=seed, progress=progress, channel_axis=channel_axis,
                                           linearity=linearity, split=split)
-            state["done"][layer] = results[layer]
-            state["current"] = None
-            if path is not None:
-                _save_partial(path, state)
+            if store is not None:
+                state["done"][layer] = _layer_to_state(results[layer])
+                state["current"] = None
+                store.save_state(STATE, state)
     return SweepResult(layers=results, mode=mode, where=where, num_groups=G, num_samples=d.n, repeats=R, seed=seed)
 
 
-def _sweep_layer(model, layer, li, d: _Data, device, state, path, counts, *, channels, channel_sets, mode, where,
+def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, channels, channel_sets, mode, where,
                  repeats, rewind_state, return_outputs, batch_size, max_bytes, backend, seed, progress,
                  channel_axis, linearity, split) -> LayerSweep:
     R, G = repeats, d.num_groups
@@ -479,7 +492,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, path, counts, *, cha
         stats = tuple(s.to(device) for s in stats)
 
     chunk = max(1, min(V, int(max_bytes // sm.per_variant_bytes(min(batch_size, d.n)))))
-    bar = _progress(progress, (len(starts) - acc["next_batch"]) * R * -(-V // chunk), f"sweep {layer}")
+    bar = Progress((len(starts) - acc["next_batch"]) * R * -(-V // chunk), f"sweep {layer}", progress)
     for bi in range(acc["next_batch"], len(starts)):
         start = starts[bi]
         x, y, g = d.batch(start, batch_size, device)
@@ -510,16 +523,12 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, path, counts, *, cha
                 acc["loss"][r, c0:c0 + chunk] += cl.double()
                 if return_outputs:
                     acc["outputs"][r, c0:c0 + chunk, start:start + x.shape[0]] = logits.float().cpu()
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         acc["next_batch"] = bi + 1
-        if path is not None and bi + 1 < len(starts):
-            state["current"] = {k: (v.cpu() if isinstance(v, torch.Tensor) else
-                                    tuple(s.cpu() for s in v) if isinstance(v, tuple) else v)
-                                for k, v in acc.items()}
-            _save_partial(path, state)
-    if bar is not None:
-        bar.close()
+        if store is not None and bi + 1 < len(starts):  # the last batch is saved as a done layer
+            state["current"] = {k: _to_cpu(v) for k, v in acc.items()}
+            store.save_state(STATE, state)
+    bar.close()
 
     correct = acc["correct"][0].cpu() if R == 1 else acc["correct"].double().mean(0).cpu()
     outputs = acc["outputs"]
@@ -566,8 +575,6 @@ class _Point:
             self.modules, self.module, self.call_index = [name], name, 0
         self.rewound = None
         if rewind_state is not None:
-            from shortcut_fast.models.split import _load_rewound
-
             self.rewound = _load_rewound(model, [m for m in self.modules], rewind_state)
         self.channel_axis = channel_axis
 
@@ -617,7 +624,7 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
     layers = _check_layers(model, layers)
     d = _as_data(data, num_groups)
     device = _device(model)
-    rewind_state = load_state(rewind_to) if mode == "rewind" else None
+    rewind_state = _rewind_weights(rewind_to) if mode == "rewind" else None
     G, R = d.num_groups, repeats
     counts = torch.bincount(d.groups, minlength=G)
     starts = list(range(0, d.n, batch_size))
@@ -651,7 +658,7 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
             base_c = torch.zeros(G, dtype=torch.int64)
             base_l = torch.zeros(G, dtype=torch.float64)
             outputs = base_out = None
-            bar = _progress(progress, len(starts) * R * V, f"reference {layer}")
+            bar = Progress(len(starts) * R * V, f"reference {layer}", progress)
             for start in starts:
                 x, y, g = d.batch(start, batch_size, device)
                 logits = model(x)
@@ -687,10 +694,8 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
                         loss[r, v] += l_.cpu()
                         if return_outputs:
                             outputs[r, v, start:start + x.shape[0]] = logits.float().cpu()
-                        if bar is not None:
-                            bar.update(1)
-            if bar is not None:
-                bar.close()
+                        bar.update(1)
+            bar.close()
             results[layer] = LayerSweep(
                 layer=layer, where=where, mode=mode, channel_axis=axis, num_channels=C, channels=variants,
                 correct=correct[0] if R == 1 else correct.double().mean(0), loss=loss.mean(0),
@@ -781,4 +786,5 @@ def _gather(d: _Data, idx: torch.Tensor, device):
         x = d.source[idx.to(d.source.device)].to(device)
         if not x.is_floating_point():
             x = x.float().div_(255)
+    _check_finite(x, idx)
     return x, d.labels[idx].to(device)
