@@ -17,7 +17,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -41,24 +41,25 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-# Fake (shape-only) implementations of compiled ops, registered once _C is loaded so the
-# ops trace under torch.compile. Op modules declare theirs with @fake_for_compiled.
-_FAKES: dict = {}
+# The op schemas live here, in Python (torchao style): each op module declares its
+# compiled op with @define_op right under its wrapper, the fake (shape function) being the
+# decorated function. _C only registers implementations (TORCH_LIBRARY_IMPL), so every op
+# traces under torch.compile with or without the extension, and the dispatcher accepts
+# the implementations whether _C loads before or after the schemas are defined.
+NAMESPACE = "shortcut_fast"
+LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
-def fake_for_compiled(op: str):
-    def decorate(fn):
-        _FAKES[op] = fn
-        if _load_extension.cache_info().currsize and extension() is not None:
-            _register_fake(op, fn)
-        return fn
+def define_op(schema: str):
+    """Define torch.ops.shortcut_fast.<name> from `schema`; decorate its fake with this."""
+    name = schema.split("(", 1)[0].strip()
+    LIBRARY.define(schema)
+
+    def decorate(fake):
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
+        return fake
 
     return decorate
-
-
-def _register_fake(op: str, fn) -> None:
-    if _extension_has_op(op):  # an extension built from older sources may lack the op
-        torch.library.register_fake(f"shortcut_fast::{op}")(fn)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,8 +74,9 @@ def _load_extension():
         if "No module named" in msg:
             msg = "not built (install with `pip install --no-build-isolation -e .`)"
         return None, f"extension unavailable: {msg}"
-    for op, fn in _FAKES.items():
-        _register_fake(op, fn)
+    except RuntimeError as exc:  # e.g. a _C built from older sources that still defines schemas
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, f"extension unavailable: {msg} (rebuild it: `pip install --no-build-isolation -e .`)"
     return module, "loaded"
 
 
@@ -180,8 +182,9 @@ def choose_backend(
         if name in unsupported:
             return Status(False, unsupported[name])
         status = backend_status(name, device)
-        if status and name in ("cpp", "cuda") and not _extension_has_op(op):
-            return Status(False, f"the compiled extension has no op {op} (rebuild it)")
+        if status and name in ("cpp", "cuda") and not compiled_has_kernel(op, name):
+            return Status(False, f"the compiled extension has no op {op} for {_DISPATCH_KEYS[name]} "
+                                 f"tensors (rebuild it)")
         return status
 
     if requested != "auto":
@@ -196,12 +199,50 @@ def choose_backend(
     return "torch"
 
 
-def _extension_has_op(op: str) -> bool:
-    try:
-        getattr(torch.ops.shortcut_fast, op)
-    except (AttributeError, RuntimeError):
+_DISPATCH_KEYS = {"cpp": "CPU", "cuda": "CUDA"}
+
+
+def compiled_has_kernel(op: str, backend: str) -> bool:
+    """Whether _C registered a kernel of torch.ops.shortcut_fast.<op> for `backend`'s
+    device (the schema exists without _C, so its presence proves nothing)."""
+    if extension() is None:
         return False
-    return True
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", _DISPATCH_KEYS[backend])
+    except RuntimeError:  # no such operator at all
+        return False
+
+
+def dispatch(op: str, requested: str, device: torch.device | str, impls: Mapping[str, Callable], *,
+             auto_order: Mapping[str, Sequence[str]] | None = None,
+             unsupported: Mapping[str, str] | None = None) -> Callable:
+    """The implementation of `op` that `requested` resolves to on `device`.
+
+    impls: backend name -> callable, all with the same signature; its keys are the
+    backends the op implements (see choose_backend for the rest).
+    """
+    chosen = choose_backend(op, requested, device, tuple(impls), auto_order=auto_order, unsupported=unsupported)
+    return impls[chosen]
+
+
+def compiled_op(name: str) -> Callable:
+    """Calls torch.ops.shortcut_fast.<name> (the _C kernel for the inputs' device)."""
+
+    def run(*args):
+        return getattr(torch.ops.shortcut_fast, name)(*args)
+
+    run.__name__ = f"compiled_{name}"
+    return run
+
+
+def triton_kernel(module: str, name: str) -> Callable:
+    """Calls shortcut_fast.kernels.<module>.<name>, imported on first use (it imports triton)."""
+
+    def run(*args):
+        return getattr(importlib.import_module(f"shortcut_fast.kernels.{module}"), name)(*args)
+
+    run.__name__ = f"triton_{name}"
+    return run
 
 
 def info() -> dict:

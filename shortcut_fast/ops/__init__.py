@@ -4,6 +4,7 @@ One module per op family: class_spectrum / band_filter / freq (frequency shortcu
 probe_training / directions (V-information), ablation (channel ablation; the sweep engine built
 on it lives in shortcut_fast.surgery).
 """
+from shortcut_fast.ops import band_filter as _band_filter  # noqa: F401  (defines its torch.library ops)
 from shortcut_fast.ops.ablation import channel_ablate, channel_masks, group_outcomes
 from shortcut_fast.ops.directions import Directions, fit_directions, nmf, nnls_codes, pca
 from shortcut_fast.ops.probe_training import train_probes

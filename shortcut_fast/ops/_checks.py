@@ -2,6 +2,8 @@
 received value."""
 from __future__ import annotations
 
+import math
+import os
 from typing import Sequence
 
 import torch
@@ -60,3 +62,45 @@ def check_labels(name: str, labels: torch.Tensor, length: int, num_classes: int,
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), got values in [{lo}, {hi}]")
+
+
+# Outputs below this size are never checked against the free memory (no system call on
+# the common path); above it, a request that cannot fit fails before anything is allocated.
+_CHECK_FITS_ABOVE = 1 << 28
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory a new tensor on `device` can take now (None: unknown, e.g. meta)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # blocks the caching allocator holds but does not use are free for torch
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_output_fits(op: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device, instead: str) -> None:
+    """Fail fast, before allocating, when the (shape, dtype) output of `op` cannot fit in the
+    memory of `device`; `instead` says which streaming form to use."""
+    if _tracing():
+        return
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes <= _CHECK_FITS_ABOVE:
+        return
+    available = available_bytes(device)
+    if available is not None and nbytes > available:
+        raise ValueError(f"{op} would return a {tuple(shape)} {str(dtype).replace('torch.', '')} tensor of "
+                         f"{nbytes / 1e9:,.1f} GB, more than the {available / 1e9:,.1f} GB available on "
+                         f"{torch.device(device)}; {instead}")

@@ -19,14 +19,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from shortcut_fast.backends import choose_backend, fake_for_compiled
-from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_labels, check_tensor
+from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
+from shortcut_fast.ops._checks import (FLOAT_DTYPES, check_finite, check_int, check_labels, check_output_fits,
+                                       check_tensor)
 
 __all__ = ["channel_ablate", "channel_ablate_reference", "channel_masks", "group_outcomes",
            "group_outcomes_reference"]
-
-IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 _TRITON_NO_F64 = "the triton kernels support float16/bfloat16/float32 only; float64 input needs torch/cpp/cuda"
 
@@ -120,6 +118,10 @@ def _prepare_ablation(act, mask, replacement, channel_axis):
     if mask.dim() != 2 or mask.shape[1] != C:
         raise ValueError(f"mask must have shape (V, C) with C = {C} (act's channel count along axis {axis}), "
                          f"got shape {tuple(mask.shape)}")
+    # from shapes alone, before any copy below
+    check_output_fits("channel_ablate", (mask.shape[0], *act.shape), act.dtype, act.device,
+                      "pass fewer mask rows per call (shortcut_fast.channel_ablation_sweep takes them in chunks "
+                      "of max_bytes)")
     mask = mask.to(act.device).contiguous()
 
     if not isinstance(replacement, torch.Tensor):
@@ -154,25 +156,12 @@ def _check_groups(groups, length: int, num_groups: int, device) -> None:
                              f"[{lo}, {hi}]")
 
 
-def _choose(op: str, x: torch.Tensor, backend: str) -> str:
-    unsupported = {"triton": _TRITON_NO_F64} if x.dtype == torch.float64 else {}
-    return choose_backend(op, backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER, unsupported=unsupported)
+def _unsupported(x: torch.Tensor) -> dict:
+    return {"triton": _TRITON_NO_F64} if x.dtype == torch.float64 else {}
 
 
 # ---------------------------------------------------------------------------------------
 # Public ops
-
-
-@fake_for_compiled("channel_ablate")
-def _channel_ablate_fake(act, mask, replacement):
-    return act.new_empty((mask.shape[0], *act.shape))
-
-
-@fake_for_compiled("group_outcomes")
-def _group_outcomes_fake(logits, labels, groups, num_groups):
-    V = logits.shape[0]
-    return (logits.new_empty((V, num_groups), dtype=torch.int64),
-            logits.new_empty((V, num_groups), dtype=_loss_dtype(logits)))
 
 
 def channel_ablate(act: torch.Tensor, mask: torch.Tensor, replacement=0.0, *, channel_axis: int = 1,
@@ -188,16 +177,23 @@ def channel_ablate(act: torch.Tensor, mask: torch.Tensor, replacement=0.0, *, ch
     """
     act3, mask, rep = _prepare_ablation(act, mask, replacement, channel_axis)
     V = mask.shape[0]
-    chosen = _choose("channel_ablate", act, backend)
-    if chosen == "torch":
-        out = channel_ablate_reference(act3, mask, rep)
-    elif chosen == "triton":
-        from shortcut_fast.kernels import ablation as triton_kernels
+    run = dispatch("channel_ablate", backend, act.device, _CHANNEL_ABLATE, unsupported=_unsupported(act))
+    return run(act3, mask, rep).reshape(V, *act.shape)
 
-        out = triton_kernels.channel_ablate_op(act3, mask, rep)
-    else:
-        out = torch.ops.shortcut_fast.channel_ablate(act3, mask, rep)
-    return out.reshape(V, *act.shape)
+
+# Masked channel expansion: act (P,C,S), mask (V,C) bool, replacement (C,) or (P,C,S), act's dtype ->
+# (V,P,C,S) with out[v,p,c,s] = mask[v,c] ? replacement[c] (or [p,c,s]) : act[p,c,s].
+@define_op("channel_ablate(Tensor act, Tensor mask, Tensor replacement) -> Tensor")
+def _channel_ablate_fake(act, mask, replacement):
+    return act.new_empty((mask.shape[0], *act.shape))
+
+
+_CHANNEL_ABLATE = {
+    "torch": channel_ablate_reference,
+    "cpp": compiled_op("channel_ablate"),
+    "cuda": compiled_op("channel_ablate"),
+    "triton": triton_kernel("ablation", "channel_ablate_op"),
+}
 
 
 def group_outcomes(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_groups: int, *,
@@ -220,12 +216,23 @@ def group_outcomes(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Ten
     _check_groups(groups, B, num_groups, logits.device)
     if not allow_nonfinite:
         check_finite("logits", logits)
-    chosen = _choose("group_outcomes", logits, backend)
-    logits, labels, groups = logits.contiguous(), labels.contiguous(), groups.contiguous()
-    if chosen == "torch":
-        return group_outcomes_reference(logits, labels, groups, num_groups)
-    if chosen == "triton":
-        from shortcut_fast.kernels import ablation as triton_kernels
+    run = dispatch("group_outcomes", backend, logits.device, _GROUP_OUTCOMES, unsupported=_unsupported(logits))
+    return run(logits.contiguous(), labels.contiguous(), groups.contiguous(), num_groups)
 
-        return triton_kernels.group_outcomes_op(logits, labels, groups, num_groups)
-    return torch.ops.shortcut_fast.group_outcomes(logits, labels, groups, num_groups)
+
+# Per-(variant, group) outcomes of classifier logits (V,B,L), labels (B,) and groups (B,) int64 ->
+# (correct (V,G) int64: argmax (first maximum) == label; loss (V,G): summed cross-entropy,
+# float64 for float64 logits, else float32).
+@define_op("group_outcomes(Tensor logits, Tensor labels, Tensor groups, int num_groups) -> (Tensor, Tensor)")
+def _group_outcomes_fake(logits, labels, groups, num_groups):
+    V = logits.shape[0]
+    return (logits.new_empty((V, num_groups), dtype=torch.int64),
+            logits.new_empty((V, num_groups), dtype=_loss_dtype(logits)))
+
+
+_GROUP_OUTCOMES = {
+    "torch": group_outcomes_reference,
+    "cpp": compiled_op("group_outcomes"),
+    "cuda": compiled_op("group_outcomes"),
+    "triton": triton_kernel("ablation", "group_outcomes_op"),
+}

@@ -14,17 +14,16 @@ memory budget, so a model can consume K*B variants without materializing all of 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from shortcut_fast.backends import choose_backend, fake_for_compiled
+from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops import freq
-from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_tensor
+from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_output_fits, check_tensor
 
-IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 MODES = ("pass", "stop")
 
 
@@ -42,6 +41,8 @@ def band_filter_reference(x: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     weights: (K, H, W) real, applied to the spectrum as given (the "pass" form).
     """
     dtype = _compute_dtype(x)
+    if x.numel() == 0:  # the FFT libraries reject empty transforms
+        return x.new_zeros((weights.shape[0], *x.shape), dtype=dtype)
     spectrum = torch.fft.fft2(x.to(dtype))
     return torch.fft.ifft2(spectrum[None] * weights.to(dtype)[:, None, None]).real
 
@@ -57,10 +58,22 @@ def remove_frequencies_reference(x: torch.Tensor, freqs: torch.Tensor) -> torch.
 # Argument handling
 
 
-def _check_images(x, allow_nonfinite: bool) -> None:
+def _check_images(x) -> None:
     check_tensor("x", x, ndim=4, shape_doc="(B, C, H, W)", dtypes=FLOAT_DTYPES)
+
+
+def _check_fits(op: str, x: torch.Tensor, K: int, allow_nonfinite: bool) -> None:
+    """The (K, B, C, H, W) output must fit in memory: checked from shapes alone, before the
+    value checks and the kernels allocate anything. Then the NaN/Inf check of x."""
+    check_output_fits(op, (K, *x.shape), _compute_dtype(x), x.device,
+                      f"use {op}_chunks(..., max_bytes=...), which yields the same result in pieces")
     if not allow_nonfinite:
         check_finite("x", x)
+
+
+def _num_masks(masks) -> int:
+    """K of (K, H, W) masks (1 for one (H, W) mask); prepare_masks checks the rest."""
+    return masks.shape[0] if isinstance(masks, torch.Tensor) and masks.dim() == 3 else 1
 
 
 def prepare_masks(masks, H: int, W: int, mode: str = "pass", *, symmetrize: bool = False,
@@ -102,25 +115,14 @@ def _check_freqs(freqs, H: int, W: int) -> torch.Tensor:
     return freqs
 
 
-def _choose(op: str, x: torch.Tensor, backend: str) -> str:
-    unsupported = {}
+def _unsupported(x: torch.Tensor) -> dict:
     if x.dtype == torch.float64:
-        unsupported["triton"] = "the triton kernels compute in float32; float64 input needs torch/cpp/cuda"
-    return choose_backend(op, backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER, unsupported=unsupported)
+        return {"triton": "the triton kernels compute in float32; float64 input needs torch/cpp/cuda"}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------
 # Public ops
-
-
-@fake_for_compiled("band_filter")
-def _band_filter_fake(x, weights):
-    return x.new_empty((weights.shape[0], *x.shape), dtype=_compute_dtype(x))
-
-
-@fake_for_compiled("remove_frequencies")
-def _remove_frequencies_fake(x, freqs):
-    return x.new_empty((freqs.shape[0], *x.shape), dtype=_compute_dtype(x))
 
 
 def band_filter(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass", *, backend: str = "auto",
@@ -131,34 +133,54 @@ def band_filter(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass", *, bac
     uses 1 - masks. Output float32 (float64 for float64 input); math in float32 whatever
     the input dtype. A pass mask and its stop complement sum to the input.
     """
-    _check_images(x, allow_nonfinite)
+    _check_images(x)
+    _check_fits("band_filter", x, _num_masks(masks), allow_nonfinite)
     H, W = x.shape[-2:]
     weights = prepare_masks(masks, H, W, mode, symmetrize=symmetrize, device=x.device, dtype=_compute_dtype(x))
-    chosen = _choose("band_filter", x, backend)
-    if chosen == "torch":
-        return band_filter_reference(x, weights)
-    if chosen == "triton":
-        from shortcut_fast.kernels import band_filter as triton_kernels
+    run = dispatch("band_filter", backend, x.device, _BAND_FILTER, unsupported=_unsupported(x))
+    return run(x.contiguous(), weights.contiguous())
 
-        return triton_kernels.band_filter_op(x.contiguous(), weights.float().contiguous())
-    return torch.ops.shortcut_fast.band_filter(x.contiguous(), weights.contiguous())
+
+# Every image filtered by every real spectrum weight: x (B,C,H,W), weights (K,H,W) in the
+# compute dtype -> (K,B,C,H,W), out[k,b,c] = Re(ifft2(fft2(x[b,c]) * weights[k])), weights
+# conjugate-symmetric. Compute dtype: float64 for float64 x, else float32.
+@define_op("band_filter(Tensor x, Tensor weights) -> Tensor")
+def _band_filter_fake(x, weights):
+    return x.new_empty((weights.shape[0], *x.shape), dtype=_compute_dtype(x))
+
+
+_BAND_FILTER = {
+    "torch": band_filter_reference,
+    "cpp": compiled_op("band_filter"),
+    "cuda": compiled_op("band_filter"),
+    "triton": triton_kernel("band_filter", "band_filter_op"),  # float32 weights (no float64 on triton)
+}
 
 
 def remove_frequencies(x: torch.Tensor, freqs, *, backend: str = "auto",
                        allow_nonfinite: bool = False) -> torch.Tensor:
     """Remove one conjugate frequency pair per row of freqs: x (B, C, H, W), freqs (K, 2)
     int (u, v) on the unshifted grid -> (K, B, C, H, W), each image minus that pair."""
-    _check_images(x, allow_nonfinite)
+    _check_images(x)
     H, W = x.shape[-2:]
     freqs = _check_freqs(freqs, H, W).to(x.device)
-    chosen = _choose("remove_frequencies", x, backend)
-    if chosen == "torch":
-        return remove_frequencies_reference(x, freqs)
-    if chosen == "triton":
-        from shortcut_fast.kernels import band_filter as triton_kernels
+    _check_fits("remove_frequencies", x, freqs.shape[0], allow_nonfinite)
+    run = dispatch("remove_frequencies", backend, x.device, _REMOVE_FREQUENCIES, unsupported=_unsupported(x))
+    return run(x.contiguous(), freqs.contiguous())
 
-        return triton_kernels.remove_frequencies_op(x.contiguous(), freqs.contiguous())
-    return torch.ops.shortcut_fast.remove_frequencies(x.contiguous(), freqs.contiguous())
+
+# Each image minus one conjugate frequency pair per row of freqs (K,2) int64 (u,v) -> (K,B,C,H,W).
+@define_op("remove_frequencies(Tensor x, Tensor freqs) -> Tensor")
+def _remove_frequencies_fake(x, freqs):
+    return x.new_empty((freqs.shape[0], *x.shape), dtype=_compute_dtype(x))
+
+
+_REMOVE_FREQUENCIES = {
+    "torch": remove_frequencies_reference,
+    "cpp": compiled_op("remove_frequencies"),
+    "cuda": compiled_op("remove_frequencies"),
+    "triton": triton_kernel("band_filter", "remove_frequencies_op"),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +201,7 @@ def _chunk_plan(K: int, B: int, image_bytes: int, max_bytes: int) -> Iterator[tu
         raise ValueError(f"max_bytes must hold at least one filtered image ({image_bytes} bytes), got {max_bytes}")
     per_mask = B * image_bytes
     if per_mask <= max_bytes:
-        step = max(1, max_bytes // per_mask)
+        step = max(1, max_bytes // per_mask) if per_mask else K  # B = 0: one empty chunk
         for k0 in range(0, K, step):
             yield slice(k0, min(k0 + step, K)), slice(0, B)
     else:
@@ -193,10 +215,12 @@ def band_filter_chunks(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass",
                        backend: str = "auto", symmetrize: bool = False,
                        allow_nonfinite: bool = False) -> Iterator[FilterChunk]:
     """band_filter in pieces of at most max_bytes of output each (masks outer, images inner)."""
-    _check_images(x, allow_nonfinite)
+    _check_images(x)
+    if not allow_nonfinite:
+        check_finite("x", x)
     H, W = x.shape[-2:]
     weights = prepare_masks(masks, H, W, mode, symmetrize=symmetrize, device=x.device, dtype=_compute_dtype(x))
-    image_bytes = x[0].numel() * torch.finfo(_compute_dtype(x)).bits // 8
+    image_bytes = math.prod(x.shape[1:]) * _compute_dtype(x).itemsize
     for ks, bs in _chunk_plan(weights.shape[0], x.shape[0], image_bytes, max_bytes):
         # weights are already symmetric and in "pass" form
         yield FilterChunk(ks, bs, band_filter(x[bs], weights[ks], "pass", backend=backend, allow_nonfinite=True))
@@ -205,8 +229,10 @@ def band_filter_chunks(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass",
 def remove_frequencies_chunks(x: torch.Tensor, freqs, *, max_bytes: int = 256 << 20, backend: str = "auto",
                               allow_nonfinite: bool = False) -> Iterator[FilterChunk]:
     """remove_frequencies in pieces of at most max_bytes of output each."""
-    _check_images(x, allow_nonfinite)
+    _check_images(x)
+    if not allow_nonfinite:
+        check_finite("x", x)
     freqs = _check_freqs(freqs, *x.shape[-2:])
-    image_bytes = x[0].numel() * torch.finfo(_compute_dtype(x)).bits // 8
+    image_bytes = math.prod(x.shape[1:]) * _compute_dtype(x).itemsize
     for ks, bs in _chunk_plan(freqs.shape[0], x.shape[0], image_bytes, max_bytes):
         yield FilterChunk(ks, bs, remove_frequencies(x[bs], freqs[ks], backend=backend, allow_nonfinite=True))

@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from shortcut_fast.backends import choose_backend, fake_for_compiled
+from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_labels, check_tensor
-
-OP = "class_spectrum_sum"
-IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
-# On the CPU the C++ kernel (half spectrum, fused reduction) beats the reference; on the
-# GPU the cuFFT path beats the matmul DFT of the Triton kernel except for tiny images.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def class_spectrum_sum_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Pure-PyTorch ground truth: sum of |fft2(x)| over the images of each class."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    magnitude = torch.fft.fft2(x.to(dtype)).abs()
     out = torch.zeros((num_classes, *x.shape[1:]), dtype=dtype, device=x.device)
+    if x.numel() == 0:  # the FFT libraries reject empty transforms
+        return out
+    magnitude = torch.fft.fft2(x.to(dtype)).abs()
     return out.index_add_(0, labels, magnitude)
-
-
-@fake_for_compiled(OP)
-def _class_spectrum_sum_fake(x, labels, num_classes):
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((num_classes, *x.shape[1:]), dtype=dtype)
 
 
 def class_spectrum_sum(
@@ -56,14 +46,27 @@ def class_spectrum_sum(
     unsupported = {}
     if x.dtype == torch.float64:
         unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch/cpp/cuda"
-    chosen = choose_backend(OP, backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER, unsupported=unsupported)
-    if chosen == "torch":
-        return class_spectrum_sum_reference(x, labels, num_classes)
-    if chosen == "triton":
-        from shortcut_fast.kernels import class_spectrum as triton_kernels
+    run = dispatch("class_spectrum_sum", backend, x.device, _CLASS_SPECTRUM_SUM, unsupported=unsupported)
+    return run(x.contiguous(), labels.contiguous(), num_classes)
 
-        return triton_kernels.class_spectrum_sum_op(x.contiguous(), labels.contiguous(), num_classes)
-    return torch.ops.shortcut_fast.class_spectrum_sum(x, labels, num_classes)
+
+# Sum over images of |fft2(x)|, per label and channel: x (B,C,H,W), labels (B,) -> (K,C,H,W),
+# float64 for float64 x, else float32.
+@define_op("class_spectrum_sum(Tensor x, Tensor labels, int num_classes) -> Tensor")
+def _class_spectrum_sum_fake(x, labels, num_classes):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((num_classes, *x.shape[1:]), dtype=dtype)
+
+
+# auto (backends.DEFAULT_AUTO_ORDER): on the CPU the C++ kernel (half spectrum, fused
+# reduction) beats the reference; on the GPU the cuFFT path beats the matmul DFT of the
+# Triton kernel except for tiny images.
+_CLASS_SPECTRUM_SUM = {
+    "torch": class_spectrum_sum_reference,
+    "cpp": compiled_op("class_spectrum_sum"),
+    "cuda": compiled_op("class_spectrum_sum"),
+    "triton": triton_kernel("class_spectrum", "class_spectrum_sum_op"),
+}
 
 
 class ClassSpectrum:
@@ -99,17 +102,37 @@ class ClassSpectrum:
         return self.sums / counts.where(counts > 0, torch.full_like(counts, float("nan")))
 
 
+def _check_class_means(class_means: torch.Tensor) -> None:
+    """ADCS compares every class with every other: one missing class would turn every sign
+    against it into 0 (NaN compares false) and shift all the maps silently."""
+    if torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(class_means.flatten(1))
+    if not bool(bad.any()):
+        return
+    absent = bad.all(dim=1).nonzero().flatten().tolist()
+    if absent and not bool(bad[~bad.all(dim=1)].any()):
+        raise ValueError(f"class_means has no data for class(es) {absent} (their rows are all NaN, as "
+                         f"ClassSpectrum.mean() gives for classes never seen); ADCS compares every pair of "
+                         f"classes, so feed images of every class, or pass only the rows of classes present")
+    rows = bad.any(dim=1).nonzero().flatten().tolist()
+    raise ValueError(f"class_means contains {int(bad.sum())} NaN/Inf values (in the rows of class(es) {rows}); "
+                     f"ADCS needs finite class means")
+
+
 def adcs(class_means: torch.Tensor) -> torch.Tensor:
     """ADCS_c(u, v) = sum over j != c of sign(E_c(u, v) - E_j(u, v)), E averaged over channels.
 
-    class_means: (K, C, H, W) or (K, H, W). Returns int64 (K, H, W) in [1 - K, K - 1].
+    class_means: (K, C, H, W) or (K, H, W), finite. Returns int64 (K, H, W) in [1 - K, K - 1].
+    A class without data (an all-NaN row, as ClassSpectrum.mean() gives for classes never
+    seen) raises ValueError naming it: its ADCS is undefined, and it would shift the others.
     """
     check_tensor("class_means", class_means, dtypes=FLOAT_DTYPES)
+    if class_means.dim() not in (3, 4):
+        raise ValueError(f"class_means must have shape (K, C, H, W) or (K, H, W), got {tuple(class_means.shape)}")
+    _check_class_means(class_means)
     if class_means.dim() == 4:
         class_means = class_means.mean(dim=1)
-    if class_means.dim() != 3:
-        raise ValueError(f"class_means must have shape (K, C, H, W) or (K, H, W), got {tuple(class_means.shape)}")
-    check_finite("class_means", class_means)
     # sign(E_c - E_c) = 0, so summing over all j equals summing over j != c.
     diff = class_means[:, None] - class_means[None, :]
     return torch.sign(diff).sum(dim=1).to(torch.int64)

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from shortcut_fast.backends import choose_backend, fake_for_compiled
+from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_tensor
 
 __all__ = ["DEFAULT_ALPHA_FACTORS", "LinearProbes", "ProbeStats", "accumulate_probe_stats", "fit_linear_probes",
            "fit_probes", "probe_stats", "probe_stats_reference"]
 
-IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 STATS_DTYPES = (torch.float32, torch.float64)
 # Default alpha grid: DEFAULT_ALPHA_FACTORS * trace(Xc^T Xc) / D, i.e. relative to the
@@ -62,20 +60,6 @@ def _check_pair(x, z, allow_nonfinite: bool, x_name: str = "x", z_name: str = "z
         check_finite(z_name, z)
 
 
-def _choose(x: torch.Tensor, backend: str) -> str:
-    unsupported = {}
-    if x.dtype == torch.float64:
-        unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch/cpp/cuda"
-    return choose_backend("probe_stats", backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER,
-                          unsupported=unsupported)
-
-
-@fake_for_compiled("probe_stats")
-def _probe_stats_fake(x, z):
-    D, K = x.shape[1], z.shape[1]
-    return x.new_empty((D, D)), x.new_empty((D, K)), x.new_empty((D,)), x.new_empty((K,)), x.new_empty((K,))
-
-
 def probe_stats(x: torch.Tensor, z: torch.Tensor, *, backend: str = "auto", precision: str = "ieee",
                 allow_nonfinite: bool = False) -> StatsTuple:
     """Sufficient statistics of linear probes for one chunk.
@@ -90,14 +74,35 @@ def probe_stats(x: torch.Tensor, z: torch.Tensor, *, backend: str = "auto", prec
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dtype = _stats_dtype(x, z)
     x, z = x.to(dtype), z.to(dtype)
-    chosen = _choose(x, backend)
-    if chosen == "torch":
-        return probe_stats_reference(x, z)
-    if chosen == "triton":
-        from shortcut_fast.kernels import probe_stats as triton_kernels
+    unsupported = {}
+    if x.dtype == torch.float64:
+        unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch/cpp/cuda"
+    run = dispatch("probe_stats", backend, x.device, _PROBE_STATS, unsupported=unsupported)
+    return tuple(run(x.contiguous(), z.contiguous(), precision))
 
-        return tuple(triton_kernels.probe_stats_op(x.contiguous(), z.contiguous(), precision))
-    return tuple(torch.ops.shortcut_fast.probe_stats(x.contiguous(), z.contiguous()))
+
+# Sufficient statistics of linear probes for one chunk: x (N,D), z (N,K), same float dtype ->
+# (x^T x (D,D), x^T z (D,K), sum_n x (D), sum_n z (K), sum_n z^2 (K)), in x's dtype (float32/float64).
+@define_op("probe_stats(Tensor x, Tensor z) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _probe_stats_fake(x, z):
+    D, K = x.shape[1], z.shape[1]
+    return x.new_empty((D, D)), x.new_empty((D, K)), x.new_empty((D,)), x.new_empty((K,)), x.new_empty((K,))
+
+
+def _without_precision(impl):
+    """precision only steers the triton kernel's tl.dot; the other backends ignore it."""
+    def run(x, z, precision):
+        return impl(x, z)
+
+    return run
+
+
+_PROBE_STATS = {
+    "torch": _without_precision(probe_stats_reference),
+    "cpp": _without_precision(compiled_op("probe_stats")),
+    "cuda": _without_precision(compiled_op("probe_stats")),
+    "triton": triton_kernel("probe_stats", "probe_stats_op"),
+}
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,11 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from shortcut_fast.backends import choose_backend
+from shortcut_fast.backends import dispatch
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_tensor
 
 FAMILIES = ("softmax", "logistic", "gaussian")
-IMPLEMENTED = ("torch", "triton")
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 _LOG_2PI = math.log(2 * math.pi)
 _PSEUDO_COUNT = 0.5
@@ -192,20 +191,18 @@ def _check_params(weight, bias, log_var, K: int, D: int, family: str, device) ->
 _MAX_TRITON_CLASSES = 256  # kernels.probe_training.MAX_CLASSES (not imported: it imports triton)
 
 
-def _choose(x: torch.Tensor, backend: str, num_classes: int = 1) -> str:
+def _step_impl(x: torch.Tensor, backend: str, num_classes: int = 1):
+    """The probe-step implementation `backend` resolves to for x (see _STEP)."""
     unsupported = {}
     if x.dtype == torch.float64:
         unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch"
     elif num_classes > _MAX_TRITON_CLASSES:
         unsupported["triton"] = (f"the triton kernel keeps all classes of a probe in one tile: at most "
                                  f"{_MAX_TRITON_CLASSES} classes, got {num_classes}")
-    return choose_backend("probe_step", backend, x.device, IMPLEMENTED, auto_order=AUTO_ORDER,
-                          unsupported=unsupported)
+    return dispatch("probe_step", backend, x.device, _STEP, auto_order=AUTO_ORDER, unsupported=unsupported)
 
 
-def _step(x, targets, weight, bias, log_var, family: str, chosen: str) -> ProbeStep:
-    if chosen == "torch":
-        return probe_step_reference(x, targets, weight, bias, log_var, family)
+def _triton_step(x, targets, weight, bias, log_var, family: str) -> ProbeStep:
     from shortcut_fast.kernels import probe_training as triton_kernels
 
     K = weight.shape[0]
@@ -218,6 +215,11 @@ def _step(x, targets, weight, bias, log_var, family: str, chosen: str) -> ProbeS
     if weight.dim() == 2:
         gw, gb = gw[..., 0], gb[..., 0]
     return ProbeStep(loss, gw, gb, glv if family == "gaussian" else None)
+
+
+# No compiled op: the step's matmuls already run in cuBLAS/MKL; the triton kernel fuses
+# the forward, the loss and the gradient.
+_STEP = {"torch": probe_step_reference, "triton": _triton_step}
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def probe_step(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bia
     if family == "softmax" and C < 2:
         raise ValueError(f"weight must have C >= 2 classes in its last dimension for family 'softmax', got {C}")
     _check_targets("targets", targets, N, K, family, C, x.device)
-    return _step(x, targets, weight, bias, log_var, family, _choose(x, backend, C))
+    return _step_impl(x, backend, C)(x, targets, weight, bias, log_var, family)
 
 
 @torch.no_grad()
@@ -344,7 +346,7 @@ def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_cla
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    chosen = _choose(x, backend, C)
+    step_impl = _step_impl(x, backend, C)
 
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight, bias, log_var = _init_params(dtype, x.device, K, D, C, targets, family)
@@ -355,14 +357,14 @@ def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_cla
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     # The kernel reads targets as float32 (class indices are exact): convert once, not per step.
-    step_targets = targets.float() if chosen == "triton" else targets
+    step_targets = targets.float() if step_impl is _triton_step else targets
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         order = torch.randperm(N, generator=generator).to(x.device)
         epoch_loss = torch.zeros(K, dtype=dtype, device=x.device)
         for s in range(steps_per_epoch):
             idx = order[s * batch_size:(s + 1) * batch_size]
-            step = _step(x[idx], step_targets[idx], weight, bias, log_var, family, chosen)
+            step = step_impl(x[idx], step_targets[idx], weight, bias, log_var, family)
             grads = [step.grad_weight.to(dtype), step.grad_bias.to(dtype)]
             if weight_decay:
                 grads[0] = grads[0] + weight_decay * weight
