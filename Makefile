@@ -11,7 +11,7 @@ BUILT := $(VENV)/.extension-built
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py pyproject.toml
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench results clean
 
 venv: $(BUILT)
 
@@ -37,6 +37,13 @@ demo: $(BUILT)
 
 test: $(BUILT)
 	SHORTCUT_FAST_EXPECT_EXT=1 $(BIN)/python -m pytest -q
+
+# Reruns every command of README.md's Results section (docs/results.py; ~12 min on a 2-core CPU,
+# `$(BIN)/python docs/results.py run --all` adds the long full-width training rows), writes
+# docs/results/*.json and docs/figures/, then rewrites the README's tables from them.
+results: $(BUILT)
+	$(BIN)/python docs/results.py run
+	$(BIN)/python docs/results.py render
 
 bench: $(BUILT)
 	$(BIN)/shortcut-fast bench --device $${DEVICE:-cpu}

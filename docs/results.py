@@ -1,0 +1,668 @@
+"""The numbers of README.md's Results section: rerun them, and render the README from them.
+
+    python docs/results.py run [NAME ...]   rerun the README's commands (default: every entry
+                                            that is not optional), write docs/results/NAME.json
+                                            and copy the embedded figures to docs/figures/
+    python docs/results.py run --all        also the optional (long) entries
+    python docs/results.py render           rewrite every block of README.md between
+                                            <!-- results:BLOCK --> and <!-- /results:BLOCK -->
+                                            from docs/results/*.json (and the CPU throughput rows
+                                            of bench/results/cpu-x86-64.jsonl)
+    python docs/results.py list             the entries, their commands and result files
+
+Each entry runs its command exactly as the README prints it, plus
+`--out runs/readme/NAME --overwrite --quiet`, and keeps only the numbers the README shows
+(read from `<out>/result.json`), the command line, the wall time and the machine.
+tests/test_readme.py checks that README.md holds what `render` would write.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+FIGURES = ROOT / "docs" / "figures"
+README = ROOT / "README.md"
+RUNS = Path("runs") / "readme"  # relative to ROOT: the commands print it that way
+BENCH = ROOT / "bench" / "results" / "cpu-x86-64.jsonl"
+MEM_CHECKPOINT = f"{RUNS.as_posix()}/memorization/model/last.pt"
+
+
+# ---------------------------------------------------------------------------------------
+# The entries: command (as the README prints it), numbers kept, figures copied
+
+
+def _rows(rows):
+    return [dict(r) for r in rows]
+
+
+def extract_freq_probe(d: dict) -> dict:
+    r = d["result"]
+    learning = r.get("learning") or {}
+    out = {
+        "data": d["data"], "dataset_meta": {k: d["dataset_meta"].get(k) for k in ("bias_band",)
+                                            if k in (d.get("dataset_meta") or {})},
+        "model": d["model"], "model_options": d.get("model_options"),
+        "epochs": (learning.get("train") or {}).get("epochs"),
+        "test_accuracy": r["test_accuracy"],
+        "method": r["config"]["method"], "patch": r["config"]["patch"],
+        "max_images_per_class": r["config"]["max_images_per_class"],
+        "classes": [{"class": c["label"], "images": c["images"], "dfm_size": c["dfm_size"],
+                     "seconds": c["seconds"]} for c in r["classes"]],
+        "shortcut": [{k: row[k] for k in ("class", "dfm_size", "tpr", "fpr")} for row in r["shortcut"]],
+        "ood": {name: [{k: row[k] for k in ("class", "tpr", "fpr")} for row in rows]
+                for name, rows in (r.get("ood") or {}).items()},
+        "band_stop": r.get("band_stop"),
+        "learned_first_band": learning.get("learned_first_band"),
+        "first_step_above_threshold": learning.get("first_step_above_threshold"),
+        "seconds": r["seconds"],
+    }
+    return out
+
+
+def extract_complexity(d: dict) -> dict:
+    r = d["result"]
+    alive = [c for c in r["complexity"] if c == c]
+    dyn = r.get("dynamics") or {}
+    return {
+        "data": d["data"], "model": d["model"], "model_options": d.get("model_options"),
+        "trained": {k: (d.get("trained") or {}).get(k) for k in ("epochs", "test_accuracy")},
+        "directions": {k: r["directions"][k] for k in ("spec", "kind", "num_features", "dim")},
+        "n_train": r["n_train"], "n_heldout": r["n_heldout"], "heldout_accuracy": r["heldout_accuracy"],
+        "heldout_split": r["config"]["heldout_split"], "top_fraction": r["config"]["top_fraction"],
+        "layers": r["layers"], "decodability": r["decodability"],
+        "mean_complexity": sum(alive) / max(len(alive), 1), "dead_features": r.get("dead_features", 0),
+        "mean_complexity_top_importance": r["mean_complexity_top_importance"],
+        "mean_complexity_rest": r["mean_complexity_rest"],
+        "spearman_importance_complexity": r["spearman_importance_complexity"],
+        "dynamics": {k: dyn.get(k) for k in ("epochs", "fraction_decodable", "mean_complexity",
+                                             "heldout_accuracy")} if dyn else None,
+        "seconds": r["seconds"],
+    }
+
+
+def extract_memorization(d: dict) -> dict:
+    r = d["result"]
+    g, b = r["grouping"], r["baseline"]
+    top_layer = r["top_channels"][0]["layer"] if r["top_channels"] else None
+    layer = next((s for s in r["layers"] if s["layer"] == top_layer), None)
+    return {
+        "data": d["data"], "model": d["model"], "model_options": d.get("model_options"),
+        "mode": r["config"]["mode"], "where": r["config"]["where"],
+        "grouping": {k: g[k] for k in ("kind", "names", "minority", "majority", "train_counts", "test_counts")},
+        "dataset_meta": {k: d["dataset_meta"][k] for k in ("conflict_ratio",) if k in d.get("dataset_meta", {})},
+        "baseline": {split: {k: b[split][k] for k in ("group_accuracy", "minority_accuracy", "majority_accuracy")}
+                     for split in ("train", "test")},
+        "memorization_gap": r["memorization_gap"],
+        "top_channels": [{k: t.get(k) for k in ("layer", "channel", "minority_drop", "majority_drop",
+                                                "test_minority_drop", "test_majority_drop",
+                                                "weight_norm_rank_in_layer", "gradient_norm_rank_in_layer")}
+                         for t in r["top_channels"]],
+        "top_layer": None if layer is None else {
+            "layer": layer["layer"], "channels": layer["channels"],
+            "cumulative": [{k: c[k] for k in ("k", "channels", "train_minority_accuracy", "train_majority_accuracy")}
+                           for c in layer["cumulative"]]},
+        "seconds": r["seconds"],
+    }
+
+
+def extract_mitigate(d: dict) -> dict:
+    r = d["result"]
+    keep = ("n", "accuracy", "worst_group_accuracy", "minority_accuracy", "group_counts")
+    return {
+        "data": d["data"], "model": d["model"],
+        "config": {k: r["config"][k] for k in ("epochs", "prune_fraction", "tau", "ce_weight", "contrastive_weight",
+                                               "lr", "batch_size")},
+        "minority": r["grouping"]["minority"],
+        "before": {s: {k: v.get(k) for k in keep} for s, v in r["before"].items()},
+        "after": {s: {k: v.get(k) for k in keep} for s, v in r["after"].items()},
+        "seconds": r["seconds"],
+    }
+
+
+def extract_train(d: dict) -> dict:
+    r = d["result"]
+    return {"data": d["data"], "model": d["model"], "model_options": d.get("model_options"),
+            "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
+            "test": {k: r["final"]["test"][k] for k in ("accuracy", "n")}, "seconds": r["seconds"]}
+
+
+DEMO = ("freq-probe --data synthetic-freq --bias-band 1 --patch 4 --max-images-per-class 32 "
+        "--ood gaussian-noise:3")  # the Makefile's demo target, without its --out
+ENTRIES: dict[str, dict] = {
+    "demo": dict(command=DEMO, extract=extract_freq_probe, about="1 min 20 s",
+                 figures={"dfm.png": "dfm.png", "tpr_fpr.png": "tpr_fpr.png", "band_stop.png": "band_stop.png",
+                          "learning_order.png": "learning_order.png"}),
+    **{f"syn{k}": dict(command=f"freq-probe --data synthetic-freq --bias-band {k} --no-dfm",
+                       extract=extract_freq_probe, about="1 min",
+                       figures={"learning_order.png": "syn3-learning_order.png"} if k == 3 else {})
+       for k in range(1, 5)},
+    "complexity": dict(command="complexity --dynamics", extract=extract_complexity, about="1 min 40 s",
+                       figures={"complexity_hist.png": "complexity_hist.png",
+                                "importance_vs_complexity.png": "complexity_importance.png",
+                                "dynamics.png": "complexity_dynamics.png",
+                                "decodability.png": "complexity_decodability.png"}),
+    "memorization": dict(command="memorization", extract=extract_memorization, about="50 s",
+                         figures={"drop_scatter.png": "memorization_drops.png",
+                                  "cumulative_topk.png": "memorization_cumulative.png",
+                                  "top_channels.png": "memorization_top_channels.png"}),
+    "mitigate": dict(command=f"mitigate --checkpoint {MEM_CHECKPOINT}", extract=extract_mitigate,
+                     about="1 min", needs=["memorization"],
+                     figures={"group_accuracy_test.png": "mitigation_test_groups.png"}),
+    "mitigate-control": dict(command=f"mitigate --checkpoint {MEM_CHECKPOINT} --contrastive-weight 0",
+                             extract=extract_mitigate, about="1 min", needs=["memorization"], figures={}),
+    "train-w16": dict(command="train --data synthetic-freq --model resnet18 -M width=16 --epochs 6",
+                      extract=extract_train, about="2 min 10 s", figures={}),
+    # Optional: skipped by a plain `run` (long on a 2-core CPU); `run --all` or name them.
+    "train-synthetic-full": dict(command="train --data synthetic-freq --model resnet18", extract=extract_train,
+                                 about="16 min", optional=True, figures={}),
+    "train-digits-full": dict(command="train --data digits --model resnet18", extract=extract_train,
+                              about="8 min", optional=True, figures={}),
+}
+
+
+def _git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = None
+    try:
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "torch": torch_version,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def run_entry(name: str) -> dict:
+    entry = ENTRIES[name]
+    for need in entry.get("needs", []):
+        if not (ROOT / RUNS / need / "result.json").exists():
+            raise SystemExit(f"{name}: needs the {need} run first (python docs/results.py run {need} {name})")
+    out = RUNS / name
+    cli = Path(sys.executable).parent / "shortcut-fast"
+    argv = [str(cli) if cli.exists() else "shortcut-fast", *shlex.split(entry["command"]),
+            "--out", out.as_posix(), "--overwrite", "--quiet"]
+    print(f"[{name}] shortcut-fast {entry['command']} --out {out.as_posix()} --overwrite --quiet", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] failed with status {proc.returncode}; docs/results/{name}.json left as it was")
+    with open(ROOT / out / "result.json") as f:
+        numbers = entry["extract"](json.load(f))
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    record = {
+        "name": name,
+        "command": f"shortcut-fast {entry['command']}",
+        "run_options": f"--out {out.as_posix()} --overwrite --quiet",
+        "wall_seconds": round(wall, 1),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "tree_modified": bool(status),
+        "machine": _machine(),
+        "numbers": numbers,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, RESULTS / f"{name}.json")
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for src, dst in entry["figures"].items():
+        if (ROOT / out / src).exists():
+            shutil.copyfile(ROOT / out / src, FIGURES / dst)
+        else:
+            print(f"[{name}] warning: figure {out / src} was not written", file=sys.stderr)
+    print(f"[{name}] {wall:.0f} s -> docs/results/{name}.json", flush=True)
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering: block name -> (result files it reads, function writing the block's markdown)
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _t(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _signed(x: float) -> str:
+    return "0.0" if abs(x) < 0.05 else f"{x:+.1f}"
+
+
+def _f(x, digits=3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _table(headers: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _ran(rec: dict) -> str:
+    m = rec["machine"]
+    where = f"{m['cores']} cores" + (f", OMP_NUM_THREADS={m['omp_num_threads']}" if m.get("omp_num_threads") else "")
+    where += f", GPUs: {', '.join(m['gpus'])}" if m.get("gpus") else ", no GPU"
+    mod = ", with uncommitted changes" if rec.get("tree_modified") else ""
+    return (f"`{rec['command']}`: {_t(rec['wall_seconds'])} wall time ({where}; commit {rec['commit']}{mod}, "
+            f"{rec['date'][:10]}).")
+
+
+def render_demo(recs) -> list[str]:
+    (rec,) = recs
+    n = rec["numbers"]
+    secs = [c["seconds"] for c in n["classes"]]
+    lines = [_ran(rec), "",
+             f"{n['model']} ({', '.join(f'{k}={v}' for k, v in (n['model_options'] or {}).items())}) trained for "
+             f"{n['epochs']} epochs: test accuracy {n['test_accuracy']:.3f}. DFM search: {n['method']} method, "
+             f"{n['patch']}x{n['patch']} patches, {n['max_images_per_class']} images per class, "
+             f"{min(secs):.1f}-{max(secs):.1f} s per class.", ""]
+    ood_name, ood = next(iter(n["ood"].items()), (None, []))
+    ood_by = {r["class"]: r for r in ood}
+    headers = ["class", "DFM size", "TPR", "FPR"] + ([f"OOD ({ood_name}) TPR", "OOD FPR"] if ood_name else [])
+    rows = []
+    for r in n["shortcut"]:
+        row = [r["class"], r["dfm_size"], f"{r['tpr']:.2f}", f"{r['fpr']:.2f}"]
+        if ood_name:
+            o = ood_by.get(r["class"])
+            row += [f"{o['tpr']:.2f}", f"{o['fpr']:.2f}"] if o else ["n/a", "n/a"]
+        rows.append(row)
+    lines += _table(headers, rows)
+    bs = n["band_stop"]
+    bands = len(bs["delta"][0])
+    lines += ["", "Band-stop (change in correct predictions, % of the class's test images; last row: accuracy "
+                  "with the band removed):", ""]
+    rows = [[c] + [_signed(v) for v in row] for c, row in enumerate(bs["delta"])]
+    rows.append(["accuracy"] + [_pct(a) for a in bs["accuracy_band_stopped"]])
+    lines += _table(["class"] + [f"stop B{b + 1}" for b in range(bands)], rows)
+    lines += ["", _band_sentence(n), ""]
+    best = max(n["shortcut"], key=lambda r: (r["fpr"], r["tpr"]))  # the DFM most like a shortcut
+    o = ood_by.get(best["class"])
+    lines.append(f"Class {best['class']}'s DFM alone makes the model say \"class {best['class']}\" for "
+                 f"{_pct(best['tpr'])} of the class-{best['class']} test images (TPR) and for "
+                 f"{_pct(best['fpr'])} of the others (FPR)"
+                 + (f"; on the {ood_name} test set {o['tpr']:.2f} / {o['fpr']:.2f}." if o else "."))
+    return lines
+
+
+def _band_sentence(n: dict) -> str:
+    bs = n["band_stop"]
+    acc = bs["accuracy_band_stopped"]
+    worst = min(range(len(acc)), key=lambda b: acc[b])
+    others = [bs["accuracy"] - acc[b] for b in range(len(acc)) if b != worst]
+    s = (f"Test accuracy {_pct(bs['accuracy'])}; removing B{worst + 1} leaves {_pct(acc[worst])}, removing any "
+         f"other band costs at most {100 * max(others):.1f} points.")
+    if n.get("learned_first_band"):
+        s += (f" Band learning snapshots: B{n['learned_first_band']} is read first "
+              f"(step {n['first_step_above_threshold']}).")
+    return s
+
+
+def render_syn(recs) -> list[str]:
+    rows, walls, notes = [], [], []
+    for k, rec in enumerate(recs, 1):
+        n = rec["numbers"]
+        acc = n["band_stop"]["accuracy_band_stopped"]
+        low = min(range(len(acc)), key=lambda b: acc[b])
+        cells = [f"**{_pct(a)}**" if b == low else _pct(a) for b, a in enumerate(acc)]
+        first = f"B{n['learned_first_band']} ({n['first_step_above_threshold']})" if n["learned_first_band"] else "-"
+        rows.append([f"Syn_{k}", _pct(n["test_accuracy"])] + cells + [first])
+        walls.append(rec["wall_seconds"])
+        others = [n["band_stop"]["accuracy"] - a for b, a in enumerate(acc) if b != k - 1]
+        notes.append(max(others))
+    lines = [f"`{recs[0]['command'].replace('--bias-band 1', '--bias-band k')}` for k = 1..{len(recs)}; "
+             f"{_t(min(walls))} to {_t(max(walls))} wall time each "
+             f"({recs[0]['machine']['cores']} cores; commit {recs[0]['commit']}, {recs[0]['date'][:10]}). "
+             "Test accuracy with each band removed (lowest in bold), and the band learned first:", ""]
+    lines += _table(["dataset", "test acc."] + [f"stop B{b + 1}" for b in range(4)] + ["learned first (step)"], rows)
+    lines += ["", f"Removing any band other than B_k costs at most {100 * max(notes):.1f} points."]
+    return lines
+
+
+def render_complexity(recs) -> list[str]:
+    (rec,) = recs
+    n = rec["numbers"]
+    width = ", ".join(f"{k}={v}" for k, v in (n["model_options"] or {}).items())
+    d = n["directions"]
+    lines = [_ran(rec), "",
+             f"{n['data']}, {n['model']} ({width}), {n['trained']['epochs']} epochs; {d['num_features']} "
+             f"{d['kind'].upper()} features of the {d['dim']}-d penultimate layer; ridge probes on "
+             f"{len(n['layers'])} blocks ({n['n_train']:,} probe-train / {n['n_heldout']:,} held-out "
+             f"{n['heldout_split']} images); the analysis took {_t(n['seconds'])}.", ""]
+    lines += _table(["block"] + n["layers"], [["mean V-information"] + [f"{n['decodability'][l]:.3f}"
+                                                                        for l in n["layers"]]])
+    lines += ["", f"Mean complexity {n['mean_complexity']:.3f}; the {100 * n['top_fraction']:.0f} % most important "
+                  f"features average {n['mean_complexity_top_importance']:.3f} against "
+                  f"{n['mean_complexity_rest']:.3f} for the rest; Spearman(importance, complexity) = "
+                  f"{n['spearman_importance_complexity']:.2f}. The model reaches {n['heldout_accuracy']:.3f} on the "
+                  f"(biased) {n['heldout_split']} split and {_f(n['trained']['test_accuracy'])} on the unbiased "
+                  f"test split."]
+    dyn = n.get("dynamics")
+    if dyn and dyn.get("epochs"):
+        lines += ["", "Over training (each epoch's checkpoint):", ""]
+        lines += _table(["epoch"] + [str(e) for e in dyn["epochs"]],
+                        [["final features already decodable"] + [f"{v:.2f}" for v in dyn["fraction_decodable"]],
+                         ["mean complexity (own features)"] + [f"{v:.2f}" for v in dyn["mean_complexity"]]])
+    return lines
+
+
+def render_memorization(recs) -> list[str]:
+    (rec,) = recs
+    n = rec["numbers"]
+    g, b = n["grouping"], n["baseline"]
+    counts = dict(zip(g["names"], g["train_counts"]))
+    minority = ", ".join(g["minority"])
+    total = sum(g["train_counts"])
+    width = ", ".join(f"{k}={v}" for k, v in (n["model_options"] or {}).items())
+    lines = [_ran(rec), "",
+             f"{n['data']}, {n['model']} ({width}), {n['mode']} ablation ({n['where']}). Train images: "
+             + ", ".join(f"{counts[name]:,} {name}" for name in g["names"]) + f" (minority: {minority}, "
+             f"{_pct(sum(counts[m] for m in g['minority']) / max(total, 1))} of {total:,}).", ""]
+    rows = []
+    for name in g["names"]:
+        label = f"{name} (minority)" if name in g["minority"] else name
+        rows.append([label, _f(b["train"]["group_accuracy"].get(name)), _f(b["test"]["group_accuracy"].get(name)),
+                     _f(n["memorization_gap"].get(name))])
+    lines += _table(["group", "train acc", "test acc", "memorization gap"], rows)
+    bm, bM, tm = b["train"]["minority_accuracy"], b["train"]["majority_accuracy"], b["test"]["minority_accuracy"]
+    lines += ["", f"Top channels, each zeroed alone (baseline: train minority {bm:.3f}, majority {bM:.3f}, "
+                  "test minority {:.3f}):".format(tm), ""]
+    rows = [[f"`{t['layer']}:{t['channel']}`", f"{bm - t['minority_drop']:.3f}", f"{bM - t['majority_drop']:.3f}",
+             f"{tm - t['test_minority_drop']:.3f}", t.get("weight_norm_rank_in_layer", "-"),
+             t.get("gradient_norm_rank_in_layer", "-")] for t in n["top_channels"]]
+    lines += _table(["channel", "train minority", "train majority", "test minority", "weight-norm rank",
+                     "gradient-norm rank"], rows)
+    tl = n.get("top_layer")
+    if tl and tl["cumulative"]:
+        lines += ["", f"Zeroing {tl['layer']}'s top 1..{len(tl['cumulative'])} channels together "
+                      f"(of {tl['channels']}):", ""]
+        lines += _table(["channels zeroed"] + [str(c["k"]) for c in tl["cumulative"]],
+                        [["train minority"] + [f"{c['train_minority_accuracy']:.3f}" for c in tl["cumulative"]],
+                         ["train majority"] + [f"{c['train_majority_accuracy']:.3f}" for c in tl["cumulative"]]])
+    return lines
+
+
+def render_mitigate(recs) -> list[str]:
+    mit, ctl = recs
+    m, c = mit["numbers"], ctl["numbers"]
+    cfg = m["config"]
+    lines = [_ran(mit), "", _ran(ctl), "",
+             f"{cfg['epochs']} epochs, {100 * cfg['prune_fraction']:g} % global magnitude mask, NT-Xent tau "
+             f"{cfg['tau']:g} + {cfg['ce_weight']:g} CE, Adam {cfg['lr']:g}, batch {cfg['batch_size']}; the control "
+             f"sets the contrastive weight to {c['config']['contrastive_weight']:g}.", ""]
+    rows = []
+    for split in ("test", "val", "train"):
+        if split not in m["before"]:
+            continue
+        counts = m["before"][split].get("group_counts") or {}
+        worst_n = ", ".join(f"{counts[g]} {g}" for g in m["minority"] if g in counts)
+        rows.append([f"{split} ({worst_n} images)" if worst_n else split,
+                     _f(m["before"][split]["worst_group_accuracy"]), _f(m["after"][split]["worst_group_accuracy"]),
+                     _f(c["after"][split]["worst_group_accuracy"])])
+    lines += _table(["worst-group accuracy", "before (ERM)", "mitigation", "CE-only control"], rows)
+    t0, t1, t2 = (m["before"]["test"]["worst_group_accuracy"], m["after"]["test"]["worst_group_accuracy"],
+                  c["after"]["test"]["worst_group_accuracy"])
+    lines += ["", f"Test worst-group accuracy: {100 * (t1 - t0):+.1f} points with the mitigation, "
+                  f"{100 * (t2 - t0):+.1f} with the CE-only control (one seed)."]
+    return lines
+
+
+TRAIN_ENTRIES = ["train-w16", "train-synthetic-full", "train-digits-full"]
+
+
+def render_train(recs) -> list[str]:
+    rows = []
+    for rec in recs:
+        if rec is None:
+            continue
+        n = rec["numbers"]
+        rows.append([f"`{rec['command']}`", f"{_pct(n['test']['accuracy'])} ({n['test']['n']:,} images)",
+                     n["epochs_run"], _t(rec["wall_seconds"]), f"{rec['machine']['cores']} cores, {rec['commit']}"])
+    missing = [f"`shortcut-fast {ENTRIES[e]['command']}`" for e, r in zip(TRAIN_ENTRIES, recs) if r is None
+               and ENTRIES[e].get("optional")]
+    lines = _table(["command", "test accuracy", "epochs", "wall time", "machine, commit"], rows)
+    if missing:
+        lines += ["", "Not measured by the default `run` (optional, long on a 2-core CPU): "
+                  + ", ".join(missing)
+                  + " (`python docs/results.py run --all`)."]
+    return lines
+
+
+# The CPU throughput table: rows of bench/results/cpu-x86-64.jsonl picked by workload + sizes
+# (+ backend / baseline), the latest measured (non --quick) row of each.
+def _sizes(**kw):
+    return kw
+
+
+THROUGHPUT = [
+    ("class spectrum", "B=2048, 3x32x32, 10 classes", "class_spectrum_sum", _sizes(B=2048, H=32, K=10), "cpp",
+     ["reference"]),
+    ("class spectrum", "B=64, 3x224x224, 10 classes", "class_spectrum_sum", _sizes(B=64, H=224, K=10), "cpp",
+     ["reference"]),
+    ("band filter (stop)", "B=128, 3x32x32, K=64", "band_filter", _sizes(B=128, H=32, K=64), "cpp", ["python loop"]),
+    ("remove frequencies", "B=128, 3x32x32, K=64", "remove_frequencies", _sizes(B=128, H=32, K=64), "cpp",
+     ["python loop"]),
+    ("band filter (stop)", "B=16, 3x64x64, K=16", "band_filter", _sizes(B=16, H=64, K=16), "cpp", ["python loop"]),
+    ("remove frequencies", "B=16, 3x64x64, K=16", "remove_frequencies", _sizes(B=16, H=64, K=16), "cpp",
+     ["python loop"]),
+    ("DFM search, loss (exact)", "1 class, 514 pairs, 32 images, ResNet-18 w16", "dfm_search_loss",
+     _sizes(candidates=514, images=32), None, ["per-candidate"]),
+    ("DFM search, gradient + exact top k", "same", "dfm_search_gradient", _sizes(candidates=514, images=32), None,
+     ["per-candidate"]),
+    ("V-information, 10,000 targets", "N = 10,000 + 2,500 held-out, D = 512, 5 alphas, float32", "vinfo_probes",
+     _sizes(n_train=10000, K=10000, D=512), None, ["RidgeCV"]),
+    ("V-information, 10,000 targets", "same", "vinfo_probes", _sizes(n_train=10000, K=10000, D=512), None,
+     ["per (target, alpha)"]),
+    ("ablation sweep, layer2 block outputs", "ResNet-18 w16, 256 images, 64 channels, 4 groups",
+     "ablation_sweep_output", _sizes(images=256, stage="layer2"), None, ["hooked", "captum"]),
+    ("ablation sweep, layer2 conv1 post-activation", "same, 64 channels", "ablation_sweep_post_activation",
+     _sizes(images=256, stage="layer2"), None, ["hooked", "captum"]),
+    ("ablation sweep, layer4 block outputs", "same, 256 channels", "ablation_sweep_output",
+     _sizes(images=256, stage="layer4"), None, ["hooked", "captum"]),
+    ("ablation sweep, layer4 conv1 post-activation", "same, 256 channels", "ablation_sweep_post_activation",
+     _sizes(images=256, stage="layer4"), None, ["hooked", "captum"]),
+]
+BASELINE_NAMES = {"reference": "reference", "python loop": "FFT loop", "per-candidate": "per-candidate loop",
+                  "RidgeCV": "scikit-learn RidgeCV(alpha_per_target)", "per (target, alpha)": "per-target Ridge loop",
+                  "hooked": "hook loop", "captum": "captum"}
+
+
+def bench_rows(path: Path = BENCH) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def pick(rows, workload, sizes, backend, baseline) -> dict | None:
+    hits = [r for r in rows if r["workload"] == workload and not r.get("quick")
+            and all(r["sizes"].get(k) == v for k, v in sizes.items())
+            and (backend is None or r["backend"] == backend) and baseline in r["baseline"]]
+    return max(hits, key=lambda r: r["date"]) if hits else None
+
+
+def _ms(ms: float) -> str:
+    s = ms / 1000
+    if s >= 100:
+        return f"{s:,.0f} s"
+    if s >= 1:
+        return f"{s:.3g} s"
+    return f"{ms:.3g} ms"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.3g}x"
+
+
+def _span(dates: list[str]) -> str:
+    if not dates:
+        return "none measured"
+    return dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+
+
+def render_throughput(_recs) -> list[str]:
+    rows_in = bench_rows()
+    out, used = [], []
+    for label, sizes_text, workload, sizes, backend, baselines in THROUGHPUT:
+        picked = [pick(rows_in, workload, sizes, backend, b) for b in baselines]
+        if any(p is None for p in picked):
+            out.append([label, sizes_text, "not measured", "", ""])
+            continue
+        p0 = picked[0]
+        used += picked
+        fast = f"{p0['backend']} {_ms(p0['median_ms'])}" if p0["backend"] != "auto" else _ms(p0["median_ms"])
+        if workload == "dfm_search_gradient":
+            label = label.replace("top k", f"top {p0['achieved'].get('exact_evaluations')}")
+        base = " / ".join(f"{BASELINE_NAMES[b]} {_ms(p['baseline_ms'])}" for b, p in zip(baselines, picked))
+        if "extrapolated" in p0["baseline"] and len(picked) == 1:
+            base += f" (timed on {p0['achieved'].get('loop_targets_timed')} targets, scaled)"
+        out.append([label, sizes_text, fast, base, " / ".join(_ratio(p["ratio"]) for p in picked)])
+    dates = sorted(r["date"][:10] for r in used)
+    commits = sorted({r["commit"] for r in used})
+    lines = [f"From `shortcut-fast bench --device cpu` (`{BENCH.relative_to(ROOT).as_posix()}`): for each row the "
+             f"latest measured (non `--quick`) line of that workload and sizes ({_span(dates)}, commits {', '.join(commits)}); fast path = median time, outputs "
+             "checked equal to the baseline before timing.", ""]
+    lines += _table(["workload", "sizes", "fast path", "baseline", "ratio"], out)
+    loss = pick(rows_in, "dfm_search_loss", _sizes(candidates=514, images=32), None, "per-candidate")
+    grad = pick(rows_in, "dfm_search_gradient", _sizes(candidates=514, images=32), None, "per-candidate")
+    vin = pick(rows_in, "vinfo_probes", _sizes(n_train=10000, K=10000, D=512), None, "RidgeCV")
+    if loss and grad and vin:
+        a, s = grad["achieved"], loss["sizes"]
+        lines += ["", f"The exact DFM search runs {s['candidates'] * s['images']:,} model forwards on both sides "
+                      f"({s['candidates']} candidates x {s['images']} images), so on the CPU it gains "
+                      f"{_ratio(loss['ratio'])}; "
+                      + ("the rankings agree up to float32 ties. " if loss["achieved"].get("same_ranking_up_to_ties")
+                         else "the rankings differ beyond float32 ties. ")
+                      + f"The gradient pre-ranking evaluates "
+                      f"{a.get('exact_evaluations')} of {s['candidates']} candidates exactly: Jaccard "
+                      f"{a.get('dfm_jaccard_vs_exact')} against the exact DFM, Spearman "
+                      f"{a.get('spearman_on_evaluated'):.2f} between estimate and exact loss on the evaluated "
+                      f"candidates. Probe R^2 per target differs from scikit-learn's by at most "
+                      f"{vin['achieved']['max_r2_diff_vs_RidgeCV']:.1e} (RidgeCV) and "
+                      f"{vin['achieved']['max_r2_diff_vs_loop']:.1e} (the loop)."]
+    return lines
+
+
+# block -> (result files, renderer); a None file name means "optional, may be absent"
+BLOCKS: dict[str, tuple[list[str], callable]] = {
+    "demo": (["demo"], render_demo),
+    "syn": ([f"syn{k}" for k in range(1, 5)], render_syn),
+    "complexity": (["complexity"], render_complexity),
+    "memorization": (["memorization"], render_memorization),
+    "mitigate": (["mitigate", "mitigate-control"], render_mitigate),
+    "throughput": ([], render_throughput),
+    "train": (["train-w16"], render_train),
+}
+MARKER = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
+
+
+def block_files(block: str) -> list[str]:
+    return BLOCKS[block][0]
+
+
+def render_block(block: str) -> str | None:
+    """The markdown between the block's markers, or None when a result file it needs is absent."""
+    files, fn = BLOCKS[block]
+    recs = [load(name) for name in files]
+    if any(r is None for r in recs):
+        return None
+    if block == "train":
+        recs = [load(name) for name in TRAIN_ENTRIES]
+    return "\n".join(fn(recs)) + "\n"
+
+
+PLACEHOLDER = "_Not measured yet: run `make results` (or `python docs/results.py run` then `render`)._\n"
+
+
+def render_text(text: str) -> str:
+    def sub(m):
+        block = m.group(1)
+        if block not in BLOCKS:
+            raise SystemExit(f"README.md: unknown results block {block!r} (known: {', '.join(BLOCKS)})")
+        body = render_block(block)
+        return f"<!-- results:{block} -->\n{body if body is not None else PLACEHOLDER}<!-- /results:{block} -->"
+
+    return MARKER.sub(sub, text)
+
+
+def readme_blocks(text: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in MARKER.finditer(text)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    r = sub.add_parser("run", help="rerun entries and write docs/results/NAME.json")
+    r.add_argument("names", nargs="*", help=f"entries (default: all but the optional); of {', '.join(ENTRIES)}")
+    r.add_argument("--all", action="store_true", help="also the optional (long) entries")
+    sub.add_parser("render", help="rewrite README.md's results blocks from docs/results/")
+    sub.add_parser("list", help="the entries and their commands")
+    args = ap.parse_args(argv)
+    if args.mode == "list":
+        for name, e in ENTRIES.items():
+            have = "have" if (RESULTS / f"{name}.json").exists() else "absent"
+            opt = " (optional)" if e.get("optional") else ""
+            print(f"{name:<22} {have:<6} ~{e['about']:<10} shortcut-fast {e['command']}{opt}")
+        return 0
+    if args.mode == "run":
+        unknown = [n for n in args.names if n not in ENTRIES]
+        if unknown:
+            ap.error(f"unknown entries {unknown}; choose from {', '.join(ENTRIES)}")
+        names = args.names or [n for n, e in ENTRIES.items() if args.all or not e.get("optional")]
+        failed = []
+        for name in names:
+            try:
+                run_entry(name)
+            except SystemExit as exc:
+                print(exc, file=sys.stderr)
+                failed.append(name)
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
+        return 0
+    text = README.read_text()
+    new = render_text(text)
+    if new != text:
+        README.write_text(new)
+        print("README.md updated")
+    else:
+        print("README.md already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
