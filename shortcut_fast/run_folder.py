@@ -77,9 +77,9 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
         if t is None:
             h.update(b"none")
             continue
-        t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (BN counters) too
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()[:16]
 
 

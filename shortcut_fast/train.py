@@ -1,7 +1,7 @@
 """The one trainer every experiment uses.
 
 - SGD or Adam, cosine / step / constant schedules with optional linear warm-up.
-- In-memory datasets (anything with `get_batch`) are moved to the device once and batched
+- In-memory datasets (`dataset.in_memory`) are moved to the device once and batched
   there: no DataLoader, no per-sample Python. File-backed datasets use a DataLoader.
 - Mixed precision (bf16 autocast) on CUDA by default; float32 on the CPU.
 - Evaluation reports accuracy, loss, per-group accuracy, worst-group accuracy and, where

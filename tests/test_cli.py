@@ -29,10 +29,12 @@ def test_train_synthetic_with_options_and_resume(tmp_path):
     assert _run(*args).exit_code == 0
     meta = json.loads((out / "result.json").read_text())["dataset_meta"]
     assert meta["bias_band"] == 3
-    args[args.index("--epochs") + 1] = "2"
-    r = _run(*args, "--resume")
+    r = _run(*args, "--resume")  # a finished run resumes to the same result
     assert r.exit_code == 0, r.output
-    assert len(json.loads((out / "history.json").read_text())) == 2
+    assert len(json.loads((out / "history.json").read_text())) == 1
+    args[args.index("--epochs") + 1] = "2"
+    r = _run(*args, "--resume")  # more epochs is another run: refused, naming the setting
+    assert r.exit_code == 1 and "epochs: 1 -> 2" in r.output
 
 
 def test_spectrum_command(tmp_path):

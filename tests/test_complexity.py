@@ -1,7 +1,7 @@
 """Feature complexity by V-information: a ground truth (a linear target is simpler than one
 that needs depth), consistency of the run with direct computations, dynamics, resume, errors."""
+import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -12,9 +12,11 @@ from torch import nn
 from shortcut_fast.cli import main
 from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import complexity as cx
+from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import Classifier, block_outputs, build_model, features_and_head
 from shortcut_fast.ops.directions import Directions
 from shortcut_fast.ops.probe_stats import fit_probes
+from shortcut_fast.run_folder import RunFolder, Store
 from shortcut_fast.train import TrainConfig, train
 
 
@@ -107,6 +109,10 @@ def _toy_splits():
     return DatasetSplits("toy", make(200), make(90), make(90), num_classes=3, image_shape=(3, 16, 16))
 
 
+def _run(out, cfg, resume=False) -> RunFolder:
+    return RunFolder(out, "complexity", dataclasses.asdict(cfg), resume=resume)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("complexity")
@@ -114,10 +120,12 @@ def toy(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
     train(model, splits, TrainConfig(epochs=2, keep_every=1, select="last", batch_size=50, warmup_epochs=0),
-          out_dir=root / "model", progress=False)
+          store=Store(root / "model", resuming=False), progress=False)
     cfg = cx.ComplexityConfig(directions="pca:5", max_images=150, max_heldout=80, batch_size=64)
     out = root / "out"
-    result = cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=root / "model", progress=False)
+    with _run(out, cfg) as run:
+        result = cx.run_complexity(model, splits, cfg, store=run.partial, checkpoints=root / "model", progress=False)
+        cx.write_outputs(result, out)
     return dict(splits=splits, model=model, cfg=cfg, out=out, ckpts=root / "model", result=result)
 
 
@@ -157,7 +165,7 @@ def test_run_writes_outputs_and_matches_direct_computation(toy):
     torch.testing.assert_close(torch.tensor(r.importance, dtype=torch.float64), contribution.abs().mean(0).double(), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(torch.tensor(r.importance_signed, dtype=torch.float64), contribution.mean(0).double(), rtol=1e-4, atol=1e-7)
     assert r.spearman_importance_complexity == pytest.approx(
-        cx._spearman(torch.tensor(r.importance), torch.tensor(r.complexity)))
+        spearman(torch.tensor(r.importance), torch.tensor(r.complexity)))
 
 
 def test_dynamics_end_at_the_final_model(toy):
@@ -181,27 +189,34 @@ def test_resume_reuses_finished_work(toy):
     calls = []
     handle = model.conv1.register_forward_hook(lambda *a: calls.append(1))
     try:
-        again = cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=toy["ckpts"], resume=True,
-                                  progress=False)
+        with _run(out, cfg, resume=True) as run:
+            again = cx.run_complexity(model, splits, cfg, store=run.partial, checkpoints=toy["ckpts"], progress=False)
         assert calls == []  # nothing recomputed: directions, statistics and checkpoints were saved
         assert again.v_information == toy["result"].v_information
         assert again.dynamics["temporal_v_information"] == toy["result"].dynamics["temporal_v_information"]
         (out / "partial" / "checkpoint_002.json").unlink()
-        redo = cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=toy["ckpts"], resume=True,
-                                 progress=False)
+        with _run(out, cfg, resume=True) as run:
+            redo = cx.run_complexity(model, splits, cfg, store=run.partial, checkpoints=toy["ckpts"], progress=False)
         assert calls  # the missing checkpoint was redone
         torch.testing.assert_close(torch.tensor(redo.dynamics["temporal_v_information"]),
                                    torch.tensor(toy["result"].dynamics["temporal_v_information"]))
         calls.clear()
-        stat = (toy["ckpts"] / "epoch_001.pt").stat()
-        os.utime(toy["ckpts"] / "epoch_001.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-        cx.run_complexity(model, splits, cfg, out_dir=out, checkpoints=toy["ckpts"], resume=True, progress=False)
-        assert calls  # a rewritten checkpoint file is analysed again
+        path = toy["ckpts"] / "epoch_001.pt"
+        original = path.read_bytes()
+        state = torch.load(path, weights_only=True)
+        state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+        torch.save(state, path)
+        try:
+            with _run(out, cfg, resume=True) as run:
+                cx.run_complexity(model, splits, cfg, store=run.partial, checkpoints=toy["ckpts"], progress=False)
+        finally:
+            path.write_bytes(original)
+        assert calls  # a checkpoint file with other contents is analysed again
     finally:
         handle.remove()
     other = cx.ComplexityConfig(directions="pca:3", max_images=150, max_heldout=80)
-    with pytest.raises(ValueError, match="resume"):
-        cx.run_complexity(model, splits, other, out_dir=out, resume=True, progress=False)
+    with pytest.raises(ValueError, match="settings differ.*directions"):
+        _run(out, other, resume=True).open()
 
 
 def test_dead_features_are_left_out_of_the_summaries():
@@ -211,7 +226,7 @@ def test_dead_features_are_left_out_of_the_summaries():
     assert s["complexity"][:2].tolist() == pytest.approx([0.2, 0.8]) and s["complexity"][2].isnan()
     assert s["spearman"] == pytest.approx(1.0)  # the more important feature is the more complex one
     assert s["top"] == pytest.approx(0.8) and s["rest"] == pytest.approx(0.2)
-    assert cx._spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 2.5, 4.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 2.5, 2.5, 4.0])) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("spec", ["svd:4", "nmf:0", "pca:x", "no_such_file.pt", ""])

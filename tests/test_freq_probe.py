@@ -1,5 +1,6 @@
 """The frequency-shortcut experiment: fast search == reference loop, planted shortcut found,
 greedy/gradient variants, tables, resume, CLI."""
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,10 @@ from torch import nn
 from shortcut_fast.cli import main
 from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import freq_probe as fp
+from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops import freq
 from shortcut_fast.ops.band_filter import band_filter, remove_frequencies
+from shortcut_fast.run_folder import RunFolder
 from shortcut_fast.train import TrainConfig, train
 
 PLANTED = (3, 5)
@@ -119,7 +122,7 @@ def test_gradient_estimate_matches_finite_difference(planted):
     estimate = fp.gradient_scores(model, images, 0, candidates)
     exact, _ = fp.candidate_losses(model, images, 0, candidates)
     base = fp.candidate_losses(model, images, 0, fp.Candidates(torch.zeros(1, 16, 16, dtype=torch.bool)))[0][0]
-    assert fp._spearman(estimate, exact - base) > 0.5
+    assert spearman(estimate, exact - base) > 0.5
     k = int(exact.argmax())
     assert int(estimate.argmax()) == k  # the planted pair stands out in both
 
@@ -150,15 +153,31 @@ def test_band_stop_table_definition(planted):
 def test_resume_skips_finished_classes(planted, tmp_path):
     model, splits = planted
     cfg = fp.FreqProbeConfig(method="loss", patch=4, max_images_per_class=8)
-    first = fp.run_freq_probe(model, splits, cfg, out_dir=tmp_path, progress=False)
+    with RunFolder(tmp_path, "freq-probe", {"patch": 4}) as run:
+        first = fp.run_freq_probe(model, splits, cfg, store=run.partial, progress=False)
     marker = tmp_path / "partial" / "class_1.json"
     data = json.loads(marker.read_text())
     data["dfm_size"] = -7  # a finished class is reused, not recomputed
     marker.write_text(json.dumps(data))
-    again = fp.run_freq_probe(model, splits, cfg, out_dir=tmp_path, resume=True, progress=False)
+    with RunFolder(tmp_path, "freq-probe", {"patch": 4}, resume=True) as run:
+        again = fp.run_freq_probe(model, splits, cfg, store=run.partial, progress=False)
     assert again.classes[1].dfm_size == -7 and again.classes[0].dfm == first.classes[0].dfm
-    fresh = fp.run_freq_probe(model, splits, cfg, out_dir=tmp_path, resume=False, progress=False)
+    with RunFolder(tmp_path, "freq-probe", {"patch": 4}, overwrite=True) as run:
+        fresh = fp.run_freq_probe(model, splits, cfg, store=run.partial, progress=False)
     assert fresh.classes[1].dfm_size == first.classes[1].dfm_size
+
+
+def test_class_subset_keeps_each_class_its_own_row(planted):
+    """--classes 2,0 reports class 2's and class 0's TPR/FPR (it scored the rows by position before)."""
+    model, splits = planted
+    cfg = fp.FreqProbeConfig(method="loss", patch=4, max_images_per_class=8)
+    full = fp.run_freq_probe(model, splits, cfg, progress=False)
+    subset = fp.run_freq_probe(model, splits, dataclasses.replace(cfg, classes=[2, 0]), progress=False)
+    by_class = {row["class"]: row for row in full.shortcut}
+    assert [row["class"] for row in subset.shortcut] == [2, 0]
+    for row in subset.shortcut:
+        assert row == by_class[row["class"]]
+    assert by_class[0]["tpr"] != by_class[2]["tpr"] or by_class[0]["fpr"] != by_class[2]["fpr"]
 
 
 def test_resume_within_a_class(planted):

@@ -31,6 +31,7 @@ def test_tensor_digest_follows_content_dtype_and_shape():
     y = x.clone()
     y[5] = 0
     assert tensor_digest(x) != tensor_digest(y)
+    assert tensor_digest(torch.tensor(3)) != tensor_digest(torch.tensor(4))  # 0-d (e.g. BN counters)
 
 
 def test_fresh_resume_refuse_and_overwrite(tmp_path):

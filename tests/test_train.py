@@ -6,6 +6,7 @@ import torch
 
 from shortcut_fast.data import load_dataset
 from shortcut_fast.models import build_model
+from shortcut_fast.run_folder import Store
 from shortcut_fast.train import TrainConfig, augment_batch, evaluate, load_checkpoint, train
 
 
@@ -30,7 +31,7 @@ def test_learns_digits(digits):
 def test_resume_continues_exactly(digits, tmp_path):
     cfg4 = TrainConfig(epochs=4, batch_size=128, optimizer="sgd", lr=0.05, seed=3, max_steps_per_epoch=5)
     straight = _mlp(digits)
-    r_straight = train(straight, digits, cfg4, out_dir=tmp_path / "straight", progress=False)
+    r_straight = train(straight, digits, cfg4, store=Store(tmp_path / "straight", resuming=False), progress=False)
 
     # Same run, interrupted after epoch 2 (simulated by training a 4-epoch config with a
     # callback that stops), then resumed.
@@ -42,10 +43,11 @@ def test_resume_continues_exactly(digits, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(_mlp(digits), digits, cfg4, out_dir=tmp_path / "resumed", progress=False, on_epoch_end=stop_after_two)
+        train(_mlp(digits), digits, cfg4, store=Store(tmp_path / "resumed", resuming=False), progress=False,
+              on_epoch_end=stop_after_two)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     resumed = _mlp(digits, seed=99)  # different init: everything must come from the checkpoint
-    r_resumed = train(resumed, digits, cfg4, out_dir=tmp_path / "resumed", resume=True, progress=False)
+    r_resumed = train(resumed, digits, cfg4, store=Store(tmp_path / "resumed", resuming=True), progress=False)
     assert [h["train_loss"] for h in r_resumed.history] == pytest.approx([h["train_loss"] for h in r_straight.history])
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
@@ -54,7 +56,7 @@ def test_resume_continues_exactly(digits, tmp_path):
 
 def test_checkpoints_written(digits, tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=256, keep_every=1, max_steps_per_epoch=2)
-    train(_mlp(digits), digits, cfg, out_dir=tmp_path, progress=False)
+    train(_mlp(digits), digits, cfg, store=Store(tmp_path, resuming=False), progress=False)
     for name in ("last.pt", "best.pt", "epoch_001.pt", "epoch_002.pt", "history.json"):
         assert (tmp_path / name).exists(), name
     state = load_checkpoint(tmp_path / "last.pt")
@@ -62,12 +64,20 @@ def test_checkpoints_written(digits, tmp_path):
 
 
 def test_resume_errors(digits, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
-        train(_mlp(digits), digits, TrainConfig(epochs=1), out_dir=tmp_path, resume=True, progress=False)
-    train(_mlp(digits), digits, TrainConfig(epochs=1, max_steps_per_epoch=1), out_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match=r"config differs from the checkpoint's in \['lr'\]"):
-        train(_mlp(digits), digits, TrainConfig(epochs=1, lr=0.3, max_steps_per_epoch=1), out_dir=tmp_path,
-              resume=True, progress=False)
+    # A resuming store without last.pt starts from scratch; one whose last.pt has another
+    # config is refused naming the setting (the run folder refuses it first in the CLI).
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=1)
+    assert train(_mlp(digits), digits, cfg, store=Store(tmp_path, resuming=True), progress=False).epochs_run == 1
+    with pytest.raises(ValueError, match=r"training config differs .*lr: null -> 0.3"):
+        train(_mlp(digits), digits, TrainConfig(epochs=1, lr=0.3, max_steps_per_epoch=1),
+              store=Store(tmp_path, resuming=True), progress=False)
+
+
+def test_negative_sizes_are_refused():
+    for bad in (dict(max_steps_per_epoch=-3), dict(max_steps_per_epoch=0), dict(batch_size=0),
+                dict(keep_every=-1), dict(eval_batch_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
 
 
 def test_evaluate_group_accounting():
