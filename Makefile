@@ -33,7 +33,7 @@ $(BUILT): $(DEPS) $(SOURCES)
 demo: $(BUILT)
 	$(BIN)/shortcut-fast info
 	$(BIN)/shortcut-fast freq-probe --data synthetic-freq --bias-band 1 --patch 4 --max-images-per-class 32 \
-		--ood gaussian-noise:3 --out $(DEMO_OUT)/freq-probe
+		--ood gaussian-noise:3 --out $(DEMO_OUT)/freq-probe --overwrite
 
 test: $(BUILT)
 	SHORTCUT_FAST_EXPECT_EXT=1 $(BIN)/python -m pytest -q

@@ -204,7 +204,7 @@ def test_unknown_model_name_lists_valid_names():
 @pytest.mark.parametrize("name, kwargs, match", [
     ("resnet18", {"depth": 3}, "valid options: width"),
     ("mlp3", {"depth": 4}, "mlp3 pins depth=3"),
-    ("mlp", {"depth": 1}, "depth must be an integer >= 2"),
+    ("mlp", {"depth": 1}, "depth must be an int >= 2"),
     ("resnet18", {"width": 0}, "width must be"),
     ("vgg11", {"width": 2.5}, "width must be"),
     ("vit-tiny", {"patch": 5}, "multiple of patch"),

@@ -125,9 +125,7 @@ def _take(dataset, grouping: Grouping, limit: int | None, seed: int, salt: int):
     if limit is not None and index.numel() > limit:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + salt)
         index = index[torch.randperm(index.numel(), generator=gen)[:limit]].sort().values
-    if not hasattr(dataset, "get_batch"):  # file-backed (Waterbirds, CelebA): decode the chosen images once
-        dataset = dataset.subset(index).load_into_memory()
-        return dataset.images.float().div_(255), dataset.labels.cpu(), grouping.of(dataset)
+    # File-backed datasets (Waterbirds, CelebA) decode just these images, once.
     x, y, _ = dataset.get_batch(index.to(dataset.labels.device))
     return x.cpu(), y.cpu(), g[index]
 

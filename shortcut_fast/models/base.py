@@ -97,10 +97,3 @@ def init_conv_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
-    """Return `value` if it is an int >= minimum, else raise a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value

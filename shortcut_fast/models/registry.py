@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
-from .base import check_positive_int
+from shortcut_fast.validate import check_int
+
 from .bridges import build_timm, build_torchvision
 from .resnet import resnet18, resnet20
 from .small import mlp, small_cnn
@@ -84,9 +85,9 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
-    check_positive_int("num_classes", num_classes)
-    check_positive_int("in_channels", in_channels)
-    check_positive_int("image_size", image_size)
+    check_int("num_classes", num_classes)
+    check_int("in_channels", in_channels)
+    check_int("image_size", image_size)
     common = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
     prefix = next((p for p in _BRIDGES if name.startswith(p)), None)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Classifier, ConvBNAct, check_positive_int, init_conv_weights
+from shortcut_fast.validate import check_int
+
+from .base import Classifier, ConvBNAct, init_conv_weights
 
 SHORTCUTS = ("A", "B")
 
@@ -109,7 +111,7 @@ def resnet18(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
              width: int = 64) -> CifarResNet:
     """CIFAR ResNet-18: stages of 2 blocks with width, 2, 4, 8 x width channels."""
     del image_size  # any size works: global average pooling
-    w = check_positive_int("width", width)
+    w = check_int("width", width)
     return CifarResNet((w, 2 * w, 4 * w, 8 * w), (2, 2, 2, 2), num_classes=num_classes,
                        in_channels=in_channels, shortcut="B")
 
@@ -118,7 +120,7 @@ def resnet20(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
              width: int = 16, shortcut: str = "A") -> CifarResNet:
     """CIFAR ResNet-20 (He et al. 2016): 3 stages of 3 blocks, 16-32-64 channels."""
     del image_size
-    w = check_positive_int("width", width)
+    w = check_int("width", width)
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     return CifarResNet((w, 2 * w, 4 * w), (3, 3, 3), num_classes=num_classes,

@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Classifier, ConvBNAct, LinearAct, check_positive_int, init_conv_weights
+from shortcut_fast.validate import check_int
+
+from .base import Classifier, ConvBNAct, LinearAct, init_conv_weights
 
 
 class SmallCNN(Classifier):
@@ -77,8 +79,8 @@ class MLP(Classifier):
 def small_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
               width: int = 32, padding: int = 0) -> SmallCNN:
     """DeNetDM's shallow C-CIFAR10 branch; `padding=2` keeps sizes (needed below 32x32)."""
-    check_positive_int("width", width)
-    check_positive_int("padding", padding, minimum=0)
+    check_int("width", width)
+    check_int("padding", padding, minimum=0)
     if padding > 2:
         raise ValueError(f"padding must be 0, 1 or 2 for 5x5 convs, got {padding}")
     side = SmallCNN.output_size(image_size, padding)
@@ -95,7 +97,7 @@ def small_cnn(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
 def mlp(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
         depth: int = 3, width: int = 100) -> MLP:
     """MLP on flattened images: `depth` linear layers in total (>= 2), hidden `width`."""
-    check_positive_int("depth", depth, minimum=2)
-    check_positive_int("width", width)
+    check_int("depth", depth, minimum=2)
+    check_int("width", width)
     return MLP(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                depth=depth, width=width)

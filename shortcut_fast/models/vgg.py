@@ -16,7 +16,9 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
-from .base import Classifier, ConvBNAct, check_positive_int, init_conv_weights
+from shortcut_fast.validate import check_int
+
+from .base import Classifier, ConvBNAct, init_conv_weights
 
 # channel counts for width 64; "M" is a 2x2 max-pool
 CONFIGS: dict[str, Sequence[Union[int, str]]] = {
@@ -59,7 +61,7 @@ class VGG(Classifier):
 
 
 def _vgg(name: str, num_classes: int, in_channels: int, width: int) -> VGG:
-    check_positive_int("width", width)
+    check_int("width", width)
     return VGG(CONFIGS[name], num_classes=num_classes, in_channels=in_channels, width=width)
 
 

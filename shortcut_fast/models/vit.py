@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Classifier, check_positive_int
+from shortcut_fast.validate import check_int
+
+from .base import Classifier
 
 
 class Attention(nn.Module):
@@ -105,7 +107,7 @@ def vit_tiny(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
              mlp_ratio: float = 4.0) -> VisionTransformer:
     """Tiny ViT; image_size must be a multiple of patch and dim a multiple of heads."""
     for name, value in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads)):
-        check_positive_int(name, value)
+        check_int(name, value)
     if image_size % patch:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch ({patch})")
     if dim % heads:

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from shortcut_fast.validate import check_int  # noqa: F401  (re-exported for the ops)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -30,12 +32,6 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
     if device is not None and value.device != device:
         raise ValueError(f"{name} must be on {device} (like the other inputs), got {value.device}")
-    return value
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 

@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shortcut_fast.data import FileImageDataset, ImageDataset
 from shortcut_fast.models.introspect import get_submodule
-from shortcut_fast.ops._checks import check_int
+from shortcut_fast.validate import check_int
 from shortcut_fast.ops.ablation import channel_masks, group_outcomes
 from shortcut_fast.report import Progress
 from shortcut_fast.run_folder import fingerprint, load_state_file, settings_diff, tensor_digest
@@ -176,15 +177,20 @@ class _Data:
     num_groups: int
     source: Any
 
-    def batch(self, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stop = min(start + size, self.n)
-        if hasattr(self.source, "get_batch"):
-            x, _, _ = self.source.get_batch(torch.arange(start, stop), device=device)
-        else:
-            x = self.source[start:stop].to(device)
+    def images(self, index: torch.Tensor, device) -> torch.Tensor:
+        """Float images of `index` on `device`, from a dataset or a tensor of images."""
+        if isinstance(self.source, torch.Tensor):
+            x = self.source[index.to(self.source.device)].to(device)
             if not x.is_floating_point():
                 x = x.float().div_(255)
-        _check_finite(x, torch.arange(start, stop))
+        else:
+            x, _, _ = self.source.get_batch(index, device=device)
+        _check_finite(x, index)
+        return x
+
+    def batch(self, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stop = min(start + size, self.n)
+        x = self.images(torch.arange(start, stop), device)
         return x, self.labels[start:stop].to(device), self.groups[start:stop].to(device)
 
 
@@ -200,7 +206,7 @@ def _check_finite(x: torch.Tensor, index: torch.Tensor) -> None:
 
 
 def _as_data(data, num_groups: Optional[int]) -> _Data:
-    if hasattr(data, "images") and hasattr(data, "get_batch"):
+    if isinstance(data, (ImageDataset, FileImageDataset)):
         labels, groups = data.labels.cpu().long(), data.groups.cpu().long()
         if num_groups is None:
             num_groups = int(data.num_groups)
@@ -780,11 +786,4 @@ def gradient_norm_scores(model: nn.Module, layers, data, group: int, *, num_samp
 
 
 def _gather(d: _Data, idx: torch.Tensor, device):
-    if hasattr(d.source, "get_batch"):
-        x, _, _ = d.source.get_batch(idx, device=device)
-    else:
-        x = d.source[idx.to(d.source.device)].to(device)
-        if not x.is_floating_point():
-            x = x.float().div_(255)
-    _check_finite(x, idx)
-    return x, d.labels[idx].to(device)
+    return d.images(idx, device), d.labels[idx].to(device)
