@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shortcut_fast.ops.ablation import group_outcomes
 from shortcut_fast.report import Progress
 from shortcut_fast.run_folder import Store, load_state_file, settings_diff
 
@@ -209,34 +210,34 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
     was_training = model.training
     model.eval()
     num_groups = max(int(getattr(dataset, "num_groups", 0) or 0), 1)
-    correct_per_group = torch.zeros(num_groups + 1, dtype=torch.float64, device=device)  # last slot: no group
-    count_per_group = torch.zeros(num_groups + 1, dtype=torch.float64, device=device)
-    aligned = torch.zeros(2, 2, dtype=torch.float64, device=device)  # [aligned, conflicting] x [correct, count]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_attributes = int(getattr(dataset, "num_attributes", 0) or 0)
-    track_alignment = bias_aligned_attribute
+    # Per-group and [aligned, conflicting] counts through the one group-outcome op; the last
+    # group slot holds samples without a known group.
+    correct = torch.zeros(num_groups + 1, dtype=torch.int64, device=device)
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=device)
+    aligned = torch.zeros(2, 2, dtype=torch.int64, device=device)  # [aligned, conflicting] x [correct, count]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
     for x, y, a in Batches(dataset, batch_size, device).iterate():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        hit = (logits.argmax(1) == y).double()
         if num_attributes > 0:
             group = torch.where(a >= 0, y * num_attributes + a, torch.full_like(y, num_groups))
         else:
             group = torch.full_like(y, num_groups)
-        correct_per_group.index_add_(0, group, hit)
-        count_per_group.index_add_(0, group, torch.ones_like(hit))
-        if track_alignment:
+        hits, losses = group_outcomes(logits, y, group, num_groups + 1, allow_nonfinite=True)
+        correct += hits[0]
+        counts += torch.bincount(group, minlength=num_groups + 1)
+        loss_sum += losses.sum().double()
+        if bias_aligned_attribute:
             known = a >= 0
-            is_conflict = (a != y).long()
-            aligned[:, 0].index_add_(0, is_conflict[known], hit[known])
-            aligned[:, 1].index_add_(0, is_conflict[known], torch.ones_like(hit[known]))
+            conflict = (a[known] != y[known]).long()
+            aligned[:, 0] += group_outcomes(logits[known], y[known], conflict, 2, allow_nonfinite=True)[0][0]
+            aligned[:, 1] += torch.bincount(conflict, minlength=2)
         n += y.numel()
     model.train(was_training)
-    correct = correct_per_group.cpu()
-    counts = count_per_group.cpu()
+    correct, counts = correct.cpu(), counts.cpu()
     groups = {g: float(correct[g] / counts[g]) for g in range(num_groups) if counts[g] > 0 and num_attributes > 0}
     result = EvalResult(
         accuracy=float(correct.sum() / max(n, 1)),
@@ -246,7 +247,7 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
         group_counts={g: int(counts[g]) for g in groups},
         worst_group_accuracy=min(groups.values()) if groups else None,
     )
-    if track_alignment:
+    if bias_aligned_attribute:
         al = aligned.cpu()
         result.aligned_accuracy = float(al[0, 0] / al[0, 1]) if al[0, 1] > 0 else None
         result.conflicting_accuracy = float(al[1, 0] / al[1, 1]) if al[1, 1] > 0 else None

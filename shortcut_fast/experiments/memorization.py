@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast.experiments.stats import spearman
+from shortcut_fast.ops.ablation import group_outcomes
 from shortcut_fast.report import progress_ticker, to_jsonable
 from shortcut_fast.run_folder import file_digest, settings_diff, tensor_digest
 
@@ -141,8 +142,10 @@ def group_outcomes_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: tor
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(xb).float().argmax(1).cpu()
-        correct.index_add_(0, g[start:start + batch_size], (pred == y[start:start + batch_size]).long())
+            logits = model(xb).float()
+        sl = slice(start, start + batch_size)
+        correct += group_outcomes(logits, y[sl].to(device), g[sl].to(device), num_groups,
+                                  allow_nonfinite=True)[0][0].cpu()
     model.train(was_training)
     return correct, torch.bincount(g, minlength=num_groups)
 

@@ -39,7 +39,7 @@ from torch import nn
 from shortcut_fast.data import FileImageDataset, ImageDataset
 from shortcut_fast.models.introspect import get_submodule
 from shortcut_fast.validate import check_int
-from shortcut_fast.ops.ablation import channel_masks, group_outcomes
+from shortcut_fast.ops.ablation import channel_masks, group_outcomes, group_outcomes_reference
 from shortcut_fast.report import Progress
 from shortcut_fast.run_folder import fingerprint, load_state_file, settings_diff, tensor_digest
 from shortcut_fast.surgery.split import (
@@ -552,11 +552,8 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
 
 
 def _outcomes_reference(logits, y, g, G):
-    lf = logits.double()
-    hit = (lf.argmax(-1) == y).long()
-    loss = F.cross_entropy(lf, y, reduction="none")
-    return (torch.zeros(G, dtype=torch.int64, device=y.device).index_add_(0, g, hit),
-            torch.zeros(G, dtype=torch.float64, device=y.device).index_add_(0, g, loss))
+    correct, loss = group_outcomes_reference(logits.double()[None], y, g, G)  # float64: the baseline's exact sums
+    return correct[0], loss[0]
 
 
 class _Point:
