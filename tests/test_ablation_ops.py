@@ -336,3 +336,37 @@ def test_compiles_with_torch_compile():
 def test_compiles_on_gpu(backend):
     _check_backend(backend, "cuda")
     _compile_case(backend, "cuda", "inductor")
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_empty_batch(backend, device, dtype):
+    """B = 0 on every backend: channel_ablate gives (V, 0, ...), group_outcomes zeros."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernels support float16/bfloat16/float32 only")
+    _check_backend(backend, device)
+    act = torch.zeros(0, 3, 4, 5, dtype=dtype, device=device)
+    out = channel_ablate(act, _random_mask(6, 3), 0.5, backend=backend)
+    assert out.shape == (6, 0, 3, 4, 5) and out.dtype == dtype and out.device.type == device
+    out = channel_ablate(act, _random_mask(2, 3), torch.zeros_like(act), backend=backend)
+    assert out.shape == (2, 0, 3, 4, 5)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    correct, loss = group_outcomes(torch.zeros(2, 0, 4, dtype=dtype, device=device), empty, empty, 3,
+                                   backend=backend)
+    assert correct.shape == (2, 3) and correct.dtype == torch.int64 and not correct.any()
+    assert loss.shape == (2, 3) and loss.dtype == dtype and not loss.any()
+
+
+def test_output_that_cannot_fit_fails_before_allocating():
+    """2^14 variants of a (1024, 64, 32, 32) float32 activation: 4 TiB. act and mask are
+    expanded views (no memory), so only building the output could allocate."""
+    act = torch.zeros(1, 64, 32, 32).expand(1024, 64, 32, 32)
+    mask = torch.ones(1, 64, dtype=torch.bool).expand(1 << 14, 64)
+    for backend in ("torch", "cpp") if backend_status("cpp", "cpu") else ("torch",):
+        with pytest.raises(ValueError, match=r"channel_ablate would return a \(16384, 1024, 64, 32, 32\) float32 "
+                                             r"tensor of 4,398\.0 GB, more than the .* GB available on cpu; "
+                                             r"pass fewer mask rows per call"):
+            channel_ablate(act, mask, 0.0, backend=backend)

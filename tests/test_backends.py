@@ -3,7 +3,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shortcut_fast.backends import BackendUnavailable, backend_status, choose_backend, info
+from shortcut_fast.backends import BackendUnavailable, backend_status, choose_backend, compiled_has_kernel, dispatch, info
 from shortcut_fast.cli import main
 
 
@@ -39,6 +39,28 @@ def test_compiled_backend_needs_the_op_in_the_extension():
         pytest.skip("extension not built here")
     with pytest.raises(BackendUnavailable, match="has no op no_such_op"):
         choose_backend("no_such_op", "cpp", "cpu", ("torch", "cpp"))
+
+
+def test_dispatch_returns_the_chosen_implementation():
+    impls = {"torch": lambda x: ("torch", x), "cpp": lambda x: ("cpp", x), "triton": lambda x: ("triton", x)}
+    assert dispatch("op", "torch", "cpu", impls)(1) == ("torch", 1)
+    # auto never fails for lack of a fast path; the "op" has no kernel in _C, so not cpp
+    assert dispatch("op", "auto", "cpu", impls)(2) == ("torch", 2)
+    with pytest.raises(BackendUnavailable, match="op: backend 'cuda' is unavailable: op has no cuda implementation"):
+        dispatch("op", "cuda", "cpu", impls)
+    with pytest.raises(BackendUnavailable, match="float64 input needs torch"):
+        dispatch("op", "triton", "cpu", impls, unsupported={"triton": "float64 input needs torch"})
+
+
+def test_compiled_kernels_are_looked_up_per_device():
+    """The schemas exist without _C (declared in Python), so availability is the kernel's."""
+    import shortcut_fast  # noqa: F401
+
+    assert hasattr(torch.ops.shortcut_fast, "band_filter")
+    assert not compiled_has_kernel("no_such_op", "cpp")
+    if backend_status("cpp", "cpu"):
+        assert compiled_has_kernel("band_filter", "cpp")
+        assert choose_backend("band_filter", "auto", "cpu", ("torch", "cpp")) == "cpp"
 
 
 def test_torch_is_always_available():

@@ -190,3 +190,59 @@ def test_chunks_cover_the_result_within_budget(max_bytes):
         torch.testing.assert_close(chunk.images, full[chunk.k_slice, chunk.b_slice])
     with pytest.raises(ValueError, match="max_bytes must hold at least one filtered image"):
         next(band_filter_chunks(x, masks, max_bytes=100))
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch"), *FAST_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_empty_batch_gives_an_empty_result(backend, device, dtype):
+    """B = 0 on every backend: (K, 0, C, H, W), also through the streaming forms."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernels compute in float32")
+    _check_backend(backend, device)
+    x = torch.zeros(0, 3, 8, 6, dtype=dtype, device=device)
+    masks = _random_masks(4, 8, 6)
+    got = band_filter(x, masks, "stop", backend=backend)
+    assert got.shape == (4, 0, 3, 8, 6) and got.dtype == dtype and got.device.type == device
+    got = remove_frequencies(x, [[1, 2], [0, 0]], backend=backend)
+    assert got.shape == (2, 0, 3, 8, 6) and got.dtype == dtype
+    chunks = list(band_filter_chunks(x, masks, backend=backend, max_bytes=3 * 8 * 6 * 8))
+    assert [c.images.shape for c in chunks] == [(4, 0, 3, 8, 6)]
+    chunks = list(remove_frequencies_chunks(x, [[1, 2]], backend=backend))
+    assert [c.images.shape for c in chunks] == [(1, 0, 3, 8, 6)]
+
+
+# 2^10 images x 2^20 masks of 32 x 32 float32: 4 TiB. Expanded views cost no memory, so
+# the inputs are free and only an attempt to build the output could allocate.
+HUGE_B, HUGE_K, HUGE_HW = 1 << 10, 1 << 20, 32
+
+
+def test_output_that_cannot_fit_fails_before_allocating():
+    x = torch.zeros(1, 1, HUGE_HW, HUGE_HW).expand(HUGE_B, 1, HUGE_HW, HUGE_HW)
+    masks = torch.ones(1, HUGE_HW, HUGE_HW, dtype=torch.bool).expand(HUGE_K, HUGE_HW, HUGE_HW)
+    with pytest.raises(ValueError, match=r"band_filter would return a \(1048576, 1024, 1, 32, 32\) float32 "
+                                         r"tensor of 4,398\.0 GB, more than the .* GB available on cpu; "
+                                         r"use band_filter_chunks\(\.\.\., max_bytes=\.\.\.\)"):
+        band_filter(x, masks, backend="torch")
+    freqs = torch.zeros(1, 2, dtype=torch.int64).expand(HUGE_K, 2)
+    with pytest.raises(ValueError, match=r"4,398\.0 GB.*use remove_frequencies_chunks"):
+        remove_frequencies(x, freqs, backend="cpp" if backend_status("cpp", "cpu") else "torch")
+
+
+def test_output_limit_is_the_available_memory(monkeypatch):
+    """Just over the available memory fails; exactly that much passes the check (it is not
+    a fixed cap); the streaming form stays within max_bytes and never trips it."""
+    from shortcut_fast.ops import _checks
+
+    x = _images((4, 1, 64, 64), seed=2)
+    masks = torch.ones(1, 64, 64, dtype=torch.bool).expand(8192, 64, 64)
+    need = 8192 * 4 * 64 * 64 * 4  # 537 MB of float32 output
+    monkeypatch.setattr(_checks, "available_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"0\.5 GB, more than the 0\.5 GB available on cpu"):
+        band_filter(x, masks, backend="torch")
+    chunk = next(band_filter_chunks(x, masks, max_bytes=1 << 20, backend="torch"))
+    assert chunk.images.numel() * 4 <= 1 << 20
+    monkeypatch.setattr(_checks, "available_bytes", lambda device: need)
+    _checks.check_output_fits("band_filter", (8192, 4, 1, 64, 64), torch.float32, x.device, "")

@@ -193,3 +193,59 @@ def test_runs_without_the_extension():
     env = dict(os.environ, SHORTCUT_FAST_NO_EXT="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert "REASON" in out and "SHORTCUT_FAST_NO_EXT" in out
+
+
+def test_traces_without_the_extension():
+    """The schema and fake are declared in Python: the op traces (here on meta tensors)
+    even when _C is not loaded, and `cpp` names the reason it cannot run."""
+    code = (
+        "import torch, shortcut_fast\n"
+        "f = lambda x, y: torch.ops.shortcut_fast.class_spectrum_sum(x, y, 3) + 1\n"
+        "out = torch.compile(f, backend='aot_eager', fullgraph=True)(torch.randn(2, 1, 4, 5, device='meta'),\n"
+        "    torch.zeros(2, dtype=torch.int64, device='meta'))\n"
+        "print('SHAPE', tuple(out.shape), out.dtype)\n"
+    )
+    env = dict(os.environ, SHORTCUT_FAST_NO_EXT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SHAPE (3, 1, 4, 5) torch.float32" in out.stdout
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch"), *FAST_BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_empty_batch_gives_zero_sums(backend, device, dtype):
+    """B = 0 is a valid (empty) batch on every backend: zero sums of the right shape."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernel computes in float32")
+    _check_backend(backend, device)
+    x = torch.zeros(0, 3, 8, 7, dtype=dtype, device=device)
+    got = class_spectrum_sum(x, torch.zeros(0, dtype=torch.int64, device=device), 4, backend=backend)
+    assert got.shape == (4, 3, 8, 7) and got.dtype == dtype and got.device.type == device
+    assert not got.any()
+    acc = ClassSpectrum(2, backend=backend).update(x, torch.zeros(0, dtype=torch.int64, device=device))
+    assert acc.counts.tolist() == [0, 0]
+
+
+def test_adcs_names_the_absent_classes():
+    """A class never seen has an all-NaN mean; ADCS refuses it by name instead of letting
+    NaN comparisons (all false) shift every other class's map."""
+    g = torch.Generator().manual_seed(3)
+    acc = ClassSpectrum(4, backend="torch")
+    acc.update(torch.randn(6, 2, 5, 5, generator=g), torch.tensor([0, 2, 0, 2, 0, 2]))
+    with pytest.raises(ValueError, match=r"no data for class\(es\) \[1, 3\].*ClassSpectrum\.mean\(\)"):
+        adcs(acc.mean())
+    with pytest.raises(ValueError, match=r"no data for class\(es\) \[1, 3\]"):
+        adcs(acc.mean().mean(1))  # the (K, H, W) form
+    # the classes present still work on their own
+    assert adcs(acc.mean()[[0, 2]]).shape == (2, 5, 5)
+
+
+def test_adcs_rejects_a_stray_nan():
+    means = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    means[1, 0, 2, 2] = float("nan")
+    means[2, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"2 NaN/Inf values \(in the rows of class\(es\) \[1, 2\]\)"):
+        adcs(means)

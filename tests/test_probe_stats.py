@@ -350,3 +350,19 @@ def test_fit_bad_inputs():
     probes = fit_linear_probes(train, held, [1.0])
     with pytest.raises(ValueError, match=r"x must have shape \(N, 8\)"):
         probes.predict(xh[:, :2])
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch")] + FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_probe_stats_of_an_empty_chunk_are_zeros(backend, device, dtype):
+    """N = 0 on every backend: zero statistics of the right shapes and dtype."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernel computes in float32")
+    _check_backend(backend, device)
+    x, z = torch.zeros(0, 5, dtype=dtype, device=device), torch.zeros(0, 3, dtype=dtype, device=device)
+    got = probe_stats(x, z, backend=backend)
+    assert [tuple(t.shape) for t in got] == [(5, 5), (5, 3), (5,), (3,), (3,)]
+    assert all(t.dtype == dtype and t.device.type == device and not t.any() for t in got)

@@ -284,3 +284,16 @@ def test_compiles_on_gpu():
     got = torch.compile(f, fullgraph=True)(x, t, w, b)
     want = 2 * probe_step_reference(x.cpu(), t.cpu(), w.cpu(), b.cpu(), None, "softmax").grad_weight
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch"), *STEP_BACKENDS])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_on_an_empty_minibatch_is_zero(backend, device, family):
+    """N = 0 on every backend: zero loss and zero gradients of the parameters' shapes."""
+    _check_backend(backend, device)
+    x, t, w, b, lv = _problem(family, 0, 5, 3, device=device)
+    step = probe_step(x, t, w, b, lv, family=family, backend=backend)
+    assert step.loss.shape == (3,) and not step.loss.any()
+    assert step.grad_weight.shape == w.shape and not step.grad_weight.any()
+    assert step.grad_bias.shape == b.shape and not step.grad_bias.any()
+    assert (step.grad_log_var is None) == (family != "gaussian")
