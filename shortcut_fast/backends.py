@@ -235,19 +235,34 @@ def compiled_op(name: str) -> Callable:
     return run
 
 
-def triton_kernel(module: str, name: str) -> Callable:
-    """Calls shortcut_fast.kernels.<module>.<name>, imported on first use (it imports triton)."""
+# Importing a kernel module defines its triton ops. Run eagerly even under torch.compile
+# (dynamo cannot trace importlib); the True it returns is all the trace keeps.
+@torch.compiler.assume_constant_result
+def _import_kernels(module: str) -> bool:
+    importlib.import_module(f"shortcut_fast.kernels.{module}")
+    return True
+
+
+def triton_kernel(module: str, op: str) -> Callable:
+    """Calls torch.ops.shortcut_fast.<op>, the triton_op that shortcut_fast.kernels.<module>
+    defines; the module (it imports triton) is imported on first use."""
 
     def run(*args):
-        return getattr(importlib.import_module(f"shortcut_fast.kernels.{module}"), name)(*args)
+        _import_kernels(module)
+        return getattr(torch.ops.shortcut_fast, op)(*args)
 
-    run.__name__ = f"triton_{name}"
+    run.__name__ = f"triton_{op}"
     return run
 
 
 def info() -> dict:
     """Versions, devices and which backends are usable (and why not) on each device."""
-    from shortcut_fast import __version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("shortcut-fast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        __version__ = "unknown"
 
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     result = {
