@@ -192,7 +192,7 @@ _CHANNEL_ABLATE = {
     "torch": channel_ablate_reference,
     "cpp": compiled_op("channel_ablate"),
     "cuda": compiled_op("channel_ablate"),
-    "triton": triton_kernel("ablation", "channel_ablate_op"),
+    "triton": triton_kernel("ablation", "channel_ablate_triton"),
 }
 
 
@@ -234,5 +234,5 @@ _GROUP_OUTCOMES = {
     "torch": group_outcomes_reference,
     "cpp": compiled_op("group_outcomes"),
     "cuda": compiled_op("group_outcomes"),
-    "triton": triton_kernel("ablation", "group_outcomes_op"),
+    "triton": triton_kernel("ablation", "group_outcomes_triton"),
 }

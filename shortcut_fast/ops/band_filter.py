@@ -153,7 +153,7 @@ _BAND_FILTER = {
     "torch": band_filter_reference,
     "cpp": compiled_op("band_filter"),
     "cuda": compiled_op("band_filter"),
-    "triton": triton_kernel("band_filter", "band_filter_op"),  # float32 weights (no float64 on triton)
+    "triton": triton_kernel("band_filter", "band_filter_triton"),  # float32 weights (no float64 on triton)
 }
 
 
@@ -179,7 +179,7 @@ _REMOVE_FREQUENCIES = {
     "torch": remove_frequencies_reference,
     "cpp": compiled_op("remove_frequencies"),
     "cuda": compiled_op("remove_frequencies"),
-    "triton": triton_kernel("band_filter", "remove_frequencies_op"),
+    "triton": triton_kernel("band_filter", "remove_frequencies_triton"),
 }
 
 

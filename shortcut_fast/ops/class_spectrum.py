@@ -65,7 +65,7 @@ _CLASS_SPECTRUM_SUM = {
     "torch": class_spectrum_sum_reference,
     "cpp": compiled_op("class_spectrum_sum"),
     "cuda": compiled_op("class_spectrum_sum"),
-    "triton": triton_kernel("class_spectrum", "class_spectrum_sum_op"),
+    "triton": triton_kernel("class_spectrum", "class_spectrum_sum_triton"),
 }
 
 

@@ -101,7 +101,7 @@ _PROBE_STATS = {
     "torch": _without_precision(probe_stats_reference),
     "cpp": _without_precision(compiled_op("probe_stats")),
     "cuda": _without_precision(compiled_op("probe_stats")),
-    "triton": triton_kernel("probe_stats", "probe_stats_op"),
+    "triton": triton_kernel("probe_stats", "probe_stats_triton"),
 }
 
 
