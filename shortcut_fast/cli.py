@@ -87,6 +87,10 @@ POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
 
+device_option = click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+backend_option = click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]),
+                              default="auto", help="Kernel backend of the ops (see `shortcut-fast info`).")
+
 
 def _options(*decorators):
     def decorate(f):
@@ -95,6 +99,9 @@ def _options(*decorators):
         return f
 
     return decorate
+
+
+backend_and_device = _options(backend_option, device_option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -227,6 +234,14 @@ def _model_settings(model: str, model_option: tuple, default_width: int | None) 
     return options
 
 
+def _analysis_inputs(params: dict, default_width: int):
+    """The data, and the model options when the model is trained here (None with --checkpoint)."""
+    splits = _load_data(params)
+    if params["checkpoint"]:
+        return splits, None
+    return splits, _model_settings(params["model"], params["model_option"], default_width)
+
+
 def _build_model(model: str, splits, options: dict, seed: int, pretrained=None):
     from shortcut_fast.models import build_model
     from shortcut_fast.train import seed_everything
@@ -339,7 +354,7 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
               help="Validation metric that picks the reported checkpoint.")
 @click.option("--keep-every", type=NON_NEGATIVE, default=0, help="Also keep epoch_NNN.pt every k epochs (0: never).")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None)
-@click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @run_options("runs/train", "Continue from <out>/last.pt (same settings only).")
 def train(**params):
     """Train a model on a dataset; writes checkpoints, history.json and result.json to --out."""
@@ -376,8 +391,7 @@ def train(**params):
 @data_options
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train")
 @click.option("--batch-size", type=POSITIVE, default=256)
-@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
-@click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+@backend_and_device
 @run_options("runs/spectrum", resume_help=None)
 def spectrum(**params):
     """Class-wise amplitude spectra and ADCS maps of a dataset (one streaming pass)."""
@@ -433,8 +447,7 @@ def spectrum(**params):
 @click.option("--track-until", type=POSITIVE, default=100, help="Last training step with a band learning snapshot.")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Model batch size for the search "
               "(default 128 on the CPU, 1024 on a GPU).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
-@click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+@backend_and_device
 @run_options("runs/freq-probe", "Continue the run in --out: reuse its model and finished classes (same settings only).")
 def freq_probe(**params):
     """Frequency shortcuts: ADCS, dominant frequency maps, TPR/FPR, band-stop, OOD transfer."""
@@ -446,10 +459,9 @@ def freq_probe(**params):
     from shortcut_fast.train import TrainConfig
 
     p = params
-    splits = _load_data(p)
+    splits, model_settings = _analysis_inputs(p, default_width=16)
     dev, out = p["device"], p["out"]
     has_bands = splits.meta.get("band_edges") is not None
-    model_settings = None if p["checkpoint"] else _model_settings(p["model"], p["model_option"], 16)
     try:
         cfg = fp.FreqProbeConfig(
             method=p["method"], patch=p["patch"], top_percent=p["top_percent"], tolerance=p["tolerance"],
@@ -511,8 +523,7 @@ def freq_probe(**params):
 @click.option("--alphas", default=None, callback=_float_list,
               help="Comma-separated ridge alphas (default: a grid scaled to each layer).")
 @click.option("--batch-size", type=POSITIVE, default=256, help="Images per forward chunk.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
-@click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+@backend_and_device
 @run_options("runs/complexity", "Continue the run in --out: reuse its model and finished work (same settings only).")
 def complexity(**params):
     """Feature complexity by V-information: per-layer decodability, importance, dynamics."""
@@ -520,9 +531,8 @@ def complexity(**params):
     from shortcut_fast.train import TrainConfig
 
     p = params
-    splits = _load_data(p)
+    splits, model_settings = _analysis_inputs(p, default_width=8)
     dev, out = p["device"], p["out"]
-    model_settings = None if p["checkpoint"] else _model_settings(p["model"], p["model_option"], 8)
     if p["dynamics"] and (p["checkpoint"] or p["checkpoints"]):
         raise click.BadParameter("--dynamics analyses the model trained here; with --checkpoint give the "
                                  "epoch checkpoints as --checkpoints DIR instead", param_hint="--dynamics")
@@ -569,8 +579,7 @@ def complexity(**params):
               help="Dataset groups, or aligned/conflicting (auto: groups when there are <= 16).")
 @click.option("--max-samples", type=POSITIVE, default=None, help="Samples per split in the sweep (default all).")
 @click.option("--batch-size", type=POSITIVE, default=256)
-@click.option("--backend", type=click.Choice(["auto", "torch", "cpp", "cuda", "triton"]), default="auto")
-@click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+@backend_and_device
 @run_options("runs/memorization", "Continue the run in --out: reuse its model and finished layers (same settings only).")
 def memorization(**params):
     """Spurious memorization: per-group gap, channel ablation sweep, critical channels."""
@@ -579,9 +588,8 @@ def memorization(**params):
     from shortcut_fast.train import TrainConfig
 
     p = params
-    splits = _load_data(p)
+    splits, model_settings = _analysis_inputs(p, default_width=16)
     dev, out, mode = p["device"], p["out"], p["mode"]
-    model_settings = None if p["checkpoint"] else _model_settings(p["model"], p["model_option"], 16)
     if mode == "rewind" and p["checkpoint"] and not p["rewind_to"]:
         raise click.BadParameter("--mode rewind with --checkpoint needs --rewind-to (the earlier checkpoint)",
                                  param_hint="--rewind-to")
@@ -647,7 +655,7 @@ def _num_or_nan(v) -> float:
               help="Which epoch's weights are reported and saved as best.pt.")
 @click.option("--grouping", type=click.Choice(["auto", "group", "alignment"]), default="auto")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None)
-@click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @run_options("runs/mitigate", "Continue the run in --out: its ERM model and mitigation epochs (same settings only).")
 def mitigate(**params):
     """Mitigate spurious memorization: pruned/dense NT-Xent + CE training from the ERM model."""
@@ -656,9 +664,8 @@ def mitigate(**params):
     from shortcut_fast.train import TrainConfig
 
     p = params
-    splits = _load_data(p)
+    splits, model_settings = _analysis_inputs(p, default_width=16)
     dev, out = str(p["device"]), p["out"]
-    model_settings = None if p["checkpoint"] else _model_settings(p["model"], p["model_option"], 16)
     try:
         cfg = mem.MitigationConfig(epochs=p["epochs"], prune_fraction=p["prune_fraction"], tau=p["tau"],
                                    ce_weight=p["ce_weight"], contrastive_weight=p["contrastive_weight"], lr=p["lr"],

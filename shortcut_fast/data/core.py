@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shortcut_fast.ops._checks import check_int
+from shortcut_fast.validate import check_int
 
 __all__ = [
     "ImageDataset",

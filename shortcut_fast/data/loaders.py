@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shortcut_fast.ops._checks import check_int
+from shortcut_fast.validate import check_int
 
 from .colored import make_colored_splits
 from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,

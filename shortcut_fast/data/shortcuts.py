@@ -32,7 +32,7 @@ import torch
 
 from .colored import LFF_COLORS
 from .core import DatasetSplits, FileImageDataset, ImageDataset, make_generator, rank_within_class
-from shortcut_fast.ops._checks import check_int
+from shortcut_fast.validate import check_int
 from shortcut_fast.ops.freq import radial_frequency
 
 __all__ = ["SHORTCUT_KINDS", "DEFAULT_STRENGTH", "Shortcut", "make_shortcut", "inject_shortcut"]

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from shortcut_fast.ops._checks import check_int
+from shortcut_fast.validate import check_int
 from shortcut_fast.ops.freq import band_edges, mirror, radial_band_index
 
 from .core import DatasetSplits, ImageDataset, make_generator
