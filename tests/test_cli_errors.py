@@ -172,7 +172,7 @@ def test_freq_probe_resume_with_the_checkpoint_changed_is_refused(tmp_path, digi
     state = torch.load(digits_checkpoint, weights_only=True)
     state["model"] = {k: v + 1 for k, v in state["model"].items()}
     torch.save(state, other)
-    args = ["memorization", "--data", "digits", "--layers", "fc1", "--max-samples", "64", "--quiet"]
+    args = ["freq-probe", "--data", "digits", "--patch", "8", "--max-images-per-class", "4", "--quiet"]
     out = tmp_path / "m"
     assert _run(*args, "--checkpoint", digits_checkpoint, "--out", out).exit_code == 0
     _refused(_run(*args, "--checkpoint", other, "--out", out, "--resume"), 1, "checkpoint: 'sha256:")
