@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from shortcut_fast.ops._checks import check_int
+from shortcut_fast.validate import check_int
 
 # Radial bands: frequency (u, v) has fy = fftfreq(H)[u], fx = fftfreq(W)[v] cycles per pixel
 # and normalized radius r = sqrt(fy^2 + fx^2) / sqrt(0.5): 0 at DC, 1 at the (Nyquist,
