@@ -151,7 +151,10 @@ def test_directions_encode_and_state_dict_round_trip():
     (lambda: nmf(torch.ones(3, 2), 0), ValueError, "k must be an int >= 1"),
     (lambda: nmf(torch.ones(3, 2), 2, init="svd"), ValueError, "init must be"),
     (lambda: nmf(torch.full((3, 2), float("nan")), 2), ValueError, "A contains 6 NaN"),
+    (lambda: nmf(torch.ones(3, 2), 2, solver="als"), ValueError, "solver must be one of"),
+    (lambda: nmf(torch.ones(3, 2), 2, chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
     (lambda: nnls_codes(torch.ones(3, 4), torch.ones(2, 5)), ValueError, r"dictionary must have shape \(k, 4\)"),
+    (lambda: nnls_codes(torch.ones(3, 4), torch.ones(2, 4), solver="mu"), ValueError, "solver must be one of"),
     (lambda: pca(torch.ones(3, 4), 5), ValueError, r"k must be <= min\(N, D\) = 3"),
     (lambda: load_directions("/nonexistent/d.npy", 4), FileNotFoundError, "does not exist"),
     (lambda: fit_directions("nmf:x", torch.ones(3, 4)), ValueError, "count after ':' must be an int >= 1"),
@@ -197,3 +200,73 @@ def test_large_dictionary_step_size_bounds_the_spectrum():
     assert bool(torch.isfinite(Z).all()) and bool((Z >= 0).all())
     loss = float(((Z @ dictionary - A) ** 2).mean())
     assert loss < float(((nnls_codes(A, dictionary, iters=5) @ dictionary - A) ** 2).mean())
+
+
+# ---------------------------------------------------------------------------------------
+# HALS (the default NMF solver) and overcomplete dictionaries
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_hals_sweep_is_exact_coordinate_descent_by_hand(block):
+    """min_x ||r - x B||^2 with r = (3, 1), atoms b1 = (1, 0), b2 = (1, 1), from x = 0.
+    Coordinate 1 alone: x1 = <r, b1> / |b1|^2 = 3. Then the residual is (0, 1) and
+    coordinate 2 alone: x2 = <(0, 1), b2> / |b2|^2 = 1/2. In the sweep's terms
+    P = r B^T = (3, 4), G = B B^T = [[1, 1], [1, 2]]; a block of both columns must give the
+    same numbers as one column at a time (the within-block coupling is sequential)."""
+    from shortcut_fast.ops.directions import _hals_sweep
+
+    X = torch.zeros(1, 2)
+    _hals_sweep(X, torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 1.0], [1.0, 2.0]]), block=block)
+    assert X.tolist() == [[3.0, 0.5]]
+    # A negative step is clipped at 0: with r = (-1, 0) coordinate 1 wants -1.
+    X = torch.zeros(1, 2)
+    _hals_sweep(X, torch.tensor([[-1.0, -1.0]]), torch.tensor([[1.0, 1.0], [1.0, 2.0]]), block=block)
+    assert X.tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("N,k,D", [(300, 5, 40), (200, 30, 20)], ids=["undercomplete", "overcomplete"])
+def test_hals_reaches_a_lower_error_than_multiplicative_updates_in_the_same_iterations(N, k, D):
+    _, _, A = _planted(N=N, k=k, D=D)
+    for iters in (10, 30):
+        hals = nmf(A, k, iters=iters, tol=0, solver="hals")
+        mu = nmf(A, k, iters=iters, tol=0, solver="mu")
+        assert hals.iters == mu.iters == iters and hals.solver == "hals" and mu.solver == "mu"
+        assert hals.loss < 0.5 * mu.loss, (iters, hals.loss, mu.loss)
+        # History is the exact reconstruction error, and never increases (exact coordinate descent).
+        assert hals.loss == pytest.approx(float(((A - hals.codes @ hals.dictionary) ** 2).mean()), rel=1e-3)
+        assert bool((hals.history[1:] <= hals.history[:-1] * (1 + 1e-5) + 1e-9).all())
+
+
+def test_nmf_streams_rows_in_chunks():
+    """Rows are independent in the codes' sweep: chunks of 7 rows give the factorization of
+    one chunk (up to float summation order in the Gram matrices)."""
+    _, _, A = _planted(N=50, k=4, D=16)
+    whole = nmf(A, 6, iters=3, tol=0)
+    chunked = nmf(A, 6, iters=3, tol=0, chunk_size=7)
+    torch.testing.assert_close(chunked.codes, whole.codes, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.dictionary, whole.dictionary, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.history, whole.history, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["fista", "hals"])
+def test_nnls_solvers_match_scipy_and_chunks(solver):
+    optimize = pytest.importorskip("scipy.optimize")
+    _, dictionary, A = _planted()
+    g = torch.Generator().manual_seed(1)
+    noisy = (A[:40] + 0.3 * torch.randn(40, 40, generator=g)).clamp_min(0)
+    got = nnls_codes(noisy, dictionary, iters=500, solver=solver)
+    want = np.stack([optimize.nnls(dictionary.double().numpy().T, a)[0] for a in noisy.double().numpy()])
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-3)
+    torch.testing.assert_close(nnls_codes(noisy, dictionary, iters=500, solver=solver, chunk_size=7), got,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_nnls_hals_overcomplete_is_a_valid_minimizer():
+    g = torch.Generator().manual_seed(2)
+    dictionary = torch.rand(8, 5, generator=g)
+    A = torch.rand(20, 5, generator=g)
+    Z = nnls_codes(A, dictionary, iters=500, solver="hals")
+    grad = (Z @ dictionary - A) @ dictionary.T  # KKT: grad >= 0, and grad = 0 where Z > 0
+    assert bool((Z >= 0).all())
+    assert float(grad.min()) > -1e-3
+    assert float((grad * Z).abs().max()) < 1e-3

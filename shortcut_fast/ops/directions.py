@@ -7,7 +7,9 @@ value z_i its coefficient along it:
   pca   the top principal directions; z = (a - mean) @ components.T.
   file  directions given by the user; z = a @ components.T.
 Everything is dense matrix algebra in float32 on the activations' device (GPU-friendly,
-no Python loops over samples or components).
+no Python loops over samples). An overcomplete dictionary (the paper's 10,000 atoms on a
+2048-d layer) stays within memory: NMF and NNLS stream the rows of A in chunks, so beyond
+A, the codes and the dictionary they hold two (k, k) Gram matrices and (chunk, k) blocks.
 """
 from __future__ import annotations
 
@@ -39,17 +41,22 @@ def _activations(name: str, A, *, nonneg: bool = False) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # NMF
 
+NMF_SOLVERS = ("hals", "mu")
+NNLS_SOLVERS = ("fista", "hals")
+_HALS_BLOCK = 128  # components per GEMM block of a HALS sweep
+
 
 @dataclass
 class NMFResult:
     """A ~ codes @ dictionary. loss: final mean squared reconstruction error per entry;
-    history: that error after each iteration (non-increasing for multiplicative updates)."""
+    history: that error after each iteration (non-increasing: both solvers are descent methods)."""
 
     codes: torch.Tensor  # (N, k) >= 0
     dictionary: torch.Tensor  # (k, D) >= 0
     loss: float
     history: torch.Tensor = field(repr=False)
     iters: int = 0
+    solver: str = "hals"
 
 
 def _nndsvd(A: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +82,7 @@ def _nndsvd(A: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.
         scale = (S[1:] * torch.where(use_pos, pos, neg)).sqrt()
         W[:, 1:r] = uu * scale
         H[1:r] = (vv * scale).T
+    del U, Vh
     if k > r:
         W[:, r:], H[r:] = _random_init(A, k - r, generator)
     fill = A.mean()
@@ -91,32 +99,75 @@ def _random_init(A: torch.Tensor, k: int, generator: torch.Generator) -> tuple[t
     return W, H
 
 
-def nmf(A: torch.Tensor, k: int, *, iters: int = 200, tol: float = 1e-4, seed: int = 0,
-        init: str = "nndsvd") -> NMFResult:
-    """Non-negative matrix factorization A (N, D) >= 0 ~ codes (N, k) @ dictionary (k, D).
+def _hals_sweep(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, block: int = _HALS_BLOCK) -> None:
+    """One exact coordinate-descent (HALS) sweep, in place, over the K columns of X (M, K) >= 0
+    for min_X ||R - X B||^2, given only P = R B^T (M, K) and G = B B^T (K, K): column j becomes
+        X[:, j] = max(0, X[:, j] + (P[:, j] - X @ G[:, j]) / G[j, j]).
+    The same sweep serves the codes (X = W, B = H), the dictionary (X = H^T, B = W^T) and the
+    NNLS codes of new rows; rows of X are independent, so callers may pass row chunks.
+    Columns are visited in blocks: what the rest of X contributes to a block is one GEMM
+    (X @ G[:, blk] - X_blk @ G[blk, blk]); only the within-block b x b coupling is resolved
+    column by column (on the block's transpose, so every update reads contiguous rows)."""
+    K = X.shape[1]
+    # A dead component (G[j, j] = 0) has P[:, j] = 0 and G[:, j] = 0: its step is 0, it stays.
+    diag = torch.diagonal(G).clamp_min(_EPS)
+    for b0 in range(0, K, block):
+        blk = slice(b0, min(b0 + block, K))
+        G_bb = G[blk, blk]
+        Xt = X[:, blk].T.contiguous()  # (b, M)
+        # Gradient target of the block with every column outside it held at its current value.
+        Rt = (P[:, blk] - X @ G[:, blk]).T + G_bb.T @ Xt  # (b, M)
+        d = diag[blk]
+        for j in range(Xt.shape[0]):
+            Xt[j] = (Xt[j] + (Rt[j] - G_bb[:, j] @ Xt) / d[j]).clamp_min_(0)
+        X[:, blk] = Xt.T
 
-    Lee & Seung multiplicative updates for the Frobenius loss, all components at once:
-        D <- D * (Z^T A) / (Z^T Z D),   Z <- Z * (A D^T) / (Z D D^T).
-    Stops after `iters` iterations or when the relative decrease of the loss in one
-    iteration falls below tol. k may exceed D (an overcomplete dictionary). Rows of the
-    dictionary are rescaled to unit norm at the end (codes take the scale), so feature
-    values are comparable across directions.
-    """
-    A = _activations("A", A, nonneg=True)
-    check_int("k", k, minimum=1)
-    check_int("iters", iters, minimum=1)
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if init not in ("nndsvd", "random"):
-        raise ValueError(f"init must be 'nndsvd' or 'random', got {init!r}")
-    generator = torch.Generator().manual_seed(seed)
-    if float(A.max()) == 0:  # nothing to factor: the zero factorization is exact
-        W = A.new_zeros(A.shape[0], k)
-        return NMFResult(W, A.new_zeros(k, A.shape[1]), 0.0, A.new_zeros(1), 0)
-    W, H = _nndsvd(A, k, generator) if init == "nndsvd" else _random_init(A, k, generator)
-    history = []
-    prev = None
-    done = 0
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _nmf_hals(A, W, H, iters, tol, chunk_size):
+    """HALS (Cichocki & Phan 2009; scikit-learn's 'cd' solver is the same coordinate descent)
+    with the rows of A streamed in chunks: per iteration one sweep over the dictionary's
+    components, then one over the codes chunk by chunk, accumulating W^T W and A^T W for the
+    next dictionary sweep and the exact residual for the history. Peak extra memory beyond
+    A, W, H: two (k, k) Gram matrices, one (k, D) and a (chunk_size, k) block."""
+    N, D = A.shape
+    WtW = torch.zeros(W.shape[1], W.shape[1], device=A.device)
+    AtW = torch.zeros(D, W.shape[1], device=A.device)
+    for rows in _chunks(N, chunk_size):
+        WtW.addmm_(W[rows].T, W[rows])
+        AtW.addmm_(A[rows].T, W[rows])
+    history, prev, done = [], None, 0
+    for done in range(1, iters + 1):
+        Ht = H.T.contiguous()
+        _hals_sweep(Ht, AtW, WtW)
+        H = Ht.T.contiguous()
+        del Ht
+        HHt = H @ H.T
+        WtW.zero_()
+        AtW.zero_()
+        sse = torch.zeros((), dtype=torch.float64, device=A.device)
+        for rows in _chunks(N, chunk_size):
+            Wc = W[rows]  # a view: the sweep writes W in place
+            _hals_sweep(Wc, A[rows] @ H.T, HHt)
+            WtW.addmm_(Wc.T, Wc)
+            AtW.addmm_(A[rows].T, Wc)
+            sse += ((A[rows] - Wc @ H) ** 2).sum(dtype=torch.float64)
+        del HHt
+        loss = (sse / (N * D)).float()
+        history.append(loss)
+        if prev is not None and (prev - loss) <= tol * prev:
+            break
+        prev = loss
+    return W, H, history, done
+
+
+def _nmf_mu(A, W, H, iters, tol):
+    """Lee & Seung multiplicative updates (all components at once; slow to converge)."""
+    history, prev, done = [], None, 0
     for done in range(1, iters + 1):
         H = H * (W.T @ A) / ((W.T @ W) @ H).clamp_min(_EPS)
         W = W * (A @ H.T) / (W @ (H @ H.T)).clamp_min(_EPS)
@@ -125,12 +176,50 @@ def nmf(A: torch.Tensor, k: int, *, iters: int = 200, tol: float = 1e-4, seed: i
         if prev is not None and (prev - loss) <= tol * prev:
             break
         prev = loss
+    return W, H, history, done
+
+
+def nmf(A: torch.Tensor, k: int, *, iters: int = 200, tol: float = 1e-4, seed: int = 0,
+        init: str = "nndsvd", solver: str = "hals", chunk_size: int = 4096) -> NMFResult:
+    """Non-negative matrix factorization A (N, D) >= 0 ~ codes (N, k) @ dictionary (k, D),
+    Frobenius loss, on A's device (a GPU runs every GEMM of it).
+
+    solver "hals" (default): exact block coordinate descent, one component at a time with
+    the rest fixed (a closed-form, clipped step per component), GEMM-blocked, rows of A
+    streamed chunk_size at a time; it reaches a much lower error than "mu" in the same
+    number of iterations. "mu": Lee & Seung multiplicative updates
+        D <- D * (Z^T A) / (Z^T Z D),   Z <- Z * (A D^T) / (Z D D^T)
+    (dense, unchunked; kept for comparison). Stops after `iters` iterations or when the
+    relative decrease of the loss in one iteration falls below tol. k may exceed D (an
+    overcomplete dictionary, e.g. 10,000 atoms on a 2048-d layer). Rows of the dictionary
+    are rescaled to unit norm at the end (codes take the scale), so feature values are
+    comparable across directions.
+    """
+    A = _activations("A", A, nonneg=True)
+    check_int("k", k, minimum=1)
+    check_int("iters", iters, minimum=1)
+    check_int("chunk_size", chunk_size, minimum=1)
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if init not in ("nndsvd", "random"):
+        raise ValueError(f"init must be 'nndsvd' or 'random', got {init!r}")
+    if solver not in NMF_SOLVERS:
+        raise ValueError(f"solver must be one of {NMF_SOLVERS}, got {solver!r}")
+    generator = torch.Generator().manual_seed(seed)
+    if float(A.max()) == 0:  # nothing to factor: the zero factorization is exact
+        W = A.new_zeros(A.shape[0], k)
+        return NMFResult(W, A.new_zeros(k, A.shape[1]), 0.0, A.new_zeros(1), 0, solver)
+    W, H = _nndsvd(A, k, generator) if init == "nndsvd" else _random_init(A, k, generator)
+    if solver == "hals":
+        W, H, history, done = _nmf_hals(A, W, H, iters, tol, chunk_size)
+    else:
+        W, H, history, done = _nmf_mu(A, W, H, iters, tol)
     norms = H.norm(dim=1, keepdim=True)
     alive = norms[:, 0] > _EPS
     H = torch.where(alive[:, None], H / norms.clamp_min(_EPS), H)
-    W = torch.where(alive[None, :], W * norms.T, W)
+    W.mul_(torch.where(alive, norms[:, 0], torch.ones_like(norms[:, 0])))  # in place: W can be N x 10,000
     hist = torch.stack(history)
-    return NMFResult(W, H, float(hist[-1]), hist, done)
+    return NMFResult(W, H, float(hist[-1]), hist, done, solver)
 
 
 def _largest_eigenvalue(G: torch.Tensor) -> float:
@@ -153,13 +242,17 @@ def _largest_eigenvalue(G: torch.Tensor) -> float:
     return min(bound, 1.1 * estimate)
 
 
-def nnls_codes(A: torch.Tensor, dictionary: torch.Tensor, *, iters: int = 200) -> torch.Tensor:
+def nnls_codes(A: torch.Tensor, dictionary: torch.Tensor, *, iters: int = 200, solver: str = "fista",
+               chunk_size: int = 4096) -> torch.Tensor:
     """Non-negative least-squares codes of A (N, D) against a fixed dictionary (k, D):
-    argmin_{Z >= 0} ||A - Z dictionary||^2, every row at once.
+    argmin_{Z >= 0} ||A - Z dictionary||^2, every row at once (rows are independent, so they
+    are solved chunk_size at a time: memory O(chunk_size * k) beyond the (k, k) Gram matrix).
 
-    Accelerated projected gradient (FISTA) with step 1 / ||dictionary dictionary^T||_2;
-    when k <= D it is warm-started from the clamped unconstrained solution (exact when
-    that one is already non-negative, e.g. activations generated by the dictionary).
+    solver "fista": accelerated projected gradient with step 1 / ||dictionary dictionary^T||_2;
+    when k <= D it is warm-started from the clamped unconstrained solution (exact when that
+    one is already non-negative, e.g. activations generated by the dictionary).
+    solver "hals": `iters` exact coordinate-descent sweeps (the codes half of nmf's HALS),
+    from the same start; monotone, and fewer sweeps are needed for an overcomplete k.
     """
     A = _activations("A", A)
     check_tensor("dictionary", dictionary, ndim=2, shape_doc=f"(k, {A.shape[1]})", dtypes=FLOAT_DTYPES)
@@ -167,27 +260,40 @@ def nnls_codes(A: torch.Tensor, dictionary: torch.Tensor, *, iters: int = 200) -
         raise ValueError(f"dictionary must have shape (k, {A.shape[1]}) to match A's {A.shape[1]} columns, "
                          f"got shape {tuple(dictionary.shape)}")
     check_int("iters", iters, minimum=0)
+    check_int("chunk_size", chunk_size, minimum=1)
+    if solver not in NNLS_SOLVERS:
+        raise ValueError(f"solver must be one of {NNLS_SOLVERS}, got {solver!r}")
     Dm = dictionary.to(device=A.device, dtype=torch.float32)
     G = Dm @ Dm.T  # (k, k)
-    B = A @ Dm.T  # (N, k)
     lipschitz = _largest_eigenvalue(G)
     if lipschitz <= 0:
         return A.new_zeros(A.shape[0], Dm.shape[0])
     k, D = Dm.shape
-    if k <= D:
-        # Warm start: the (barely ridge-regularized) unconstrained solution, clamped.
+    solve = None
+    if k <= D:  # (barely ridge-regularized) normal equations, factored once for every chunk
         eye = torch.eye(k, device=G.device, dtype=torch.float64)
-        Z = torch.linalg.solve(G.double() + 1e-6 * lipschitz * eye, B.double().T).T.float().clamp_min(0)
-    else:  # overcomplete: G is singular and the unconstrained solution says little
-        Z = A.new_zeros(A.shape[0], k)
-    Y, t = Z, 1.0
+        solve = torch.linalg.cholesky(G.double() + 1e-6 * lipschitz * eye)
+    out = A.new_empty(A.shape[0], k)
     step = 1.0 / lipschitz
-    for _ in range(iters):
-        Z_next = (Y - step * (Y @ G - B)).clamp_min(0)
-        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        Y = Z_next + ((t - 1) / t_next) * (Z_next - Z)
-        Z, t = Z_next, t_next
-    return Z
+    for rows in _chunks(A.shape[0], chunk_size):
+        B = A[rows] @ Dm.T  # (n, k)
+        if solve is not None:  # warm start: the unconstrained solution, clamped
+            Z = torch.cholesky_solve(B.double().T, solve).T.float().clamp_min(0)
+        else:  # overcomplete: G is singular and the unconstrained solution says little
+            Z = B.new_zeros(B.shape)
+        if solver == "hals":
+            for _ in range(iters):
+                _hals_sweep(Z, B, G)
+        else:
+            Y, t = Z, 1.0
+            for _ in range(iters):
+                Z_next = (Y - step * (Y @ G - B)).clamp_min(0)
+                t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+                Y = Z_next + ((t - 1) / t_next) * (Z_next - Z)
+                Z, t = Z_next, t_next
+            del Y
+        out[rows] = Z
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,9 +449,10 @@ def _parse_count(spec: str, text: str) -> int:
     return k
 
 
-def fit_directions(spec: str, A: torch.Tensor, *, seed: int = 0, iters: int = 200) -> Directions:
-    """Directions from a spec: "nmf:K" (NMF dictionary of K atoms fitted on A), "pca:K"
-    (top K principal directions of A) or a path to a directions file (load_directions)."""
+def fit_directions(spec: str, A: torch.Tensor, *, seed: int = 0, iters: int = 200,
+                   nmf_solver: str = "hals") -> Directions:
+    """Directions from a spec: "nmf:K" (NMF dictionary of K atoms fitted on A with nmf_solver),
+    "pca:K" (top K principal directions of A) or a path to a directions file (load_directions)."""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be 'nmf:K', 'pca:K' or a file path, got {type(spec).__name__}")
     spec_s = os.fspath(spec)
@@ -354,7 +461,7 @@ def fit_directions(spec: str, A: torch.Tensor, *, seed: int = 0, iters: int = 20
     if sep and head in ("nmf", "pca"):
         k = _parse_count(spec_s, tail)
         if head == "nmf":
-            result = nmf(A, k, iters=iters, seed=seed)
+            result = nmf(A, k, iters=iters, seed=seed, solver=nmf_solver)
             return Directions("nmf", result.dictionary, nnls_iters=iters)
         comps, mean, var = pca(A, k)
         return Directions("pca", comps, mean, var)
