@@ -350,6 +350,8 @@ def test_fit_bad_inputs():
     probes = fit_linear_probes(train, held, [1.0])
     with pytest.raises(ValueError, match=r"x must have shape \(N, 8\)"):
         probes.predict(xh[:, :2])
+    with pytest.raises(ValueError, match="v_information_form must be one of"):
+        fit_linear_probes(train, held, [1.0], v_information_form="bits")
 
 
 # --------------------------------------------------------------------------- edge cases
@@ -366,3 +368,42 @@ def test_probe_stats_of_an_empty_chunk_are_zeros(backend, device, dtype):
     got = probe_stats(x, z, backend=backend)
     assert [tuple(t.shape) for t in got] == [(5, 5), (5, 3), (5,), (3,), (3,)]
     assert all(t.dtype == dtype and t.device.type == device and not t.any() for t in got)
+
+
+# --------------------------------------------------------------------------- V-information forms
+
+
+def test_v_information_forms_by_hand():
+    """One feature x = 0, 1, 2, 3 on both splits; on train z = x, so a (nearly) unpenalized
+    probe predicts z = x. Held-out targets:
+      a: z = 0, 2, 1, 3  SSE = 0 + 1 + 1 + 0 = 2, SST around its mean 1.5 = 5, R^2 = 0.6;
+      b: z = 3, 2, 1, 0  SSE = 9 + 1 + 1 + 9 = 20, R^2 = 1 - 20/5 = -3 (worse than a constant);
+      c: z = x           R^2 = 1 (perfectly decodable).
+    Fixed-variance Gaussian family (the paper's form): I_V = Var(z) R^2 clipped at 0, reported
+    in units of Var z: a 0.6, b 0. Learned variance: the best variance is the MSE, so
+    I_V = 1/2 log(Var z / MSE) = -1/2 log(1 - R^2) nats: a -1/2 log 0.4 = 0.458145 nats,
+    b 0 (clipped), c finite (1 - R^2 floored at float64 eps: at most 1/2 log(1/eps) = 18.0)."""
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    zt = x.repeat(1, 3)
+    zh = torch.tensor([[0.0, 3.0, 0.0], [2.0, 2.0, 1.0], [1.0, 1.0, 2.0], [3.0, 0.0, 3.0]], dtype=torch.float64)
+    r2 = fit_probes(x, zt, x, zh, [1e-10])
+    nats = fit_probes(x, zt, x, zh, [1e-10], v_information_form="gaussian-nats")
+    assert r2.v_information_form == "r2" and nats.v_information_form == "gaussian-nats"
+    torch.testing.assert_close(r2.r2[:2], torch.tensor([0.6, -3.0], dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(nats.r2, r2.r2)  # same probes, only the V-information differs
+    torch.testing.assert_close(r2.v_information[:2], torch.tensor([0.6, 0.0], dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+    assert float(nats.v_information[0]) == pytest.approx(0.4581453659, abs=1e-8)
+    assert float(nats.v_information[1]) == 0.0
+    assert 10.0 < float(nats.v_information[2]) <= 0.5 * np.log(1 / np.finfo(np.float64).eps) + 1e-9
+
+
+def test_v_information_from_r2_is_monotone_and_agrees_at_small_r2():
+    from shortcut_fast.ops.probe_stats import v_information_from_r2
+
+    r2 = torch.tensor([-0.5, 0.0, 0.01, 0.5, 0.75, 0.99, 1.0], dtype=torch.float64)
+    nats = v_information_from_r2(r2, "gaussian-nats")
+    assert bool((nats[1:] >= nats[:-1]).all()) and float(nats[0]) == 0.0 == float(nats[1])
+    assert float(nats[4]) == pytest.approx(np.log(2))  # R^2 = 3/4: MSE = Var/4, 1/2 log 4 nats
+    assert float(nats[2]) == pytest.approx(0.005, rel=0.01)  # -1/2 log(1 - r) ~ r/2 for small r
+    torch.testing.assert_close(v_information_from_r2(r2, "r2"), r2.clamp_min(0))

@@ -14,6 +14,21 @@ least-squares problem:
 
 Objective per target k (scikit-learn Ridge, sums not means):
     min_{w, b} ||z_k - X w - b||^2 + alpha ||w||^2
+
+V-information of a target from the held-out R^2 of its probe (V_INFORMATION_FORMS):
+  "r2"             Gaussian predictors of FIXED variance with a linear mean: H_V is the mean
+                   squared error up to constants, so I_V = Var(z) * R^2, i.e. R^2 for a
+                   standardized z (clipped at 0). This is the paper's definition as far as it
+                   can be told (EXPERIMENTS.md section 2: Fel et al. 2024 describe the
+                   fixed-variance linear-Gaussian family on standardized features and publish
+                   no code), and our default.
+  "gaussian-nats"  Gaussian predictors whose variance is LEARNED too: the best variance is the
+                   mean squared error itself, so H_V = 1/2 log(2 pi e MSE) and
+                   I_V = 1/2 log(Var z / MSE) = -1/2 log(1 - R^2) nats (clipped at 0; R^2 = 1
+                   is capped at 1 - R^2 = float64 eps, about 18 nats). Unbounded: it separates
+                   well-decodable targets that R^2 squeezes near 1 (R^2 0.99 -> 2.3 nats,
+                   0.9999 -> 4.6 nats). ops.probe_training's gaussian family is its gradient-
+                   trained counterpart.
 """
 from __future__ import annotations
 
@@ -25,14 +40,15 @@ import torch
 from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_tensor
 
-__all__ = ["DEFAULT_ALPHA_FACTORS", "LinearProbes", "ProbeStats", "accumulate_probe_stats", "fit_linear_probes",
-           "fit_probes", "probe_stats", "probe_stats_reference"]
+__all__ = ["DEFAULT_ALPHA_FACTORS", "V_INFORMATION_FORMS", "LinearProbes", "ProbeStats", "accumulate_probe_stats", "fit_linear_probes",
+           "fit_probes", "probe_stats", "probe_stats_reference", "v_information_from_r2"]
 
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 STATS_DTYPES = (torch.float32, torch.float64)
 # Default alpha grid: DEFAULT_ALPHA_FACTORS * trace(Xc^T Xc) / D, i.e. relative to the
 # mean eigenvalue of the centered train Gram matrix (1e-6 ... 1e2, 9 values).
 DEFAULT_ALPHA_FACTORS = torch.logspace(-6, 2, 9, dtype=torch.float64)
+V_INFORMATION_FORMS = ("r2", "gaussian-nats")
 
 StatsTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -257,8 +273,9 @@ class LinearProbes:
 
     alpha (K,): the chosen ridge strength per target; alphas (L,): the grid searched;
     r2_grid (K, L): held-out R^2 of every (target, alpha); r2 (K,): at the chosen alpha;
-    v_information (K,): max(r2, 0), the V-information (in units of Var z) of a standardized
-    target under the linear-Gaussian family; 0 for constant targets.
+    v_information (K,): the V-information of each target in `v_information_form` (module
+    docstring): "r2" max(r2, 0), in units of Var z (the paper's fixed-variance form);
+    "gaussian-nats" max(-1/2 log(1 - r2), 0) nats (learned variance). 0 for constant targets.
     """
 
     weight: torch.Tensor
@@ -270,6 +287,7 @@ class LinearProbes:
     v_information: torch.Tensor
     n_train: int
     n_heldout: int
+    v_information_form: str = "r2"
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> (N, K) float64 predictions."""
@@ -307,8 +325,20 @@ def _group_sizes(D: int, K: int, L: int, max_bytes: int) -> tuple[int, int]:
     return 1, units
 
 
+def v_information_from_r2(r2: torch.Tensor, form: str = "r2") -> torch.Tensor:
+    """V-information from held-out R^2 (module docstring): "r2" -> max(R^2, 0) (fixed variance,
+    units of Var z); "gaussian-nats" -> max(-1/2 log(1 - R^2), 0) nats (learned variance)."""
+    if form not in V_INFORMATION_FORMS:
+        raise ValueError(f"v_information_form must be one of {V_INFORMATION_FORMS}, got {form!r}")
+    r2 = r2.clamp_min(0)
+    if form == "r2":
+        return r2
+    # 1 - R^2 is the held-out MSE over Var z; a perfect fit would be infinitely many nats.
+    return (-0.5 * torch.log((1 - r2).clamp_min(torch.finfo(torch.float64).eps))).clamp_min(0)
+
+
 def fit_linear_probes(train: ProbeStats, heldout: ProbeStats, alphas=None, *,
-                      max_bytes: int = 1 << 30) -> LinearProbes:
+                      max_bytes: int = 1 << 30, v_information_form: str = "r2") -> LinearProbes:
     """Ridge probes with intercept for every target from train statistics, alpha chosen per
     target by held-out SSE, scored by held-out R^2 = 1 - SSE / SST (SST around the held-out mean).
 
@@ -323,6 +353,8 @@ def fit_linear_probes(train: ProbeStats, heldout: ProbeStats, alphas=None, *,
     Constant targets: held-out SST == 0 (up to rounding) gives r2 = 1.0 if SSE == 0 (up to
     rounding) else 0.0 (scikit-learn's r2_score force_finite); a constant train target gets
     weight 0 (intercept = its value). v_information is 0 for both; nothing is NaN.
+    v_information_form: "r2" (default, the paper's fixed-variance form) or "gaussian-nats"
+    (learned variance, -1/2 log(1 - R^2) nats); the probes and their R^2 are the same.
     """
     if not isinstance(train, ProbeStats):
         raise TypeError(f"train must be a ProbeStats, got {type(train).__name__}")
@@ -336,6 +368,8 @@ def fit_linear_probes(train: ProbeStats, heldout: ProbeStats, alphas=None, *,
     if heldout.n < 1:
         raise ValueError("heldout must hold at least one sample, got n=0")
     check_int("max_bytes", max_bytes, 1)
+    if v_information_form not in V_INFORMATION_FORMS:
+        raise ValueError(f"v_information_form must be one of {V_INFORMATION_FORMS}, got {v_information_form!r}")
     device = train.device
     f64 = dict(dtype=torch.float64, device=device)
     D, K, n = train.dim, train.num_targets, float(train.n)
@@ -396,9 +430,11 @@ def fit_linear_probes(train: ProbeStats, heldout: ProbeStats, alphas=None, *,
     r2 = r2_grid.gather(1, best[:, None])[:, 0]
     weight = evecs @ (proj / (evals[:, None] + alpha[None, :]))
     bias = mean_z - mean_x @ weight
-    v_information = torch.where(heldout_constant | train_constant, 0.0, r2.clamp_min(0))
+    v_information = torch.where(heldout_constant | train_constant, 0.0,
+                                v_information_from_r2(r2, v_information_form))
     return LinearProbes(weight=weight, bias=bias, alpha=alpha, alphas=alphas, r2=r2, r2_grid=r2_grid,
-                        v_information=v_information, n_train=train.n, n_heldout=heldout.n)
+                        v_information=v_information, n_train=train.n, n_heldout=heldout.n,
+                        v_information_form=v_information_form)
 
 
 def _default_alphas(cxx: torch.Tensor) -> torch.Tensor:
@@ -416,7 +452,8 @@ def _to_device(stats: ProbeStats, device: torch.device) -> ProbeStats:
 
 def fit_probes(x_train: torch.Tensor, z_train: torch.Tensor, x_heldout: torch.Tensor, z_heldout: torch.Tensor,
                alphas=None, *, dtype: torch.dtype | None = None, backend: str = "auto", chunk_size: int = 4096,
-               max_bytes: int = 1 << 30, allow_nonfinite: bool = False) -> LinearProbes:
+               max_bytes: int = 1 << 30, allow_nonfinite: bool = False,
+               v_information_form: str = "r2") -> LinearProbes:
     """fit_linear_probes on in-memory train and held-out splits (statistics in dtype, None:
     float64 if any input is float64, else float32)."""
     _check_pair(x_train, z_train, allow_nonfinite, "x_train", "z_train")
@@ -431,4 +468,4 @@ def fit_probes(x_train: torch.Tensor, z_train: torch.Tensor, x_heldout: torch.Te
     kw = dict(chunk_size=chunk_size, dtype=dtype, backend=backend, device=x_train.device, allow_nonfinite=True)
     train = accumulate_probe_stats(x_train, z_train, **kw)
     heldout = accumulate_probe_stats(x_heldout, z_heldout, **kw)
-    return fit_linear_probes(train, heldout, alphas, max_bytes=max_bytes)
+    return fit_linear_probes(train, heldout, alphas, max_bytes=max_bytes, v_information_form=v_information_form)
