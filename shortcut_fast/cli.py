@@ -514,6 +514,11 @@ def freq_probe(**params):
 @click.option("--layers", default=None, callback=_name_list,
               help="Comma-separated block names (default: every block of the model).")
 @click.option("--directions", default="nmf:64", help="Features: nmf:K, pca:K or a directions file.")
+@click.option("--nmf-solver", type=click.Choice(["hals", "mu"]), default="hals",
+              help="NMF solver for nmf:K (hals: coordinate descent; mu: multiplicative updates).")
+@click.option("--v-information", type=click.Choice(["r2", "gaussian-nats"]), default="r2",
+              help="r2: fixed-variance Gaussian family (the paper's); gaussian-nats: learned variance, "
+                   "-1/2 log(1 - R^2) nats.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of epoch_NNN.pt (train --keep-every 1) for the training dynamics.")
 @click.option("--dynamics", is_flag=True, help="When training here, also analyse every epoch's checkpoint.")
@@ -537,7 +542,8 @@ def complexity(**params):
         raise click.BadParameter("--dynamics analyses the model trained here; with --checkpoint give the "
                                  "epoch checkpoints as --checkpoints DIR instead", param_hint="--dynamics")
     try:
-        cfg = cx.ComplexityConfig(layers=p["layers"], directions=p["directions"], max_images=p["max_images"],
+        cfg = cx.ComplexityConfig(layers=p["layers"], directions=p["directions"], nmf_solver=p["nmf_solver"],
+                                  v_information=p["v_information"], max_images=p["max_images"],
                                   max_heldout=p["max_heldout"], heldout_split=p["heldout_split"],
                                   alphas=p["alphas"], batch_size=p["batch_size"], backend=p["backend"],
                                   seed=p["seed"])

@@ -242,7 +242,8 @@ def test_bad_arguments(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="epoch_NNN"):
         cx.run_complexity(model, splits, cx.ComplexityConfig(directions="pca:2"), checkpoints=tmp_path,
                           progress=False)
-    for kwargs in (dict(heldout_split="train"), dict(max_images=1), dict(alphas=[0.0]), dict(decodable_fraction=0)):
+    for kwargs in (dict(heldout_split="train"), dict(max_images=1), dict(alphas=[0.0]), dict(decodable_fraction=0),
+                   dict(nmf_solver="als"), dict(v_information="bits")):
         with pytest.raises(ValueError):
             cx.ComplexityConfig(**kwargs)
     with pytest.raises(ValueError, match="k must be"):  # more PCA directions than the 8-d features allow
@@ -265,3 +266,25 @@ def test_cli_trains_and_runs_with_nmf_and_dynamics(tmp_path):
     assert all(i >= 0 for i in r["importance"])
     bad = CliRunner().invoke(main, args[:-2] + ["--directions", "svd:3", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "directions" in bad.output
+    # The V-information form and the NMF solver are result settings: a resume with another refuses.
+    for option, value in (("--v-information", "gaussian-nats"), ("--nmf-solver", "mu")):
+        other = CliRunner().invoke(main, args + [option, value, "--resume"])
+        assert other.exit_code != 0 and option.lstrip("-").replace("-", "_") in other.output, other.output
+
+
+def test_gaussian_nats_form_is_the_log_of_the_r2_form(toy):
+    """Same probes, another V-information: per feature and layer
+    I_nats = -1/2 log(1 - R^2) (learned-variance Gaussian family) where R^2 is the fixed-variance
+    value of the default run; complexity keeps its formula 1 - mean over layers."""
+    from shortcut_fast.ops.probe_stats import v_information_from_r2
+
+    model, splits = toy["model"], toy["splits"]
+    cfg = dataclasses.replace(toy["cfg"], v_information="gaussian-nats")
+    r = cx.run_complexity(model, splits, cfg, progress=False)
+    v_r2 = torch.tensor(toy["result"].v_information, dtype=torch.float64)
+    v_nats = torch.tensor(r.v_information, dtype=torch.float64)
+    mid = v_r2 < 0.999  # away from R^2 = 1, where the log amplifies rounding
+    torch.testing.assert_close(v_nats[mid], v_information_from_r2(v_r2[mid], "gaussian-nats"), rtol=1e-4, atol=1e-6)
+    assert bool((v_nats[~mid] > 3.0).all())  # conv3 decodes PCA codes almost exactly: several nats
+    torch.testing.assert_close(torch.tensor(r.complexity, dtype=torch.float64), 1 - v_nats.mean(1))
+    assert r.config["v_information"] == "gaussian-nats"

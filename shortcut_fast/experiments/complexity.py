@@ -8,9 +8,13 @@ spatially average-pooled):
 - V-information I_V(f_l(x) -> z): with the linear-Gaussian family and z standardized by
   its probe-train mean and std, the held-out R^2 of the best ridge predictor, clipped at 0
   (ops.probe_stats: one streaming pass of sufficient statistics per layer, every feature and
-  every ridge alpha solved at once, alpha chosen per feature).
+  every ridge alpha solved at once, alpha chosen per feature). That is the fixed-variance
+  form (`v_information="r2"`, default), which the paper's definition matches as far as it
+  can be told (EXPERIMENTS.md section 2); `v_information="gaussian-nats"` learns the
+  variance too: -1/2 log(1 - R^2) nats, unbounded above.
 - complexity K(z) = 1 - mean over layers of I_V: near 0 simple (decodable at the first
-  block already), near 1 complex.
+  block already), near 1 complex. With "gaussian-nats" the same formula is reported, but
+  it is no longer confined to [0, 1] (a feature decodable beyond 1 nat goes negative).
 - decodability of a layer = mean I_V over features.
 - importance Gamma_i = E_x |z_i(x) <d_i, w_c(x)>|, where w_c is the head's row for the
   class the model PREDICTS for x (our choice: it is what the model actually uses for its
@@ -50,8 +54,8 @@ from torch import nn
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
-from shortcut_fast.ops.directions import Directions, fit_directions
-from shortcut_fast.ops.probe_stats import ProbeStats, fit_linear_probes
+from shortcut_fast.ops.directions import NMF_SOLVERS, Directions, fit_directions
+from shortcut_fast.ops.probe_stats import V_INFORMATION_FORMS, ProbeStats, fit_linear_probes
 from shortcut_fast.report import Progress, write_csv, write_json
 from shortcut_fast.run_folder import Store, file_digest, load_state_file
 
@@ -62,7 +66,9 @@ _SPEC = re.compile(r"^(nmf|pca):([0-9]+)$")
 @dataclass
 class ComplexityConfig:
     layers: list[str] | None = None  # None: every block of the model (model_blocks)
-    directions: str = "nmf:64"  # "nmf:K" | "pca:K" | a file saved by ops.directions
+    directions: str = "nmf:64"  # "nmf:K" | "pca:K" | a file saved by ops.directions (the paper: nmf:10000)
+    nmf_solver: str = "hals"  # ops.directions.nmf solver: "hals" | "mu" (multiplicative updates)
+    v_information: str = "r2"  # ops.probe_stats form: "r2" (fixed variance, the paper's) | "gaussian-nats"
     max_images: int | None = 2000  # probe-train images drawn from splits.train (None: all)
     heldout_split: str = "val"  # where V-information and importance are measured
     max_heldout: int | None = 1000  # held-out images (None: the whole split)
@@ -88,6 +94,10 @@ class ComplexityConfig:
         if m is None and not Path(spec).is_file():
             raise ValueError(f"directions must be 'nmf:K', 'pca:K' or an existing file, got {spec!r} "
                              f"(no such file)")
+        if self.nmf_solver not in NMF_SOLVERS:
+            raise ValueError(f"nmf_solver must be one of {NMF_SOLVERS}, got {self.nmf_solver!r}")
+        if self.v_information not in V_INFORMATION_FORMS:
+            raise ValueError(f"v_information must be one of {V_INFORMATION_FORMS}, got {self.v_information!r}")
         if self.heldout_split not in HELDOUT_SPLITS:
             raise ValueError(f"heldout_split must be one of {HELDOUT_SPLITS}, got {self.heldout_split!r}")
         for name in ("max_images", "max_heldout"):
@@ -119,7 +129,7 @@ class ComplexityResult:
     n_train: int
     n_heldout: int
     heldout_accuracy: float
-    v_information: list[list[float]]  # [feature][layer], held-out, clipped at 0
+    v_information: list[list[float]]  # [feature][layer], held-out, clipped at 0 (form: config["v_information"])
     complexity: list[float]  # per feature: 1 - mean over layers of V-information
     decodability: dict[str, float]  # layer -> mean V-information over features
     importance: list[float]  # E |z_i <d_i, w_c>|, c = predicted class
@@ -209,8 +219,9 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
                         targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                         layers: Sequence[str] | None = None, batch_size: int = 256, alphas=None,
                         dtype: torch.dtype = torch.float64, backend: str = "auto", device="cpu",
-                        max_bytes: int | None = None) -> torch.Tensor:
-    """Held-out V-information (K, L) of arbitrary targets from each layer's pooled output.
+                        max_bytes: int | None = None, v_information_form: str = "r2") -> torch.Tensor:
+    """Held-out V-information (K, L) of arbitrary targets from each layer's pooled output
+    (in v_information_form: "r2" or "gaussian-nats", ops.probe_stats).
 
     train_images / heldout_images: (N, C, H, W) tensors or datasets; targets(x, penultimate)
     -> (n, K) gives the target values of a chunk. The basic measurement behind
@@ -235,7 +246,8 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
                 for name, o in outs.items():
                     bank[name].update(o.to(dtype), z.to(dtype))
         banks[split] = bank
-    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    kw = {"v_information_form": v_information_form} if max_bytes is None else {
+        "max_bytes": max_bytes, "v_information_form": v_information_form}
     cols = [fit_linear_probes(banks["train"][n], banks["heldout"][n], alphas, **kw).v_information.float().cpu()
             for n in layers]
     return torch.stack(cols, dim=1)
@@ -257,7 +269,7 @@ def _penultimate(model, dataset, index, batch_size, device) -> torch.Tensor:
 def _fit_directions(model, dataset, index, cfg, device) -> tuple[Directions, torch.Tensor, torch.Tensor]:
     """Directions fit on the penultimate activations of `index`, with the codes' mean and std."""
     acts = _penultimate(model, dataset, index, cfg.batch_size, device)
-    directions = fit_directions(cfg.directions, acts, seed=cfg.seed)
+    directions = fit_directions(cfg.directions, acts, seed=cfg.seed, nmf_solver=cfg.nmf_solver)
     codes = directions.encode(acts).float()
     return directions, codes.mean(0).cpu(), codes.std(0).cpu()
 
@@ -349,9 +361,9 @@ def _images_and_labels(dataset, index, device):
     return x, y
 
 
-def _v_information(stats: dict, layers, alphas, max_bytes) -> torch.Tensor:
-    """(K_total, L) held-out V-information from saved or live per-layer statistics."""
-    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+def _v_information(stats: dict, layers, alphas, max_bytes, form: str = "r2") -> torch.Tensor:
+    """(K_total, L) held-out V-information (in `form`) from saved or live per-layer statistics."""
+    kw = {"v_information_form": form} if max_bytes is None else {"max_bytes": max_bytes, "v_information_form": form}
     cols = []
     for name in layers:
         train, heldout = stats["train"][name], stats["heldout"][name]
@@ -459,7 +471,7 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
                                           "pass": pass_state})
 
     k = directions.components.shape[0]
-    v_info = _v_information(pass_state["stats"], layers, cfg.alphas, cfg.max_bytes)  # (k, L)
+    v_info = _v_information(pass_state["stats"], layers, cfg.alphas, cfg.max_bytes, cfg.v_information)  # (k, L)
     count = max(pass_state["count"], 1)
     importance = pass_state["importance"] / count
     importance_signed = pass_state["importance_signed"] / count
@@ -487,7 +499,7 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
                       dtype, device, cfg.backend)
             _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
                     cfg.batch_size, device, progress, f"complexity: epoch {epoch}")
-            vi = _v_information(p.stats, layers, cfg.alphas, cfg.max_bytes)  # (k_own + k, L)
+            vi = _v_information(p.stats, layers, cfg.alphas, cfg.max_bytes, cfg.v_information)  # (k_own + k, L)
             k_own = own_dirs.components.shape[0]
             own_importance = p.importance / max(p.count, 1)
             s = _summaries(vi[:k_own], own_importance, own_std > 0, cfg.top_fraction)
@@ -571,7 +583,8 @@ def summary(result: ComplexityResult, data: str, out: Path, top: int = 5) -> str
                f"{result.n_heldout} held-out images, held-out accuracy {result.heldout_accuracy:.4f}, "
                f"{result.seconds:.1f} s")
     rows = [[name, dim, result.decodability[name]] for name, dim in zip(result.layers, result.layer_dims)]
-    lines.append(format_table(rows, ["layer", "dim", "mean V-information"]))
+    unit = "nats" if result.config.get("v_information") == "gaussian-nats" else "R^2"
+    lines.append(format_table(rows, ["layer", "dim", f"mean V-information ({unit})"]))
     order = sorted((i for i in range(k) if result.complexity[i] == result.complexity[i]),
                    key=lambda i: result.complexity[i])  # dead features (NaN) left out
     pick = order[:top] + [i for i in order[-top:] if i not in order[:top]]
@@ -627,8 +640,9 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
     paths = []
     complexity = [c for c in result.complexity if c == c]  # dead features (NaN) left out
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.hist(complexity, bins=20, range=(0, 1), color="tab:blue", edgecolor="white")
-    ax.set_xlabel("complexity K(z) = 1 - mean V-information")
+    nats = result.config.get("v_information") == "gaussian-nats"  # unbounded: no fixed axis range
+    ax.hist(complexity, bins=20, range=None if nats else (0, 1), color="tab:blue", edgecolor="white")
+    ax.set_xlabel("complexity K(z) = 1 - mean V-information" + (" (nats)" if nats else ""))
     ax.set_ylabel("features")
     ax.set_title(f"{len(complexity)} features ({result.directions['kind']})")
     _save(fig, out / "complexity_hist.png")
@@ -654,8 +668,9 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
                     label=f"epoch {epoch} (own features)")
     ax.set_xticks(range(len(result.layers)))
     ax.set_xticklabels(result.layers, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("mean V-information")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean V-information" + (" (nats)" if nats else ""))
+    if not nats:
+        ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, out / "decodability.png")
