@@ -437,6 +437,17 @@ def spectrum(**params):
 @click.option("--top-percent", type=click.FloatRange(0, 100, min_open=True), default=5.0,
               help="DFM size in % of all frequencies.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=6, help="greedy: correct-count drop allowed per removal.")
+@click.option("--greedy-reference", type=click.Choice(["last", "base"]), default="last",
+              help="greedy: drop measured from the count after the last kept removal (published) or from the "
+                   "original count (ours).")
+@click.option("--greedy-order", type=click.Choice(["ours", "published"]), default="ours",
+              help="greedy: conjugate pairs from DC outwards (ours) or the published spiral (even square images).")
+@click.option("--filter-centre", type=click.Choice(["dataset-mean", "zero"]), default="dataset-mean",
+              help="Filter x - mu and add mu back: mu = the model's normalization, else the train split's "
+                   "mean colour (published: normalized input); zero: raw pixels.")
+@click.option("--adcs", "adcs_variant", type=click.Choice(["ours", "published"]), default="ours",
+              help="ADCS: class means, channel average (ours) or class sums, luminance weights and the published "
+                   "comparison loop (every map shifted by -1, a published bug).")
 @click.option("--classes", default=None, callback=_int_list, help="Comma-separated classes (default all).")
 @click.option("--no-dfm", is_flag=True, help="Skip the DFM search (ADCS, band-stop and learning order only).")
 @click.option("--max-images-per-class", type=POSITIVE, default=100, help="Class images used in the DFM search.")
@@ -465,6 +476,8 @@ def freq_probe(**params):
     try:
         cfg = fp.FreqProbeConfig(
             method=p["method"], patch=p["patch"], top_percent=p["top_percent"], tolerance=p["tolerance"],
+            greedy_reference=p["greedy_reference"], greedy_order=p["greedy_order"],
+            filter_centre=p["filter_centre"], adcs=p["adcs_variant"],
             classes=[] if p["no_dfm"] else p["classes"], max_images_per_class=p["max_images_per_class"],
             verify_gradient=p["verify_gradient"], batch_size=p["batch_size"], backend=p["backend"],
             amp=dev.type == "cuda", seed=p["seed"])
@@ -486,7 +499,9 @@ def freq_probe(**params):
             x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
             tracker = fp.BandLearningTracker(x_val.to(dev), y_val.to(dev), splits.num_classes, p["track_every"],
                                              until=p["track_until"], batch_size=cfg.resolved(dev).batch_size,
-                                             backend=p["backend"])
+                                             backend=p["backend"], centre=lambda net: fp.input_centre(
+                                                 cfg.filter_centre, net, splits.train,
+                                                 channels=splits.image_shape[0], device=dev))
             saved = run.load_json("model/learning-tracker.json")
             if saved is not None:  # snapshots of the epochs already trained
                 tracker.load_state_dict(saved)

@@ -95,24 +95,221 @@ def test_fast_search_equals_reference_loop(planted, backend, patch):
     assert int(fast.argmax()) == int(slow.argmax())
 
 
-def test_greedy_is_exact_under_speculation(planted):
-    """Speculative batching gives the same DFM as the one-pair-at-a-time walk."""
+@pytest.mark.parametrize("reference", ["last", "base"])
+def test_greedy_is_exact_under_speculation(planted, reference):
+    """Speculative batching gives the same DFM as the one-pair-at-a-time walk, for both rules."""
     model, splits = planted
     images = fp._class_images(splits.test, 0, 20, 0, "cpu")
-    fast, details = fp.greedy_dfm(model, images, 0, tolerance=1)
+    fast, details = fp.greedy_dfm(model, images, 0, tolerance=1, reference=reference)
     # the plain sequential walk
     pairs = freq.conjugate_pairs(16, 16)
     with torch.no_grad():
-        base = int((model(images).argmax(1) == 0).sum())
+        base = ref = int((model(images).argmax(1) == 0).sum())
         current, removed = images.clone(), torch.zeros(16, 16, dtype=torch.bool)
         for p in pairs:
             trial = remove_frequencies(current, p[None], backend="torch")[0]
-            if base - int((model(trial).argmax(1) == 0).sum()) <= 1:
+            hits = int((model(trial).argmax(1) == 0).sum())
+            if ref - hits <= 1:
                 current = trial
                 removed |= freq.pair_masks(16, 16, p[None])[0]
+                ref = hits if reference == "last" else base
     assert torch.equal(fast, ~removed)
-    assert fast[PLANTED] and details["base_correct"] - details["final_correct"] <= 1
-    assert details["evaluations"] >= len(pairs)
+    assert fast[PLANTED] and details["evaluations"] >= len(pairs)
+    if reference == "base":  # only the base rule bounds the total drop
+        assert details["base_correct"] - details["final_correct"] <= 1
+
+
+@pytest.mark.parametrize("max_speculation", [1, 64])
+def test_greedy_rules_on_a_toy_count_sequence(max_speculation):
+    """Hand-computed. Base count 100, t = 6; removing group g (on top of the kept removals)
+    costs cost[g] correct images, costs 3, 4, 2, 5, 1, 8.
+    Published rule (reference = count after the last kept removal):
+      g0 97 >= 100-6 keep (ref 97); g1 93 >= 91 keep (93); g2 91 >= 87 keep (91);
+      g3 86 >= 85 keep (86); g4 85 >= 80 keep (85); g5 77 < 79 reject -> DFM {g5}, total drop 15.
+    Ours (reference = 100): g0 97 keep; g1 93 < 94 reject; g2 95 keep; g3 90 reject;
+      g4 94 keep; g5 86 reject -> DFM {g1, g3, g5}, total drop 6."""
+    cost = [3, 4, 2, 5, 1, 8]
+    for reference, want_kept, want_final in (("last", {5}, 85), ("base", {1, 3, 5}, 94)):
+        removed: list[int] = []
+        last_idx: list[int] = []
+
+        def trial_hits(idx):
+            last_idx[:] = idx
+            return torch.tensor([100 - sum(cost[r] for r in removed) - cost[g] for g in idx])
+
+        rule = fp.GreedyRule(100, 6, reference)
+        kept_removals, evaluations = fp.greedy_walk(len(cost), trial_hits, lambda k: removed.append(last_idx[k]),
+                                                    rule, max_speculation=max_speculation)
+        assert kept_removals == removed
+        assert set(range(len(cost))) - set(removed) == want_kept, reference
+        assert 100 - sum(cost[r] for r in removed) == want_final and rule.count == (want_final if reference == "last"
+                                                                                     else 100)
+        assert evaluations >= len(cost)
+    with pytest.raises(ValueError, match="greedy_reference must be one of"):
+        fp.GreedyRule(100, 6, "first")
+
+
+def _unshift(i, j, n):
+    return ((i + n // 2) % n, (j + n // 2) % n)
+
+
+def test_published_removal_order_by_hand_and_at_32():
+    """4 x 4 by hand: the clockwise spiral of the shifted grid is
+         1  2  3  4          the published rule keeps it on columns < 2, takes the value of the
+        12 13 14  5          conjugate partner ((4-i)%4, (4-j)%4) on columns >= 2, and 0 on row 0
+        11 16 15  6          right of the centre column:     1  2  3  0
+        10  9  8  7                                         12 13  8  9
+                                                             11 16 15 16
+                                                             10  9 14 13
+    Walk from the highest value: 16 {(2,1),(2,3)}, 15 {(2,2)} = DC, 14 {(3,2)}, 13 {(1,1),(3,3)},
+    12, 11, 10 (single entries of column 0), 9 {(1,3),(3,1)}, 8 {(1,2)}, 3, 2, 1 (row 0);
+    (0,3) is removed from the start."""
+    groups, always = fp.published_removal_order(4, 4)
+    want = [[(2, 1), (2, 3)], [(2, 2)], [(3, 2)], [(1, 1), (3, 3)], [(1, 0)], [(2, 0)], [(3, 0)], [(1, 3), (3, 1)],
+            [(1, 2)], [(0, 2)], [(0, 1)], [(0, 0)]]
+    got = [{tuple(x) for x in g.tolist()} for g in groups]
+    assert got == [{_unshift(i, j, 4) for i, j in g} for g in want]
+    assert {tuple(x) for x in always.tolist()} == {_unshift(0, 3, 4)}
+    # 32 x 32 (CIFAR, the released file): DC walked second, the (0, +-1) pair first; 544
+    # groups; the 15 Nyquist-row entries with v in 1..15 never tested; every frequency once.
+    groups, always = fp.published_removal_order(32, 32)
+    assert len(groups) == 544 and {tuple(x) for x in groups[0].tolist()} == {(0, 1), (0, 31)}
+    assert groups[1].tolist() == [[0, 0]] and groups[-1].tolist() == [[16, 16]]
+    assert sorted(always.tolist()) == [[16, v] for v in range(1, 16)]
+    everything = torch.cat(groups + [always])
+    assert len({tuple(x) for x in everything.tolist()}) == everything.shape[0] == 1024
+    with pytest.raises(ValueError, match="square images with an even side"):
+        fp.published_removal_order(16, 15)
+
+
+def test_published_order_greedy_equals_the_published_masking(planted):
+    """greedy_dfm(order="published") equals the plain walk of the published script: binary
+    mask on the shifted spectrum, inverse FFT, real part, reference reset at every kept removal."""
+    model, splits = planted
+    images = fp._class_images(splits.test, 0, 12, 0, "cpu")
+    fast, details = fp.greedy_dfm(model, images, 0, tolerance=1, reference="last", order="published")
+    groups, always = fp.published_removal_order(16, 16)
+    with torch.no_grad():
+        ref = int((model(images).argmax(1) == 0).sum())
+        mask = torch.ones(16, 16)
+        mask[always[:, 0], always[:, 1]] = 0
+        for g in groups:
+            trial = mask.clone()
+            trial[g[:, 0], g[:, 1]] = 0
+            x = torch.fft.ifft2(torch.fft.fft2(images.double()) * trial.double()).real.float()
+            hits = int((model(x).argmax(1) == 0).sum())
+            if hits >= ref - 1:
+                mask, ref = trial, hits
+    assert torch.equal(fast, mask.bool())
+    assert 0 < int(fast.sum()) < 256 - 7  # the walk both kept and removed removals
+    assert details["always_removed"] == 7 and details["groups"] == len(groups) and details["order"] == "published"
+    assert not fast[8, 1:8].any()  # the 7 never-tested Nyquist-row entries are never in the DFM
+
+
+class _Recorder(nn.Module):
+    """Records its input; predicts class 0."""
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return torch.stack([torch.ones(x.shape[0]), torch.zeros(x.shape[0])], dim=1)
+
+
+def test_dc_removal_gives_the_mean_colour_not_black():
+    """Hand-computed. The published code filters the normalized input (x - m) / s. Removing
+    DC there sets each channel to its spatial mean 0, i.e. (after undoing the normalization)
+    to m: the dataset-mean colour. A uniform image of colour (0.9, 0.1, 0.4) with m =
+    (0.5, 0.25, 0.75) becomes (0.5, 0.25, 0.75); in [0, 1] pixels (centre zero) it becomes
+    black. A non-uniform channel [[0.1, 0.3], [0.5, 0.7]] (spatial mean 0.4) with m = 0.5
+    becomes x - 0.4 + 0.5 = [[0.2, 0.4], [0.6, 0.8]]."""
+    x = torch.tensor([0.9, 0.1, 0.4]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    x[0, 0] = torch.tensor([[0.1, 0.3], [0.5, 0.7]])
+    x[0, 1:] = torch.tensor([0.1, 0.4]).view(2, 1, 1)
+    no_dc = torch.ones(1, 2, 2, dtype=torch.bool)
+    no_dc[0, 0, 0] = False
+    centre = fp.InputCentre([0.5, 0.25, 0.75], [0.2, 0.3, 0.4], "test")
+    model = _Recorder()
+    fp.shortcut_table(model, x, torch.zeros(1, dtype=torch.long), no_dc, centre=centre, backend="torch")
+    want = torch.tensor([[[0.2, 0.4], [0.6, 0.8]], [[0.25, 0.25], [0.25, 0.25]], [[0.75, 0.75], [0.75, 0.75]]])
+    torch.testing.assert_close(model.seen[0], want)
+    # the same as filtering the normalized input and undoing the normalization
+    m, s = torch.tensor(centre.mean).view(3, 1, 1), torch.tensor(centre.std).view(3, 1, 1)
+    normalized = (x[0] - m) / s
+    torch.testing.assert_close((normalized - normalized.mean(dim=(1, 2), keepdim=True)) * s + m, want)
+    fp.shortcut_table(model, x, torch.zeros(1, dtype=torch.long), no_dc, centre=None, backend="torch")
+    torch.testing.assert_close(model.seen[0, 1:], torch.zeros(2, 2, 2), atol=1e-6, rtol=0)  # black
+
+
+def test_input_centre_sources():
+    """dataset-mean: the per-channel mean (and std) of the train split, by hand; a model with
+    an input normalization gives its own; zero: none."""
+    from shortcut_fast.models.bridges import Normalize
+
+    x = torch.zeros(2, 2, 1, 2)
+    x[0, 0] = torch.tensor([0.0, 1.0])  # channel 0: 0, 1, 1, 0 -> mean 0.5, std 0.5
+    x[1, 0] = torch.tensor([1.0, 0.0])
+    x[:, 1] = 0.2  # channel 1: constant -> mean 0.2, std 0 (kept as 1: no scaling)
+    train = ImageDataset(x, torch.tensor([0, 1]), num_classes=2, name="tiny")
+    c = fp.input_centre("dataset-mean", nn.Identity(), train, batch_size=1)
+    assert c.mean == pytest.approx([0.5, 0.2]) and c.std == pytest.approx([0.5, 1.0])
+    assert c.source.startswith("train split mean")
+    normalized = nn.Sequential(Normalize([0.4, 0.3], [0.2, 0.1]), nn.Flatten())
+    c = fp.input_centre("dataset-mean", normalized, train)
+    assert c.mean == pytest.approx([0.4, 0.3]) and c.std == pytest.approx([0.2, 0.1])
+    assert c.source == "model normalization"
+    assert fp.input_centre("zero", normalized, train, channels=2).is_zero()
+    with pytest.raises(ValueError, match="filter_centre must be one of"):
+        fp.input_centre("median", None, train)
+
+
+def test_adcs_published_by_hand():
+    """Hand-computed on class SUMS S (3 classes, RGB, 1 x 2 spectrum). Luminance of the
+    sums (0.2989 R + 0.587 G + 0.114 B): frequency 0: S0 = R -> 0.2989, S1 = G -> 0.587,
+    S2 = B -> 0.114; frequency 1: S0 = G, S1 = G, S2 = R -> 0.587, 0.587, 0.2989.
+    Published: for c, sum over ALL j (j = c included) of +1 if gray_c - gray_j > 0 else -1:
+      f0: c0: -1 (self) -1 (vs 1) +1 (vs 2) = -1; c1: +1 -1 +1 = +1; c2: -1 -1 -1 = -3
+      f1: c0: -1 -1 (tie) +1 = -1; c1: -1 (tie) -1 +1 = -1; c2: -3.
+    Ours (channel mean, j != c, sign): every class has mean 1/3 at both frequencies -> 0."""
+    S = torch.zeros(3, 3, 1, 2)
+    S[0, 0, 0, 0] = S[1, 1, 0, 0] = S[2, 2, 0, 0] = 1.0
+    S[0, 1, 0, 1] = S[1, 1, 0, 1] = S[2, 0, 0, 1] = 1.0
+    assert fp.adcs_published(S).tolist() == [[[-1, -1]], [[1, -1]], [[-3, -3]]]
+    from shortcut_fast.ops import adcs
+
+    assert adcs(S).tolist() == [[[0, 0]]] * 3
+    # without ties the published map is ours (on luminance) shifted by -1
+    gray = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    assert torch.equal(fp.adcs_published(gray), adcs(gray) - 1)
+    with pytest.raises(ValueError, match="3 \\(RGB\\) or 1 channel"):
+        fp.adcs_published(torch.ones(2, 2, 1, 1))
+
+
+def test_band_learning_tracker_reports_band_pass_and_band_stop(planted):
+    model, splits = planted
+    x, y, _ = splits.val.get_batch(torch.arange(40))
+    tracker = fp.BandLearningTracker(x, y, 4, every=1, centre=lambda net: fp.InputCentre([0.0], None, "zero"),
+                                     backend="torch")
+    tracker(1, model)
+    masks = freq.band_masks(16, 16)
+    with torch.no_grad():
+        for b in range(4):
+            stopped = model(band_filter(x, masks[b], "stop", backend="torch")[0]).argmax(1)
+            kept = model(band_filter(x, masks[b], "pass", backend="torch")[0]).argmax(1)
+            assert tracker.band_stop[0][b] == pytest.approx(float((stopped == y).float().mean()))
+            assert tracker.band_pass[0][b] == pytest.approx(float((kept == y).float().mean()))
+    # Chance 1/4, threshold 0.25 + 0.25 * 0.75 = 0.4375: first reached at step 20. There B2 is
+    # the best band alone (band-pass) but removing B3 costs the most (band-stop).
+    tracker.steps, tracker.clean = [10, 20], [0.2, 0.6]
+    tracker.band_pass = [[0.3] * 4, [0.3, 0.5, 0.2, 0.1]]
+    tracker.band_stop = [[0.2] * 4, [0.55, 0.58, 0.3, 0.6]]
+    summary = tracker.summary()
+    assert summary["first_step_above_threshold"] == 20
+    assert summary["learned_first_band"] == 2 and summary["learned_first_band_by_band_stop"] == 3
+    assert summary["band_stop_accuracy"] == tracker.band_stop
+    restored = fp.BandLearningTracker(x, y, 4, every=1)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.summary() == summary
+    with pytest.raises(ValueError, match="no band-stop accuracy"):
+        restored.load_state_dict({"steps": [], "band_pass": [], "clean": []})
 
 
 def test_gradient_estimate_matches_finite_difference(planted):
@@ -200,6 +397,10 @@ def test_config_errors():
         fp.FreqProbeConfig(method="greedy", patch=2)
     with pytest.raises(ValueError, match="top_percent must be in"):
         fp.FreqProbeConfig(top_percent=0)
+    for name in ("greedy_reference", "greedy_order", "filter_centre", "adcs"):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            fp.FreqProbeConfig(**{name: "nonsense"})
+    assert fp.FreqProbeConfig().greedy_reference == "last" and fp.FreqProbeConfig().filter_centre == "dataset-mean"
 
 
 def test_cli_end_to_end_with_checkpoint_and_ood(tmp_path):
@@ -215,15 +416,24 @@ def test_cli_end_to_end_with_checkpoint_and_ood(tmp_path):
     assert len(result["classes"]) == 4 and len(result["shortcut"]) == 4
     assert len(result["band_stop"]["delta"]) == 4 and "gaussian-noise:2" in result["ood"]
     assert result["learning"]["steps"][0] == 2
+    assert len(result["learning"]["band_stop_accuracy"][0]) == 4
+    centre = result["config"]["centre"]  # the mlp has no normalization: the train split's mean
+    assert centre["source"].startswith("train split mean") and len(centre["mean"]) == 1
+    assert result["config"]["greedy_reference"] == "last" and result["config"]["adcs"] == "ours"
     for png in ("adcs.png", "dfm.png", "tpr_fpr.png", "band_stop.png", "learning_order.png"):
         assert (tmp_path / "fp" / png).exists(), png
     assert "band-stop Delta" in r.output and "TPR" in r.output
     # a checkpoint written by the run is reusable
     r = runner.invoke(main, ["freq-probe", *data, "--checkpoint", str(tmp_path / "fp" / "model" / "best.pt"),
                              "--method", "greedy", "--patch", "1", "--classes", "0", "--max-images-per-class", "8",
-                             "--out", str(tmp_path / "fp2"), "--quiet"], catch_exceptions=False)
+                             "--greedy-order", "published", "--greedy-reference", "base", "--adcs", "published",
+                             "--filter-centre", "zero", "--out", str(tmp_path / "fp2"), "--quiet"],
+                      catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "fp2" / "result.json").read_text())["result"]["classes"][0]["method"] == "greedy"
+    result = json.loads((tmp_path / "fp2" / "result.json").read_text())["result"]
+    assert result["classes"][0]["method"] == "greedy" and result["classes"][0]["details"]["order"] == "published"
+    assert result["config"]["centre"]["source"] == "zero" and result["config"]["greedy_reference"] == "base"
+    assert min(min(row) for row in result["adcs"][0]) >= -4  # published ADCS: values in [-K, K - 2]
 
 
 def test_cli_no_dfm_gives_band_tables_only(tmp_path):

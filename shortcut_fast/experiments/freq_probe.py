@@ -6,9 +6,12 @@ Per class c of a frozen classifier:
   loss      remove each candidate (a conjugate frequency pair, or a p x p patch of the
             shifted spectrum with its mirror) from the class-c images and rank candidates
             by the mean cross-entropy that results; DFM = the top X % of frequencies.
-  greedy    walk frequency pairs from the centre outwards, remove each one tentatively and
-            keep the removal when the class-c correct count drops by at most t; the
-            frequencies never removed are the DFM.
+  greedy    walk frequency groups in a fixed order, remove each one tentatively and keep
+            the removal when the class-c correct count drops by at most t, measured from
+            the count after the last kept removal (reference "last", published) or from the
+            original count (reference "base", ours); the frequencies never removed are the
+            DFM. Orders: "ours" (conjugate pairs from DC outwards by radius) or "published"
+            (the spiral of dfmX-augmentation's removal_order.pkl, see published_removal_order).
   gradient  one backward pass gives a first-order estimate of every candidate's loss
             increase (Parseval: removing x_P changes the loss by about -<dL/dx, x_P>); the
             top candidates are then evaluated exactly and the DFM taken from those.
@@ -17,6 +20,12 @@ Per class c of a frozen classifier:
   model predicts c from those frequencies whatever the image (a frequency shortcut).
 - For datasets with radial bands (synthetic-freq): the band-stop table
   Delta[c, b] = (correct after removing band b - correct originally) / N_c * 100.
+
+Every filter acts around a centre mu (InputCentre): x -> filter(x - mu) + mu. The published
+code filters the normalized input (x - m) / s; per channel that is the same as filtering
+around mu = m (the filter is linear and s a per-channel scale), so removing DC gives the
+mean colour, not black. Default mu: the model's normalization, else the train split's mean
+colour ("dataset-mean"); "zero" filters raw pixels.
 
 Fast path: one FFT per image and rank-one updates (ops.remove_frequencies) or batched
 masked filtering (ops.band_filter), streamed into the model in large batches; only class-c
@@ -38,12 +47,102 @@ from torch import nn
 
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops import freq
-from shortcut_fast.ops.band_filter import band_filter_chunks, remove_frequencies, remove_frequencies_chunks
+from shortcut_fast.ops.band_filter import (band_filter, band_filter_chunks, remove_frequencies,
+                                          remove_frequencies_chunks)
 from shortcut_fast.ops.class_spectrum import ClassSpectrum, adcs
 from shortcut_fast.report import progress_ticker
 from shortcut_fast.run_folder import Store
 
 METHODS = ("loss", "greedy", "gradient")
+GREEDY_REFERENCES = ("last", "base")
+GREEDY_ORDERS = ("ours", "published")
+FILTER_CENTRES = ("dataset-mean", "zero")
+ADCS_VARIANTS = ("ours", "published")
+# The published ADCS weights the channel differences like an RGB -> gray conversion.
+LUMINANCE = (0.2989, 0.587, 0.114)
+
+
+# ---------------------------------------------------------------------------------------
+# The centre filters work around
+
+
+@dataclass
+class InputCentre:
+    """Per-channel centre mu the filters act around (x -> filter(x - mu) + mu), and the std
+    of the normalization it comes from (used only by the published ADCS, which takes the
+    spectrum of the normalized input)."""
+
+    mean: list[float]
+    std: list[float] | None = None
+    source: str = "zero"
+
+    def tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def is_zero(self) -> bool:
+        return not any(self.mean)
+
+
+def _model_normalization(model: nn.Module):
+    """(mean, std) of the first input-normalization module of `model`, or None."""
+    from shortcut_fast.models.bridges import Normalize
+
+    for module in model.modules():
+        if isinstance(module, Normalize):
+            return module.mean.flatten().tolist(), module.std.flatten().tolist()
+    return None
+
+
+@torch.no_grad()
+def input_centre(mode: str, model: nn.Module | None, dataset, *, channels: int | None = None,
+                 batch_size: int = 1024, device="cpu") -> InputCentre:
+    """The centre for `mode`: "zero", or "dataset-mean" = the model's normalization when it
+    has one, else the per-channel mean (and std) of `dataset` (the train split), one pass."""
+    if mode not in FILTER_CENTRES:
+        raise ValueError(f"filter_centre must be one of {FILTER_CENTRES}, got {mode!r}")
+    if mode == "zero":
+        return InputCentre([0.0] * (channels or 1), None, "zero")
+    norm = _model_normalization(model) if model is not None else None
+    if norm is not None:
+        return InputCentre(norm[0], norm[1], "model normalization")
+    if dataset is None or len(dataset) == 0:
+        raise ValueError("filter_centre 'dataset-mean' needs a non-empty dataset (the train split) "
+                         "or a model with an input normalization")
+    total = total_sq = None
+    count = 0
+    for start in range(0, len(dataset), batch_size):
+        x, _, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))), device=device)
+        x = x.double()
+        s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp(min=0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant channel: no scaling
+    return InputCentre(mean.tolist(), std.tolist(), f"train split mean ({len(dataset)} images)")
+
+
+class CentredModel(nn.Module):
+    """model(z + mu): feed it centred images z = x - mu, filtered or not."""
+
+    def __init__(self, model: nn.Module, centre: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("centre", centre.reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z + self.centre.to(z.dtype))
+
+
+def centred(model: nn.Module, images: torch.Tensor, centre: InputCentre | None):
+    """(model', images') such that filtering images' and running model' filters around the
+    centre: images' = x - mu, model'(z) = model(z + mu). No centre (or zero): unchanged."""
+    if centre is None or centre.is_zero():
+        return model, images
+    mu = centre.tensor(images.device)
+    if mu.shape[1] != images.shape[1]:
+        raise ValueError(f"centre has {mu.shape[1]} channel(s) but the images have {images.shape[1]}")
+    return CentredModel(model, mu), images.float() - mu
 
 
 @dataclass
@@ -165,44 +264,180 @@ def dfm_losses_reference(model: nn.Module, images: torch.Tensor, label: int, can
 # Greedy and gradient variants
 
 
-@torch.inference_mode()
-def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance: int = 6, batch_size: int = 512,
-               backend: str = "auto", amp: bool = False, max_speculation: int = 64,
-               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
-    """The greedy DFM: frequencies whose removal (on top of all earlier removals) costs more
-    than `tolerance` correct class-`label` images survive.
+def _spiral(n: int) -> torch.Tensor:
+    """(n, n) int64: 1..n*n numbered clockwise from the top-left corner inwards."""
+    s = torch.zeros(n, n, dtype=torch.long)
+    top, left, bottom, right, k = 0, 0, n - 1, n - 1, 1
+    while top <= bottom and left <= right:
+        for j in range(left, right + 1):
+            s[top, j], k = k, k + 1
+        for i in range(top + 1, bottom + 1):
+            s[i, right], k = k, k + 1
+        if top < bottom:
+            for j in range(right - 1, left - 1, -1):
+                s[bottom, j], k = k, k + 1
+        if left < right:
+            for i in range(bottom - 1, top, -1):
+                s[i, left], k = k, k + 1
+        top, left, bottom, right = top + 1, left + 1, bottom - 1, right - 1
+    return s
 
-    Exact, but batched speculatively: the next m pairs are tried against the current
-    images in one batch; decisions are taken in order up to the first accepted removal
-    (which changes the images), and m adapts to the run of rejections.
+
+def published_removal_order(H: int, W: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The greedy walk of dfmX-augmentation (Compute_DFM_CIFAR.py with DFMs/removal_order.pkl).
+
+    That file ranks the 32 x 32 shifted spectrum: a clockwise spiral from the top-left
+    corner inwards on the left half (columns < n/2), the mirrored value (of the conjugate
+    partner) on the right half, 0 on the right part of the first (Nyquist) row. The walk
+    removes the highest value first; entries sharing a value go together (conjugate pairs);
+    the v = 0 and Nyquist columns and the first row's left part are single entries whose
+    partner is walked separately (the published filter then takes the real part, i.e. half
+    of the pair); 0 entries are removed from the start and never tested. Built here for any
+    even square grid (it equals the released file at 32 x 32).
+
+    Returns (groups in walk order, each (g, 2) int64 (u, v) on the unshifted grid;
+    always-removed (r, 2)).
     """
-    model.eval()
-    H, W = images.shape[-2:]
-    pairs = freq.conjugate_pairs(H, W)
-    _, base = _forward_stats(model, images[None], label, batch_size, amp)
-    base_correct = int(base[0])
-    current = images.float()
-    removed = torch.zeros(H, W, dtype=torch.bool)
-    i, m, evaluations = 0, 8, 0
-    while i < len(pairs):
-        batch = pairs[i:i + m]
-        variants = remove_frequencies(current, batch.to(current.device), backend=backend, allow_nonfinite=True)
-        _, hits = _forward_stats(model, variants, label, batch_size, amp)
-        evaluations += len(batch)
-        accepted = (base_correct - hits.cpu() <= tolerance).nonzero().flatten()
+    if H != W or H % 2:
+        raise ValueError(f"greedy_order 'published' is defined for square images with an even side (the released "
+                         f"order is for 32 x 32), got {H} x {W}")
+    n, h = H, H // 2
+    spiral = _spiral(n)
+    value = spiral.clone()
+    i = torch.arange(n)[:, None].expand(n, n)
+    j = torch.arange(n)[None, :].expand(n, n)
+    right = j >= h
+    value[right] = spiral[(n - i[right]) % n, (n - j[right]) % n]
+    value[0, h + 1:] = 0
+    unshift = lambda rows, cols: torch.stack([(rows + h) % n, (cols + h) % n], dim=1)  # noqa: E731
+    groups = []
+    for v in torch.unique(value[value > 0]).flip(0).tolist():
+        rows, cols = (value == v).nonzero(as_tuple=True)
+        groups.append(unshift(rows, cols))
+    rows, cols = (value == 0).nonzero(as_tuple=True)
+    return groups, unshift(rows, cols)
+
+
+class GreedyRule:
+    """Whether a tentative removal is kept: the class's correct count after it must be at
+    least reference - tolerance. reference "last" (published): the count after the last
+    kept removal (the original count before any), so the total drop is not bounded by the
+    tolerance; "base" (ours): always the original count."""
+
+    def __init__(self, base_correct: int, tolerance: int, reference: str = "last"):
+        if reference not in GREEDY_REFERENCES:
+            raise ValueError(f"greedy_reference must be one of {GREEDY_REFERENCES}, got {reference!r}")
+        self.reference, self.tolerance, self.count = reference, tolerance, int(base_correct)
+
+    def accepts(self, hits: torch.Tensor) -> torch.Tensor:
+        return self.count - hits <= self.tolerance
+
+    def keep(self, hits: int) -> None:
+        if self.reference == "last":
+            self.count = int(hits)
+
+
+def greedy_walk(n_groups: int, trial_hits: Callable[[list[int]], torch.Tensor], commit: Callable[[int], None],
+                rule: GreedyRule, *, max_speculation: int = 64,
+                progress: Callable[[int], None] | None = None) -> tuple[list[int], int]:
+    """Walk groups 0..n_groups-1 in order; returns (kept removals, evaluations).
+
+    trial_hits(idx): correct counts with each group of idx removed on top of every kept
+    removal so far; commit(k): keep the removal of idx[k] of the last trial_hits call.
+    Batched speculatively but exact: the next m groups are tried against the current state
+    at once; decisions are taken in order up to the first kept removal (which changes the
+    state and, for reference "last", the reference), and m adapts to the run of rejections.
+    """
+    removed, i, m, evaluations = [], 0, 8, 0
+    while i < n_groups:
+        idx = list(range(i, min(i + m, n_groups)))
+        hits = trial_hits(idx).cpu()
+        evaluations += len(idx)
+        accepted = rule.accepts(hits).nonzero().flatten()
         if len(accepted):
-            j = int(accepted[0])
-            current = variants[j]
-            removed |= freq.pair_masks(H, W, batch[j:j + 1])[0]
-            step, m = j + 1, max(1, min(max_speculation, 2 * (j + 1)))
+            k = int(accepted[0])
+            commit(k)
+            rule.keep(int(hits[k]))
+            removed.append(idx[k])
+            step, m = k + 1, max(1, min(max_speculation, 2 * (k + 1)))
         else:
-            step, m = len(batch), min(max_speculation, 2 * m)
+            step, m = len(idx), min(max_speculation, 2 * m)
         i += step
         if progress is not None:
             progress(step)
-    _, final = _forward_stats(model, current[None], label, batch_size, amp)
-    return ~removed, {"base_correct": base_correct, "final_correct": int(final[0]), "evaluations": evaluations,
-                      "pairs": len(pairs)}
+    return removed, evaluations
+
+
+@torch.inference_mode()
+def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance: int = 6, reference: str = "last",
+               order: str = "ours", batch_size: int = 512, backend: str = "auto", amp: bool = False,
+               max_speculation: int = 64, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """The greedy DFM (H, W) bool: the frequencies whose removal was never kept (GreedyRule).
+
+    order "ours": conjugate pairs from DC outwards (freq.conjugate_pairs), removed by rank-one
+    updates of the current images. order "published": published_removal_order; the kept
+    spectrum is the binary published mask, applied as the real part of the masked inverse
+    FFT (a lone entry of a pair counts half), so that DFM need not be conjugate-symmetric.
+    Images are filtered as given (centre them with `centred` first).
+    """
+    if order not in GREEDY_ORDERS:
+        raise ValueError(f"greedy_order must be one of {GREEDY_ORDERS}, got {order!r}")
+    model.eval()
+    H, W = images.shape[-2:]
+    _, base = _forward_stats(model, images[None], label, batch_size, amp)
+    rule = GreedyRule(int(base[0]), tolerance, reference)
+    images = images.float()
+    kept = torch.ones(H, W, dtype=torch.bool)
+    state = {"current": images, "variants": None, "idx": None}
+    if order == "ours":
+        pairs = freq.conjugate_pairs(H, W)
+        groups = [pairs[k:k + 1] for k in range(len(pairs))]
+        masks = lambda idx: freq.pair_masks(H, W, pairs[idx])  # noqa: E731
+        always = torch.zeros(0, 2, dtype=torch.long)
+
+        def trial_hits(idx):
+            state["idx"] = idx
+            state["variants"] = remove_frequencies(state["current"], pairs[idx].to(images.device), backend=backend,
+                                                   allow_nonfinite=True)
+            return _forward_stats(model, state["variants"], label, batch_size, amp)[1]
+    else:
+        groups, always = published_removal_order(H, W)
+        kept[always[:, 0], always[:, 1]] = False
+
+        def masks(idx):
+            out = torch.zeros(len(idx), H, W, dtype=torch.bool)
+            for r, g in enumerate(idx):
+                out[r, groups[g][:, 0], groups[g][:, 1]] = True
+            return out
+
+        def trial_hits(idx):
+            state["idx"] = idx
+            weights = _real_part_weights(kept[None] & ~masks(idx))
+            state["variants"] = band_filter(images, weights, "pass", backend=backend, allow_nonfinite=True)
+            return _forward_stats(model, state["variants"], label, batch_size, amp)[1]
+
+    def commit(k):
+        kept.logical_and_(~masks(state["idx"][k:k + 1])[0])
+        state["current"] = state["variants"][k]
+
+    _, evaluations = greedy_walk(len(groups), trial_hits, commit, rule, max_speculation=max_speculation,
+                                 progress=progress)
+    if order == "ours":
+        final_images = state["current"]
+    else:
+        final_images = band_filter(images, _real_part_weights(kept[None]), "pass", backend=backend,
+                                   allow_nonfinite=True)[0]
+    _, final = _forward_stats(model, final_images[None], label, batch_size, amp)
+    return kept, {"base_correct": int(base[0]), "final_correct": int(final[0]), "evaluations": evaluations,
+                  "groups": len(groups), "always_removed": len(always), "reference": reference, "order": order}
+
+
+def _real_part_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Spectrum weights equal to masking with a binary (possibly asymmetric) mask and taking
+    the real part of the inverse FFT: for a real image Re(ifft(F m)) = ifft(F (m + m~) / 2),
+    m~ the conjugate mirror, so a frequency kept without its partner weighs 1/2."""
+    m = masks.float()
+    return 0.5 * (m + freq.mirror(m))
 
 
 def gradient_scores(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates, *,
@@ -250,16 +485,19 @@ def predict_filtered(model: nn.Module, images: torch.Tensor, masks: torch.Tensor
 
 
 def shortcut_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dfms: torch.Tensor,
-                   classes: Sequence[int] | None = None, **kwargs) -> list[dict]:
-    """TPR_c and FPR_c of every class's DFM over ALL images (EXPERIMENTS.md section 1).
+                   classes: Sequence[int] | None = None, *, centre: InputCentre | None = None, **kwargs) -> list[dict]:
+    """TPR_c and FPR_c of every class's DFM over ALL images (EXPERIMENTS.md section 1),
+    filtered around `centre`.
 
     dfms[i] is the DFM of class classes[i] (default: class i), so a subset such as
-    classes=[3] scores DFM 0 as class 3's.
+    classes=[3] scores DFM 0 as class 3's. A DFM that is not conjugate-symmetric (the
+    published greedy order) filters as the published code does: real part of the inverse FFT.
     """
     classes = list(range(dfms.shape[0])) if classes is None else [int(c) for c in classes]
     if len(classes) != dfms.shape[0]:
         raise ValueError(f"classes must name one class per DFM: {len(classes)} classes for {dfms.shape[0]} DFMs")
-    preds = predict_filtered(model, images, dfms, "pass", **kwargs)
+    model, images = centred(model, images, centre)
+    preds = predict_filtered(model, images, _real_part_weights(dfms), "pass", **kwargs)
     labels = labels.cpu()
     rows = []
     for i, c in enumerate(classes):
@@ -275,8 +513,10 @@ def shortcut_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def band_stop_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    n_bands: int = 4, **kwargs) -> dict:
-    """Delta[c][b] = (correct with band b removed - correct originally) / N_c * 100."""
+                    n_bands: int = 4, *, centre: InputCentre | None = None, **kwargs) -> dict:
+    """Delta[c][b] = (correct with band b removed - correct originally) / N_c * 100, bands
+    removed around `centre`."""
+    model, images = centred(model, images, centre)
     H, W = images.shape[-2:]
     masks = freq.band_masks(H, W, n_bands)
     stopped = predict_filtered(model, images, masks, "stop", **kwargs)
@@ -294,9 +534,11 @@ def band_stop_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 
 @torch.inference_mode()
-def band_pass_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_bands: int = 4,
-                       **kwargs) -> list[float]:
-    """Accuracy with only band b kept, for every band (what the model can read from each band)."""
+def band_pass_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_bands: int = 4, *,
+                       centre: InputCentre | None = None, **kwargs) -> list[float]:
+    """Accuracy with only band b kept (around `centre`), for every band (what the model can
+    read from each band)."""
+    model, images = centred(model, images, centre)
     H, W = images.shape[-2:]
     preds = predict_filtered(model, images, freq.band_masks(H, W, n_bands), "pass", **kwargs)
     return [float((p == labels.cpu()).float().mean()) for p in preds]
@@ -313,6 +555,10 @@ class FreqProbeConfig:
     top_percent: float = 5.0
     classes: list[int] | None = None
     tolerance: int = 6
+    greedy_reference: str = "last"  # published; "base": ours (see GreedyRule)
+    greedy_order: str = "ours"  # or "published" (published_removal_order)
+    filter_centre: str = "dataset-mean"  # or "zero" (raw pixels); see input_centre
+    adcs: str = "ours"  # or "published" (adcs_published)
     candidates: int | None = None  # gradient: how many top candidates to evaluate exactly
     verify_gradient: bool = False  # gradient: also run the exact ranking and report agreement
     max_images_per_class: int | None = None
@@ -329,6 +575,10 @@ class FreqProbeConfig:
             raise ValueError(f"patch must be an int >= 1, got {self.patch!r}")
         if not 0 < self.top_percent <= 100:
             raise ValueError(f"top_percent must be in (0, 100], got {self.top_percent!r}")
+        for name, allowed in (("greedy_reference", GREEDY_REFERENCES), ("greedy_order", GREEDY_ORDERS),
+                              ("filter_centre", FILTER_CENTRES), ("adcs", ADCS_VARIANTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.method == "greedy" and self.patch != 1:
             raise ValueError("method 'greedy' walks single frequency pairs: patch must be 1")
 
@@ -390,35 +640,80 @@ def _all_images(dataset, device):
 
 
 def class_spectra(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512, device="cpu",
-                  progress: bool = False) -> ClassSpectrum:
-    """One streaming pass over `dataset`: the per-class mean |FFT| accumulator."""
+                  progress: bool = False, centre: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> ClassSpectrum:
+    """One streaming pass over `dataset`: the per-class mean |FFT| accumulator of
+    (x - centre) / scale (per channel; None: 0 and 1)."""
     acc = ClassSpectrum(num_classes, backend=backend)
     bar = progress_ticker(len(dataset), "class spectra", progress)
     for start in range(0, len(dataset), batch_size):
         x, y, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))), device=device)
+        if centre is not None:
+            x = x - centre.to(x.device).view(1, -1, 1, 1)
+        if scale is not None:
+            x = x / scale.to(x.device).view(1, -1, 1, 1)
         acc.update(x, y)
         bar(len(y))
     bar(None)
     return acc
 
 
-def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512,
-                 device="cpu") -> torch.Tensor:
-    """ADCS maps of a dataset; a class without images scores 0 against the others."""
-    acc = class_spectra(dataset, num_classes, backend=backend, batch_size=batch_size, device=device)
+def adcs_published(class_sums: torch.Tensor) -> torch.Tensor:
+    """The ADCS of the published code (nn-frequency-shortcuts, Evaluation/compute_ADCS.py).
+
+    class_sums: (K, C, H, W) SUMS of |FFT| over each class's images (C = 3: RGB, weighted
+    LUMINANCE after differencing; C = 1: that channel). For every class c and every j,
+    INCLUDING j = c: +1 where the weighted S_c - S_j > 0, else -1 (ties count -1). The j = c
+    term and the ties are the published bug: every map is shifted by -1 relative to
+    sum over j != c of sign(...), values in [-K, K - 2]. Returns int64 (K, H, W).
+    """
+    if class_sums.dim() != 4:
+        raise ValueError(f"class_sums must have shape (K, C, H, W), got {tuple(class_sums.shape)}")
+    C = class_sums.shape[1]
+    if C == 3:
+        weights = torch.tensor(LUMINANCE, dtype=class_sums.dtype, device=class_sums.device)
+    elif C == 1:
+        weights = torch.ones(1, dtype=class_sums.dtype, device=class_sums.device)
+    else:
+        raise ValueError(f"class_sums must have 3 (RGB) or 1 channel(s) for the luminance weighting, got {C}")
+    gray = torch.einsum("kchw,c->khw", class_sums, weights)  # weighting commutes with the difference
+    diff = gray[:, None] - gray[None, :]
+    return torch.where(diff > 0, 1, -1).sum(dim=1).to(torch.int64)
+
+
+def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512, device="cpu",
+                 variant: str = "ours", centre: InputCentre | None = None) -> torch.Tensor:
+    """ADCS maps of a dataset around `centre`.
+
+    "ours": spectra of x - mu, class means, channels averaged (ops.adcs); a class without
+    images scores 0 against the others. "published": spectra of the normalized input
+    (x - mu) / std as the published code takes them (std of the centre; none for a zero
+    centre), class sums, adcs_published.
+    """
+    if variant not in ADCS_VARIANTS:
+        raise ValueError(f"adcs must be one of {ADCS_VARIANTS}, got {variant!r}")
+    mu = None if centre is None or centre.is_zero() else torch.tensor(centre.mean)
+    scale = torch.tensor(centre.std) if variant == "published" and centre is not None and centre.std else None
+    acc = class_spectra(dataset, num_classes, backend=backend, batch_size=batch_size, device=device, centre=mu,
+                        scale=scale)
+    if variant == "published":
+        return adcs_published(acc.sums)
     return adcs(acc.mean().nan_to_num(0.0))
 
 
 def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbeConfig, *,
-              store: Store | None = None, progress=None) -> ClassDFM:
-    """One class's DFM by cfg.method (the loss method saves its progress within the class in
-    `store` and, when the run is resuming, continues from it)."""
+              store: Store | None = None, progress=None, centre: InputCentre | None = None) -> ClassDFM:
+    """One class's DFM by cfg.method, filtering around `centre` (None: the images as given;
+    run_freq_probe passes the centre of cfg.filter_centre). The loss method saves its progress
+    within the class in `store` and, when the run is resuming, continues from it."""
     t0 = time.perf_counter()
     cfg = cfg.resolved(images.device)
+    model, images = centred(model, images, centre)
     H, W = images.shape[-2:]
     common = dict(batch_size=cfg.batch_size, backend=cfg.backend, amp=cfg.amp)
     if cfg.method == "greedy":
-        keep, details = greedy_dfm(model, images, label, tolerance=cfg.tolerance, progress=progress, **common)
+        keep, details = greedy_dfm(model, images, label, tolerance=cfg.tolerance, reference=cfg.greedy_reference,
+                                   order=cfg.greedy_order, progress=progress, **common)
         return ClassDFM(label, images.shape[0], "greedy", keep.nonzero().tolist(), int(keep.sum()), None, details,
                         time.perf_counter() - t0)
 
@@ -481,10 +776,11 @@ def _dfm_mask(entry: ClassDFM, H: int, W: int) -> torch.Tensor:
 
 def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Store | None = None,
                    device="cpu", ood_sets: dict | None = None, band_table: bool = False,
-                   progress: bool = True) -> FreqProbeResult:
+                   progress: bool = True, centre: InputCentre | None = None) -> FreqProbeResult:
     """ADCS, DFMs, the TPR/FPR table, the band-stop table and OOD transfer for a frozen model.
 
-    With a store (e.g. `run.partial` of a RunFolder), each finished class is saved as
+    Every filter acts around `centre` (default: input_centre(cfg.filter_centre, model,
+    splits.train)); it is recorded in the result's config. With a store (e.g. `run.partial` of a RunFolder), each finished class is saved as
     class_<c>.json (and the loss method's progress within a class); a resuming run picks
     them up instead of redoing them.
     """
@@ -500,11 +796,13 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
         if not 0 <= c < num_classes:
             raise ValueError(f"classes must lie in [0, {num_classes}), got {c}")
     kw = dict(batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, backend=cfg.backend, amp=cfg.amp)
+    if centre is None:
+        centre = input_centre(cfg.filter_centre, model, splits.train, channels=splits.image_shape[0], device=device)
     x_test, y_test = _all_images(test, device)
     with torch.inference_mode():
         test_accuracy = float((predict_filtered(model, x_test, torch.ones(1, H, W, dtype=torch.bool), "pass", **kw)[0]
                                == y_test.cpu()).float().mean())
-    adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device)
+    adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device, variant=cfg.adcs, centre=centre)
 
     entries: list[ClassDFM] = []
     for c in classes:
@@ -515,10 +813,14 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
         images = _class_images(test, c, cfg.max_images_per_class, cfg.seed, device)
         if images.shape[0] == 0:
             raise ValueError(f"class {c} has no test images")
-        total = len(freq.conjugate_pairs(H, W)) if cfg.method == "greedy" or cfg.patch == 1 else \
-            len(Candidates.build(H, W, cfg.patch))
+        if cfg.method == "greedy" and cfg.greedy_order == "published":
+            total = len(published_removal_order(H, W)[0])
+        elif cfg.method == "greedy" or cfg.patch == 1:
+            total = len(freq.conjugate_pairs(H, W))
+        else:
+            total = len(Candidates.build(H, W, cfg.patch))
         tick = progress_ticker(total, f"class {c} ({cfg.method})", progress)
-        entry = class_dfm(model, images, c, cfg, store=store, progress=tick)
+        entry = class_dfm(model, images, c, cfg, store=store, progress=tick, centre=centre)
         tick(None)
         if store is not None:
             store.save_json(f"class_{c}.json", entry)
@@ -528,16 +830,16 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
     dfms = torch.stack([_dfm_mask(e, H, W) for e in entries]) if entries else None
     table = []
     if dfms is not None:
-        table = shortcut_table(model, x_test, y_test, dfms, [e.label for e in entries], **kw)
-    band = band_stop_table(model, x_test, y_test, num_classes, **kw) if band_table else None
+        table = shortcut_table(model, x_test, y_test, dfms, [e.label for e in entries], centre=centre, **kw)
+    band = band_stop_table(model, x_test, y_test, num_classes, centre=centre, **kw) if band_table else None
     ood = None
     if ood_sets and dfms is not None:
         ood = {}
         for name, dataset in ood_sets.items():
             xo, yo = _all_images(dataset, device)
-            ood[name] = shortcut_table(model, xo, yo, dfms, [e.label for e in entries], **kw)
+            ood[name] = shortcut_table(model, xo, yo, dfms, [e.label for e in entries], centre=centre, **kw)
     return FreqProbeResult(
-        config=dict(cfg.__dict__), image_shape=tuple(splits.image_shape), num_classes=num_classes,
+        config={**cfg.__dict__, "centre": dataclasses.asdict(centre)}, image_shape=tuple(splits.image_shape), num_classes=num_classes,
         test_accuracy=test_accuracy, adcs=adcs_map.tolist(), classes=entries, shortcut=table, band_stop=band,
         ood=ood, seconds=time.perf_counter() - t0)
 
@@ -577,9 +879,11 @@ def write_figures(result: FreqProbeResult, out: Path) -> None:
     if result.learning and result.learning.get("steps"):
         acc = result.learning["band_pass_accuracy"]
         curves = {f"B{b + 1} only": [a[b] for a in acc] for b in range(len(acc[0]))}
+        for b in range(len(acc[0]) if result.learning.get("band_stop_accuracy") else 0):
+            curves[f"B{b + 1} removed"] = [a[b] for a in result.learning["band_stop_accuracy"]]
         curves["clean"] = result.learning["clean_accuracy"]
         plot_curves(curves, out / "learning_order.png", x=result.learning["steps"], xlabel="training step",
-                    ylabel="val accuracy", title="what the model can read from each band")
+                    ylabel="val accuracy", title="band-pass (B only) and band-stop (B removed)")
 
 
 def summary(result: FreqProbeResult, data: str, out: Path) -> str:
@@ -589,6 +893,10 @@ def summary(result: FreqProbeResult, data: str, out: Path) -> str:
     lines = []
     lines.append(f"\nfreq-probe on {data}: test accuracy {result.test_accuracy:.4f}, method {result.config['method']}, "
                f"{result.seconds:.1f} s")
+    centre = result.config.get("centre")
+    if centre:
+        lines.append(f"filters around mu = [{', '.join(f'{m:.3f}' for m in centre['mean'])}] ({centre['source']}); "
+                     f"ADCS {result.config.get('adcs', 'ours')}")
     if result.shortcut:
         rows = [[r["class"], r["dfm_size"], r["tpr"], r["fpr"]] for r in result.shortcut]
         lines.append(format_table(rows, ["class", "DFM size", "TPR", "FPR"]))
@@ -599,8 +907,12 @@ def summary(result: FreqProbeResult, data: str, out: Path) -> str:
         rows.append(["acc"] + [a * 100 for a in result.band_stop["accuracy_band_stopped"]])
         lines.append(format_table(rows, ["class"] + [f"stop B{b + 1}" for b in range(n_bands)]))
     if result.learning and result.learning.get("learned_first_band"):
-        lines.append(f"\nlearned first: B{result.learning['learned_first_band']} "
-                   f"(band-pass accuracy leads at step {result.learning['first_step_above_threshold']})")
+        step = result.learning["first_step_above_threshold"]
+        lines.append(f"\nlearned first (band-pass, ours): B{result.learning['learned_first_band']} "
+                     f"(its band-pass accuracy leads at step {step})")
+        if result.learning.get("learned_first_band_by_band_stop"):
+            lines.append(f"learned first (band-stop, spec): B{result.learning['learned_first_band_by_band_stop']} "
+                         f"(removing it costs the most at step {step})")
     for name, rows in (result.ood or {}).items():
         lines.append(f"\nOOD {name}:")
         lines.append(format_table([[r["class"], r["tpr"], r["fpr"]] for r in rows], ["class", "TPR", "FPR"]))
@@ -609,42 +921,65 @@ def summary(result: FreqProbeResult, data: str, out: Path) -> str:
 
 
 class BandLearningTracker:
-    """Trainer step hook: every `every` steps, the accuracy with only band b kept (for each
-    band) and the clean accuracy on a fixed evaluation set. The band whose band-pass
-    accuracy leads when the model first clearly beats chance is the band learned first."""
+    """Trainer step hook: every `every` steps, on a fixed evaluation set, the accuracy with
+    only band b kept (band-pass, ours) and with band b removed (band-stop, the spec's
+    measure), for each band, and the clean accuracy. At the first snapshot where the model
+    clearly beats chance, the band learned first is the one whose band-pass accuracy leads,
+    and by band-stop the one whose removal costs the most.
+
+    centre: the InputCentre the bands are filtered around, or a function of the model that
+    gives it (resolved at the first snapshot; e.g. input_centre for the model's normalization).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, every: int, *,
-                 until: int | None = None, n_bands: int = 4, **kw):
+                 until: int | None = None, n_bands: int = 4,
+                 centre: InputCentre | Callable[[nn.Module], InputCentre] | None = None, **kw):
         self.images, self.labels, self.every, self.n_bands, self.kw = images, labels, every, n_bands, kw
         self.until = until  # the early steps are what matters; later snapshots only cost time
+        self.centre = centre
         self.chance = 1 / num_classes
         self.steps: list[int] = []
         self.band_pass: list[list[float]] = []
+        self.band_stop: list[list[float]] = []
         self.clean: list[float] = []
 
     def __call__(self, step: int, model: nn.Module) -> None:
         if step % self.every or (self.until is not None and step > self.until):
             return
+        if callable(self.centre) and not isinstance(self.centre, InputCentre):
+            self.centre = self.centre(model)
         was_training = model.training
-        H, W = self.images.shape[-2:]
-        masks = torch.cat([freq.band_masks(H, W, self.n_bands), torch.ones(1, H, W, dtype=torch.bool)])
-        preds = predict_filtered(model, self.images, masks, "pass", **self.kw)
+        net, images = centred(model, self.images, self.centre)
+        H, W = images.shape[-2:]
+        bands = freq.band_masks(H, W, self.n_bands)
+        masks = torch.cat([bands, ~bands, torch.ones(1, H, W, dtype=torch.bool)])  # pass, stop, clean
+        preds = predict_filtered(net, images, masks, "pass", **self.kw)
         accuracy = (preds == self.labels.cpu()).float().mean(1).tolist()
         model.train(was_training)
+        n = self.n_bands
         self.steps.append(step)
-        self.band_pass.append(accuracy[:-1])
+        self.band_pass.append(accuracy[:n])
+        self.band_stop.append(accuracy[n:2 * n])
         self.clean.append(accuracy[-1])
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "band_pass": self.band_pass, "clean": self.clean}
+        return {"steps": self.steps, "band_pass": self.band_pass, "band_stop": self.band_stop, "clean": self.clean}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.band_pass, self.clean = list(state["steps"]), list(state["band_pass"]), list(state["clean"])
+        if "band_stop" not in state:
+            raise ValueError("the saved band learning snapshots have no band-stop accuracy (written by an older "
+                             "version): start the run again with --overwrite")
+        self.steps, self.clean = list(state["steps"]), list(state["clean"])
+        self.band_pass, self.band_stop = list(state["band_pass"]), list(state["band_stop"])
 
     def summary(self) -> dict:
         threshold = self.chance + 0.25 * (1 - self.chance)
         first = next((i for i, acc in enumerate(self.clean) if acc >= threshold), None)
-        learned_first = None if first is None else int(torch.tensor(self.band_pass[first]).argmax()) + 1
-        return {"steps": self.steps, "band_pass_accuracy": self.band_pass, "clean_accuracy": self.clean,
-                "threshold": threshold, "first_step_above_threshold": None if first is None else self.steps[first],
-                "learned_first_band": learned_first}
+        by_pass = by_stop = None
+        if first is not None:
+            by_pass = int(torch.tensor(self.band_pass[first]).argmax()) + 1  # readable alone the best
+            by_stop = int(torch.tensor(self.band_stop[first]).argmin()) + 1  # missed the most when removed
+        return {"steps": self.steps, "band_pass_accuracy": self.band_pass, "band_stop_accuracy": self.band_stop,
+                "clean_accuracy": self.clean, "threshold": threshold,
+                "first_step_above_threshold": None if first is None else self.steps[first],
+                "learned_first_band": by_pass, "learned_first_band_by_band_stop": by_stop}
