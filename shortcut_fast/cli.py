@@ -587,12 +587,22 @@ def complexity(**params):
 @data_options_with("colored-digits")
 @model_options("small-cnn", width=16, epochs=15, epochs_help="ERM training epochs")
 @click.option("--layers", default=None, callback=_name_list,
-              help="Comma-separated layer names (default: up to 4 blocks of the model).")
-@click.option("--mode", type=click.Choice(["zero", "mean", "noise", "rewind"]), default="zero",
-              help="What replaces an ablated channel.")
-@click.option("--where", type=click.Choice(["output", "pre-bn", "post-activation"]), default="output",
-              help="Which activation of the layer is modified.")
-@click.option("--repeats", type=POSITIVE, default=1, help="noise: draws averaged per channel.")
+              help="Comma-separated layer names (default: the stem conv and up to 4 blocks of the model; "
+                   "with --where pre-bn/post-activation each block's conv).")
+@click.option("--stem/--no-stem", default=True, help="Default layers include the model's first (stem) conv.")
+@click.option("--mode", type=click.Choice(["zero", "mean", "activation-noise", "weight-noise", "rewind", "noise"]),
+              default="zero", help="What replaces an ablated channel (weight-noise: the published 'noise'; "
+                                   "activation-noise: ours; plain 'noise' is refused as ambiguous).")
+@click.option("--where", type=click.Choice(["output", "pre-bn", "post-activation"]), default="pre-bn",
+              help="Which activation of the layer is modified (pre-bn: the conv output, i.e. the published "
+                   "zeroing of the channel's filter weights).")
+@click.option("--repeats", type=POSITIVE, default=1, help="Noise modes: draws averaged per channel.")
+@click.option("--noise-kind", type=click.Choice(["replace", "add"]), default="replace",
+              help="weight-noise: replace the channel's weights with N(0, std^2), or add it.")
+@click.option("--noise-std", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="weight-noise: the noise std (required there).")
+@click.option("--weight-norm-ranking", type=click.Choice(["global", "layer"]), default="global",
+              help="Weight-norm ranks over every conv but downsample (published) or within the layer.")
 @click.option("--rewind-to", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="rewind: the earlier checkpoint (default: epoch 1 of the model trained here).")
 @click.option("--top-k", type=POSITIVE, default=5, help="Top channels reported; largest cumulative set.")
@@ -616,6 +626,8 @@ def memorization(**params):
                                  param_hint="--rewind-to")
     try:
         cfg = mem.MemorizationConfig(layers=p["layers"], mode=mode, where=p["where"], repeats=p["repeats"],
+                                     stem=p["stem"], noise_kind=p["noise_kind"], noise_std=p["noise_std"],
+                                     weight_norm_ranking=p["weight_norm_ranking"],
                                      top_k=p["top_k"], grouping=p["grouping"], max_samples=p["max_samples"],
                                      batch_size=p["batch_size"], backend=p["backend"], seed=p["seed"])
     except ValueError as exc:
@@ -662,13 +674,25 @@ def _num_or_nan(v) -> float:
 @click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
               help="Model option (default width=16 where the model has a width).")
 @click.option("--erm-epochs", type=POSITIVE, default=15, help="ERM training epochs when no --checkpoint is given.")
-@click.option("--epochs", type=POSITIVE, default=20, help="Mitigation epochs.")
+@click.option("--epochs", type=POSITIVE, default=21, help="Mitigation epochs (published: 21).")
 @click.option("--prune-fraction", type=FRACTION, default=0.01, help="Fraction of weights masked (global magnitude).")
 @click.option("--tau", type=click.FloatRange(min=0, min_open=True), default=0.5, help="NT-Xent temperature.")
 @click.option("--ce-weight", type=click.FloatRange(min=0), default=0.2,
               help="Weight of the cross-entropy on the dense output.")
 @click.option("--contrastive-weight", type=click.FloatRange(min=0), default=1.0,
               help="Weight of the NT-Xent term (0: CE-only control run with the same optimizer).")
+@click.option("--contrastive-form", type=click.Choice(["sum-2n", "half-mean"]), default="sum-2n",
+              help="sum-2n: NT(sg(dense), pruned) + NT(dense, sg(pruned)), 2N anchors each (published); "
+                   "half-mean: half of that value (ours before).")
+@click.option("--prune-layers", type=click.Choice(["conv", "conv-linear"]), default="conv",
+              help="Weights the magnitude mask prunes: convs (published) or convs and linear layers.")
+@click.option("--schedule", type=click.Choice(["plateau", "constant"]), default="plateau",
+              help="plateau: ReduceLROnPlateau(0.5, patience 1) on the training loss (published).")
+@click.option("--augment", type=click.Choice(["resized-crop-flip", "flip-crop", "crop", "none"]),
+              default="resized-crop-flip", help="Training augmentation (published: RandomResizedCrop 0.7-1 + flip).")
+@click.option("--double-softmax", is_flag=True,
+              help="Apply softmax to the outputs before CE and NT-Xent, as the published head does "
+                   "(a bug there: CE then applies softmax twice).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, help="Adam learning rate.")
 @click.option("--batch-size", type=POSITIVE, default=100)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
@@ -690,6 +714,8 @@ def mitigate(**params):
     try:
         cfg = mem.MitigationConfig(epochs=p["epochs"], prune_fraction=p["prune_fraction"], tau=p["tau"],
                                    ce_weight=p["ce_weight"], contrastive_weight=p["contrastive_weight"], lr=p["lr"],
+                                   contrastive_form=p["contrastive_form"], prune_layers=p["prune_layers"],
+                                   schedule=p["schedule"], augment=p["augment"], double_softmax=p["double_softmax"],
                                    batch_size=p["batch_size"], weight_decay=p["weight_decay"], select=p["select"],
                                    grouping=p["grouping"], max_steps_per_epoch=p["max_steps_per_epoch"],
                                    seed=p["seed"], device=dev)

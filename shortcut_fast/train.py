@@ -1,6 +1,8 @@
 """The one trainer every experiment uses.
 
-- SGD or Adam, cosine / step / constant schedules with optional linear warm-up.
+- SGD or Adam, cosine / step / constant schedules with optional linear warm-up, or
+  "plateau": ReduceLROnPlateau(factor 0.5, patience 1) on the epoch's mean training loss
+  (the schedule of You et al.'s mitigation script).
 - In-memory datasets (`dataset.in_memory`) are moved to the device once and batched
   there: no DataLoader, no per-sample Python. File-backed datasets use a DataLoader.
 - Mixed precision (bf16 autocast) on CUDA by default; float32 on the CPU.
@@ -31,8 +33,8 @@ from shortcut_fast.report import Progress
 from shortcut_fast.run_folder import Store, load_state_file, settings_diff
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-AUGMENTATIONS = ("none", "flip-crop", "crop")
+SCHEDULES = ("cosine", "step", "constant", "plateau")
+AUGMENTATIONS = ("none", "flip-crop", "crop", "resized-crop-flip")
 SELECT_METRICS = ("accuracy", "worst_group_accuracy", "last")
 
 
@@ -67,6 +69,8 @@ class TrainConfig:
             ("select", self.select in SELECT_METRICS, f"one of {SELECT_METRICS}"),
             ("lr", self.lr is None or self.lr > 0, "a positive float"),
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, f"in [0, epochs={self.epochs}]"),
+            ("warmup_epochs", self.schedule != "plateau" or self.warmup_epochs == 0,
+             "0 with schedule 'plateau' (the plateau scheduler owns the learning rate)"),
             ("eval_batch_size", self.eval_batch_size >= 1, "an int >= 1"),
             ("keep_every", self.keep_every >= 0, "an int >= 0 (0: keep no epoch checkpoints)"),
             ("max_steps_per_epoch", self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
@@ -173,10 +177,36 @@ class Batches:
                    a.to(self.device, non_blocking=True))
 
 
+def _resized_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(size = input size, scale (0.7, 1), ratio (3/4, 4/3), bilinear) + a
+    horizontal flip with p 0.5, the augmentation of You et al.'s scripts (utils.get_transform),
+    vectorized: one draw of area and log-ratio per image; where torchvision would retry an
+    oversized box (up to 10 times) the box is clipped to the image instead."""
+    n, _, h, w = x.shape
+    area = torch.empty(n).uniform_(0.7, 1.0, generator=generator) * (h * w)
+    ratio = torch.exp(torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator))
+    cw = torch.sqrt(area * ratio).round().clamp(1, w)
+    ch = torch.sqrt(area / ratio).round().clamp(1, h)
+    left = torch.floor(torch.rand(n, generator=generator) * (w - cw + 1))
+    top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
+    flip = torch.rand(n, generator=generator) < 0.5
+    # affine_grid maps output [-1, 1] to the crop box in input coordinates (align_corners=False)
+    sx, sy = cw / w, ch / h
+    tx, ty = (2 * left + cw) / w - 1, (2 * top + ch) / h - 1
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = tx, sy, ty
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """On-device random crop (pad 4, reflect) and horizontal flip, vectorized over the batch."""
+    """On-device random crop (pad 4, reflect) and horizontal flip, vectorized over the batch;
+    "resized-crop-flip": RandomResizedCrop(0.7-1) + flip (see _resized_crop_flip)."""
     if kind == "none":
         return x
+    if kind == "resized-crop-flip":
+        return _resized_crop_flip(x, generator)
     n, _, h, w = x.shape
     pad = 4
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
@@ -330,9 +360,13 @@ def train(
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = _make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(cfg, step, total_steps, steps_per_epoch)
-    )
+    plateau = cfg.schedule == "plateau"
+    if plateau:  # stepped once per epoch with the epoch's mean training loss
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _lr_factor(cfg, step, total_steps, steps_per_epoch)
+        )
     criterion = loss_fn or (lambda m, x, y, a: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
 
     def evaluate_split(dataset) -> EvalResult:
@@ -372,7 +406,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            if not plateau:
+                scheduler.step()
             loss_total += loss.detach() * y.numel()
             seen += y.numel()
             if on_step_end is not None:
@@ -383,12 +418,15 @@ def train(
             raise FloatingPointError(f"training loss became non-finite in epoch {epoch + 1}; "
                                      f"lower the learning rate (lr={cfg.learning_rate})")
         val = evaluate_split(splits.val)
+        lr_used = optimizer.param_groups[0]["lr"]
+        if plateau:
+            scheduler.step(float(loss_total / max(seen, 1)))
         record = {
             "epoch": epoch + 1,
             "train_loss": float(loss_total / max(seen, 1)),
             "val_accuracy": val.accuracy,
             "val_worst_group_accuracy": val.worst_group_accuracy,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr_used if plateau else scheduler.get_last_lr()[0],
             "seconds": train_seconds,
         }
         history.append(record)

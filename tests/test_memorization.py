@@ -83,6 +83,111 @@ def test_symmetric_nt_xent_is_symmetric_and_stops_gradients():
     assert not torch.allclose(gp, full_p, atol=1e-4)
 
 
+def test_published_nt_xent_on_a_hand_computed_batch():
+    """The published mitigation term (utils.nt_xent, called twice in
+    SpuriousCorrelationFinetuningPruning.py): the SimCLR loss over all 2N rows of the two
+    views, each row's positive its counterpart, its negatives the 2N - 2 other rows, mean
+    over the 2N anchors; once with the dense view detached and once with the pruned one,
+    summed. Dense rows d1 = (1, 0), d2 = (0, 1); pruned rows p1 = (1, 1), p2 = (0, 2); tau 0.5,
+    so a similarity is 2 * cosine: cos(d1, p1) = cos(d2, p1) = cos(p1, p2) = 1/sqrt 2,
+    cos(d2, p2) = 1, cos(d1, d2) = cos(d1, p2) = 0."""
+    r2 = math.sqrt(2)
+    anchors = [math.log(1 + math.exp(r2) + 1) - r2,              # d1: positive p1 (sqrt 2); d2 0, p1, p2 0
+               math.log(1 + math.exp(r2) + math.exp(2)) - 2,      # d2: positive p2 (2); d1 0, p1 sqrt 2, p2
+               math.log(3 * math.exp(r2)) - r2,                   # p1: positive d1; d1, d2, p2 all sqrt 2
+               math.log(1 + math.exp(2) + math.exp(r2)) - 2]      # p2: positive d2 (2); d1 0, d2, p1 sqrt 2
+    one_term = sum(anchors) / 4
+    dense = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    pruned = torch.tensor([[1.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    assert float(mem.nt_xent_2n(dense, pruned, 0.5).detach()) == pytest.approx(one_term, rel=1e-6)
+    published = mem.published_nt_xent(pruned, dense, 0.5)
+    assert float(published.detach()) == pytest.approx(2 * one_term, rel=1e-6)
+    # Ours ("half-mean") is half of it: against it CE (x 0.2) weighs twice as much.
+    assert float(mem.symmetric_nt_xent(pruned, dense, 0.5).detach()) == pytest.approx(one_term, rel=1e-6)
+    # Gradients: the pruned view gets the whole 2N-anchor loss's gradient with dense held fixed, and
+    # the dense view the converse.
+    gp, gd = torch.autograd.grad(published, [pruned, dense])
+    p2, d2 = pruned.detach().clone().requires_grad_(), dense.detach().clone().requires_grad_()
+    (want_p,) = torch.autograd.grad(mem.nt_xent_2n(dense.detach(), p2, 0.5), p2)
+    (want_d,) = torch.autograd.grad(mem.nt_xent_2n(d2, pruned.detach(), 0.5), d2)
+    torch.testing.assert_close(gp, want_p)
+    torch.testing.assert_close(gd, want_d)
+
+
+def test_double_softmax_and_published_objective_defaults():
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2).eval()
+    x, y = torch.rand(6, 3, 16, 16), torch.randint(0, 3, (6,))
+    for double in (False, True):
+        objective = mem.MitigationObjective(0.05, 0.5, 0.2, double_softmax=double)
+        assert objective.contrastive_form == "sum-2n" and objective.prune_layers == "conv"
+        loss = objective(model, x, y, y)
+        dense, pruned = model(x), objective.pruned_forward(model, x)
+        if double:  # the published head's Softmax: both losses see probabilities
+            dense, pruned = dense.softmax(-1), pruned.softmax(-1)
+        want = mem.published_nt_xent(pruned, dense, 0.5) + 0.2 * F.cross_entropy(dense, y)
+        assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+        assert set(objective.masks) == {"conv1.conv.weight", "conv2.conv.weight", "conv3.conv.weight"}
+    cfg = mem.MitigationConfig()
+    assert (cfg.epochs, cfg.schedule, cfg.augment, cfg.contrastive_form, cfg.prune_layers, cfg.double_softmax) == \
+        (21, "plateau", "resized-crop-flip", "sum-2n", "conv", False)
+    with pytest.raises(ValueError, match="contrastive_form must be one of"):
+        mem.MitigationConfig(contrastive_form="half")
+    with pytest.raises(ValueError, match="augment must be one of"):
+        mem.MitigationConfig(augment="jitter")
+    with pytest.raises(ValueError, match="prune_layers must be one of"):
+        mem.MitigationObjective(prune_layers="linear")
+
+
+def test_plateau_schedule_halves_lr_after_two_flat_epochs(tiny_splits):
+    """ReduceLROnPlateau(mode min, factor 0.5, patience 1, relative threshold 1e-4) on the epoch's
+    training loss: an epoch improves when loss < best * (1 - 1e-4); after two epochs in a row
+    without improvement the lr halves. Replayed here by hand on the recorded losses."""
+    from shortcut_fast.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    net = build_model("small-cnn", num_classes=10, image_size=16, width=4, padding=2)
+    # lr so small the weights barely move: the loss wanders with the batch, so plateaus happen (and
+    # large enough that a halving exceeds the scheduler's eps 1e-8, below which it skips a change)
+    cfg = TrainConfig(epochs=16, batch_size=20, optimizer="adam", lr=1e-5, weight_decay=0.0, schedule="plateau",
+                      max_steps_per_epoch=1, device="cpu", select="last")
+    history = train(net, tiny_splits, cfg, progress=False).history
+    lr, best, bad, halvings = 1e-5, math.inf, 0, 0
+    for h in history:
+        assert h["lr"] == pytest.approx(lr, rel=1e-12)  # the lr this epoch trained with
+        if h["train_loss"] < best * (1 - 1e-4):
+            best, bad = h["train_loss"], 0
+        else:
+            bad += 1
+        if bad > 1:
+            lr, bad, halvings = lr * 0.5, 0, halvings + 1
+    assert halvings >= 1
+    with pytest.raises(ValueError, match="warmup_epochs must be 0 with schedule 'plateau'"):
+        TrainConfig(schedule="plateau", warmup_epochs=1.0)
+
+
+def test_resized_crop_flip_augmentation():
+    """RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3) + flip: on ramp images (channel 0 = column,
+    channel 1 = row) the output is again a ramp whose slope is the crop's size over the image's
+    (negative in x when flipped), so the crop's area fraction can be read back."""
+    from shortcut_fast.train import augment_batch
+
+    n, h, w = 200, 24, 24
+    cols = torch.arange(w, dtype=torch.float32).expand(h, w)
+    x = torch.stack([cols, cols.T.contiguous(), torch.zeros(h, w)])[None].repeat(n, 1, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    out = augment_batch(x, "resized-crop-flip", gen)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    sx = out[:, 0, h // 2, w // 2 + 1] - out[:, 0, h // 2, w // 2]
+    sy = out[:, 1, h // 2 + 1, w // 2] - out[:, 1, h // 2, w // 2]
+    area = sx.abs() * sy
+    assert bool((area > 0.7 - 0.08).all()) and bool((area <= 1 + 1e-5).all())
+    assert 60 < int((sx < 0).sum()) < 140  # about half flipped
+    assert bool((sy > 0).all())  # never flipped vertically
+    again = augment_batch(x, "resized-crop-flip", torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
 # ---------------------------------------------------------------------------------------
 # Global magnitude mask
 
@@ -116,6 +221,9 @@ def test_prunable_weights_are_conv_and_linear_only():
     model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
     names = set(mem.prunable_weights(model))
     assert names == {"conv1.conv.weight", "conv2.conv.weight", "conv3.conv.weight", "head.weight"}
+    assert set(mem.prunable_weights(model, "conv")) == names - {"head.weight"}  # the published choice
+    mlp = build_model("mlp", num_classes=3, image_size=16, width=8)  # no conv: "conv" falls back to linears
+    assert set(mem.prunable_weights(mlp, "conv")) == set(mem.prunable_weights(mlp, "conv-linear")) != set()
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,7 +235,8 @@ def test_mitigation_step_changes_weights_keeps_dense_weights_and_stats():
     model = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
     model.train()
     x, y = torch.rand(12, 3, 16, 16), torch.randint(0, 3, (12,))
-    objective = mem.MitigationObjective(prune_fraction=0.05, tau=0.5, ce_weight=0.2)
+    objective = mem.MitigationObjective(prune_fraction=0.05, tau=0.5, ce_weight=0.2, contrastive_form="half-mean",
+                                        prune_layers="conv-linear")
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # The pruned forward is the model with masked weights, computed without touching the dense ones.
@@ -233,7 +342,9 @@ def test_memorization_cli_end_to_end(tmp_path, tiny_checkpoint):
     record = json.loads((out / "result.json").read_text())
     r = record["result"]
     assert {"config", "grouping", "baseline", "memorization_gap", "layers", "top_channels", "seconds"} <= set(r)
-    assert r["grouping"]["minority"] == ["conflicting"] and r["config"]["layers"] == ["conv1", "conv2", "conv3"]
+    # default: pre-BN (the conv outputs = the published zeroing of filter weights), stem conv included
+    assert r["grouping"]["minority"] == ["conflicting"] and r["config"]["where"] == "pre-bn"
+    assert r["config"]["layers"] == ["conv1.conv", "conv2.conv", "conv3.conv"]
     assert len(r["top_channels"]) == 3
     csv_lines = (out / "top_channels.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and "train conflicting" in csv_lines[0]
@@ -253,26 +364,35 @@ def test_memorization_cli_end_to_end(tmp_path, tiny_checkpoint):
         best = max(range(s["channels"]), key=lambda c: (s["score"][c], -c))
         assert s["cumulative"][0]["channels"] == [best]
         assert s["cumulative"][0]["train_accuracy"] == pytest.approx(s["train_accuracy"][best])
+    # The published criteria: weight norms ranked over every conv but downsample, and per group
+    # the global top by gradient norm (every conv) on that group's lowest-p(true class) samples.
+    from shortcut_fast.models import model_from_checkpoint
+
+    net = model_from_checkpoint(tiny_checkpoint).eval()
+    norms = {n: net.get_submodule(n).weight.detach().flatten(1).norm(dim=1) for n in ("conv1.conv", "conv2.conv",
+                                                                                       "conv3.conv")}
+    flat = torch.cat(list(norms.values()))
+    best_layer = max(norms, key=lambda n: float(norms[n].max()))
+    assert r["weight_norm_top"][0]["layer"] == best_layer
+    assert r["weight_norm_top"][0]["score"] == pytest.approx(float(flat.max()))
+    for s in r["layers"]:
+        for c in range(s["channels"]):
+            assert s["weight_norm_global_rank"][c] == int((flat > norms[s["layer"]][c] * (1 + 1e-6)).sum()) + 1
+    assert set(r["gradient_norm_top"]) == {"aligned", "conflicting"}
+    assert all(len(v) == 3 for v in r["gradient_norm_top"].values())
+    assert "w-norm rank (all convs)" in text
     top = r["top_channels"][0]
     assert top["score"] == max(max(s["score"]) for s in r["layers"])
     assert top["score"] == pytest.approx(layer[top["layer"]]["score"][top["channel"]])
 
-    # The top channel's reported train accuracies agree with a direct hooked ablation.
+    # The top channel's reported train accuracies agree with zeroing its filter weights (published).
     splits = load_dataset("colored-digits", image_size=16, conflict_ratio=0.1)
-    from shortcut_fast.models import model_from_checkpoint
-
-    net = model_from_checkpoint(tiny_checkpoint).eval()
     grouping = mem.Grouping.build(splits)
     x, y, g = mem._take(splits.train, grouping, 200, 0, 1)
 
-    def zero(_m, _a, output):
-        output = output.clone()
-        output[:, top["channel"]] = 0
-        return output
-
-    handle = net.get_submodule(top["layer"]).register_forward_hook(zero)
+    with torch.no_grad():
+        net.get_submodule(top["layer"]).weight[top["channel"]] = 0
     correct, counts = mem.group_outcomes_of(net, x, y, g, 2)
-    handle.remove()
     assert top["train_accuracy"]["conflicting"] == pytest.approx(float(correct[1] / counts[1]))
     assert top["train_accuracy"]["aligned"] == pytest.approx(float(correct[0] / counts[0]))
 
@@ -293,18 +413,18 @@ def test_memorization_resume_through_store(tmp_path, monkeypatch, tiny_checkpoin
     with RunFolder(tmp_path / "run", "memorization", {"cfg": cfg}) as run:
         first = mem.run_memorization(net, tiny_splits, cfg, store=run.partial, progress=False)
     partial = tmp_path / "run" / "partial"
-    assert sorted(p.name for p in partial.glob("layer_*.json")) == ["layer_conv1.json", "layer_conv2.json",
-                                                                   "layer_conv3.json"]
-    assert load_state_file(partial / "sweep_conv3" / "sweep.pt")["done"].keys() == {"conv3"}
+    assert sorted(p.name for p in partial.glob("layer_*.json")) == ["layer_conv1.conv.json", "layer_conv2.conv.json",
+                                                                   "layer_conv3.conv.json"]
+    assert load_state_file(partial / "sweep_conv3.conv" / "sweep.pt")["done"].keys() == {"conv3.conv"}
 
     # Resume: finished layers are read back, not swept again; the result is unchanged.
     calls = []
     real = mem._sweep
     monkeypatch.setattr(mem, "_sweep", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
-    (partial / "layer_conv3.json").unlink()
+    (partial / "layer_conv3.conv.json").unlink()
     with RunFolder(tmp_path / "run", "memorization", {"cfg": cfg}, resume=True) as run:
         again = mem.run_memorization(net, tiny_splits, cfg, store=run.partial, progress=False)
-    assert calls == [["conv3"], ["conv3"]]  # the single-channel and the cumulative sweep of conv3 only
+    assert calls == [["conv3.conv"], ["conv3.conv"]]  # the single-channel and the cumulative sweep of conv3 only
     assert _jsonable(again) == _jsonable(first)
     # Without resuming, the same store is swept afresh (and gives the same numbers).
     calls.clear()
@@ -312,7 +432,7 @@ def test_memorization_resume_through_store(tmp_path, monkeypatch, tiny_checkpoin
     assert len(calls) == 6 and _jsonable(fresh) == _jsonable(first)
 
     # A library caller resuming a store written with other settings is refused, not mixed in.
-    with pytest.raises(ValueError, match=r"layer_conv1.json was written for another memorization run "
+    with pytest.raises(ValueError, match=r"layer_conv1.conv.json was written for another memorization run "
                                          r"\(config.top_k: 2 -> 3\)"):
         mem.run_memorization(net, tiny_splits, dataclasses.replace(cfg, top_k=3), store=Store(partial, True),
                              progress=False)
@@ -348,6 +468,10 @@ def test_mitigate_cli(tmp_path):
     assert r["config"]["lr"] == 2e-4 and r["config"]["tau"] == 0.5 and r["config"]["batch_size"] == 100
     assert r["config"]["ce_weight"] == 0.2 and r["config"]["prune_fraction"] == 0.01
     assert r["checkpoint"] == str(out / "best.pt") and (out / "erm" / "last.pt").exists()
+    # the published defaults: convs only pruned, 2N-anchor sum, plateau schedule, resized crop + flip
+    assert r["pruned_tensors"] == ["conv1.conv.weight", "conv2.conv.weight", "conv3.conv.weight"]
+    assert (r["config"]["contrastive_form"], r["config"]["schedule"], r["config"]["augment"]) == \
+        ("sum-2n", "plateau", "resized-crop-flip") and r["config"]["double_softmax"] is False
     for name in ("group_accuracy_test.png", "mitigation_curves.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -387,3 +511,32 @@ def test_mitigation_resume_matches_uninterrupted(tmp_path, tiny_splits, monkeypa
     assert resumed.history == full.history and resumed.after == full.after and resumed.before == full.before
     # Training moved the weights: "after" is a different model from "before".
     assert not torch.equal(a["conv1.conv.weight"], model().state_dict()["conv1.conv.weight"])
+
+
+def test_default_layers_stem_and_where():
+    torch.manual_seed(0)
+    ours = build_model("resnet18", num_classes=4, width=4)
+    blocks = mem.default_layers(ours)  # the old default: blocks only, block outputs
+    assert "stem.conv" not in blocks
+    assert mem.default_layers(ours, where="output", stem=True) == ["stem.conv"] + blocks
+    convs = mem.default_layers(ours, where="pre-bn", stem=True)
+    # our ResNet's first block is the stem unit itself: its conv is listed once
+    assert blocks[0] == "stem" and convs == ["stem.conv"] + [f"{b}.conv2" for b in blocks[1:]]
+    tv = build_model("tv:resnet18", num_classes=2)
+    assert mem.default_layers(tv, where="pre-bn", stem=True)[0] == "net.conv1"  # where the published channel is
+    small = build_model("small-cnn", num_classes=3, image_size=16, width=4, padding=2)
+    assert mem.default_layers(small, where="pre-bn", stem=True) == ["conv1.conv", "conv2.conv", "conv3.conv"]
+
+
+def test_memorization_config_noise_modes(tmp_path):
+    with pytest.raises(ValueError, match="'noise' is ambiguous.*'activation-noise'.*'weight-noise'"):
+        mem.MemorizationConfig(mode="noise")
+    with pytest.raises(ValueError, match="needs noise_std"):
+        mem.MemorizationConfig(mode="weight-noise")
+    with pytest.raises(ValueError, match="noise_std only applies"):
+        mem.MemorizationConfig(mode="zero", noise_std=0.1)
+    cfg = mem.MemorizationConfig(mode="weight-noise", noise_std=0.01, noise_kind="add", repeats=3)
+    assert cfg.where == "pre-bn" and cfg.stem and cfg.weight_norm_ranking == "global"
+    result = CliRunner().invoke(main, ["memorization", *_DATA, "--mode", "noise", "--out", str(tmp_path / "m"),
+                                       "--quiet"])
+    assert result.exit_code != 0 and "activation-noise" in result.output and "weight-noise" in result.output

@@ -16,6 +16,7 @@ from shortcut_fast.run_folder import RunFolder, Store, load_state_file
 from shortcut_fast.surgery import split as split_mod
 from shortcut_fast.surgery import (channel_ablation_reference, channel_ablation_sweep, gradient_norm_scores,
                                    weight_norm_scores)
+from shortcut_fast.surgery.sweep import conv_names, global_top, weight_noise
 from shortcut_fast.report import to_jsonable
 
 
@@ -73,7 +74,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["zero", "mean", "noise", "rewind"])
+@pytest.mark.parametrize("mode", ["zero", "mean", "activation-noise", "weight-noise", "rewind"])
 @pytest.mark.parametrize("model_name,layer,where,linearity", CASES)
 def test_fast_equals_hook_loop(model_name, layer, where, linearity, mode):
     model = MODELS[model_name]
@@ -82,7 +83,11 @@ def test_fast_equals_hook_loop(model_name, layer, where, linearity, mode):
     C = len(channels)
     kw = dict(mode=mode, where=where, return_outputs=True, batch_size=4, seed=3,
               rewind_to=_perturbed(model) if mode == "rewind" else None, channel_sets=[[0, 2], []],
-              channels=channels)
+              channels=channels, noise_std=0.5 if mode == "weight-noise" else None)
+    if mode == "weight-noise" and where == "output":  # a block output has no filter weights to perturb
+        with pytest.raises(ValueError, match="perturbs a conv's filter weights"):
+            channel_ablation_sweep(model, [layer], data, backend="torch", **kw)
+        return
     # a small max_bytes forces several variant chunks per batch
     fast = channel_ablation_sweep(model, [layer], data, linearity=linearity, max_bytes=1, backend="torch", **kw)
     ref = channel_ablation_reference(model, [layer], data, **kw)
@@ -98,7 +103,7 @@ def test_fast_equals_hook_loop(model_name, layer, where, linearity, mode):
 def test_noise_repeats_average_and_seed():
     model = MODELS["resnet18"]
     data = _data()
-    kw = dict(mode="noise", repeats=3, return_outputs=True, batch_size=5, channels=[0, 3])
+    kw = dict(mode="activation-noise", repeats=3, return_outputs=True, batch_size=5, channels=[0, 3])
     fast = channel_ablation_sweep(model, "layer1.0", data, backend="torch", seed=7, **kw)["layer1.0"]
     ref = channel_ablation_reference(model, "layer1.0", data, seed=7, **kw)["layer1.0"]
     assert fast.outputs.shape == (3, 2, 11, 4)
@@ -284,7 +289,7 @@ def test_resume_through_store_equals_uninterrupted(tmp_path, monkeypatch):
     model = MODELS["resnet18"]
     data = _data(n=10)
     layers = ["layer1.0", "layer1.1"]
-    kw = dict(mode="noise", return_outputs=True, batch_size=3, backend="torch", channels=[0, 1, 3])
+    kw = dict(mode="activation-noise", return_outputs=True, batch_size=3, backend="torch", channels=[0, 1, 3])
     real = split_mod.SplitModel.run_variants
     calls = [0]
 
@@ -429,6 +434,15 @@ def test_bad_inputs():
         channel_ablation_sweep(model, ["layer9"], data)
     with pytest.raises(ValueError, match="mode must be one of"):
         channel_ablation_sweep(model, "layer1.0", data, mode="erase")
+    with pytest.raises(ValueError, match="'noise' is ambiguous.*'activation-noise'.*'weight-noise'"):
+        channel_ablation_sweep(model, "layer1.0", data, mode="noise")
+    with pytest.raises(ValueError, match="needs noise_std"):
+        channel_ablation_sweep(model, "layer1.0.conv1", data, mode="weight-noise", where="pre-bn")
+    with pytest.raises(ValueError, match="noise_kind must be one of"):
+        channel_ablation_sweep(model, "layer1.0.conv1", data, mode="weight-noise", where="pre-bn", noise_std=0.1,
+                               noise_kind="scale")
+    with pytest.raises(ValueError, match="noise_std only applies"):
+        channel_ablation_sweep(model, "layer1.0", data, mode="activation-noise", noise_std=0.1)
     with pytest.raises(ValueError, match="where must be one of"):
         channel_ablation_sweep(model, "layer1.0", data, where="inside")
     with pytest.raises(ValueError, match="needs rewind_to"):
@@ -496,3 +510,67 @@ def test_backends(backend, device):
         fast = channel_ablation_sweep(model, "layer1.0", data, backend=backend, linearity=False, **kw)
     ref = channel_ablation_reference(model, "layer1.0", data, **kw)
     _compare(fast["layer1.0"], ref["layer1.0"])
+
+
+class _TinyConvNet(nn.Module):
+    """conv (with a bias: weight noise must keep it) -> BN -> ReLU -> pool -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["replace", "add"])
+def test_weight_noise_is_the_published_weight_perturbation(kind):
+    """Published "noise" (utils.modify_weights, random_init / random_noise): in a copy of the
+    model, output channel c's filter weights W[c] become Z[c] (replace) or W[c] + Z[c] (add),
+    Z ~ N(0, std^2) drawn once per run; the bias stays; the copy is evaluated on all the data;
+    the runs' correct counts are averaged. Computed here with full forwards of modified copies."""
+    torch.manual_seed(0)
+    model = _TinyConvNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.conv.bias.uniform_(-0.5, 0.5)
+    x, y, g = _data(n=13, classes=4, groups=2)
+    std, R, channels = 0.3, 2, [1, 4]
+    got = channel_ablation_sweep(model, "conv", (x, y, g), mode="weight-noise", where="pre-bn", noise_kind=kind,
+                                 noise_std=std, repeats=R, channels=channels, channel_sets=[[0, 2]], seed=5,
+                                 return_outputs=True, batch_size=4, backend="torch")["conv"]
+    W = model.conv.weight.detach()
+    expected = torch.zeros(3, 2, dtype=torch.float64)
+    for r in range(R):
+        z = weight_noise(W, "replace", std, 5, 0, r)  # the draw: N(0, std^2) per weight
+        assert abs(float(z.std()) / std - 1) < 0.35 and not torch.equal(z, weight_noise(W, "replace", std, 5, 0, 1 - r))
+        for v, chans in enumerate([[1], [4], [0, 2]]):
+            copy_ = copy.deepcopy(model)
+            with torch.no_grad():
+                for c in chans:
+                    copy_.conv.weight[c] = z[c] if kind == "replace" else W[c] + z[c]
+                logits = copy_(x)
+            torch.testing.assert_close(got.outputs[r, v], logits, rtol=1e-5, atol=1e-5)
+            hit = (logits.argmax(1) == y).double()
+            expected[v] += torch.stack([hit[g == k].sum() for k in range(2)]) / R
+    torch.testing.assert_close(got.correct, expected)
+    ref = channel_ablation_reference(model, "conv", (x, y, g), mode="weight-noise", where="pre-bn", noise_kind=kind,
+                                     noise_std=std, repeats=R, channels=channels, channel_sets=[[0, 2]], seed=5,
+                                     return_outputs=True, batch_size=4)["conv"]
+    _compare(got, ref, exact_counts=False)
+
+
+def test_conv_names_and_global_top():
+    model = MODELS["resnet18"]
+    every = conv_names(model)
+    plain = conv_names(model, downsample=False)
+    assert "layer2.0.shortcut.0" in every and "layer2.0.shortcut.0" not in plain
+    assert plain[0] == "stem.conv" and set(every) - set(plain) == {n for n in every if ".shortcut." in n}
+    scores = {"a": torch.tensor([0.5, 3.0, 1.0]), "b": torch.tensor([3.0, 2.0])}
+    assert global_top(scores, 3) == [{"layer": "a", "channel": 1, "score": 3.0},
+                                     {"layer": "b", "channel": 0, "score": 3.0},
+                                     {"layer": "b", "channel": 1, "score": 2.0}]
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        global_top(scores, 0)

@@ -12,12 +12,18 @@ memorize the minority training samples:
   gradient-norm scores (the paper's two cheaper criteria) for comparison.
 
 `run_mitigation` is the paper's training-time framework: starting from the ERM model, every
-epoch masks the `prune_fraction` smallest-magnitude conv/linear weights (one global
-threshold) and every step minimizes
-      NT-Xent(pruned output, dense output; tau), symmetrized with stop-gradients,
-      + ce_weight * CE(dense output, y)
-with Adam; the pruned forward uses the same parameters with the mask applied
-(torch.func.functional_call), so the dense weights are never zeroed in place.
+epoch masks the `prune_fraction` smallest-magnitude weights (one global threshold; convs
+only by default, as published, or convs and linear layers) and every step minimizes
+      contrastive(pruned output, dense output; tau) + ce_weight * CE(dense output, y)
+with Adam. contrastive_form "sum-2n" (default, the published script): NT2N(sg(dense), pruned)
++ NT2N(dense, sg(pruned)), each the SimCLR loss over all 2N anchors of the two views;
+"half-mean" (ours before): 0.5 * (NT(pruned -> sg(dense)) + NT(dense -> sg(pruned))) with N
+anchors each, half the published value, so CE weighs twice as much against it. Defaults
+follow the published script: 21 epochs, ReduceLROnPlateau(0.5, patience 1) on the training
+loss, RandomResizedCrop(0.7-1) + flip. double_softmax=True reproduces its head's extra
+Softmax (CE and NT-Xent then see softmax(logits)): a bug there, off by default. The pruned
+forward uses the same parameters with the mask applied (torch.func.functional_call), so the
+dense weights are never zeroed in place.
 
 Persistence: both take `store=` (a run_folder.Store the caller owns, e.g. a RunFolder's
 `partial`); they write resume state only there and never write results or figures (the CLI
@@ -52,12 +58,15 @@ from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops.ablation import group_outcomes
 from shortcut_fast.report import progress_ticker, to_jsonable
 from shortcut_fast.run_folder import file_digest, settings_diff, tensor_digest
+from shortcut_fast.surgery.split import WHERE
+from shortcut_fast.surgery.sweep import MODES, NOISE_KINDS
 
 if TYPE_CHECKING:
     from shortcut_fast.run_folder import Store
 
-MODES = ("zero", "mean", "noise", "rewind")
-WHERE = ("output", "pre-bn", "post-activation")
+WEIGHT_NORM_RANKINGS = ("global", "layer")
+CONTRASTIVE_FORMS = ("sum-2n", "half-mean")
+PRUNE_LAYERS = ("conv", "conv-linear")
 GROUPINGS = ("auto", "group", "alignment")
 MAX_DATASET_GROUPS = 16  # above this, "auto" groups by alignment (e.g. 10 x 10 colored digits)
 
@@ -193,25 +202,44 @@ def group_report(model: nn.Module, splits, grouping: Grouping, minority: Sequenc
 
 @dataclass
 class MemorizationConfig:
-    layers: list[str] | None = None  # None: default_layers(model)
+    layers: list[str] | None = None  # None: default_layers(model, where, stem)
     mode: str = "zero"
-    where: str = "output"
-    repeats: int = 1  # noise mode: draws averaged
+    # "pre-bn" zeroes the conv's output channel = the published zeroing of its filter weights
+    # (bias-free convs, as in ResNets); "output" (the block output) was our default before.
+    where: str = "pre-bn"
+    stem: bool = True  # default layers include the stem conv (torchvision ResNet-50: conv1)
+    repeats: int = 1  # noise modes: draws averaged
+    noise_kind: str = "replace"  # weight-noise: replace the channel's weights, or add the noise
+    noise_std: float | None = None  # weight-noise: std of N(0, std^2) (required there)
+    weight_norm_ranking: str = "global"  # ranks reported: over all convs but downsample (published), or in-layer
     top_k: int = 5  # channels reported, and the largest set of the cumulative top-k sweep
     grouping: str = "auto"
     minority_groups: list[int] | None = None  # None: minority_groups(train counts, minority_fraction)
     minority_fraction: float = 0.5
     max_samples: int | None = None  # per split (seeded subset); None: all
-    gradient_samples: int = 200  # worst-predicted minority train samples for the gradient-norm scores
+    gradient_samples: int = 200  # lowest-p(true class) train samples per group for the gradient-norm scores
     batch_size: int = 256
     backend: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
+        if self.mode == "noise":
+            raise ValueError("mode 'noise' is ambiguous: use 'activation-noise' (ours: activations replaced by "
+                             "Gaussian noise with the channel's mean and std) or 'weight-noise' (published: the "
+                             "channel's conv weights replaced by / added N(0, noise_std^2))")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.where not in WHERE:
             raise ValueError(f"where must be one of {WHERE}, got {self.where!r}")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {self.noise_kind!r}")
+        if self.mode == "weight-noise" and (self.noise_std is None or not self.noise_std > 0):
+            raise ValueError(f"mode 'weight-noise' needs noise_std > 0, got {self.noise_std!r}")
+        if self.mode != "weight-noise" and self.noise_std is not None:
+            raise ValueError(f"noise_std only applies to mode 'weight-noise', got it with mode {self.mode!r}")
+        if self.weight_norm_ranking not in WEIGHT_NORM_RANKINGS:
+            raise ValueError(f"weight_norm_ranking must be one of {WEIGHT_NORM_RANKINGS}, "
+                             f"got {self.weight_norm_ranking!r}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
         for name in ("repeats", "top_k", "batch_size", "gradient_samples"):
@@ -238,6 +266,7 @@ class LayerRanking:
     train_accuracy: list[list[float | None]]  # (C, G) per-group train accuracy with the channel ablated
     test_accuracy: list[list[float | None]]
     weight_norm: list[float] | None = None
+    weight_norm_global_rank: list[int] | None = None  # 1-based, among every channel of every conv but downsample
     gradient_norm: list[float] | None = None
     spearman_score_vs_weight_norm: float | None = None
     spearman_score_vs_gradient_norm: float | None = None
@@ -253,18 +282,35 @@ class MemorizationResult:
     memorization_gap: dict[str, float | None]
     layers: list[LayerRanking]
     top_channels: list[dict]
+    # The published criteria: global top-k by weight norm over every conv but downsample, and
+    # per group the global top-k by gradient norm (every conv, downsample included).
+    weight_norm_top: list[dict] = field(default_factory=list)
+    gradient_norm_top: dict[str, list[dict]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
-def default_layers(model: nn.Module, count: int = 4) -> list[str]:
-    """The model's blocks when it has at most `count`, else `count` evenly spaced ones (first and last kept)."""
+def default_layers(model: nn.Module, count: int = 4, *, where: str = "output", stem: bool = False) -> list[str]:
+    """The model's blocks when it has at most `count`, else `count` evenly spaced ones (first
+    and last kept). where "pre-bn" / "post-activation" name a conv: each block's conv that
+    writes its output channels (surgery.sweep.channel_conv). stem=True puts the model's first
+    conv in front (the published example channel is in a torchvision ResNet-50's conv1)."""
     from shortcut_fast.models import model_blocks
+    from shortcut_fast.surgery.sweep import channel_conv, conv_names
 
     blocks = model_blocks(model)
-    if len(blocks) <= count:
-        return list(blocks)
-    picks = sorted({round(i * (len(blocks) - 1) / (count - 1)) for i in range(count)})
-    return [blocks[i] for i in picks]
+    if len(blocks) > count:
+        picks = sorted({round(i * (len(blocks) - 1) / (count - 1)) for i in range(count)})
+        blocks = [blocks[i] for i in picks]
+    if where != "output":
+        blocks = [c for c in (channel_conv(model, b) for b in blocks) if c is not None]
+    convs = conv_names(model)
+    if stem and convs:
+        blocks = [convs[0]] + blocks
+    out = []
+    for name in blocks:  # the stem may also be a block's conv (e.g. small-cnn's conv1.conv)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _spearman(a, b) -> float | None:
@@ -292,6 +338,7 @@ def _sweep(model, layers, data, cfg: MemorizationConfig, num_groups: int, *, cha
 
     return channel_ablation_sweep(model, layers, data, channel_sets=channel_sets, mode=cfg.mode, where=cfg.where,
                                   repeats=cfg.repeats, rewind_to=rewind_to, num_groups=num_groups,
+                                  noise_kind=cfg.noise_kind, noise_std=cfg.noise_std,
                                   batch_size=cfg.batch_size, backend=cfg.backend, seed=cfg.seed,
                                   progress=progress, store=store)
 
@@ -312,6 +359,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     written for another model, data subset or configuration is refused with a ValueError.
     """
     from shortcut_fast.surgery import gradient_norm_scores, weight_norm_scores
+    from shortcut_fast.surgery.sweep import conv_names, global_top
 
     t0 = time.perf_counter()
     cfg = cfg or MemorizationConfig()
@@ -319,7 +367,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     model = model.to(device).eval()
     if cfg.mode == "rewind" and rewind_to is None:
         raise ValueError("mode 'rewind' needs rewind_to (an earlier checkpoint of the same model)")
-    layers = list(cfg.layers) if cfg.layers else default_layers(model)
+    layers = list(cfg.layers) if cfg.layers else default_layers(model, where=cfg.where, stem=cfg.stem)
     grouping = Grouping.build(splits, cfg.grouping)
     G = grouping.num_groups
 
@@ -364,11 +412,24 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
     }
 
     # Comparison criteria: weight norm per output channel; gradient norm on the worst-predicted
-    # minority train samples (of the smallest minority group).
+    # (lowest p(true class) = highest CE) minority train samples of the smallest minority group.
     weight_scores = weight_norm_scores(model, layers)
     grad_group = min(minority, key=lambda g: int(train_counts[g]))
     train_only = (x_tr.to(device), y_tr.to(device), g_tr.to(device))
     grad_scores = gradient_norm_scores(model, layers, train_only, grad_group, num_samples=cfg.gradient_samples)
+    # The published forms: weight norms of every conv but downsample, ranked globally; gradient
+    # norms of every conv (downsample included) from each group's own lowest-p(true) samples.
+    plain_convs = conv_names(model, downsample=False)
+    all_weight_norms = weight_norm_scores(model, plain_convs) if plain_convs else {}
+    global_norms = torch.cat([v for v in all_weight_norms.values()]) if all_weight_norms else None
+    weight_top = global_top(all_weight_norms, cfg.top_k) if all_weight_norms else []
+    grad_top = {}
+    every_conv = conv_names(model)
+    if every_conv:
+        for g in range(G):
+            if train_counts[g] > 0:
+                scores = gradient_norm_scores(model, every_conv, train_only, g, num_samples=cfg.gradient_samples)
+                grad_top[grouping.names[g]] = global_top(scores, cfg.top_k)
     model.eval()
 
     bar = progress_ticker(len(layers), "layers", progress)
@@ -400,6 +461,8 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
             train_accuracy=[_accuracy(row, train_counts) for row in correct[:, :G]],
             test_accuracy=[_accuracy(row, test_counts) for row in correct[:, G:]],
             weight_norm=None if w is None else w.tolist(), gradient_norm=None if gn is None else gn.tolist(),
+            weight_norm_global_rank=None if w is None or global_norms is None else
+            [int((global_norms > v).sum()) + 1 for v in w.tolist()],
             spearman_score_vs_weight_norm=None if w is None else _spearman(score, w),
             spearman_score_vs_gradient_norm=None if gn is None else _spearman(score, gn))
         # Cumulative: this layer's top 1, 2, ..., k channels ablated together.
@@ -435,7 +498,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
                   "train_counts": train_counts.tolist(), "test_counts": test_counts.tolist(),
                   "gradient_norm_group": grouping.names[grad_group]},
         baseline=baseline, memorization_gap=gap, layers=sweeps, top_channels=top,
-        seconds=time.perf_counter() - t0)
+        weight_norm_top=weight_top, gradient_norm_top=grad_top, seconds=time.perf_counter() - t0)
 
 
 def _weights_id(obj) -> str:
@@ -481,6 +544,8 @@ def _top_channels(sweeps: list[LayerRanking], k: int, grouping: Grouping, train_
             if values is not None:
                 row[name] = values[c]
                 row[f"{name}_rank_in_layer"] = _rank_desc(torch.tensor(values), c)
+        if s.weight_norm_global_rank is not None:
+            row["weight_norm_global_rank"] = s.weight_norm_global_rank[c]
         rows.append(row)
     return rows
 
@@ -494,6 +559,8 @@ def _top_channels(sweeps: list[LayerRanking], k: int, grouping: Grouping, train_
 def memorization_table(result: MemorizationResult) -> tuple[list[list], list[str]]:
     """Rows and headers of the top-channel table (train/test minority and majority accuracy when ablated)."""
     b = result.baseline
+    global_rank = result.config.get("weight_norm_ranking", "layer") == "global"
+    w_rank = "weight_norm_global_rank" if global_rank else "weight_norm_rank_in_layer"
     rows = [["(none)", "-", float("nan"), b["train"]["minority_accuracy"], b["train"]["majority_accuracy"],
              b["test"]["minority_accuracy"], b["test"]["majority_accuracy"], "-", "-"]]
     for r in result.top_channels:
@@ -502,9 +569,9 @@ def memorization_table(result: MemorizationResult) -> tuple[list[list], list[str
                      b["train"]["majority_accuracy"] - r["majority_drop"],
                      b["test"]["minority_accuracy"] - r["test_minority_drop"],
                      b["test"]["majority_accuracy"] - r["test_majority_drop"],
-                     r.get("weight_norm_rank_in_layer", "-"), r.get("gradient_norm_rank_in_layer", "-")])
+                     r.get(w_rank, "-"), r.get("gradient_norm_rank_in_layer", "-")])
     headers = ["layer", "channel", "score", "train minority", "train majority", "test minority", "test majority",
-               "w-norm rank", "g-norm rank"]
+               "w-norm rank (all convs)" if w_rank == "weight_norm_global_rank" else "w-norm rank", "g-norm rank"]
     return rows, headers
 
 
@@ -593,12 +660,21 @@ def _num(v) -> float:
 # Mitigation: global magnitude mask, NT-Xent between pruned and dense outputs
 
 
-def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Qualified name -> weight of every convolution and linear layer (biases and norms excluded)."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.weight is not None:
-            out[f"{name}.weight" if name else "weight"] = module.weight
+def prunable_weights(model: nn.Module, layers: str = "conv-linear") -> dict[str, nn.Parameter]:
+    """Qualified name -> weight of every convolution ("conv": the published choice, downsample
+    convs included; a model with no convolution at all, e.g. an MLP, falls back to its linear
+    layers: the result's `pruned_tensors` lists what was pruned) or of every convolution and
+    linear layer ("conv-linear"); biases and norms are never pruned."""
+    if layers not in PRUNE_LAYERS:
+        raise ValueError(f"layers must be one of {PRUNE_LAYERS}, got {layers!r}")
+
+    def collect(kinds):
+        return {f"{name}.weight" if name else "weight": module.weight for name, module in model.named_modules()
+                if isinstance(module, kinds) and module.weight is not None}
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    out = collect(convs + (nn.Linear,) if layers == "conv-linear" else convs)
+    if not out and layers == "conv":
+        out = collect((nn.Linear,))
     if not out:
         raise ValueError(f"{type(model).__name__} has no convolution or linear weights to prune")
     return out
@@ -638,6 +714,20 @@ def nt_xent(anchors: torch.Tensor, positives: torch.Tensor, tau: float = 0.5) ->
     return F.cross_entropy(sim, idx + n)
 
 
+def nt_xent_2n(view1: torch.Tensor, view2: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """The SimCLR NT-Xent over all 2N anchors (the published utils.nt_xent): row i of either
+    view is an anchor whose positive is row i of the other view and whose negatives are the
+    2N - 2 other rows; mean over the 2N anchors. Gradients flow through both views (detach
+    one to get the published stop-gradient terms). Equals 0.5 * (nt_xent(v1, v2) + nt_xent(v2, v1))."""
+    return 0.5 * (nt_xent(view1, view2, tau) + nt_xent(view2, view1, tau))
+
+
+def published_nt_xent(pruned: torch.Tensor, dense: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
+    """NT2N(sg(dense), pruned) + NT2N(dense, sg(pruned)): the published mitigation's contrastive
+    term (SpuriousCorrelationFinetuningPruning.py), twice symmetric_nt_xent's value."""
+    return nt_xent_2n(dense.detach(), pruned, tau) + nt_xent_2n(dense, pruned.detach(), tau)
+
+
 def symmetric_nt_xent(pruned: torch.Tensor, dense: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """0.5 * (NT-Xent(pruned -> sg(dense)) + NT-Xent(dense -> sg(pruned))): each side is pulled
     towards the other's output as a fixed target. Symmetric in its arguments; its value is
@@ -656,7 +746,13 @@ class MitigationObjective:
     """
 
     def __init__(self, prune_fraction: float = 0.01, tau: float = 0.5, ce_weight: float = 0.2,
-                 contrastive_weight: float = 1.0):
+                 contrastive_weight: float = 1.0, *, contrastive_form: str = "sum-2n", prune_layers: str = "conv",
+                 double_softmax: bool = False):
+        if contrastive_form not in CONTRASTIVE_FORMS:
+            raise ValueError(f"contrastive_form must be one of {CONTRASTIVE_FORMS}, got {contrastive_form!r}")
+        if prune_layers not in PRUNE_LAYERS:
+            raise ValueError(f"prune_layers must be one of {PRUNE_LAYERS}, got {prune_layers!r}")
+        self.contrastive_form, self.prune_layers, self.double_softmax = contrastive_form, prune_layers, double_softmax
         if not 0 <= prune_fraction < 1:
             raise ValueError(f"prune_fraction must be in [0, 1), got {prune_fraction!r}")
         if not tau > 0:
@@ -671,7 +767,7 @@ class MitigationObjective:
         self._device_sums = None  # on-device sums of (contrastive, ce, samples): no per-step sync
 
     def update_mask(self, model: nn.Module) -> None:
-        weights = prunable_weights(model)
+        weights = prunable_weights(model, self.prune_layers)
         self.masks = global_magnitude_mask(weights, self.prune_fraction)
         pruned = [w.detach().abs()[~self.masks[n]] for n, w in weights.items()]
         pruned = torch.cat([p.flatten() for p in pruned])
@@ -680,18 +776,24 @@ class MitigationObjective:
     def pruned_forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.masks is None:
             self.update_mask(model)
-        weights = prunable_weights(model)
+        weights = prunable_weights(model, self.prune_layers)
         state = {name: w * self.masks[name] for name, w in weights.items()}
         state.update({name: b.clone() for name, b in model.named_buffers()})
         return torch.func.functional_call(model, state, (x,))
 
+    def _out(self, logits: torch.Tensor) -> torch.Tensor:
+        # double_softmax: the published head ends in Softmax, so its losses see probabilities
+        return logits.float().softmax(-1) if self.double_softmax else logits
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        dense = model(x)
+        dense = self._out(model(x))
         ce = F.cross_entropy(dense.float(), y)
         if self.contrastive_weight == 0:  # control: no pruned forward at all
             contrastive = torch.zeros((), device=ce.device)
         else:
-            contrastive = symmetric_nt_xent(self.pruned_forward(model, x), dense, self.tau)
+            pruned = self._out(self.pruned_forward(model, x))
+            form = published_nt_xent if self.contrastive_form == "sum-2n" else symmetric_nt_xent
+            contrastive = form(pruned, dense, self.tau)
         stats = torch.stack([contrastive.detach().double() * y.numel(), ce.detach().double() * y.numel(),
                              torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
         self._device_sums = stats if self._device_sums is None else self._device_sums + stats
@@ -710,11 +812,16 @@ class MitigationObjective:
 
 @dataclass
 class MitigationConfig:
-    epochs: int = 20
+    epochs: int = 21  # published n_epochs
     prune_fraction: float = 0.01
     tau: float = 0.5
     ce_weight: float = 0.2
     contrastive_weight: float = 1.0  # 0: the CE-only control run
+    contrastive_form: str = "sum-2n"  # published; "half-mean": ours before (half the value)
+    prune_layers: str = "conv"  # published; "conv-linear": also the linear head (ours before)
+    schedule: str = "plateau"  # ReduceLROnPlateau(0.5, patience 1), published; "constant": ours before
+    augment: str = "resized-crop-flip"  # published; "none": ours before (or the trainer's "flip-crop")
+    double_softmax: bool = False  # True: reproduce the published head's extra Softmax (a bug there)
     lr: float = 2e-4
     batch_size: int = 100
     weight_decay: float = 0.0
@@ -738,12 +845,22 @@ class MitigationConfig:
                              f"and {self.contrastive_weight!r}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        if self.contrastive_form not in CONTRASTIVE_FORMS:
+            raise ValueError(f"contrastive_form must be one of {CONTRASTIVE_FORMS}, got {self.contrastive_form!r}")
+        if self.prune_layers not in PRUNE_LAYERS:
+            raise ValueError(f"prune_layers must be one of {PRUNE_LAYERS}, got {self.prune_layers!r}")
+        if self.schedule not in ("plateau", "constant"):
+            raise ValueError(f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
+        if not isinstance(self.double_softmax, bool):
+            raise ValueError(f"double_softmax must be a bool, got {self.double_softmax!r}")
+        self.train_config()  # augment and the rest are checked by the trainer's config
 
     def train_config(self):
         from shortcut_fast.train import TrainConfig
 
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer="adam", lr=self.lr,
-                           weight_decay=self.weight_decay, schedule="constant", warmup_epochs=0.0, seed=self.seed,
+                           weight_decay=self.weight_decay, schedule=self.schedule, augment=self.augment,
+                           warmup_epochs=0.0, seed=self.seed,
                            device=self.device, select=self.select, max_steps_per_epoch=self.max_steps_per_epoch,
                            eval_batch_size=self.eval_batch_size)
 
@@ -757,6 +874,7 @@ class MitigationResult:
     after_pruned: dict  # the final model with its final mask applied
     history: list[dict]
     checkpoint: str | None
+    pruned_tensors: list[str] = field(default_factory=list)  # the weights the magnitude mask acts on
     seconds: float = 0.0
 
 
@@ -798,7 +916,9 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
     before = group_report(model, splits, grouping, minority, **report)
 
     log: list[dict] = store.load_json(LOG, []) if store is not None else []
-    objective = MitigationObjective(cfg.prune_fraction, cfg.tau, cfg.ce_weight, cfg.contrastive_weight)
+    objective = MitigationObjective(cfg.prune_fraction, cfg.tau, cfg.ce_weight, cfg.contrastive_weight,
+                                    contrastive_form=cfg.contrastive_form, prune_layers=cfg.prune_layers,
+                                    double_softmax=cfg.double_softmax)
 
     def on_epoch_end(epoch: int, net: nn.Module, record: dict) -> None:
         entry = {"epoch": epoch + 1, **objective.new_epoch(), "train_loss": record["train_loss"],
@@ -824,6 +944,7 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
         grouping={"kind": grouping.kind, "names": grouping.names, "minority": [grouping.names[g] for g in minority],
                   "train_counts": train_counts.tolist()},
         before=before, after=after, after_pruned=after_pruned, history=log,
+        pruned_tensors=list(prunable_weights(model, cfg.prune_layers)),
         checkpoint=str(store.root / "best.pt") if store is not None else None, seconds=time.perf_counter() - t0)
 
 

@@ -14,10 +14,16 @@ Ground truth (`channel_ablation_reference`): one full forward per channel and ba
 forward hook that modifies the layer output; it is also the benchmark baseline.
 
 Modes: "zero"; "mean" (per-channel mean over the data and positions, from a first pass);
-"noise" (Gaussian noise with the channel's mean and std, `repeats` seeded draws, averaged);
+"activation-noise" (ours: the channel's activation replaced by Gaussian noise with the
+channel's mean and std, fresh per sample, `repeats` seeded draws, averaged);
+"weight-noise" (the published "noise" of You et al.'s code, utils.modify_weights modes
+random_init / random_noise: the output channel's filter weights of the conv are replaced by
+(noise_kind="replace") or added (noise_kind="add") N(0, noise_std^2) draws, one draw of the
+weights per repeat shared by every sample, `repeats` averaged; the conv's bias is kept);
 "rewind" (the ablation point recomputed with the weights of `rewind_to` for the chain that
 produces it: the named module for "output", the conv for "pre-bn", conv and BN for
-"post-activation"). The model is evaluated in eval mode (its mode is restored afterwards).
+"post-activation"). "noise" alone is refused as ambiguous. The model is evaluated in eval
+mode (its mode is restored afterwards).
 
 Persistence: with `store=` (a run_folder.Store) the sweep saves its accumulators after every
 batch and layer, and a store that is resuming continues from them. The saved state carries a
@@ -55,16 +61,24 @@ from shortcut_fast.surgery.split import (
 if TYPE_CHECKING:
     from shortcut_fast.run_folder import Store
 
-MODES = ("zero", "mean", "noise", "rewind")
+MODES = ("zero", "mean", "activation-noise", "weight-noise", "rewind")
+NOISE_MODES = ("activation-noise", "weight-noise")
+NOISE_KINDS = ("replace", "add")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 __all__ = [
     "MODES",
+    "NOISE_KINDS",
     "LayerSweep",
     "SweepResult",
     "channel_ablation_sweep",
     "channel_ablation_reference",
     "weight_norm_scores",
     "gradient_norm_scores",
+    "conv_names",
+    "channel_conv",
+    "global_top",
+    "weight_noise",
 ]
 
 
@@ -272,15 +286,28 @@ def _rewind_weights(rewind_to) -> dict:
     return state
 
 
-def _check_args(mode, where, repeats, rewind_to, batch_size):
+def _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind="replace", noise_std=None):
+    if mode == "noise":  # two published-vs-ours meanings: make the caller say which
+        raise ValueError("mode 'noise' is ambiguous: use 'activation-noise' (ours: the channel's activation "
+                         "replaced by Gaussian noise with its mean and std) or 'weight-noise' (the published "
+                         "one: the channel's conv weights replaced by / added N(0, noise_std^2))")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if noise_kind not in NOISE_KINDS:
+        raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {noise_kind!r}")
+    if mode == "weight-noise":
+        if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not noise_std > 0 \
+                or not np.isfinite(noise_std):
+            raise ValueError(f"mode 'weight-noise' needs noise_std, a finite float > 0, got {noise_std!r}")
+    elif noise_std is not None:
+        raise ValueError(f"noise_std only applies to mode 'weight-noise', got noise_std={noise_std!r} with "
+                         f"mode {mode!r}")
     if where not in WHERE:
         raise ValueError(f"where must be one of {WHERE}, got {where!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    if repeats > 1 and mode != "noise":
-        raise ValueError(f"repeats > 1 only makes sense for mode 'noise', got mode {mode!r}")
+    if repeats > 1 and mode not in NOISE_MODES:
+        raise ValueError(f"repeats > 1 only makes sense for the modes {NOISE_MODES}, got mode {mode!r}")
     if mode == "rewind" and rewind_to is None:
         raise ValueError("mode 'rewind' needs rewind_to (a state dict, checkpoint path or model)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -337,6 +364,17 @@ def _noise(act: torch.Tensor, axis: int, mean: torch.Tensor, std: torch.Tensor, 
     shape[axis] = -1
     out = mean.float().reshape(shape).to(act.device) + std.float().reshape(shape).to(act.device) * z
     return out.to(act.dtype)
+
+
+def weight_noise(weight: torch.Tensor, kind: str, std: float, seed: int, layer_index: int,
+                 repeat: int) -> torch.Tensor:
+    """The perturbed weight tensor of mode "weight-noise": every output channel gets its own
+    N(0, std^2) draw (replacing or added to its weights), seeded by (seed, layer, repeat) only,
+    so one draw serves every batch, as a changed model would. A variant uses only its own
+    channels' rows of it."""
+    gen = torch.Generator(device="cpu").manual_seed(_noise_seed(seed, layer_index, repeat, -1 & 0xFFFFFFFF))
+    z = (torch.randn(weight.shape, generator=gen, dtype=torch.float64) * std).to(weight.device, weight.dtype)
+    return z if kind == "replace" else weight.detach() + z
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +440,8 @@ def _restore_current(cur: dict, device) -> dict:
 
 
 def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, channel_sets=None, mode: str = "zero",
-                           where: str = "output", repeats: int = 1, rewind_to=None, num_groups: Optional[int] = None,
+                           where: str = "output", repeats: int = 1, rewind_to=None, noise_kind: str = "replace",
+                           noise_std: Optional[float] = None, num_groups: Optional[int] = None,
                            return_outputs: bool = False, batch_size: int = 256, max_bytes: Optional[int] = None,
                            backend: str = "auto", seed: int = 0, progress: bool = False,
                            store: "Store | None" = None, channel_axis: Optional[int] = None,
@@ -420,9 +459,9 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     continues from them. A store holding another sweep's state (other arguments, model or
     data) is refused with a ValueError. linearity=False turns off the next-layer linearity shortcut;
     split="hook" forces the (slow) full-forward fallback. backend goes to channel_ablate and
-    group_outcomes.
+    group_outcomes. noise_kind / noise_std: mode "weight-noise" (see the module docstring).
     """
-    _check_args(mode, where, repeats, rewind_to, batch_size)
+    _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind, noise_std)
     layers = _check_layers(model, layers)
     d = _as_data(data, num_groups)
     device = _device(model)
@@ -435,6 +474,7 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     if store is not None:
         state["args"] = _record(
             model, d, rewind_state, layers=layers, where=where, mode=mode, repeats=R, seed=seed, n=d.n,
+            noise_kind=noise_kind if mode == "weight-noise" else None, noise_std=noise_std,
             num_groups=G, channels=None if channels is None else [int(c) for c in channels],
             channel_sets=None if channel_sets is None else [sorted(map(int, s)) for s in channel_sets],
             return_outputs=return_outputs, batch_size=batch_size, channel_axis=channel_axis)
@@ -449,6 +489,7 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
             results[layer] = _sweep_layer(model, layer, li, d, device, state, store, counts, channels=channels,
                                           channel_sets=channel_sets, mode=mode, where=where, repeats=R,
                                           rewind_state=rewind_state, return_outputs=return_outputs,
+                                          noise_kind=noise_kind, noise_std=noise_std,
                                           batch_size=batch_size, max_bytes=max_bytes, backend=backend,
                                           seed=seed, progress=progress, channel_axis=channel_axis,
                                           linearity=linearity, split=split)
@@ -459,14 +500,33 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     return SweepResult(layers=results, mode=mode, where=where, num_groups=G, num_samples=d.n, repeats=R, seed=seed)
 
 
+def _weight_noise_conv(model, layer, where) -> str:
+    """The conv/Linear whose filter weights mode "weight-noise" perturbs for this ablation point."""
+    name = layer if where == "output" else _resolve_conv(model, layer)
+    if not isinstance(get_submodule(model, name), (*_CONVS, nn.Linear)):
+        raise ValueError(f"mode 'weight-noise' perturbs a conv's filter weights, but layer {layer!r} with "
+                         f"where='output' is a {type(get_submodule(model, name)).__name__}; use where='pre-bn' "
+                         f"(or 'post-activation'), or name a conv")
+    return name
+
+
 def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, channels, channel_sets, mode, where,
                  repeats, rewind_state, return_outputs, batch_size, max_bytes, backend, seed, progress,
-                 channel_axis, linearity, split) -> LayerSweep:
+                 channel_axis, linearity, split, noise_kind="replace", noise_std=None) -> LayerSweep:
     R, G = repeats, d.num_groups
     x0, _, _ = d.batch(0, batch_size, device)
+    noised = None
+    if mode == "weight-noise":
+        # The rewind machinery recomputes the ablation chain with copies of its modules; here the
+        # copies start as the model's own weights and the conv's weights are redrawn per repeat.
+        noised = _weight_noise_conv(model, layer, where)
+        rewind_state = model.state_dict()
     sm = split_model(model, layer, x0, where=where, channel_axis=channel_axis, linearity=linearity,
                      method=split, rewind_state=rewind_state)
     sm.verify(x0)
+    if noised is not None:
+        noisy_conv = sm._rewind[noised]
+        clean_weight = noisy_conv.weight.detach().clone()
     C, axis = sm.num_channels, sm.channel_axis
     variants = _variants(C, channels, channel_sets)
     masks = channel_masks(C, variants, device=device)
@@ -480,7 +540,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
         acc = None
     if acc is None:
         stats = None
-        if mode in ("mean", "noise"):
+        if mode in ("mean", "activation-noise"):
             sums = [torch.zeros(C, dtype=torch.float64, device=device),
                     torch.zeros(C, dtype=torch.float64, device=device), 0]
             for start in starts:
@@ -518,8 +578,12 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
                 rep = 0.0
             elif mode == "mean":
                 rep = stats[0].to(pre.act.dtype)
-            elif mode == "noise":
+            elif mode == "activation-noise":
                 rep = _noise(pre.act, axis, stats[0], stats[1], seed, li, r, start)
+            elif mode == "weight-noise":
+                with torch.no_grad():
+                    noisy_conv.weight.copy_(weight_noise(clean_weight, noise_kind, noise_std, seed, li, r))
+                rep = sm.prefix(x).rewound
             else:
                 rep = pre.rewound
             for c0 in range(0, V, chunk):
@@ -618,12 +682,13 @@ class _Point:
 
 def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None, channel_sets=None,
                                mode: str = "zero", where: str = "output", repeats: int = 1, rewind_to=None,
+                               noise_kind: str = "replace", noise_std: Optional[float] = None,
                                num_groups: Optional[int] = None, return_outputs: bool = False,
                                batch_size: int = 256, seed: int = 0, progress: bool = False,
                                channel_axis: Optional[int] = None) -> SweepResult:
     """The naive loop: one full forward per (variant, batch) with a forward hook that
     replaces the variant's channels in the layer output. Same results as the fast path."""
-    _check_args(mode, where, repeats, rewind_to, batch_size)
+    _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind, noise_std)
     layers = _check_layers(model, layers)
     d = _as_data(data, num_groups)
     device = _device(model)
@@ -635,7 +700,11 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
     with eval_mode(model), torch.no_grad(), no_inplace(model):
         x0, _, _ = d.batch(0, batch_size, device)
         for li, layer in enumerate(layers):
-            point = _Point(model, layer, where, x0, channel_axis, rewind_state)
+            noised = _weight_noise_conv(model, layer, where) if mode == "weight-noise" else None
+            point = _Point(model, layer, where, x0, channel_axis,
+                           model.state_dict() if noised is not None else rewind_state)
+            if noised is not None:
+                clean_weight = point.rewound[noised].weight.detach().clone()
             shape: dict = {}
 
             def grab_shape(out, rew):
@@ -647,7 +716,7 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
             variants = _variants(C, channels, channel_sets)
             V = len(variants)
             stats = None
-            if mode in ("mean", "noise"):
+            if mode in ("mean", "activation-noise"):
                 sums = [0, 0, 0]
 
                 def grab(out, rew):
@@ -674,6 +743,10 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
                         base_out = torch.zeros(d.n, logits.shape[-1])
                     base_out[start:start + x.shape[0]] = logits.float().cpu()
                 for r in range(R):
+                    if noised is not None:
+                        with torch.no_grad():
+                            point.rewound[noised].weight.copy_(
+                                weight_noise(clean_weight, noise_kind, noise_std, seed, li, r))
                     for v, chans in enumerate(variants):
                         idx = torch.tensor(chans, dtype=torch.long, device=device)
 
@@ -684,7 +757,7 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
                                 shp = [1] * out.dim()
                                 shp[axis] = -1
                                 rep = stats[0].to(out.dtype).reshape(shp).expand_as(out)
-                            elif mode == "noise":
+                            elif mode == "activation-noise":
                                 rep = _noise(out, axis, stats[0], stats[1], seed, li, r, start)
                             else:
                                 rep = rew
@@ -723,6 +796,33 @@ def _score_module(model: nn.Module, name: str) -> Optional[str]:
     if len(found) > 1:
         found = [n for n in found if not any(k in n for k in ("shortcut", "downsample"))]
     return f"{name}.{found[-1]}" if found else None
+
+
+def channel_conv(model: nn.Module, name: str) -> Optional[str]:
+    """The conv/Linear whose output channels are layer `name`'s channels (the module itself,
+    its only conv/Linear, or its last one outside shortcut/downsample branches), or None."""
+    return _score_module(model, name)
+
+
+BRANCH_NAMES = ("downsample", "shortcut")  # residual-branch convs, named as torchvision / timm / ours do
+
+
+def conv_names(model: nn.Module, *, downsample: bool = True) -> list[str]:
+    """Every convolution of the model in definition order; downsample=False leaves out the
+    residual-branch (downsample / shortcut) convs, as the published weight-norm ranking does."""
+    return [n for n, m in model.named_modules() if isinstance(m, _CONVS)
+            and (downsample or not any(k in n.split(".") for k in BRANCH_NAMES))]
+
+
+def global_top(scores: dict, k: int) -> list[dict]:
+    """The k largest per-channel scores over all tensors together (the published criteria
+    take the global argmax over every conv, k times, zeroing the winner each time: the same
+    as the global top k). Ties: the earlier tensor, then the lower channel."""
+    check_int("k", k, 1)
+    flat = [(float(v), i, c, name) for i, (name, values) in enumerate(scores.items())
+            for c, v in enumerate(torch.as_tensor(values).flatten().tolist())]
+    flat.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return [{"layer": name, "channel": c, "score": v} for v, _, c, name in flat[:k]]
 
 
 def weight_norm_scores(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
