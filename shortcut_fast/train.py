@@ -267,10 +267,10 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
             aligned[:, 1] += torch.bincount(conflict, minlength=2)
         n += y.numel()
     model.train(was_training)
-    correct, counts = correct.cpu(), counts.cpu()
-    groups = {g: float(correct[g] / counts[g]) for g in range(num_groups) if counts[g] > 0 and num_attributes > 0}
+    correct, counts = correct.tolist(), counts.tolist()  # python ints: exact ratios, not float32 ones
+    groups = {g: correct[g] / counts[g] for g in range(num_groups) if counts[g] > 0 and num_attributes > 0}
     result = EvalResult(
-        accuracy=float(correct.sum() / max(n, 1)),
+        accuracy=sum(correct) / max(n, 1),
         loss=float(loss_sum.cpu() / max(n, 1)),
         n=n,
         group_accuracy=groups,
@@ -278,9 +278,9 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
         worst_group_accuracy=min(groups.values()) if groups else None,
     )
     if bias_aligned_attribute:
-        al = aligned.cpu()
-        result.aligned_accuracy = float(al[0, 0] / al[0, 1]) if al[0, 1] > 0 else None
-        result.conflicting_accuracy = float(al[1, 0] / al[1, 1]) if al[1, 1] > 0 else None
+        al = aligned.tolist()
+        result.aligned_accuracy = al[0][0] / al[0][1] if al[0][1] > 0 else None
+        result.conflicting_accuracy = al[1][0] / al[1][1] if al[1][1] > 0 else None
     return result
 
 
