@@ -667,6 +667,80 @@ def _num_or_nan(v) -> float:
 
 
 @main.command()
+@data_options_with("digits")
+@click.option("--model", default="resnet20", help="Architecture (see `shortcut-fast models`), or timm:NAME.")
+@click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
+              help="Model option (default width=4 where the model has a width: minutes on a CPU).")
+@click.option("--shortcut", type=click.Choice(["patch", "tint", "freq", "none"]), default="patch",
+              help="Shortcut planted into a fraction --rho of each class's training images "
+                   "(none: the dataset's own attribute, not implemented yet).")
+@click.option("--rho", type=click.FloatRange(0, 1, min_open=True), default=0.9,
+              help="Fraction of each class's training images with the shortcut, in (0, 1].")
+@click.option("--shortcut-strength", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Patch opacity in (0, 1] or tint/freq amplitude (default: the shortcut's own).")
+@click.option("--granularity", type=click.Choice(["stage", "block"]), default="stage",
+              help="Localize per stage (layer1, layer2, ...) or per block (layer1.0, ...).")
+@click.option("--blocks", default=None, callback=_name_list,
+              help="Comma-separated units to localize (stage or block names, or head; default all).")
+@click.option("--epochs", type=POSITIVE, default=8, help="Training epochs of every variant.")
+@click.option("--seeds", type=POSITIVE, default=3, help="Seeds --seed, --seed+1, ... (init and batch order).")
+@click.option("--batch-size", type=POSITIVE, default=64)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, help="SGD learning rate.")
+@click.option("--interventions", is_flag=True,
+              help="Also train skewed variants with one unit at 0.1 x the learning rate or frozen.")
+@click.option("--probe-images", type=click.IntRange(min=4), default=None,
+              help="Conflicting test images for the V-information probes (default all).")
+@backend_and_device
+@run_options("runs/localize", "Continue the run in --out: reuse its finished seeds and epochs (same settings only).")
+def localize(**params):
+    """Layer-wise shortcut localization: counterfactual training of every unit as one stacked ensemble."""
+    from shortcut_fast.experiments import localization as loc
+
+    p = params
+    if any(pair.split("=", 1)[0].strip().replace("-", "_") in ("shortcut", "rho", "shortcut_strength")
+           for pair in p["data_option"]):
+        raise click.BadParameter("localize plants the shortcut itself into the clean data; use --shortcut, --rho "
+                                 "and --shortcut-strength instead of -D", param_hint="--data-option")
+    splits = _load_data(p)
+    if p["shortcut"] == "none":
+        if splits.num_attributes:
+            raise click.BadParameter(
+                f"{p['data']} brings its own attribute, but localizing it (skewed = the group-imbalanced training "
+                f"set, clean = its group-balanced subsample) is not implemented yet; plant a shortcut with "
+                f"--shortcut patch|tint|freq", param_hint="--shortcut")
+        raise click.BadParameter(f"{p['data']} has no attributes to localize; choose --shortcut patch, tint or freq",
+                                 param_hint="--shortcut")
+    model_settings = _model_settings(p["model"], p["model_option"], 4)
+    try:
+        cfg = loc.LocalizationConfig(shortcut=p["shortcut"], rho=p["rho"], shortcut_strength=p["shortcut_strength"],
+                                     granularity=p["granularity"], units=p["blocks"], epochs=p["epochs"],
+                                     seeds=p["seeds"], seed=p["seed"], batch_size=p["batch_size"], lr=p["lr"],
+                                     interventions=p["interventions"], probe_images=p["probe_images"])
+    except ValueError as exc:
+        _fail(exc)
+    # Units and unit names are checked before the run folder opens (usage errors, status 2).
+    probe = _build_model(p["model"], splits, model_settings, p["seed"])
+    try:
+        units = [*loc.model_units(probe, p["granularity"]), loc.HEAD]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("model: "), param_hint="--model") from None
+    try:
+        loc.check_units(p["blocks"], units, p["granularity"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("blocks: "), param_hint="--blocks") from None
+    out = p["out"]
+    with _open_run("localize", p, splits, model_settings=model_settings) as run:
+        try:
+            result = loc.run_localization(lambda s: _build_model(p["model"], splits, model_settings, s), splits, cfg,
+                                          store=run.partial, device=p["device"], progress=not p["quiet"])
+        except (ValueError, TypeError, FloatingPointError) as exc:
+            _fail(exc)
+        loc.write_outputs(result, out, {"command": "localize", "data": p["data"], "dataset_meta": splits.meta,
+                                        "model": p["model"], "model_options": model_settings})
+    click.echo(loc.summary(result, p["data"], out))
+
+
+@main.command()
 @data_options_with("colored-digits")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The ERM checkpoint to start from (default: train one here with --model).")

@@ -1,0 +1,545 @@
+"""Layer-wise shortcut localization by counterfactual training (EXPERIMENTS.md section 4).
+
+Tsoy & Konstantinov ("On Measuring Localization of Shortcuts in Deep Networks", arXiv
+2510.26560) publish no code and no protocol beyond their abstract; the protocol here is ours.
+
+Units. The model's blocks (`models.model_blocks`), or with granularity "stage" groups of
+consecutive blocks that share a name prefix (layer1.0, layer1.1 -> layer1; a model whose
+blocks all share one prefix, e.g. vit blocks.0..5, is cut into three consecutive thirds),
+plus the "head": every parameter in no block (linear head, final norm, embeddings).
+
+Data. The clean training set and the skewed one hold the same images in the same order; the
+skewed copy carries the planted shortcut (data.shortcuts.inject_shortcut: in each class a
+fraction rho of the images, chosen per sample with the seed, carries its class's shortcut).
+Test sets: clean, aligned (own class's shortcut), conflicting (another class's).
+
+Variants (trained together by shortcut_fast.ensemble, same init and batch order):
+  clean        every unit trains on the clean batch
+  skew         every unit trains on the skewed batch
+  skew@u       unit u gets the gradient of the skewed batch, every other unit the clean one
+  clean@u      the converse
+  lr0.1@u      (interventions) skewed training, unit u at 0.1 x the learning rate
+  frozen@u     (interventions) skewed training, unit u frozen (learning rate 0)
+
+Metrics per unit u, on the clean and on the conflicting test set (acc = accuracy):
+  drop(u)      = acc(clean) - acc(skew@u)     what skewed training of u alone costs
+  recovery(u)  = acc(clean@u) - acc(skew)     what clean training of u alone restores
+  *_share      = the value / (acc(clean) - acc(skew)), the total drop (NaN when it is 0)
+  spurious encoding(u) = I_V(attribute <- u) under skew - the same under clean training
+  core forgetting(u)   = I_V(label <- u) under clean - the same under skew training
+I_V: ridge probes (ops.probe_stats.fit_probes) from u's pooled output (the logits for the
+head) to the one-hot target, trained on one half of the conflicting test images and scored
+on the other half (fixed-variance form: held-out R^2 clipped at 0, averaged over the one-hot
+columns). On conflicting images the shortcut attribute is drawn independently of the label,
+so either target can be decoded only from its own evidence.
+Interventions: gain(u) = acc_conflicting(intervention at u) - acc_conflicting(skew), and the
+Spearman correlation over units between each localization score and each gain.
+
+Seeds: seed, seed+1, ... change the initialization and the batch order (data and shortcut
+stay those of `seed`); every number is reported as mean and standard deviation over seeds.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+GRANULARITIES = ("stage", "block")
+SHORTCUT_KINDS = ("patch", "tint", "freq")
+TEST_SETS = ("clean", "aligned", "conflicting")
+HEAD = "head"
+# (name prefix, learning-rate factor) of the interventions during skewed training.
+INTERVENTIONS = (("lr0.1", 0.1), ("frozen", 0.0))
+SCORES = ("drop_conflicting", "recovery_conflicting", "spurious_encoding", "core_forgetting")
+
+
+@dataclass
+class LocalizationConfig:
+    shortcut: str = "patch"
+    rho: float = 0.9
+    shortcut_strength: float | None = None
+    granularity: str = "stage"
+    units: list[str] | None = None  # units to localize (default all, head included)
+    epochs: int = 8
+    seeds: int = 3
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    interventions: bool = False
+    stacked: bool = True
+    probe_images: int | None = None  # conflicting test images used by the probes (None: all)
+
+    def __post_init__(self):
+        if self.shortcut not in SHORTCUT_KINDS:
+            raise ValueError(f"shortcut must be one of {', '.join(SHORTCUT_KINDS)}, got {self.shortcut!r}")
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not 0 < self.rho <= 1:
+            raise ValueError(f"rho must be a number in (0, 1] (the fraction of each class's training images "
+                             f"that carry the shortcut), got {self.rho!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        for name in ("epochs", "seeds", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.probe_images is not None and (not isinstance(self.probe_images, int) or self.probe_images < 4):
+            raise ValueError(f"probe_images must be None or an int >= 4, got {self.probe_images!r}")
+        for name in ("lr",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class LocalizationResult:
+    units: list[str]  # from the stem to the head
+    unit_blocks: dict[str, list[str]]  # unit -> model blocks in it ([] for the head)
+    localized: list[str]  # the units with skew@u / clean@u variants
+    variants: list[str]
+    seeds: list[int]
+    accuracy: dict  # variant -> test set -> {"mean", "std", "values"}
+    total_drop: dict  # test set -> {"mean", "std", "values"}
+    per_unit: dict  # metric -> unit -> {"mean", "std", "values"}
+    correlations: dict  # "score vs gain" -> {"mean", "std", "values"} (interventions only)
+    config: dict
+    seconds: float
+    per_seed: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Units and variants
+
+
+def stage_of(block: str) -> str:
+    """The stage a block belongs to: its name without a trailing ".<index>" (layer1.0 -> layer1)."""
+    head, _, last = block.rpartition(".")
+    return head if head and last.isdigit() else block
+
+
+def model_units(model: nn.Module, granularity: str = "stage") -> dict[str, list[str]]:
+    """Unit name -> the model blocks it groups, in forward order (the head is not included)."""
+    from shortcut_fast.models import list_models, model_blocks
+
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    try:
+        blocks = model_blocks(model)
+    except (TypeError, ValueError, AttributeError) as exc:
+        blocks, why = [], f" ({exc})"
+    else:
+        why = ""
+    if not blocks:
+        raise ValueError(f"model: the blocks of {type(model).__name__} cannot be listed{why}; choose a model "
+                         f"that declares them: {', '.join(n for n in list_models() if ':' not in n)} "
+                         f"(or timm:NAME / tv:NAME with blocks=[...])")
+    if granularity == "block":
+        return {b: [b] for b in blocks}
+    units: dict[str, list[str]] = {}
+    for b in blocks:
+        units.setdefault(stage_of(b), []).append(b)
+    if len(units) == 1 and len(blocks) >= 3:  # one shared prefix (a ViT): three consecutive thirds
+        units = {}
+        cuts = [round(i * len(blocks) / 3) for i in range(4)]
+        for lo, hi in zip(cuts, cuts[1:]):
+            part = blocks[lo:hi]
+            name = part[0] if len(part) == 1 else f"{part[0]}-{part[-1].rpartition('.')[2]}"
+            units[name] = part
+    return units
+
+
+def make_variants(units: list[str], localized: list[str], interventions: bool):
+    """The Variants of the experiment over `units` (head last): clean, skew, skew@u, clean@u,
+    and with interventions lr0.1@u, frozen@u for every localized unit u."""
+    from shortcut_fast.ensemble import Variants
+
+    L = len(units)
+    names, skewed, scale = ["clean", "skew"], [[False] * L, [True] * L], [[1.0] * L, [1.0] * L]
+    for u in localized:
+        i = units.index(u)
+        names.append(f"skew@{u}")
+        skewed.append([j == i for j in range(L)])
+        scale.append([1.0] * L)
+    for u in localized:
+        i = units.index(u)
+        names.append(f"clean@{u}")
+        skewed.append([j != i for j in range(L)])
+        scale.append([1.0] * L)
+    if interventions:
+        for prefix, factor in INTERVENTIONS:
+            for u in localized:
+                i = units.index(u)
+                names.append(f"{prefix}@{u}")
+                skewed.append([True] * L)
+                scale.append([factor if j == i else 1.0 for j in range(L)])
+    return Variants(names=names, skewed=torch.tensor(skewed, dtype=torch.bool),
+                    lr_scale=torch.tensor(scale, dtype=torch.float32))
+
+
+def unit_parameter_groups(model: nn.Module, unit_blocks: dict[str, list[str]]) -> list[list[str]]:
+    """Parameter names per unit (in unit order), the head group (every other parameter) last."""
+    from shortcut_fast.ensemble import block_parameter_groups
+
+    blocks = [b for bs in unit_blocks.values() for b in bs]
+    groups = block_parameter_groups(model, blocks)
+    per_block = dict(zip(blocks, groups[:len(blocks)]))
+    return [[p for b in bs for p in per_block[b]] for bs in unit_blocks.values()] + [list(groups[-1])]
+
+
+def check_units(requested: list[str] | None, units: list[str], granularity: str) -> list[str]:
+    """The units to localize: all by default; unknown names fail naming the valid ones."""
+    if requested is None:
+        return list(units)
+    unknown = [u for u in requested if u not in units]
+    if unknown:
+        raise ValueError(f"blocks: unknown {granularity} name(s) {', '.join(map(repr, unknown))}; valid "
+                         f"{granularity} names of this model: {', '.join(units)}")
+    return [u for u in units if u in requested]  # forward order, no duplicates
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics (pure functions of accuracies and V-information)
+
+
+def _share(value: float, total: float) -> float:
+    return value / total if total != 0 and math.isfinite(total) else math.nan
+
+
+def localization_scores(acc: dict[str, dict[str, float]], localized: list[str],
+                        test_sets=("clean", "conflicting")) -> dict[str, dict[str, float]]:
+    """Per-unit drop, recovery and their shares of the total drop (module docstring).
+
+    acc: variant name -> test set -> accuracy, holding "clean", "skew", "skew@u", "clean@u".
+    Returns metric -> unit -> value, metrics drop_<set>, recovery_<set>, drop_share_<set>,
+    recovery_share_<set>, and total_drop_<set> under the unit key "all".
+    """
+    out: dict[str, dict[str, float]] = {}
+    for t in test_sets:
+        total = acc["clean"][t] - acc["skew"][t]
+        out[f"total_drop_{t}"] = {"all": total}
+        out[f"drop_{t}"] = {u: acc["clean"][t] - acc[f"skew@{u}"][t] for u in localized}
+        out[f"recovery_{t}"] = {u: acc[f"clean@{u}"][t] - acc["skew"][t] for u in localized}
+        out[f"drop_share_{t}"] = {u: _share(v, total) for u, v in out[f"drop_{t}"].items()}
+        out[f"recovery_share_{t}"] = {u: _share(v, total) for u, v in out[f"recovery_{t}"].items()}
+    return out
+
+
+def intervention_gains(acc: dict[str, dict[str, float]], localized: list[str],
+                       test_set: str = "conflicting") -> dict[str, dict[str, float]]:
+    """gain_<kind> -> unit -> acc(kind@u) - acc(skew) on `test_set`."""
+    return {f"gain_{prefix}": {u: acc[f"{prefix}@{u}"][test_set] - acc["skew"][test_set] for u in localized}
+            for prefix, _ in INTERVENTIONS}
+
+
+def score_gain_correlations(metrics: dict[str, dict[str, float]], localized: list[str]) -> dict[str, float]:
+    """Spearman correlation over units between each localization score and each intervention gain."""
+    from shortcut_fast.experiments.stats import spearman
+
+    out = {}
+    for score in SCORES:
+        for prefix, _ in INTERVENTIONS:
+            gain = f"gain_{prefix}"
+            if score in metrics and gain in metrics:
+                out[f"{score} vs {gain}"] = spearman([metrics[score][u] for u in localized],
+                                                     [metrics[gain][u] for u in localized])
+    return out
+
+
+def one_hot(values: torch.Tensor) -> torch.Tensor:
+    """(N,) integer categories -> (N, K) float64 one-hot over the K distinct values present."""
+    levels = torch.unique(values)
+    return (values[:, None] == levels[None, :].to(values.device)).double()
+
+
+def categorical_v_information(x_train: torch.Tensor, c_train: torch.Tensor, x_heldout: torch.Tensor,
+                              c_heldout: torch.Tensor, *, backend: str = "auto") -> float:
+    """V-information of a category from features: ridge probes to its one-hot columns
+    (ops.probe_stats.fit_probes, alpha chosen on the held-out half), the fixed-variance form
+    max(held-out R^2, 0) averaged over the columns (0 for a category with one value)."""
+    from shortcut_fast.ops.probe_stats import fit_probes
+
+    levels = torch.unique(torch.cat([c_train, c_heldout]))
+    if levels.numel() < 2:
+        return 0.0
+    z_train = (c_train[:, None] == levels[None, :]).double()
+    z_held = (c_heldout[:, None] == levels[None, :]).double()
+    probes = fit_probes(x_train.double(), z_train, x_heldout.double(), z_held, backend=backend)
+    return float(probes.v_information.mean())
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment
+
+
+def _aggregate(values: list[float]) -> dict:
+    vals = [float(v) for v in values]
+    finite = [v for v in vals if math.isfinite(v)]
+    mean = sum(finite) / len(finite) if finite else math.nan
+    std = (math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1
+           else (0.0 if finite else math.nan))
+    return {"mean": mean, "std": std, "values": vals}
+
+
+def _split_half(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 11))
+    return perm[: n // 2], perm[n // 2:]
+
+
+@torch.no_grad()
+def _unit_features(model: nn.Module, x: torch.Tensor, unit_blocks: dict[str, list[str]],
+                   batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Pooled output of each unit's last block, and the logits for the head (eval mode)."""
+    from shortcut_fast.models import block_outputs
+
+    was = model.training
+    model.eval()
+    last = {u: bs[-1] for u, bs in unit_blocks.items()}
+    parts: dict[str, list[torch.Tensor]] = {u: [] for u in [*last, HEAD]}
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start:start + batch_size]
+        outs = block_outputs(model, xb, list(last.values()))
+        for u, b in last.items():
+            parts[u].append(outs[b].flatten(1).float().cpu())
+        parts[HEAD].append(model(xb).float().cpu())
+    model.train(was)
+    return {u: torch.cat(p) for u, p in parts.items()}
+
+
+def skewed_splits(splits, cfg: LocalizationConfig):
+    """The shortcut-planted copy of clean `splits` (same training images in the same order)."""
+    from shortcut_fast.data.shortcuts import inject_shortcut
+
+    if splits.num_attributes and splits.meta.get("shortcut"):
+        raise ValueError("splits: the data already carries a planted shortcut; pass the clean dataset "
+                         "and choose the shortcut with shortcut=patch|tint|freq")
+    return inject_shortcut(splits, kind=cfg.shortcut, rho=cfg.rho, seed=cfg.seed, strength=cfg.shortcut_strength)
+
+
+def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: LocalizationConfig, *, store=None,
+                     device: torch.device | str = "cpu", progress: bool = True) -> LocalizationResult:
+    """Counterfactual localization over cfg.seeds seeds (module docstring).
+
+    model_fn(seed) returns a freshly initialized model (on the CPU; moved to `device` here).
+    splits: the CLEAN dataset (in memory); the skewed copy is planted here. store: a run
+    folder Store; each finished seed is saved there (seed_<s>.json) and reused when it is
+    resuming, and the ensemble's per-epoch state goes to its sub-store seed_<s>/.
+    """
+    from shortcut_fast.ensemble import train_variants
+    from shortcut_fast.train import evaluate
+
+    if not isinstance(cfg, LocalizationConfig):
+        raise TypeError(f"cfg must be a LocalizationConfig, got {type(cfg).__name__}")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    skew = skewed_splits(splits, cfg)
+    clean_train, skew_train = splits.train, skew.train
+    tests = {t: skew.extra[t] for t in TEST_SETS}
+    conf = tests["conflicting"]
+    n_probe = len(conf) if cfg.probe_images is None else min(cfg.probe_images, len(conf))
+    x_probe, y_probe, a_probe = conf.get_batch(torch.arange(n_probe), device=device)
+    tr, ho = _split_half(n_probe, cfg.seed)
+
+    per_seed, units, unit_blocks, localized, names = [], None, None, None, None
+    for i in range(cfg.seeds):
+        seed = cfg.seed + i
+        model = model_fn(seed)
+        unit_blocks = model_units(model, cfg.granularity)
+        units = [*unit_blocks, HEAD]
+        localized = check_units(cfg.units, units, cfg.granularity)
+        variants = make_variants(units, localized, cfg.interventions)
+        names = variants.names
+        key = f"seed_{seed}.json"
+        record = store.load_json(key) if store is not None else None
+        if record is not None and record.get("variants") == names:
+            per_seed.append(record)
+            continue
+        model = model.to(device)
+        groups = unit_parameter_groups(model, unit_blocks)
+
+        def batches(epoch, _seed=seed):
+            # One order per (seed, epoch), shared by every variant; clean and skewed batches hold
+            # the same images (the skewed copy with its shortcut where the sample carries one).
+            order = torch.randperm(len(clean_train), generator=torch.Generator().manual_seed(_seed * 100_003 + epoch))
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                x_clean, y, _ = clean_train.get_batch(idx, device=device)
+                x_skew, _, _ = skew_train.get_batch(idx, device=device)
+                yield x_clean, x_skew, y
+
+        states = train_variants(model, variants, groups, batches, epochs=cfg.epochs, lr=cfg.lr,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay, stacked=cfg.stacked,
+                                store=store.sub(f"seed_{seed}") if store is not None else None, progress=progress)
+        acc, vinfo = {}, {"attribute": {}, "label": {}}
+        for name, state in zip(names, states):
+            model.load_state_dict(state)
+            acc[name] = {t: evaluate(model, ds, device=device, amp=False).accuracy for t, ds in tests.items()}
+            if name in ("clean", "skew"):
+                feats = _unit_features(model, x_probe, unit_blocks)
+                vinfo["attribute"][name] = {u: categorical_v_information(f[tr], a_probe[tr].cpu(), f[ho],
+                                                                         a_probe[ho].cpu()) for u, f in feats.items()}
+                vinfo["label"][name] = {u: categorical_v_information(f[tr], y_probe[tr].cpu(), f[ho],
+                                                                     y_probe[ho].cpu()) for u, f in feats.items()}
+        record = {"seed": seed, "variants": names, "accuracy": acc, "v_information": vinfo}
+        if store is not None:
+            store.save_json(key, record)
+        per_seed.append(record)
+
+    # Per-seed metrics, then mean and spread over seeds.
+    metric_runs, corr_runs = [], []
+    for rec in per_seed:
+        acc, vi = rec["accuracy"], rec["v_information"]
+        m = {k: v for k, v in localization_scores(acc, localized).items() if not k.startswith("total_drop")}
+        m["spurious_encoding"] = {u: vi["attribute"]["skew"][u] - vi["attribute"]["clean"][u] for u in units}
+        m["core_forgetting"] = {u: vi["label"]["clean"][u] - vi["label"]["skew"][u] for u in units}
+        for which in ("attribute", "label"):
+            for arm in ("clean", "skew"):
+                m[f"v_information_{which}_{arm}"] = dict(vi[which][arm])
+        if cfg.interventions:
+            m.update(intervention_gains(acc, localized))
+            corr_runs.append(score_gain_correlations(m, localized))
+        metric_runs.append(m)
+    per_unit = {k: {u: _aggregate([m[k][u] for m in metric_runs]) for u in metric_runs[0][k]}
+                for k in metric_runs[0]}
+    correlations = {k: _aggregate([c[k] for c in corr_runs]) for k in (corr_runs[0] if corr_runs else {})}
+    accuracy = {v: {t: _aggregate([r["accuracy"][v][t] for r in per_seed]) for t in TEST_SETS} for v in names}
+    total = {t: _aggregate([r["accuracy"]["clean"][t] - r["accuracy"]["skew"][t] for r in per_seed])
+             for t in TEST_SETS}
+    return LocalizationResult(units=units, unit_blocks={**unit_blocks, HEAD: []}, localized=localized,
+                              variants=names, seeds=[r["seed"] for r in per_seed], accuracy=accuracy,
+                              total_drop=total, per_unit=per_unit, correlations=correlations,
+                              config=dict(cfg.__dict__), seconds=time.perf_counter() - t0, per_seed=per_seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Summary and figures
+
+
+def _ms(stat: dict, digits: int = 3) -> str:
+    m, s = stat["mean"], stat["std"]
+    if not math.isfinite(m):
+        return "-"
+    return f"{m:+.{digits}f}" + (f" ± {s:.{digits}f}" if len(stat["values"]) > 1 and math.isfinite(s) else "")
+
+
+def summary_table(result: LocalizationResult) -> tuple[list[list], list[str]]:
+    """Rows from the head down to the stem: drops, recoveries (shares), encoding, forgetting."""
+    pu = result.per_unit
+    headers = ["unit", "drop clean", "drop conf", "drop conf share", "recovery conf", "recovery conf share",
+               "spurious enc", "core forget"]
+    if "gain_frozen" in pu:
+        headers += ["gain lr0.1", "gain frozen"]
+    rows = []
+    for u in reversed(result.units):
+        row = [u]
+        for k in ("drop_clean", "drop_conflicting", "drop_share_conflicting", "recovery_conflicting",
+                  "recovery_share_conflicting"):
+            row.append(_ms(pu[k][u]) if u in pu[k] else "")
+        row += [_ms(pu["spurious_encoding"][u]), _ms(pu["core_forgetting"][u])]
+        if "gain_frozen" in pu:
+            row += [_ms(pu["gain_lr0.1"][u]) if u in pu["gain_lr0.1"] else "",
+                    _ms(pu["gain_frozen"][u]) if u in pu["gain_frozen"] else ""]
+        rows.append(row)
+    return rows, headers
+
+
+def summary(result: LocalizationResult, data: str, out: Path | None = None) -> str:
+    from shortcut_fast.report import format_table
+
+    acc = result.accuracy
+    lines = [f"\nlocalize on {data}: {len(result.units)} units, {len(result.variants)} variants x "
+             f"{len(result.seeds)} seed(s), {result.seconds:.1f} s",
+             "accuracy (clean / aligned / conflicting test): "
+             + "; ".join(f"theta_{v} {acc[v]['clean']['mean']:.3f} / {acc[v]['aligned']['mean']:.3f} / "
+                         f"{acc[v]['conflicting']['mean']:.3f}" for v in ("clean", "skew")),
+             f"total drop acc(clean) - acc(skew): clean test {_ms(result.total_drop['clean'])}, "
+             f"conflicting test {_ms(result.total_drop['conflicting'])}\n"]
+    rows, headers = summary_table(result)
+    lines.append(format_table(rows, headers))
+    if result.correlations:
+        lines.append("\nSpearman over units, localization score vs intervention gain (conflicting test):")
+        lines += [f"  {k}: {_ms(v, 2)}" for k, v in result.correlations.items()]
+    if out is not None:
+        lines.append(f"\nwrote {Path(out) / 'result.json'} and figures in {out}")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _bars(ax, units, series: dict[str, dict], title: str, ylabel: str) -> None:
+    import numpy as np
+
+    xs = np.arange(len(units))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, stats) in enumerate(series.items()):
+        means = [stats[u]["mean"] if u in stats else np.nan for u in units]
+        stds = [stats[u]["std"] if u in stats else 0.0 for u in units]
+        ax.bar(xs + (i - (len(series) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(xs, units, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
+def write_figures(result: LocalizationResult, out_dir) -> list[Path]:
+    """contributions.png, representation.png and (interventions) interventions.png."""
+    import numpy as np
+
+    plt = _plt()
+    out, pu, units, loc = Path(out_dir), result.per_unit, result.units, result.localized
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, t in zip(axes, ("clean", "conflicting")):
+        _bars(ax, loc, {"drop (skew@u)": pu[f"drop_share_{t}"], "recovery (clean@u)": pu[f"recovery_share_{t}"]},
+              f"{t} test: share of total drop {result.total_drop[t]['mean']:+.3f}", "share of acc(clean) - acc(skew)")
+    paths.append(_save(fig, out / "contributions.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    xs = np.arange(len(units))
+    for key, label in (("spurious_encoding", "spurious encoding (attribute, skew - clean)"),
+                       ("core_forgetting", "core forgetting (label on conflicting, clean - skew)")):
+        m = np.array([pu[key][u]["mean"] for u in units])
+        s = np.array([pu[key][u]["std"] for u in units])
+        ax.plot(xs, m, marker="o", label=label)
+        ax.fill_between(xs, m - s, m + s, alpha=0.2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(xs, units, rotation=30, ha="right")
+    ax.set_xlabel("depth (unit)")
+    ax.set_ylabel("V-information difference (R^2)")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "representation.png"))
+
+    if "gain_frozen" in pu:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        _bars(ax, loc, {f"{p} at u": pu[f"gain_{p}"] for p, _ in INTERVENTIONS},
+              "interventions during skewed training", "conflicting acc - acc(skew)")
+        paths.append(_save(fig, out / "interventions.png"))
+    return paths
+
+
+def write_outputs(result: LocalizationResult, out_dir, record: dict | None = None) -> list[Path]:
+    """result.json (the result inside `record` when given) and the figures."""
+    from shortcut_fast.report import write_json
+
+    out = Path(out_dir)
+    write_json(result if record is None else {**record, "result": result}, out / "result.json")
+    return [out / "result.json", *write_figures(result, out)]

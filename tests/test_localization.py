@@ -1,0 +1,282 @@
+"""Layer-wise shortcut localization (experiments/localization.py, `shortcut-fast localize`):
+the metrics on hand-made numbers, units and variants, the command end to end, resume, bad input."""
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from shortcut_fast.cli import main
+from shortcut_fast.experiments import localization as loc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- metrics on hand-made numbers
+
+# Two units a, b. The accuracies are chosen so that every metric is a round number.
+ACC = {
+    "clean": {"clean": 0.90, "conflicting": 0.80},
+    "skew": {"clean": 0.85, "conflicting": 0.30},
+    "skew@a": {"clean": 0.88, "conflicting": 0.50},
+    "skew@b": {"clean": 0.90, "conflicting": 0.70},
+    "clean@a": {"clean": 0.89, "conflicting": 0.60},
+    "clean@b": {"clean": 0.85, "conflicting": 0.35},
+}
+
+
+def test_drop_and_recovery_with_shares_of_the_total_drop():
+    # drop(u) = acc(clean) - acc(skew@u); recovery(u) = acc(clean@u) - acc(skew); shares divide by
+    # the total drop acc(clean) - acc(skew): 0.5 on the conflicting test, 0.05 on the clean test.
+    m = loc.localization_scores(ACC, ["a", "b"])
+    approx = lambda v: pytest.approx(v, abs=1e-12)  # noqa: E731
+    assert m["total_drop_conflicting"]["all"] == approx(0.5)
+    assert m["drop_conflicting"] == {"a": approx(0.3), "b": approx(0.1)}
+    assert m["drop_share_conflicting"] == {"a": approx(0.6), "b": approx(0.2)}
+    assert m["recovery_conflicting"] == {"a": approx(0.3), "b": approx(0.05)}
+    assert m["recovery_share_conflicting"] == {"a": approx(0.6), "b": approx(0.1)}
+    assert m["drop_clean"] == {"a": approx(0.02), "b": approx(0.0)}
+    assert m["drop_share_clean"] == {"a": approx(0.4), "b": approx(0.0)}
+    assert m["recovery_share_clean"] == {"a": approx(0.8), "b": approx(0.0)}
+
+
+def test_share_is_nan_without_a_total_drop():
+    acc = {k: dict(v) for k, v in ACC.items()}
+    acc["skew"]["conflicting"] = acc["clean"]["conflicting"]
+    m = loc.localization_scores(acc, ["a", "b"])
+    assert all(math.isnan(v) for v in m["drop_share_conflicting"].values())
+
+
+def test_intervention_gains_and_their_rank_correlation_with_the_scores():
+    acc = {"skew": {"conflicting": 0.3},
+           "lr0.1@a": {"conflicting": 0.4}, "lr0.1@b": {"conflicting": 0.35}, "lr0.1@c": {"conflicting": 0.3},
+           "frozen@a": {"conflicting": 0.2}, "frozen@b": {"conflicting": 0.5}, "frozen@c": {"conflicting": 0.6}}
+    m = loc.intervention_gains(acc, ["a", "b", "c"])
+    assert m["gain_lr0.1"] == pytest.approx({"a": 0.1, "b": 0.05, "c": 0.0})
+    assert m["gain_frozen"] == pytest.approx({"a": -0.1, "b": 0.2, "c": 0.3})
+    # The drop ranks a > b > c: the same order as the lr0.1 gain (+1), the reverse of the frozen one (-1).
+    m["drop_conflicting"] = {"a": 0.3, "b": 0.2, "c": 0.1}
+    corr = loc.score_gain_correlations(m, ["a", "b", "c"])
+    assert corr["drop_conflicting vs gain_lr0.1"] == pytest.approx(1.0)
+    assert corr["drop_conflicting vs gain_frozen"] == pytest.approx(-1.0)
+    assert "core_forgetting vs gain_frozen" not in corr  # scores that are absent are skipped
+
+
+def test_categorical_v_information_of_a_hand_made_case():
+    # Three balanced categories; the one feature is "category 0 or not". The one-hot column of
+    # category 0 is decoded exactly (R^2 = 1). Category 1's column among the other two thirds is
+    # a coin flip: best prediction 1/2, SSE = (2n)(1/4) = n/2 against SST = 3n (1/3)(2/3) = 2n/3,
+    # so R^2 = 1/4, and the same for category 2. Mean over the columns: (1 + 1/4 + 1/4) / 3 = 1/2.
+    c = torch.arange(3).repeat(20)
+    x = (c == 0).double()[:, None]
+    assert loc.categorical_v_information(x, c, x, c) == pytest.approx(0.5, abs=1e-4)
+    # Features identical to the one-hot code: every column decoded (1); constant features: 0.
+    assert loc.categorical_v_information(loc.one_hot(c), c, loc.one_hot(c), c) == pytest.approx(1.0, abs=1e-4)
+    ones = torch.ones(60, 2, dtype=torch.float64)
+    assert loc.categorical_v_information(ones, c, ones, c) == pytest.approx(0.0, abs=1e-12)
+    assert loc.categorical_v_information(x, torch.zeros(60, dtype=torch.long), x,
+                                         torch.zeros(60, dtype=torch.long)) == 0.0
+
+
+# ---- units and variants
+
+def test_units_by_stage_and_by_block():
+    from shortcut_fast.models import build_model
+
+    net = build_model("resnet20", num_classes=10, in_channels=3, image_size=32, width=4)
+    stages = loc.model_units(net, "stage")
+    assert list(stages) == ["stem", "layer1", "layer2", "layer3"]
+    assert stages["layer2"] == ["layer2.0", "layer2.1", "layer2.2"]
+    assert list(loc.model_units(net, "block")) == ["stem", *[f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]]
+    vit = build_model("vit-tiny", num_classes=10, in_channels=3, image_size=32, dim=32, depth=6, heads=2)
+    assert loc.model_units(vit, "stage") == {"blocks.0-1": ["blocks.0", "blocks.1"],
+                                             "blocks.2-3": ["blocks.2", "blocks.3"],
+                                             "blocks.4-5": ["blocks.4", "blocks.5"]}
+
+
+def test_a_model_without_blocks_is_refused_naming_the_choices():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+
+    with pytest.raises(ValueError, match=r"model: .*cannot be listed.*resnet20"):
+        loc.model_units(Bare())
+
+
+def test_unknown_unit_names_are_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match=r"blocks: unknown stage name\(s\) 'layer9'.*stem, layer1, head"):
+        loc.check_units(["layer9"], ["stem", "layer1", "head"], "stage")
+    assert loc.check_units(["head", "stem"], ["stem", "layer1", "head"], "stage") == ["stem", "head"]
+
+
+def test_config_refuses_rho_outside_the_unit_interval():
+    for rho in (0, -0.1, 1.5, True):
+        with pytest.raises(ValueError, match=r"rho must be a number in \(0, 1\]"):
+            loc.LocalizationConfig(rho=rho)
+    loc.LocalizationConfig(rho=1)
+
+
+# ---- the ensemble engine: the real module, or (until it lands) a stand-in that follows the contract
+
+def _stand_in_ensemble():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Variants:
+        names: list
+        skewed: torch.Tensor
+        lr_scale: torch.Tensor
+
+    def block_parameter_groups(model, blocks):
+        groups = [[n for n, _ in model.named_parameters() if n.startswith(b + ".")] for b in blocks]
+        taken = {n for g in groups for n in g}
+        return groups + [[n for n, _ in model.named_parameters() if n not in taken]]
+
+    def train_variants(model, variants, groups, batches, *, epochs, lr, momentum=0.9, weight_decay=5e-4,
+                       stacked=True, store=None, progress=True, on_epoch_end=None):
+        import copy
+
+        states = []
+        for v in range(len(variants.names)):
+            net = copy.deepcopy(model).train()
+            params = dict(net.named_parameters())
+            opt = torch.optim.SGD([{"params": [params[n] for n in g], "lr": lr * float(variants.lr_scale[v, i])}
+                                   for i, g in enumerate(groups)], lr=lr, momentum=momentum,
+                                  weight_decay=weight_decay)
+            for epoch in range(epochs):
+                for xc, xs, y in batches(epoch):
+                    grads = []
+                    for x in (xc, xs):
+                        net.zero_grad()
+                        nn.functional.cross_entropy(net(x), y).backward()
+                        grads.append({n: p.grad.clone() for n, p in params.items()})
+                    for i, g in enumerate(groups):
+                        for n in g:
+                            params[n].grad = grads[int(variants.skewed[v, i])][n]
+                    opt.step()
+            states.append(copy.deepcopy(net.state_dict()))
+        return states
+
+    return types.SimpleNamespace(Variants=Variants, block_parameter_groups=block_parameter_groups,
+                                 train_variants=train_variants)
+
+
+@pytest.fixture(autouse=True)
+def ensemble_engine(monkeypatch):
+    try:
+        import shortcut_fast.ensemble  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "shortcut_fast.ensemble", _stand_in_ensemble())
+
+
+def test_variant_masks():
+    v = loc.make_variants(["stem", "layer1", "head"], ["stem", "head"], interventions=True)
+    assert v.names == ["clean", "skew", "skew@stem", "skew@head", "clean@stem", "clean@head",
+                       "lr0.1@stem", "lr0.1@head", "frozen@stem", "frozen@head"]
+    rows = {n: (v.skewed[i].tolist(), v.lr_scale[i].tolist()) for i, n in enumerate(v.names)}
+    assert rows["clean"] == ([False] * 3, [1.0] * 3)
+    assert rows["skew@head"] == ([False, False, True], [1.0] * 3)
+    assert rows["clean@stem"] == ([False, True, True], [1.0] * 3)
+    assert rows["lr0.1@head"] == ([True] * 3, [1.0, 1.0, pytest.approx(0.1)])
+    assert rows["frozen@stem"] == ([True] * 3, [0.0, 1.0, 1.0])
+
+
+def test_unit_parameter_groups_cover_every_parameter_once():
+    from shortcut_fast.models import build_model
+
+    net = build_model("resnet20", num_classes=10, in_channels=3, image_size=32, width=4)
+    units = loc.model_units(net, "stage")
+    groups = loc.unit_parameter_groups(net, units)
+    assert len(groups) == len(units) + 1
+    flat = [n for g in groups for n in g]
+    assert sorted(flat) == sorted(n for n, _ in net.named_parameters())
+    assert all(n.startswith("layer2.") for n in groups[2]) and all(n.startswith("head.") for n in groups[-1])
+
+
+# ---- the command end to end
+
+TINY = ["localize", "--model", "small-cnn", "-M", "width=4", "-M", "padding=2", "--epochs", "1", "--seeds", "2",
+        "--batch-size", "256", "--probe-images", "64"]
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _refused(result, status, *names):
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == status, result.output
+    assert "Traceback" not in result.output
+    for name in names:
+        assert name in lines[-1], f"{name!r} not in {lines[-1]!r}"
+
+
+def test_localize_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    r = _run(*TINY, "--interventions", "--blocks", "conv1,head", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "result.json").read_text())
+    res = rec["result"]
+    assert res["units"] == ["conv1", "conv2", "conv3", "head"] and res["localized"] == ["conv1", "head"]
+    assert res["seeds"] == [0, 1] and len(res["variants"]) == 2 + 2 * 2 + 2 * 2
+    for v in res["variants"]:
+        for t in ("clean", "aligned", "conflicting"):
+            stat = res["accuracy"][v][t]
+            assert 0 <= stat["mean"] <= 1 and len(stat["values"]) == 2
+    pu = res["per_unit"]
+    assert set(pu["drop_conflicting"]) == {"conv1", "head"}
+    assert set(pu["spurious_encoding"]) == {"conv1", "conv2", "conv3", "head"}
+    seed0 = res["per_seed"][0]["accuracy"]
+    assert pu["drop_conflicting"]["head"]["values"][0] == pytest.approx(
+        seed0["clean"]["conflicting"] - seed0["skew@head"]["conflicting"])
+    assert "drop_conflicting vs gain_frozen" in res["correlations"]
+    for png in ("contributions.png", "representation.png", "interventions.png"):
+        assert (out / png).stat().st_size > 0
+    assert "spurious enc" in r.output and "conv1" in r.output
+    assert (out / "partial" / "seed_1.json").exists()
+
+    # Resume with the same settings: every seed is read back, not retrained (same numbers).
+    r = _run(*TINY, "--interventions", "--blocks", "conv1,head", "--out", out, "--quiet", "--resume")
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "result.json").read_text())["result"]
+    assert again["per_seed"] == res["per_seed"]
+
+    # A changed setting is refused, naming it.
+    r = _run(*TINY, "--interventions", "--blocks", "conv1,head", "--rho", "0.8", "--out", out, "--quiet", "--resume")
+    _refused(r, 1, "rho: 0.9 -> 0.8")
+
+
+# ---- bad input (usage errors: status 2, one line naming the option and the valid choices)
+
+@pytest.mark.parametrize("rho", ["0", "1.5", "-0.2"])
+def test_rho_outside_the_unit_interval(tmp_path, rho):
+    _refused(_run(*TINY, "--rho", rho, "--out", tmp_path / "o"), 2, "--rho", "0<x<=1")
+
+
+def test_unknown_block_name(tmp_path):
+    _refused(_run(*TINY, "--blocks", "conv1,layer9", "--out", tmp_path / "o"), 2, "--blocks", "'layer9'",
+             "conv1, conv2, conv3, head")
+    _refused(_run(*TINY, "--granularity", "block", "--blocks", "stem", "--out", tmp_path / "o"), 2, "--blocks",
+             "conv1")
+
+
+def test_dataset_without_attributes_and_no_shortcut(tmp_path):
+    _refused(_run(*TINY, "--shortcut", "none", "--out", tmp_path / "o"), 2, "--shortcut", "patch, tint or freq")
+    _refused(_run(*TINY, "-D", "shortcut=tint", "--out", tmp_path / "o"), 2, "--data-option", "--shortcut")
+
+
+def test_dataset_with_its_own_attribute_is_refused_for_now(tmp_path):
+    _refused(_run(*TINY, "--data", "colored-digits", "--shortcut", "none", "--out", tmp_path / "o"), 2,
+             "--shortcut", "not implemented")
+
+
+def test_model_whose_blocks_cannot_be_listed(tmp_path, monkeypatch):
+    import shortcut_fast.models
+
+    monkeypatch.setattr(shortcut_fast.models, "model_blocks", lambda model: [])
+    _refused(_run(*TINY, "--out", tmp_path / "o"), 2, "--model", "cannot be listed", "resnet20")
