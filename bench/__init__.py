@@ -14,6 +14,7 @@ BENCHMARKS = {
     "dfm-search": "shortcut_fast.bench.dfm_search",
     "probe-stats": "shortcut_fast.bench.probe_stats",
     "ablation-sweep": "shortcut_fast.bench.ablation_sweep",
+    "localization": "shortcut_fast.bench.localization",
 }
 
 

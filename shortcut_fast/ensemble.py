@@ -298,7 +298,7 @@ class _StackedTrainer:
         device = next(model.parameters()).device
         self.params = {n: t.to(device).clone().requires_grad_(True) for n, t in params.items()}
         self.buffers = {n: t.to(device).clone() for n, t in buffers.items()}
-        self.moments = None if moments is None else {n: t.to(device).clone() for n, t in moments.items()}
+        self.moments = None if moments is None else {n: moments[n].to(device).clone() for n in self.params}
         skewed = variants.skewed.to(device)
 
         def per_variant(column, shape_of):  # (V,) column of a (V, L) table, shaped to broadcast over a stack
@@ -306,8 +306,9 @@ class _StackedTrainer:
 
         # Masks enter vmap as one scalar per variant and parameter; lr factors broadcast over the stack.
         self.mask = {n: skewed[:, owner[n]].to(t.dtype) for n, t in self.params.items()}
-        self.lr = {n: per_variant((lr * variants.lr_scale[:, owner[n]]).to(device, t.dtype), t.shape)
-                   for n, t in self.params.items()}
+        # Learning rates expanded to the parameters' shapes so the update runs as fused foreach ops.
+        self.lr = [per_variant((lr * variants.lr_scale[:, owner[n]]).to(device, t.dtype), t.shape).expand_as(t)
+                   .contiguous() for n, t in self.params.items()]
         self.buffer_skewed = {n: per_variant(skewed[:, buffer_owner[n]], t.shape) for n, t in self.buffers.items()}
         self.momentum, self.weight_decay = momentum, weight_decay
 
@@ -336,8 +337,7 @@ class _StackedTrainer:
             l_s, l_c = self.loss(self.params, b_s, b_c, self.mask, x_clean, x_skewed, y)
             grads = torch.autograd.grad((l_s + l_c).sum(), [self.params[n] for n in names], allow_unused=True)
             with torch.no_grad():
-                for n, g in zip(names, grads):
-                    self._sgd(n, torch.zeros_like(self.params[n]) if g is None else g)
+                self._sgd([torch.zeros_like(self.params[n]) if g is None else g for n, g in zip(names, grads)])
                 for n in self.buffers:
                     self.buffers[n] = torch.where(self.buffer_skewed[n], b_s[n], b_c[n])
             loss_s += l_s.detach().double().cpu()
@@ -346,21 +346,22 @@ class _StackedTrainer:
             bar.update(1)
         return loss_c, loss_s, steps
 
-    def _sgd(self, n, g):
-        """torch.optim.SGD's update (no dampening, no Nesterov) with a per-variant learning rate."""
-        p = self.params[n]
+    def _sgd(self, grads):
+        """torch.optim.SGD's update (no dampening, no Nesterov) with per-variant, per-block learning
+        rates, on every stacked parameter at once (foreach ops)."""
+        params = list(self.params.values())
         if self.weight_decay:
-            g = g.add(p, alpha=self.weight_decay)
+            torch._foreach_add_(grads, params, alpha=self.weight_decay)  # grads are fresh tensors
         if self.momentum:
-            if self.moments is None:
-                self.moments = {}
-            buf = self.moments.get(n)
-            if buf is None:
-                buf = self.moments[n] = g.clone()  # torch: the first step's buffer is the gradient
+            if self.moments is None:  # torch: the first step's buffer is the gradient itself
+                self.moments = {n: g.clone() for n, g in zip(self.params, grads)}
             else:
-                buf.mul_(self.momentum).add_(g)
-            g = buf
-        p.sub_(self.lr[n] * g)  # a factor 0 subtracts exact zeros: frozen blocks stay bit-identical
+                bufs = list(self.moments.values())
+                torch._foreach_mul_(bufs, self.momentum)
+                torch._foreach_add_(bufs, grads)
+            grads = list(self.moments.values())
+        # a factor 0 subtracts exact zeros: frozen blocks stay bit-identical
+        torch._foreach_sub_(params, torch._foreach_mul(grads, self.lr))
 
     def state(self):
         return ({n: t.detach() for n, t in self.params.items()}, dict(self.buffers),
