@@ -323,9 +323,10 @@ class _StackedTrainer:
         self.loss = vmap(loss, in_dims=(0, 0, 0, 0, None, None, None), randomness="different")
 
     def epoch(self, batches, epoch, bar):
-        V = next(iter(self.params.values())).shape[0]
-        loss_c = torch.zeros(V, dtype=torch.float64)
-        loss_s = torch.zeros(V, dtype=torch.float64)
+        first = next(iter(self.params.values()))
+        # Loss sums stay on the device: no host sync per step.
+        loss_c = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+        loss_s = torch.zeros_like(loss_c)
         steps = 0
         names = list(self.params)
         for batch in batches(epoch):
@@ -340,11 +341,11 @@ class _StackedTrainer:
                 self._sgd([torch.zeros_like(self.params[n]) if g is None else g for n, g in zip(names, grads)])
                 for n in self.buffers:
                     self.buffers[n] = torch.where(self.buffer_skewed[n], b_s[n], b_c[n])
-            loss_s += l_s.detach().double().cpu()
-            loss_c += l_c.detach().double().cpu()
+            loss_s += l_s.detach()
+            loss_c += l_c.detach()
             steps += 1
             bar.update(1)
-        return loss_c, loss_s, steps
+        return loss_c.cpu(), loss_s.cpu(), steps
 
     def _sgd(self, grads):
         """torch.optim.SGD's update (no dampening, no Nesterov) with per-variant, per-block learning
@@ -402,8 +403,9 @@ class _LoopTrainer:
             self.clean_names.append([n for n in named if not variants.skewed[v, owner[n]]])
 
     def epoch(self, batches, epoch, bar):
-        loss_c = torch.zeros(self.V, dtype=torch.float64)
-        loss_s = torch.zeros(self.V, dtype=torch.float64)
+        device = next(self.models[0].parameters()).device
+        loss_c = torch.zeros(self.V, dtype=torch.float64, device=device)  # on the device: no sync per step
+        loss_s = torch.zeros_like(loss_c)
         steps = 0
         for v in range(self.V):
             m, opt = self.models[v], self.optimizers[v]
@@ -428,11 +430,11 @@ class _LoopTrainer:
                 with torch.no_grad():
                     for n, b in m.named_buffers():
                         b.copy_(b_s[n] if self.skewed[v, self.buffer_owner[n]] else b_c[n])
-                loss_s[v] += float(l_s.detach())
-                loss_c[v] += float(l_c.detach())
+                loss_s[v] += l_s.detach()
+                loss_c[v] += l_c.detach()
                 steps += 1
                 bar.update(1)
-        return loss_c, loss_s, steps
+        return loss_c.cpu(), loss_s.cpu(), steps
 
     def state(self):
         params, buffers, moments = {}, {}, {}
