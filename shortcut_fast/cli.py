@@ -668,9 +668,9 @@ def _num_or_nan(v) -> float:
 
 @main.command()
 @data_options_with("digits")
-@click.option("--model", default="resnet20", help="Architecture (see `shortcut-fast models`), or timm:NAME.")
+@click.option("--model", default="small-cnn", help="Architecture (see `shortcut-fast models`), or timm:NAME.")
 @click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
-              help="Model option (default width=4 where the model has a width: minutes on a CPU).")
+              help="Model option (default width=8 where the model has a width: minutes on a CPU).")
 @click.option("--shortcut", type=click.Choice(["patch", "tint", "freq", "none"]), default="patch",
               help="Shortcut planted into a fraction --rho of each class's training images "
                    "(none: the dataset's own attribute, not implemented yet).")
@@ -710,7 +710,7 @@ def localize(**params):
                 f"--shortcut patch|tint|freq", param_hint="--shortcut")
         raise click.BadParameter(f"{p['data']} has no attributes to localize; choose --shortcut patch, tint or freq",
                                  param_hint="--shortcut")
-    model_settings = _model_settings(p["model"], p["model_option"], 4)
+    model_settings = _model_settings(p["model"], p["model_option"], 8)
     try:
         cfg = loc.LocalizationConfig(shortcut=p["shortcut"], rho=p["rho"], shortcut_strength=p["shortcut_strength"],
                                      granularity=p["granularity"], units=p["blocks"], epochs=p["epochs"],

@@ -2,9 +2,6 @@
 the metrics on hand-made numbers, units and variants, the command end to end, resume, bad input."""
 import json
 import math
-import sys
-import types
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -53,8 +50,9 @@ def test_share_is_nan_without_a_total_drop():
 
 def test_intervention_gains_and_their_rank_correlation_with_the_scores():
     acc = {"skew": {"conflicting": 0.3},
-           "lr0.1@a": {"conflicting": 0.4}, "lr0.1@b": {"conflicting": 0.35}, "lr0.1@c": {"conflicting": 0.3},
-           "frozen@a": {"conflicting": 0.2}, "frozen@b": {"conflicting": 0.5}, "frozen@c": {"conflicting": 0.6}}
+           "skew lr*0.1@a": {"conflicting": 0.4}, "skew lr*0.1@b": {"conflicting": 0.35},
+           "skew lr*0.1@c": {"conflicting": 0.3},
+           "skew lr*0@a": {"conflicting": 0.2}, "skew lr*0@b": {"conflicting": 0.5}, "skew lr*0@c": {"conflicting": 0.6}}
     m = loc.intervention_gains(acc, ["a", "b", "c"])
     assert m["gain_lr0.1"] == pytest.approx({"a": 0.1, "b": 0.05, "c": 0.0})
     assert m["gain_frozen"] == pytest.approx({"a": -0.1, "b": 0.2, "c": 0.3})
@@ -121,69 +119,40 @@ def test_config_refuses_rho_outside_the_unit_interval():
     loc.LocalizationConfig(rho=1)
 
 
-# ---- the ensemble engine: the real module, or (until it lands) a stand-in that follows the contract
-
-def _stand_in_ensemble():
-    from dataclasses import dataclass
-
-    @dataclass
-    class Variants:
-        names: list
-        skewed: torch.Tensor
-        lr_scale: torch.Tensor
-
-    def block_parameter_groups(model, blocks):
-        groups = [[n for n, _ in model.named_parameters() if n.startswith(b + ".")] for b in blocks]
-        taken = {n for g in groups for n in g}
-        return groups + [[n for n, _ in model.named_parameters() if n not in taken]]
-
-    def train_variants(model, variants, groups, batches, *, epochs, lr, momentum=0.9, weight_decay=5e-4,
-                       stacked=True, store=None, progress=True, on_epoch_end=None):
-        import copy
-
-        states = []
-        for v in range(len(variants.names)):
-            net = copy.deepcopy(model).train()
-            params = dict(net.named_parameters())
-            opt = torch.optim.SGD([{"params": [params[n] for n in g], "lr": lr * float(variants.lr_scale[v, i])}
-                                   for i, g in enumerate(groups)], lr=lr, momentum=momentum,
-                                  weight_decay=weight_decay)
-            for epoch in range(epochs):
-                for xc, xs, y in batches(epoch):
-                    grads = []
-                    for x in (xc, xs):
-                        net.zero_grad()
-                        nn.functional.cross_entropy(net(x), y).backward()
-                        grads.append({n: p.grad.clone() for n, p in params.items()})
-                    for i, g in enumerate(groups):
-                        for n in g:
-                            params[n].grad = grads[int(variants.skewed[v, i])][n]
-                    opt.step()
-            states.append(copy.deepcopy(net.state_dict()))
-        return states
-
-    return types.SimpleNamespace(Variants=Variants, block_parameter_groups=block_parameter_groups,
-                                 train_variants=train_variants)
-
-
-@pytest.fixture(autouse=True)
-def ensemble_engine(monkeypatch):
-    try:
-        import shortcut_fast.ensemble  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "shortcut_fast.ensemble", _stand_in_ensemble())
-
+# ---- variants and their evaluation (through shortcut_fast.ensemble)
 
 def test_variant_masks():
     v = loc.make_variants(["stem", "layer1", "head"], ["stem", "head"], interventions=True)
-    assert v.names == ["clean", "skew", "skew@stem", "skew@head", "clean@stem", "clean@head",
-                       "lr0.1@stem", "lr0.1@head", "frozen@stem", "frozen@head"]
+    assert v.names == ["clean", "skew", "skew@stem", "clean@stem", "skew@head", "clean@head",
+                       "skew lr*0.1@stem", "skew lr*0.1@head", "skew lr*0@stem", "skew lr*0@head"]
     rows = {n: (v.skewed[i].tolist(), v.lr_scale[i].tolist()) for i, n in enumerate(v.names)}
     assert rows["clean"] == ([False] * 3, [1.0] * 3)
     assert rows["skew@head"] == ([False, False, True], [1.0] * 3)
     assert rows["clean@stem"] == ([False, True, True], [1.0] * 3)
-    assert rows["lr0.1@head"] == ([True] * 3, [1.0, 1.0, pytest.approx(0.1)])
-    assert rows["frozen@stem"] == ([True] * 3, [0.0, 1.0, 1.0])
+    assert rows["skew lr*0.1@head"] == ([True] * 3, [1.0, 1.0, pytest.approx(0.1)])
+    assert rows["skew lr*0@stem"] == ([True] * 3, [0.0, 1.0, 1.0])
+    assert loc.make_variants(["stem", "head"], ["head"], interventions=False).names == \
+        ["clean", "skew", "skew@head", "clean@head"]
+
+
+def test_variant_accuracies_equal_evaluate_of_each_variant():
+    from shortcut_fast.data import load_dataset
+    from shortcut_fast.models import build_model
+    from shortcut_fast.train import evaluate
+
+    splits = load_dataset("digits")
+    net = build_model("small-cnn", num_classes=10, in_channels=3, image_size=32, width=4)
+    states = []
+    for k in range(3):  # three different "variants": perturbed weights, BN statistics included
+        torch.manual_seed(k)
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.3 * torch.randn_like(t)).abs_() if t.dim() == 1 else t.add_(0.3 * torch.randn_like(t))
+        states.append({n: t.clone() for n, t in net.state_dict().items()})
+    acc = loc.variant_accuracies(net, states, ["a", "b", "c"], {"test": splits.test}, "cpu", batch_size=200)
+    for name, state in zip("abc", states):
+        net.load_state_dict(state)
+        assert acc[name]["test"] == evaluate(net, splits.test, device="cpu", amp=False).accuracy
 
 
 def test_unit_parameter_groups_cover_every_parameter_once():

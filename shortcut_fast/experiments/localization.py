@@ -5,7 +5,8 @@ Tsoy & Konstantinov ("On Measuring Localization of Shortcuts in Deep Networks", 
 
 Units. The model's blocks (`models.model_blocks`), or with granularity "stage" groups of
 consecutive blocks that share a name prefix (layer1.0, layer1.1 -> layer1; a model whose
-blocks all share one prefix, e.g. vit blocks.0..5, is cut into three consecutive thirds),
+blocks all share one prefix is cut into three consecutive thirds when it has more than 4,
+e.g. vit blocks.0..5, and keeps its blocks as units otherwise, e.g. timm ConvNeXt's 4 stages),
 plus the "head": every parameter in no block (linear head, final norm, embeddings).
 
 Data. The clean training set and the skewed one hold the same images in the same order; the
@@ -18,8 +19,8 @@ Variants (trained together by shortcut_fast.ensemble, same init and batch order)
   skew         every unit trains on the skewed batch
   skew@u       unit u gets the gradient of the skewed batch, every other unit the clean one
   clean@u      the converse
-  lr0.1@u      (interventions) skewed training, unit u at 0.1 x the learning rate
-  frozen@u     (interventions) skewed training, unit u frozen (learning rate 0)
+  skew lr*0.1@u  (interventions) skewed training, unit u at 0.1 x the learning rate
+  skew lr*0@u    (interventions) skewed training, unit u frozen (learning rate 0)
 
 Metrics per unit u, on the clean and on the conflicting test set (acc = accuracy):
   drop(u)      = acc(clean) - acc(skew@u)     what skewed training of u alone costs
@@ -53,7 +54,7 @@ GRANULARITIES = ("stage", "block")
 SHORTCUT_KINDS = ("patch", "tint", "freq")
 TEST_SETS = ("clean", "aligned", "conflicting")
 HEAD = "head"
-# (name prefix, learning-rate factor) of the interventions during skewed training.
+# (label, learning-rate factor of the unit) of the interventions during skewed training.
 INTERVENTIONS = (("lr0.1", 0.1), ("frozen", 0.0))
 SCORES = ("drop_conflicting", "recovery_conflicting", "spurious_encoding", "core_forgetting")
 
@@ -142,7 +143,7 @@ def model_units(model: nn.Module, granularity: str = "stage") -> dict[str, list[
     units: dict[str, list[str]] = {}
     for b in blocks:
         units.setdefault(stage_of(b), []).append(b)
-    if len(units) == 1 and len(blocks) >= 3:  # one shared prefix (a ViT): three consecutive thirds
+    if len(units) == 1 and len(blocks) > 4:  # one shared prefix (a ViT): three consecutive thirds
         units = {}
         cuts = [round(i * len(blocks) / 3) for i in range(4)]
         for lo, hi in zip(cuts, cuts[1:]):
@@ -152,32 +153,31 @@ def model_units(model: nn.Module, granularity: str = "stage") -> dict[str, list[
     return units
 
 
+def intervention_name(scale: float, unit: str) -> str:
+    """The variant name of skewed training with `unit`'s learning rate times `scale` (ensemble's naming)."""
+    return f"skew lr*{scale:g}@{unit}"
+
+
 def make_variants(units: list[str], localized: list[str], interventions: bool):
-    """The Variants of the experiment over `units` (head last): clean, skew, skew@u, clean@u,
-    and with interventions lr0.1@u, frozen@u for every localized unit u."""
+    """The Variants of the experiment over `units` (head last): clean, skew, then per localized
+    unit u skew@u and clean@u, and with interventions "skew lr*0.1@u" and "skew lr*0@u" (frozen)."""
     from shortcut_fast.ensemble import Variants
 
     L = len(units)
     names, skewed, scale = ["clean", "skew"], [[False] * L, [True] * L], [[1.0] * L, [1.0] * L]
     for u in localized:
         i = units.index(u)
-        names.append(f"skew@{u}")
-        skewed.append([j == i for j in range(L)])
-        scale.append([1.0] * L)
-    for u in localized:
-        i = units.index(u)
-        names.append(f"clean@{u}")
-        skewed.append([j != i for j in range(L)])
-        scale.append([1.0] * L)
-    if interventions:
-        for prefix, factor in INTERVENTIONS:
-            for u in localized:
-                i = units.index(u)
-                names.append(f"{prefix}@{u}")
-                skewed.append([True] * L)
-                scale.append([factor if j == i else 1.0 for j in range(L)])
+        names += [f"skew@{u}", f"clean@{u}"]
+        skewed += [[j == i for j in range(L)], [j != i for j in range(L)]]
+        scale += [[1.0] * L, [1.0] * L]
+    for _, s in INTERVENTIONS if interventions else ():
+        for u in localized:
+            i = units.index(u)
+            names.append(intervention_name(s, u))
+            skewed.append([True] * L)
+            scale.append([s if j == i else 1.0 for j in range(L)])
     return Variants(names=names, skewed=torch.tensor(skewed, dtype=torch.bool),
-                    lr_scale=torch.tensor(scale, dtype=torch.float32))
+                    lr_scale=torch.tensor(scale, dtype=torch.float64))
 
 
 def unit_parameter_groups(model: nn.Module, unit_blocks: dict[str, list[str]]) -> list[list[str]]:
@@ -231,8 +231,8 @@ def localization_scores(acc: dict[str, dict[str, float]], localized: list[str],
 def intervention_gains(acc: dict[str, dict[str, float]], localized: list[str],
                        test_set: str = "conflicting") -> dict[str, dict[str, float]]:
     """gain_<kind> -> unit -> acc(kind@u) - acc(skew) on `test_set`."""
-    return {f"gain_{prefix}": {u: acc[f"{prefix}@{u}"][test_set] - acc["skew"][test_set] for u in localized}
-            for prefix, _ in INTERVENTIONS}
+    return {f"gain_{label}": {u: acc[intervention_name(s, u)][test_set] - acc["skew"][test_set] for u in localized}
+            for label, s in INTERVENTIONS}
 
 
 def score_gain_correlations(metrics: dict[str, dict[str, float]], localized: list[str]) -> dict[str, float]:
@@ -309,6 +309,25 @@ def _unit_features(model: nn.Module, x: torch.Tensor, unit_blocks: dict[str, lis
     return {u: torch.cat(p) for u, p in parts.items()}
 
 
+@torch.no_grad()
+def variant_accuracies(model: nn.Module, states: list[dict], names: list[str], tests: dict, device,
+                       batch_size: int = 1024) -> dict[str, dict[str, float]]:
+    """variant -> test set -> accuracy, every variant evaluated in one vmap pass per chunk of
+    images (ensemble.predict_variants, eval mode), as exact ratios of integer counts."""
+    from shortcut_fast.ensemble import predict_variants
+
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    for t, ds in tests.items():
+        correct = torch.zeros(len(states), dtype=torch.int64)
+        for start in range(0, len(ds), batch_size):
+            x, y, _ = ds.get_batch(torch.arange(start, min(start + batch_size, len(ds))), device=device)
+            logits = predict_variants(model, states, x, batch_size=batch_size)
+            correct += (logits.argmax(-1) == y[None]).sum(1).cpu()
+        for name, c in zip(names, correct.tolist()):
+            out[name][t] = c / len(ds) if len(ds) else math.nan
+    return out
+
+
 def skewed_splits(splits, cfg: LocalizationConfig):
     """The shortcut-planted copy of clean `splits` (same training images in the same order)."""
     from shortcut_fast.data.shortcuts import inject_shortcut
@@ -329,7 +348,6 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
     resuming, and the ensemble's per-epoch state goes to its sub-store seed_<s>/.
     """
     from shortcut_fast.ensemble import train_variants
-    from shortcut_fast.train import evaluate
 
     if not isinstance(cfg, LocalizationConfig):
         raise TypeError(f"cfg must be a LocalizationConfig, got {type(cfg).__name__}")
@@ -373,11 +391,11 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
         states = train_variants(model, variants, groups, batches, epochs=cfg.epochs, lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, stacked=cfg.stacked,
                                 store=store.sub(f"seed_{seed}") if store is not None else None, progress=progress)
-        acc, vinfo = {}, {"attribute": {}, "label": {}}
+        acc = variant_accuracies(model, states, names, tests, device)
+        vinfo = {"attribute": {}, "label": {}}
         for name, state in zip(names, states):
-            model.load_state_dict(state)
-            acc[name] = {t: evaluate(model, ds, device=device, amp=False).accuracy for t, ds in tests.items()}
             if name in ("clean", "skew"):
+                model.load_state_dict(state)
                 feats = _unit_features(model, x_probe, unit_blocks)
                 vinfo["attribute"][name] = {u: categorical_v_information(f[tr], a_probe[tr].cpu(), f[ho],
                                                                          a_probe[ho].cpu()) for u, f in feats.items()}
