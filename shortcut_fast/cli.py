@@ -672,8 +672,9 @@ def _num_or_nan(v) -> float:
 @click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
               help="Model option (default width=8 where the model has a width: minutes on a CPU).")
 @click.option("--shortcut", type=click.Choice(["patch", "tint", "freq", "none"]), default="patch",
-              help="Shortcut planted into a fraction --rho of each class's training images "
-                   "(none: the dataset's own attribute, not implemented yet).")
+              help="Shortcut planted into a fraction --rho of each class's training images (none: the "
+                   "dataset's own attribute, e.g. waterbirds: skewed = its training set, clean = its group-balanced "
+                   "subsample).")
 @click.option("--rho", type=click.FloatRange(0, 1, min_open=True), default=0.9,
               help="Fraction of each class's training images with the shortcut, in (0, 1].")
 @click.option("--shortcut-strength", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -702,13 +703,8 @@ def localize(**params):
         raise click.BadParameter("localize plants the shortcut itself into the clean data; use --shortcut, --rho "
                                  "and --shortcut-strength instead of -D", param_hint="--data-option")
     splits = _load_data(p)
-    if p["shortcut"] == "none":
-        if splits.num_attributes:
-            raise click.BadParameter(
-                f"{p['data']} brings its own attribute, but localizing it (skewed = the group-imbalanced training "
-                f"set, clean = its group-balanced subsample) is not implemented yet; plant a shortcut with "
-                f"--shortcut patch|tint|freq", param_hint="--shortcut")
-        raise click.BadParameter(f"{p['data']} has no attributes to localize; choose --shortcut patch, tint or freq",
+    if p["shortcut"] == "none" and splits.num_attributes < 2:
+        raise click.BadParameter(f"{p['data']} has no attributes of its own; choose --shortcut patch, tint or freq",
                                  param_hint="--shortcut")
     model_settings = _model_settings(p["model"], p["model_option"], 8)
     try:

@@ -239,9 +239,44 @@ def test_dataset_without_attributes_and_no_shortcut(tmp_path):
     _refused(_run(*TINY, "-D", "shortcut=tint", "--out", tmp_path / "o"), 2, "--data-option", "--shortcut")
 
 
-def test_dataset_with_its_own_attribute_is_refused_for_now(tmp_path):
-    _refused(_run(*TINY, "--data", "colored-digits", "--shortcut", "none", "--out", tmp_path / "o"), 2,
-             "--shortcut", "not implemented")
+def test_dataset_with_its_own_attribute(tmp_path):
+    # colored-digits: every (digit, color) group needs training images for a group-balanced clean set;
+    # at conflict_ratio 0.05 some are empty, which is refused naming the group.
+    _refused(_run(*TINY, "--data", "colored-digits", "--shortcut", "none", "--out", tmp_path / "o"), 1,
+             "no image of group", "shortcut=patch|tint|freq")
+    out = tmp_path / "own"
+    r = _run(*TINY, "--seeds", "1", "--data", "colored-digits", "--conflict-ratio", "0.9", "--shortcut", "none",
+             "--blocks", "head", "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "result.json").read_text())["result"]
+    assert "group-balanced subsample" in res["data"] and res["variants"] == ["clean", "skew", "skew@head", "clean@head"]
+
+
+def test_group_balanced_clean_set_and_label_matched_batches():
+    from shortcut_fast.data import ImageDataset
+
+    # 2 labels x 2 attributes with group counts 5, 1, 2, 3: the balanced subsample keeps 1 per group.
+    labels = torch.tensor([0] * 6 + [1] * 5)
+    attrs = torch.tensor([0] * 5 + [1] + [0] * 2 + [1] * 3)
+    ds = ImageDataset(torch.arange(11.0).view(11, 1, 1, 1).expand(11, 3, 2, 2).contiguous(), labels, attrs,
+                      num_classes=2, num_attributes=2)
+    keep = loc._group_balanced(ds, 2, 2, seed=0, what="train")
+    assert sorted((int(labels[i]), int(attrs[i])) for i in keep) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert 5 in keep.tolist()  # the only (0, 1) image
+    data = loc.LocalizationData(skew_train=ds, clean_train=ds.subset(keep),
+                                clean_pools=[torch.tensor([0, 1]), torch.tensor([2, 3])], tests={},
+                                attribute_probe=None, label_probe=None, description="")
+    cfg = loc.LocalizationConfig(shortcut="none", batch_size=4)
+    first = list(loc._batches(data, cfg, 0, "cpu")(0))
+    assert sum(len(y) for _, _, y in first) == 11
+    clean_labels = ds.subset(keep).labels
+    for xc, xs, y in first:  # every clean partner has the label of its skewed image
+        partner = xc[:, 0, 0, 0].long()
+        assert torch.equal(labels[partner], y)
+        assert set(partner.tolist()) <= set(keep.tolist())
+    again = list(loc._batches(data, cfg, 0, "cpu")(0))  # the same batches for the same epoch
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert torch.equal(clean_labels, labels[keep])
 
 
 def test_model_whose_blocks_cannot_be_listed(tmp_path, monkeypatch):

@@ -36,6 +36,14 @@ so either target can be decoded only from its own evidence.
 Interventions: gain(u) = acc_conflicting(intervention at u) - acc_conflicting(skew), and the
 Spearman correlation over units between each localization score and each gain.
 
+The dataset's own attribute (shortcut "none": Waterbirds' place, CelebA's Male): the skewed
+training set is the (group-imbalanced) training set, the clean one its group-balanced
+subsample (min group count images of every (label, attribute) group); the two hold different
+images, so each skewed batch gets a clean partner batch of the same labels, drawn per label
+from the clean subsample. Aligned test images carry the attribute most frequent with their
+label in training, conflicting ones any other; the clean test set is a group-balanced test
+subsample, which is also the attribute probes' data (attribute independent of the label).
+
 Seeds: seed, seed+1, ... change the initialization and the batch order (data and shortcut
 stay those of `seed`); every number is reported as mean and standard deviation over seeds.
 """
@@ -51,7 +59,7 @@ import torch
 from torch import nn
 
 GRANULARITIES = ("stage", "block")
-SHORTCUT_KINDS = ("patch", "tint", "freq")
+SHORTCUT_KINDS = ("patch", "tint", "freq", "none")  # none: the dataset's own attribute
 TEST_SETS = ("clean", "aligned", "conflicting")
 HEAD = "head"
 # (label, learning-rate factor of the unit) of the interventions during skewed training.
@@ -110,6 +118,7 @@ class LocalizationResult:
     config: dict
     seconds: float
     per_seed: list[dict] = field(default_factory=list)
+    data: str = ""  # what the skewed and the clean training sets are
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,13 +347,123 @@ def skewed_splits(splits, cfg: LocalizationConfig):
     return inject_shortcut(splits, kind=cfg.shortcut, rho=cfg.rho, seed=cfg.seed, strength=cfg.shortcut_strength)
 
 
+@dataclass
+class LocalizationData:
+    """What the experiment trains and tests on.
+
+    skew_train: the skewed training set (its order defines an epoch). clean_train: the clean one;
+    clean_pools None means it holds the same images as skew_train (a planted shortcut), else
+    clean_pools[c] indexes its images of label c, from which each skewed batch's clean partner
+    is drawn label by label. tests: clean, aligned, conflicting. attribute_probe: images whose
+    attribute is independent of the label; label_probe: the conflicting images.
+    """
+
+    skew_train: object
+    clean_train: object
+    clean_pools: list | None
+    tests: dict
+    attribute_probe: object
+    label_probe: object
+    description: str
+
+
+def _group_balanced(ds, num_classes: int, num_attributes: int, seed: int, what: str) -> torch.Tensor:
+    """Indices of a group-balanced subsample: min group count images of every (label, attribute) group."""
+    labels, attrs = ds.labels.cpu(), ds.attributes.cpu()
+    if bool((attrs < 0).any()):
+        raise ValueError(f"data: the {what} split has images without an attribute (-1); the dataset's own "
+                         f"attribute needs one for every image")
+    group = labels * num_attributes + attrs
+    counts = torch.bincount(group, minlength=num_classes * num_attributes)
+    if int(counts.min()) == 0:
+        g = int(torch.argmin(counts))
+        raise ValueError(f"data: the {what} split has no image of group (label {g // num_attributes}, attribute "
+                         f"{g % num_attributes}), so it has no group-balanced subsample; plant a shortcut "
+                         f"instead (shortcut=patch|tint|freq)")
+    n = int(counts.min())
+    perm = torch.randperm(len(group), generator=torch.Generator().manual_seed(seed * 31 + 7))
+    rank = torch.empty_like(perm)
+    # rank of each image within its group, in the random order
+    sorted_group, order = torch.sort(group[perm], stable=True)
+    starts = torch.cumsum(torch.bincount(sorted_group, minlength=len(counts)), 0) - torch.bincount(
+        sorted_group, minlength=len(counts))
+    rank[perm[order]] = torch.arange(len(group)) - starts[sorted_group]
+    return torch.nonzero(rank < n).flatten()
+
+
+def localization_data(splits, cfg: LocalizationConfig) -> LocalizationData:
+    """The training and test sets of the experiment (module docstring; shortcut "none": the
+    dataset's own attribute, e.g. Waterbirds' place or CelebA's Male)."""
+    if cfg.shortcut != "none":
+        skew = skewed_splits(splits, cfg)
+        conf = skew.extra["conflicting"]
+        return LocalizationData(skew_train=skew.train, clean_train=splits.train, clean_pools=None,
+                                tests={t: skew.extra[t] for t in TEST_SETS}, attribute_probe=conf, label_probe=conf,
+                                description=f"planted {cfg.shortcut} shortcut in {cfg.rho:g} of each class's "
+                                            f"training images; clean = the same images without it")
+    C, A = splits.num_classes, splits.num_attributes
+    if A < 2:
+        raise ValueError(f"shortcut: {splits.name!r} has no attributes of its own; choose shortcut=patch, tint "
+                         f"or freq")
+    train, test = splits.train, splits.test
+    keep = _group_balanced(train, C, A, cfg.seed, "train")
+    clean = train.subset(keep)
+    pools = [torch.nonzero(clean.labels.cpu() == c).flatten() for c in range(C)]
+    # Aligned = the attribute most frequent with the image's label in training (attribute == label
+    # for Waterbirds; for CelebA's Blond_Hair / Male: female for both labels).
+    counts = torch.bincount(train.labels.cpu() * A + train.attributes.cpu(), minlength=C * A).view(C, A)
+    majority = counts.argmax(1)
+    y, a = test.labels.cpu(), test.attributes.cpu()
+    aligned = a == majority[y]
+    balanced_test = test.subset(_group_balanced(test, C, A, cfg.seed + 1, "test"))
+    conflicting = test.subset(torch.nonzero(~aligned).flatten())
+    return LocalizationData(skew_train=train, clean_train=clean, clean_pools=pools,
+                            tests={"clean": balanced_test, "aligned": test.subset(torch.nonzero(aligned).flatten()),
+                                   "conflicting": conflicting},
+                            attribute_probe=balanced_test, label_probe=conflicting,
+                            description=f"the dataset's own attribute: skewed = the training set "
+                                        f"({len(train)} images), clean = its group-balanced subsample ({len(clean)}); "
+                                        f"clean test = group-balanced test subsample")
+
+
+def _batches(data: LocalizationData, cfg: LocalizationConfig, seed: int, device):
+    """batches(epoch) for train_variants: one order per (seed, epoch), shared by every variant."""
+
+    def batches(epoch):
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(data.skew_train), generator=gen)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            x_skew, y, _ = data.skew_train.get_batch(idx, device=device)
+            if data.clean_pools is None:  # the same images, without the shortcut
+                cidx = idx
+            else:  # a clean partner of the same label for every skewed image (drawn with replacement)
+                yc = y.cpu()
+                cidx = torch.empty_like(idx)
+                for c, pool in enumerate(data.clean_pools):
+                    sel = torch.nonzero(yc == c).flatten()
+                    if sel.numel():
+                        cidx[sel] = pool[torch.randint(len(pool), (sel.numel(),), generator=gen)]
+            x_clean, _, _ = data.clean_train.get_batch(cidx, device=device)
+            yield x_clean, x_skew, y
+
+    return batches
+
+
+def _probe_split(ds, limit, seed, device):
+    n = len(ds) if limit is None else min(limit, len(ds))
+    x, y, a = ds.get_batch(torch.arange(n), device=device)
+    tr, ho = _split_half(n, seed)
+    return x, y.cpu(), a.cpu(), tr, ho
+
+
 def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: LocalizationConfig, *, store=None,
                      device: torch.device | str = "cpu", progress: bool = True) -> LocalizationResult:
     """Counterfactual localization over cfg.seeds seeds (module docstring).
 
     model_fn(seed) returns a freshly initialized model (on the CPU; moved to `device` here).
-    splits: the CLEAN dataset (in memory); the skewed copy is planted here. store: a run
-    folder Store; each finished seed is saved there (seed_<s>.json) and reused when it is
+    splits: the CLEAN dataset (in memory); the skewed copy is planted here (shortcut "none":
+    splits' own attribute, see localization_data). store: a run folder Store; each finished seed is saved there (seed_<s>.json) and reused when it is
     resuming, and the ensemble's per-epoch state goes to its sub-store seed_<s>/.
     """
     from shortcut_fast.ensemble import train_variants
@@ -353,13 +472,10 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
         raise TypeError(f"cfg must be a LocalizationConfig, got {type(cfg).__name__}")
     device = torch.device(device)
     t0 = time.perf_counter()
-    skew = skewed_splits(splits, cfg)
-    clean_train, skew_train = splits.train, skew.train
-    tests = {t: skew.extra[t] for t in TEST_SETS}
-    conf = tests["conflicting"]
-    n_probe = len(conf) if cfg.probe_images is None else min(cfg.probe_images, len(conf))
-    x_probe, y_probe, a_probe = conf.get_batch(torch.arange(n_probe), device=device)
-    tr, ho = _split_half(n_probe, cfg.seed)
+    data = localization_data(splits, cfg)
+    tests = data.tests
+    probes = {"attribute": _probe_split(data.attribute_probe, cfg.probe_images, cfg.seed, device),
+              "label": _probe_split(data.label_probe, cfg.probe_images, cfg.seed, device)}
 
     per_seed, units, unit_blocks, localized, names = [], None, None, None, None
     for i in range(cfg.seeds):
@@ -378,16 +494,7 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
         model = model.to(device)
         groups = unit_parameter_groups(model, unit_blocks)
 
-        def batches(epoch, _seed=seed):
-            # One order per (seed, epoch), shared by every variant; clean and skewed batches hold
-            # the same images (the skewed copy with its shortcut where the sample carries one).
-            order = torch.randperm(len(clean_train), generator=torch.Generator().manual_seed(_seed * 100_003 + epoch))
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                x_clean, y, _ = clean_train.get_batch(idx, device=device)
-                x_skew, _, _ = skew_train.get_batch(idx, device=device)
-                yield x_clean, x_skew, y
-
+        batches = _batches(data, cfg, seed, device)
         states = train_variants(model, variants, groups, batches, epochs=cfg.epochs, lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, stacked=cfg.stacked,
                                 store=store.sub(f"seed_{seed}") if store is not None else None, progress=progress)
@@ -396,11 +503,11 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
         for name, state in zip(names, states):
             if name in ("clean", "skew"):
                 model.load_state_dict(state)
-                feats = _unit_features(model, x_probe, unit_blocks)
-                vinfo["attribute"][name] = {u: categorical_v_information(f[tr], a_probe[tr].cpu(), f[ho],
-                                                                         a_probe[ho].cpu()) for u, f in feats.items()}
-                vinfo["label"][name] = {u: categorical_v_information(f[tr], y_probe[tr].cpu(), f[ho],
-                                                                     y_probe[ho].cpu()) for u, f in feats.items()}
+                for which, (x, y, a, tr, ho) in probes.items():
+                    target = a if which == "attribute" else y
+                    feats = _unit_features(model, x, unit_blocks)
+                    vinfo[which][name] = {u: categorical_v_information(f[tr], target[tr], f[ho], target[ho])
+                                          for u, f in feats.items()}
         record = {"seed": seed, "variants": names, "accuracy": acc, "v_information": vinfo}
         if store is not None:
             store.save_json(key, record)
@@ -429,7 +536,8 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
     return LocalizationResult(units=units, unit_blocks={**unit_blocks, HEAD: []}, localized=localized,
                               variants=names, seeds=[r["seed"] for r in per_seed], accuracy=accuracy,
                               total_drop=total, per_unit=per_unit, correlations=correlations,
-                              config=dict(cfg.__dict__), seconds=time.perf_counter() - t0, per_seed=per_seed)
+                              config=dict(cfg.__dict__), seconds=time.perf_counter() - t0, per_seed=per_seed,
+                              data=data.description)
 
 
 # ---------------------------------------------------------------------------------------
@@ -470,6 +578,7 @@ def summary(result: LocalizationResult, data: str, out: Path | None = None) -> s
     acc = result.accuracy
     lines = [f"\nlocalize on {data}: {len(result.units)} units, {len(result.variants)} variants x "
              f"{len(result.seeds)} seed(s), {result.seconds:.1f} s",
+             f"skew: {result.data}",
              "accuracy (clean / aligned / conflicting test): "
              + "; ".join(f"theta_{v} {acc[v]['clean']['mean']:.3f} / {acc[v]['aligned']['mean']:.3f} / "
                          f"{acc[v]['conflicting']['mean']:.3f}" for v in ("clean", "skew")),
