@@ -94,6 +94,11 @@ def test_units_by_stage_and_by_block():
     assert loc.model_units(vit, "stage") == {"blocks.0-1": ["blocks.0", "blocks.1"],
                                              "blocks.2-3": ["blocks.2", "blocks.3"],
                                              "blocks.4-5": ["blocks.4", "blocks.5"]}
+    # Up to 4 blocks under one prefix are stages already (timm ConvNeXt: net.stages.0 ... net.stages.3).
+    four = nn.Sequential()
+    four.stages = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
+    four.block_names = [f"stages.{i}" for i in range(4)]
+    assert list(loc.model_units(four, "stage")) == four.block_names
 
 
 def test_a_model_without_blocks_is_refused_naming_the_choices():
@@ -267,8 +272,9 @@ def test_group_balanced_clean_set_and_label_matched_batches():
                                 clean_pools=[torch.tensor([0, 1]), torch.tensor([2, 3])], tests={},
                                 attribute_probe=None, label_probe=None, description="")
     cfg = loc.LocalizationConfig(shortcut="none", batch_size=4)
-    first = list(loc._batches(data, cfg, 0, "cpu")(0))
-    assert sum(len(y) for _, _, y in first) == 11
+    epoch = loc._batches(data, cfg, 0, "cpu")(0)
+    first = list(epoch)
+    assert len(epoch) == len(first) == 3 and sum(len(y) for _, _, y in first) == 11
     clean_labels = ds.subset(keep).labels
     for xc, xs, y in first:  # every clean partner has the label of its skewed image
         partner = xc[:, 0, 0, 0].long()

@@ -152,6 +152,8 @@ def model_units(model: nn.Module, granularity: str = "stage") -> dict[str, list[
     units: dict[str, list[str]] = {}
     for b in blocks:
         units.setdefault(stage_of(b), []).append(b)
+    if len(units) == 1 and 1 < len(blocks) <= 4:  # already stages (timm ConvNeXt's net.stages.0..3)
+        return {b: [b] for b in blocks}
     if len(units) == 1 and len(blocks) > 4:  # one shared prefix (a ViT): three consecutive thirds
         units = {}
         cuts = [round(i * len(blocks) / 3) for i in range(4)]
@@ -426,10 +428,27 @@ def localization_data(splits, cfg: LocalizationConfig) -> LocalizationData:
                                         f"clean test = group-balanced test subsample")
 
 
+class _Epoch:
+    """One epoch's batches: iterable, with a length (the ensemble's progress shows it)."""
+
+    def __init__(self, make, steps: int):
+        self.make, self.steps = make, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return self.make()
+
+
 def _batches(data: LocalizationData, cfg: LocalizationConfig, seed: int, device):
     """batches(epoch) for train_variants: one order per (seed, epoch), shared by every variant."""
+    steps = math.ceil(len(data.skew_train) / cfg.batch_size)
 
     def batches(epoch):
+        return _Epoch(lambda: _epoch(epoch), steps)
+
+    def _epoch(epoch):
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(data.skew_train), generator=gen)
         for start in range(0, len(order), cfg.batch_size):
