@@ -52,7 +52,8 @@ def test_intervention_gains_and_their_rank_correlation_with_the_scores():
     acc = {"skew": {"conflicting": 0.3},
            "skew lr*0.1@a": {"conflicting": 0.4}, "skew lr*0.1@b": {"conflicting": 0.35},
            "skew lr*0.1@c": {"conflicting": 0.3},
-           "skew lr*0@a": {"conflicting": 0.2}, "skew lr*0@b": {"conflicting": 0.5}, "skew lr*0@c": {"conflicting": 0.6}}
+           "skew lr*0@a": {"conflicting": 0.2}, "skew lr*0@b": {"conflicting": 0.5},
+           "skew lr*0@c": {"conflicting": 0.6}}
     m = loc.intervention_gains(acc, ["a", "b", "c"])
     assert m["gain_lr0.1"] == pytest.approx({"a": 0.1, "b": 0.05, "c": 0.0})
     assert m["gain_frozen"] == pytest.approx({"a": -0.1, "b": 0.2, "c": 0.3})

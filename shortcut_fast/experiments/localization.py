@@ -14,7 +14,8 @@ skewed copy carries the planted shortcut (data.shortcuts.inject_shortcut: in eac
 fraction rho of the images, chosen per sample with the seed, carries its class's shortcut).
 Test sets: clean, aligned (own class's shortcut), conflicting (another class's).
 
-Variants (trained together by shortcut_fast.ensemble, same init and batch order):
+Variants (trained together by shortcut_fast.ensemble, same init and batch order; each unit keeps
+the BatchNorm running statistics of the pass whose batch trains it, see that module):
   clean        every unit trains on the clean batch
   skew         every unit trains on the skewed batch
   skew@u       unit u gets the gradient of the skewed batch, every other unit the clean one
@@ -58,10 +59,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from shortcut_fast.ensemble import HEAD  # the group of parameters in no block
+
 GRANULARITIES = ("stage", "block")
 SHORTCUT_KINDS = ("patch", "tint", "freq", "none")  # none: the dataset's own attribute
 TEST_SETS = ("clean", "aligned", "conflicting")
-HEAD = "head"
 # (label, learning-rate factor of the unit) of the interventions during skewed training.
 INTERVENTIONS = (("lr0.1", 0.1), ("frozen", 0.0))
 SCORES = ("drop_conflicting", "recovery_conflicting", "spurious_encoding", "core_forgetting")
@@ -481,9 +483,10 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
     """Counterfactual localization over cfg.seeds seeds (module docstring).
 
     model_fn(seed) returns a freshly initialized model (on the CPU; moved to `device` here).
-    splits: the CLEAN dataset (in memory); the skewed copy is planted here (shortcut "none":
-    splits' own attribute, see localization_data). store: a run folder Store; each finished seed is saved there (seed_<s>.json) and reused when it is
-    resuming, and the ensemble's per-epoch state goes to its sub-store seed_<s>/.
+    splits: the CLEAN dataset; the skewed copy is planted here (in-memory splits), or with
+    shortcut "none" splits' own attribute is used (localization_data). store: a run folder
+    Store; each finished seed is saved there (seed_<s>.json) and reused when it is resuming,
+    and the ensemble's per-epoch state goes to its sub-store seed_<s>/.
     """
     from shortcut_fast.ensemble import train_variants
 
