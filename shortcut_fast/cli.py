@@ -728,7 +728,8 @@ def localize(**params):
     with _open_run("localize", p, splits, model_settings=model_settings) as run:
         try:
             result = loc.run_localization(lambda s: _build_model(p["model"], splits, model_settings, s), splits, cfg,
-                                          store=run.partial, device=p["device"], progress=not p["quiet"])
+                                          store=run.partial, device=p["device"], backend=p["backend"],
+                                          progress=not p["quiet"])
         except (ValueError, TypeError, FloatingPointError) as exc:
             _fail(exc)
         loc.write_outputs(result, out, {"command": "localize", "data": p["data"], "dataset_meta": splits.meta,

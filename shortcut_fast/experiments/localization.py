@@ -275,6 +275,7 @@ def categorical_v_information(x_train: torch.Tensor, c_train: torch.Tensor, x_he
     max(held-out R^2, 0) averaged over the columns (0 for a category with one value)."""
     from shortcut_fast.ops.probe_stats import fit_probes
 
+    c_train, c_heldout = c_train.to(x_train.device), c_heldout.to(x_train.device)  # probes run where x is
     levels = torch.unique(torch.cat([c_train, c_heldout]))
     if levels.numel() < 2:
         return 0.0
@@ -305,7 +306,7 @@ def _split_half(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def _unit_features(model: nn.Module, x: torch.Tensor, unit_blocks: dict[str, list[str]],
                    batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Pooled output of each unit's last block, and the logits for the head (eval mode)."""
+    """Pooled output of each unit's last block, and the logits for the head (eval mode), on x's device."""
     from shortcut_fast.models import block_outputs
 
     was = model.training
@@ -316,8 +317,8 @@ def _unit_features(model: nn.Module, x: torch.Tensor, unit_blocks: dict[str, lis
         xb = x[start:start + batch_size]
         outs = block_outputs(model, xb, list(last.values()))
         for u, b in last.items():
-            parts[u].append(outs[b].flatten(1).float().cpu())
-        parts[HEAD].append(model(xb).float().cpu())
+            parts[u].append(outs[b].flatten(1).float())
+        parts[HEAD].append(model(xb).float())
     model.train(was)
     return {u: torch.cat(p) for u, p in parts.items()}
 
@@ -479,14 +480,15 @@ def _probe_split(ds, limit, seed, device):
 
 
 def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: LocalizationConfig, *, store=None,
-                     device: torch.device | str = "cpu", progress: bool = True) -> LocalizationResult:
+                     device: torch.device | str = "cpu", backend: str = "auto",
+                     progress: bool = True) -> LocalizationResult:
     """Counterfactual localization over cfg.seeds seeds (module docstring).
 
     model_fn(seed) returns a freshly initialized model (on the CPU; moved to `device` here).
     splits: the CLEAN dataset; the skewed copy is planted here (in-memory splits), or with
     shortcut "none" splits' own attribute is used (localization_data). store: a run folder
     Store; each finished seed is saved there (seed_<s>.json) and reused when it is resuming,
-    and the ensemble's per-epoch state goes to its sub-store seed_<s>/.
+    and the ensemble's per-epoch state goes to its sub-store seed_<s>/. backend: of the probes' op.
     """
     from shortcut_fast.ensemble import train_variants
 
@@ -528,8 +530,8 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
                 for which, (x, y, a, tr, ho) in probes.items():
                     target = a if which == "attribute" else y
                     feats = _unit_features(model, x, unit_blocks)
-                    vinfo[which][name] = {u: categorical_v_information(f[tr], target[tr], f[ho], target[ho])
-                                          for u, f in feats.items()}
+                    vinfo[which][name] = {u: categorical_v_information(f[tr], target[tr], f[ho], target[ho],
+                                                                       backend=backend) for u, f in feats.items()}
         record = {"seed": seed, "variants": names, "accuracy": acc, "v_information": vinfo}
         if store is not None:
             store.save_json(key, record)
