@@ -108,12 +108,13 @@ def _as(dtype, batches):
 
 
 # float64: the two paths agree to rounding (about 1e-15 here), so any routing, BN or optimizer
-# difference shows; float32: the same within float32 noise (tiny BN batches amplify it).
+# difference shows; float32 without BatchNorm: the same within float32 noise. (float32 with
+# BatchNorm is left out: a grouped conv sums in another order than a plain one, the order
+# depends on the thread count, and BN on tiny batches amplifies it to ~1e-3 after two epochs.)
 @pytest.mark.parametrize("name,blocks,dtype,atol", [
     ("resnet20", ["stem", "layer1", "layer2", "layer3"], torch.float64, 1e-10),  # stages as blocks, BN
     ("small-cnn", None, torch.float64, 1e-10),  # model_blocks, BatchNorm
     ("mlp", None, torch.float64, 1e-10),  # no BatchNorm
-    ("resnet20", ["stem", "layer1", "layer2", "layer3"], torch.float32, 2e-4),
     ("mlp", None, torch.float32, 2e-5),
 ])
 def test_every_variant_of_the_stacked_run_equals_it_trained_alone(name, blocks, dtype, atol):
