@@ -134,6 +134,25 @@ def extract_mitigate(d: dict) -> dict:
     }
 
 
+def extract_localize(d: dict) -> dict:
+    r = d["result"]
+    pu = r["per_unit"]
+    keep = ("drop_conflicting", "recovery_conflicting", "drop_share_conflicting", "recovery_share_conflicting",
+            "drop_clean", "recovery_clean", "spurious_encoding", "core_forgetting", "gain_lr0.1", "gain_frozen")
+    return {
+        "data": d["data"], "model": d["model"], "model_options": d.get("model_options"),
+        "config": {k: r["config"].get(k) for k in ("shortcut", "rho", "granularity", "epochs", "seeds",
+                                                   "interventions", "lr", "batch_size")},
+        "units": r["units"], "seeds": r["seeds"], "data_note": r.get("data"),
+        "accuracy": {v: {s: r["accuracy"][v][s]["mean"] for s in ("clean", "aligned", "conflicting")}
+                     for v in ("clean", "skew")},
+        "total_drop": {s: {k: r["total_drop"][s][k] for k in ("mean", "std")} for s in ("clean", "conflicting")},
+        "per_unit": {m: {u: {k: pu[m][u][k] for k in ("mean", "std")} for u in pu[m]} for m in keep if m in pu},
+        "correlations": {k: {"mean": v["mean"], "std": v["std"]} for k, v in (r.get("correlations") or {}).items()},
+        "seconds": r["seconds"],
+    }
+
+
 def extract_train(d: dict) -> dict:
     r = d["result"]
     return {"data": d["data"], "model": d["model"], "model_options": d.get("model_options"),
@@ -171,7 +190,12 @@ ENTRIES: dict[str, dict] = {
                           extract=extract_mitigate, about="1 min", needs=["memorization"], figures={}),
     "train-w16": dict(command="train --data synthetic-freq --model resnet18 -M width=16 --epochs 6",
                       extract=extract_train, about="2 min 10 s", figures={}),
+    "localize": dict(command="localize", extract=extract_localize, about="4 min",
+                     figures={"contributions.png": "localize_contributions.png",
+                              "representation.png": "localize_representation.png"}),
     # Optional: skipped by a plain `run` (long on a 2-core CPU); `run --all` or name them.
+    "localize-interventions": dict(command="localize --interventions", extract=extract_localize, about="10 min",
+                                   optional=True, figures={"interventions.png": "localize_interventions.png"}),
     "train-synthetic-full": dict(command="train --data synthetic-freq --model resnet18", extract=extract_train,
                                  about="16 min", optional=True, figures={}),
     "train-digits-full": dict(command="train --data digits --model resnet18", extract=extract_train,
@@ -463,6 +487,63 @@ def render_mitigate(recs) -> list[str]:
     return lines
 
 
+def _ms_pm(x: dict, digits: int = 3) -> str:
+    return f"{x['mean']:.{digits}f} +- {x['std']:.{digits}f}"
+
+
+def render_localize(recs) -> list[str]:
+    rec, inter = recs
+    n = rec["numbers"]
+    cfg, units, pu = n["config"], n["units"], n["per_unit"]
+    lines = [_ran(rec), "",
+             f"{n['data']}, {n['model']} ({', '.join(f'{k}={v}' for k, v in (n['model_options'] or {}).items())}), "
+             f"{n['data_note']}; {cfg['epochs']} epochs, {cfg['granularity']} units, seeds "
+             f"{', '.join(str(x) for x in n['seeds'])} (mean +- std over seeds).", ""]
+    acc = n["accuracy"]
+    lines += _table(["model", "clean test", "aligned test", "conflicting test"],
+                    [[v, _f(acc[v]["clean"]), _f(acc[v]["aligned"]), _f(acc[v]["conflicting"])]
+                     for v in ("clean", "skew")])
+    lines += ["", f"Total drop acc(clean) - acc(skew): {_ms_pm(n['total_drop']['conflicting'])} on the conflicting "
+                  f"test set, {_ms_pm(n['total_drop']['clean'])} on the clean one. Per unit (conflicting test set; "
+                  "shares are of the total drop):", ""]
+    rows = []
+    for u in units:
+        rows.append([f"`{u}`", _ms_pm(pu["drop_conflicting"][u]), _ms_pm(pu["drop_share_conflicting"][u], 2),
+                     _ms_pm(pu["recovery_conflicting"][u]), _ms_pm(pu["recovery_share_conflicting"][u], 2),
+                     _ms_pm(pu["spurious_encoding"][u]), _ms_pm(pu["core_forgetting"][u])])
+    lines += _table(["unit", "drop, skewed at this unit only", "share", "recovery, clean at this unit only", "share",
+                     "spurious encoding", "core forgetting"], rows)
+    drops = [pu["drop_share_conflicting"][u]["mean"] for u in units]
+    recs_ = [pu["recovery_share_conflicting"][u]["mean"] for u in units]
+    enc = [pu["spurious_encoding"][u]["mean"] for u in units]
+    forget = [pu["core_forgetting"][u]["mean"] for u in units]
+    peak_enc, peak_forget = units[max(range(len(units)), key=lambda i: enc[i])], \
+        units[max(range(len(units)), key=lambda i: forget[i])]
+    lines += ["", f"Largest single-unit drop share {max(drops):.2f}; recovery shares "
+                  f"{', '.join(f'{r:.2f}' for r in recs_)} (sum {sum(recs_):.2f}). Spurious encoding peaks at "
+                  f"`{peak_enc}`, core forgetting at `{peak_forget}`."]
+    if inter is not None:
+        m = inter["numbers"]
+        lines += ["", _ran(inter), ""]
+        gains = {k: m["per_unit"][k] for k in ("gain_lr0.1", "gain_frozen") if k in m["per_unit"]}
+        if gains:
+            kinds = list(gains)
+            rows = [[f"`{u}`"] + [_ms_pm(gains[k][u]) if u in gains[k] else "-" for k in kinds] for u in m["units"]]
+            lines += ["Conflicting-test accuracy gain over skewed training when a unit's learning rate is scaled "
+                      "during skewed training (x0.1, or frozen):", ""]
+            lines += _table(["unit", "lr x0.1", "frozen"], rows)
+        corr = m["correlations"]
+        if corr:
+            lines += ["", "Spearman correlation between a localization score and an intervention's gains over units "
+                          "(mean +- std over seeds): "
+                      + "; ".join(f"{k} {_ms_pm(v, 2)}" for k, v in corr.items() if isinstance(v, dict)
+                                  and "mean" in v) + "."]
+    else:
+        lines += ["", "With `--interventions` (optional entry `localize-interventions`, not run): per-unit learning-rate "
+                      "x0.1 and freezing during skewed training."]
+    return lines
+
+
 TRAIN_ENTRIES = ["train-w16", "train-synthetic-full", "train-digits-full"]
 
 
@@ -605,6 +686,7 @@ BLOCKS: dict[str, tuple[list[str], callable]] = {
     "mitigate": (["mitigate", "mitigate-control", "mitigate-ours"], render_mitigate),
     "throughput": ([], render_throughput),
     "train": (["train-w16"], render_train),
+    "localize": (["localize"], None),
 }
 MARKER = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
 
@@ -621,6 +703,9 @@ def render_block(block: str) -> str | None:
         return None
     if block == "train":
         recs = [load(name) for name in TRAIN_ENTRIES]
+    if block == "localize":
+        recs = [recs[0], load("localize-interventions")]
+        fn = render_localize
     return "\n".join(fn(recs)) + "\n"
 
 

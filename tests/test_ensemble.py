@@ -263,3 +263,30 @@ def test_bad_input_names_the_argument():
 
     with pytest.raises(ValueError, match="x_clean .* and x_skewed"):
         train_variants(model, good, groups, mismatched, epochs=1, lr=0.1, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's SDPA fallback: slow, not wrong
+@pytest.mark.parametrize("name", ["vgg11", "vit-tiny", "timm:convnext_atto"])
+def test_stacked_equals_alone_on_the_issue_architectures(name):
+    """VGG (BatchNorm), a DeiT-style ViT (LayerNorm, attention) and timm's ConvNeXt (depthwise
+    convs, LayerNorm, layer scale) train as stacked ensembles too, equal to one by one (float64)."""
+    from shortcut_fast.experiments.localization import model_units
+
+    torch.manual_seed(0)
+    options = {"vgg11": dict(width=4), "vit-tiny": dict(dim=16, depth=2, heads=2, patch=4),
+               # convnext_atto's blocks, narrower and one per stage: the same module types, seconds not minutes
+               "timm:convnext_atto": dict(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))}[name]
+    size = 32 if "convnext" in name else 16  # ConvNeXt downsamples by 32
+    model = build_model(name, num_classes=4, in_channels=3, image_size=size, **options).double()
+    units = model_units(model, "stage")
+    blocks = [b for members in units.values() for b in members][:2]  # two units keep it quick
+    groups = block_parameter_groups(model, blocks)
+    variants = localization_variants(blocks + ["head"], lr_scales=(0.0,)).subset([0, 1, 2, 5, 6])
+    kw = dict(epochs=1, lr=0.05, progress=False)
+    data = _as(torch.float64, _batches(n_batches=1, batch=4, size=size))
+    fast = train_variants(model, variants, groups, data, stacked=True, **kw)
+    slow = train_variants(model, variants, groups, data, stacked=False, **kw)
+    for v, vname in enumerate(variants.names):
+        for key in fast[v]:
+            torch.testing.assert_close(fast[v][key], slow[v][key], atol=1e-10, rtol=1e-10,
+                                       msg=lambda m: f"{name} {vname} {key}: {m}")
