@@ -19,7 +19,7 @@ $(DEPS): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q "setuptools>=70" wheel ninja pybind11
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH)
-	$(BIN)/pip install --disable-pip-version-check -q numpy click tqdm matplotlib scikit-learn \
+	$(BIN)/pip install --disable-pip-version-check -q numpy click tqdm matplotlib scikit-learn scipy \
 		pytest hypothesis captum timm himalaya
 	touch $@
 
