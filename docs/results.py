@@ -590,6 +590,8 @@ THROUGHPUT = [
      _sizes(n_train=10000, K=10000, D=512), None, ["RidgeCV"]),
     ("V-information, 10,000 targets", "same", "vinfo_probes", _sizes(n_train=10000, K=10000, D=512), None,
      ["per (target, alpha)"]),
+    ("V-information, 10,000 targets", "same", "vinfo_probes", _sizes(n_train=10000, K=10000, D=512), None,
+     ["himalaya"]),
     ("ablation sweep, layer2 block outputs", "ResNet-18 w16, 256 images, 64 channels, 4 groups",
      "ablation_sweep_output", _sizes(images=256, stage="layer2"), None, ["hooked", "captum"]),
     ("ablation sweep, layer2 conv1 post-activation", "same, 64 channels", "ablation_sweep_post_activation",
@@ -601,7 +603,7 @@ THROUGHPUT = [
 ]
 BASELINE_NAMES = {"reference": "reference", "python loop": "FFT loop", "per-candidate": "per-candidate loop",
                   "RidgeCV": "scikit-learn RidgeCV(alpha_per_target)", "per (target, alpha)": "per-target Ridge loop",
-                  "hooked": "hook loop", "captum": "captum"}
+                  "hooked": "hook loop", "captum": "captum", "himalaya": "himalaya RidgeCV (torch backend)"}
 
 
 def bench_rows(path: Path = BENCH) -> list[dict]:
