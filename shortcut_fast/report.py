@@ -132,7 +132,8 @@ def progress_ticker(total: int, desc: str, enabled: bool = True) -> Progress:
     return Progress(total, desc, enabled)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
@@ -141,18 +142,21 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, *, tight: bool = False) -> Path:
+    """Save `fig` as PNG (creating the folder) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_maps(maps, titles: Sequence[str], path: str | os.PathLike, *, suptitle: str = "", cmap: str = "viridis",
               symmetric: bool = False, colorbar_label: str = "") -> Path:
     """A row-wrapped grid of 2-D maps (e.g. fftshift-ed spectra) saved as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
 
     maps = [m.detach().cpu().numpy() if hasattr(m, "detach") else m for m in maps]
     n = len(maps)
@@ -170,13 +174,13 @@ def plot_maps(maps, titles: Sequence[str], path: str | os.PathLike, *, suptitle:
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=colorbar_label)
     if suptitle:
         fig.suptitle(suptitle)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(curves: dict[str, Sequence[float]], path: str | os.PathLike, *, xlabel: str, ylabel: str,
                 title: str = "", x: Sequence[float] | None = None) -> Path:
     """Line plot of named series (training curves and the like) saved as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, ys in curves.items():
@@ -188,13 +192,13 @@ def plot_curves(curves: dict[str, Sequence[float]], path: str | os.PathLike, *, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(groups: dict[str, Sequence[float]], labels: Sequence[str], path: str | os.PathLike, *,
               ylabel: str, title: str = "", ylim: tuple | None = None) -> Path:
     """Grouped bar chart: one bar per series (groups) at every label (e.g. TPR/FPR per class)."""
-    plt = _pyplot()
+    plt = pyplot()
 
     n = len(groups)
     width = 0.8 / max(n, 1)
@@ -211,13 +215,13 @@ def plot_bars(groups: dict[str, Sequence[float]], labels: Sequence[str], path: s
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], path: str | os.PathLike, *,
                  title: str = "", cmap: str = "RdBu_r", fmt: str = "{:.1f}", colorbar_label: str = "") -> Path:
     """An annotated matrix (e.g. the band-stop Delta per class and band)."""
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     data = np.asarray(values, dtype=float)
@@ -235,4 +239,4 @@ def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], p
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

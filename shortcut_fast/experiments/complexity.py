@@ -56,7 +56,7 @@ from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
 from shortcut_fast.ops.directions import NMF_SOLVERS, Directions, fit_directions
 from shortcut_fast.ops.probe_stats import V_INFORMATION_FORMS, ProbeStats, fit_linear_probes
-from shortcut_fast.report import Progress, write_csv, write_json
+from shortcut_fast.report import Progress, pyplot, save_figure, write_csv, write_json
 from shortcut_fast.run_folder import Store, file_digest, load_state_file
 
 HELDOUT_SPLITS = ("val", "test")
@@ -617,25 +617,9 @@ def write_outputs(result: ComplexityResult, out_dir, record: dict | None = None)
     write_figures(result, out)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-
-
 def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
     """complexity_hist.png, importance_vs_complexity.png, decodability.png, dynamics.png."""
-    plt = _plt()
+    plt = pyplot()
     out = Path(out_dir)
     paths = []
     complexity = [c for c in result.complexity if c == c]  # dead features (NaN) left out
@@ -645,7 +629,7 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
     ax.set_xlabel("complexity K(z) = 1 - mean V-information" + (" (nats)" if nats else ""))
     ax.set_ylabel("features")
     ax.set_title(f"{len(complexity)} features ({result.directions['kind']})")
-    _save(fig, out / "complexity_hist.png")
+    save_figure(fig, out / "complexity_hist.png", tight=True)
     paths.append(out / "complexity_hist.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -657,7 +641,7 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
     rho = result.spearman_importance_complexity
     ax.set_title(f"Spearman {rho:.2f}" if rho == rho else "importance vs complexity")
     fig.colorbar(sc, ax=ax, label="signed importance")
-    _save(fig, out / "importance_vs_complexity.png")
+    save_figure(fig, out / "importance_vs_complexity.png", tight=True)
     paths.append(out / "importance_vs_complexity.png")
 
     fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * len(result.layers) + 2), 3.4))
@@ -673,7 +657,7 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
         ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, out / "decodability.png")
+    save_figure(fig, out / "decodability.png", tight=True)
     paths.append(out / "decodability.png")
 
     if result.dynamics:
@@ -691,6 +675,6 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
         for ax in axes:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
-        _save(fig, out / "dynamics.png")
+        save_figure(fig, out / "dynamics.png", tight=True)
         paths.append(out / "dynamics.png")
     return paths

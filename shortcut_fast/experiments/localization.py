@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from shortcut_fast.ensemble import HEAD  # the group of parameters in no block
+from shortcut_fast.report import pyplot, save_figure
 
 GRANULARITIES = ("stage", "block")
 SHORTCUT_KINDS = ("patch", "tint", "freq", "none")  # none: the dataset's own attribute
@@ -618,23 +619,6 @@ def summary(result: LocalizationResult, data: str, out: Path | None = None) -> s
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
-
-
 def _bars(ax, units, series: dict[str, dict], title: str, ylabel: str) -> None:
     import numpy as np
 
@@ -655,14 +639,14 @@ def write_figures(result: LocalizationResult, out_dir) -> list[Path]:
     """contributions.png, representation.png and (interventions) interventions.png."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     out, pu, units, loc = Path(out_dir), result.per_unit, result.units, result.localized
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, t in zip(axes, ("clean", "conflicting")):
         _bars(ax, loc, {"drop (skew@u)": pu[f"drop_share_{t}"], "recovery (clean@u)": pu[f"recovery_share_{t}"]},
               f"{t} test: share of total drop {result.total_drop[t]['mean']:+.3f}", "share of acc(clean) - acc(skew)")
-    paths.append(_save(fig, out / "contributions.png"))
+    paths.append(save_figure(fig, out / "contributions.png", tight=True))
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     xs = np.arange(len(units))
@@ -677,13 +661,13 @@ def write_figures(result: LocalizationResult, out_dir) -> list[Path]:
     ax.set_xlabel("depth (unit)")
     ax.set_ylabel("V-information difference (R^2)")
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "representation.png"))
+    paths.append(save_figure(fig, out / "representation.png", tight=True))
 
     if "gain_frozen" in pu:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         _bars(ax, loc, {f"{p} at u": pu[f"gain_{p}"] for p, _ in INTERVENTIONS},
               "interventions during skewed training", "conflicting acc - acc(skew)")
-        paths.append(_save(fig, out / "interventions.png"))
+        paths.append(save_figure(fig, out / "interventions.png", tight=True))
     return paths
 
 

@@ -588,7 +588,7 @@ def top_channel_rows(result: MemorizationResult) -> list[dict]:
 
 def plot_memorization(result: MemorizationResult, out_dir: str | Path) -> list[Path]:
     """drop_scatter.png, top_channels.png, cumulative_topk.png, memorization_gap.png."""
-    from shortcut_fast.report import _pyplot, _save_figure, plot_bars, plot_curves
+    from shortcut_fast.report import plot_bars, plot_curves, pyplot, save_figure
 
     out = Path(out_dir)
     paths = []
@@ -601,7 +601,7 @@ def plot_memorization(result: MemorizationResult, out_dir: str | Path) -> list[P
                            present, out / "memorization_gap.png", ylabel="accuracy", ylim=(0, 1.05),
                            title="per-group accuracy (gap = train - test)"))
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(result.layers)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -626,7 +626,7 @@ def plot_memorization(result: MemorizationResult, out_dir: str | Path) -> list[P
         ax.axis("off")
     fig.suptitle(f"channel ablation ({result.config['mode']}, {result.config['where']}): one dot per channel")
     fig.tight_layout()
-    paths.append(_save_figure(fig, out / "drop_scatter.png"))
+    paths.append(save_figure(fig, out / "drop_scatter.png"))
 
     labels = ["none"] + [f"{r['layer']}:{r['channel']}" for r in result.top_channels]
     series = {}
