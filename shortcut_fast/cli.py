@@ -828,5 +828,36 @@ def bench(name, device, quick):
     run_benchmarks([name] if name else list(BENCHMARKS), device=device, quick=quick, echo=click.echo)
 
 
+@main.command()
+@device_option
+@click.option("--quick", is_flag=True, help="float32 and three awkward shapes per op only (a few seconds).")
+@click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of the random inputs (default: a fresh one).")
+def selftest(device, quick, seed):
+    """Check every op on every backend usable on --device against its PyTorch reference."""
+    import random
+
+    from shortcut_fast.report import format_table
+    from shortcut_fast.selftest import failures, run_selftest
+
+    seed = random.randrange(10**6) if seed is None else seed  # fresh inputs, printed so a failure reproduces
+    rows = run_selftest(device, quick=quick, seed=seed)
+    checks = [r for r in rows if r.status != "unavailable"]
+    click.echo(f"selftest on {device}, seed {seed}{' (quick)' if quick else ''}")
+    click.echo(format_table(
+        [[r.op, r.backend, r.dtype, r.shape, "-" if r.max_abs_error is None else f"{r.max_abs_error:.2e}",
+          "-" if r.atol is None else f"{r.atol:.0e} + {r.rtol:.0e}|ref|", r.status, r.detail] for r in checks],
+        ["op", "backend", "dtype", "shape", "max abs error", "tolerance", "result", "note"]))
+    for r in rows:
+        if r.status == "unavailable":
+            click.echo(f"backend {r.backend} not usable on {device}: {r.detail}")
+    failed = failures(rows)
+    if failed:
+        names = ", ".join(dict.fromkeys(f"{r.op} on {r.backend}" for r in failed))
+        raise click.ClickException(f"selftest: {len(failed)} of {len(checks)} checks failed: {names} "
+                                   f"(--seed {seed})")
+    click.echo(f"all {sum(r.status == 'pass' for r in checks)} checks passed "
+               f"({sum(r.status == 'skip' for r in checks)} skipped: dtype not supported by the backend)")
+
+
 if __name__ == "__main__":
     sys.exit(main())
