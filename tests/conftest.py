@@ -19,13 +19,9 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-# Tolerances per input dtype for results computed in float32 (float64 for float64 input).
-TOLERANCES = {
-    torch.float64: dict(rtol=1e-10, atol=1e-9),
-    torch.float32: dict(rtol=2e-5, atol=1e-4),
-    torch.float16: dict(rtol=2e-5, atol=1e-3),
-    torch.bfloat16: dict(rtol=2e-5, atol=1e-3),
-}
+# Tolerances per input dtype for results computed in float32 (float64 for float64 input): one
+# table for the tests and `shortcut-fast selftest`.
+from shortcut_fast.selftest import TOLERANCES  # noqa: E402
 
 # Every compiled/kernel backend on the device it runs on here: cpp and triton run on the
 # CPU in CI (triton through the interpreter); cuda needs a GPU.
