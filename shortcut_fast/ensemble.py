@@ -473,4 +473,93 @@ def predict_variants(model: nn.Module, states: Sequence[dict], x: torch.Tensor, 
     return torch.cat([run(stacked, x[i:i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)], dim=1)
 
 
-__all__ = ["Variants", "block_parameter_groups", "train_variants", "predict_variants", "HEAD"]
+# ---------------------------------------------------------------------------------------
+# Members with their own initialization and data (DeNetDM's seeds x ratios)
+
+
+class StackedModules:
+    """M modules of one architecture, each with its own weights, as one vmap-ed module.
+
+    Parameters and buffers are stacked along a leading member dimension (the layout of
+    torch.func.stack_module_state); `__call__(x)` maps (M, B, ...) inputs to (M, ...) outputs
+    with one vmap(functional_call) per call. BatchNorm running statistics are stacked buffers
+    updated in place per member (train mode) and read in eval mode. Parameters named in
+    `trainable` (default all) are leaf tensors with requires_grad; any torch optimizer whose
+    update is elementwise (Adam, SGD) then trains every member exactly as it would alone.
+
+    Unlike `train_variants` (one initialization, per-block gradient routing between a clean
+    and a skewed batch), members here differ in their initial weights and their data.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], trainable: Iterable[str] | None = None):
+        modules = list(modules)
+        if not modules:
+            raise ValueError("modules must hold at least one module")
+        names = [n for n, _ in modules[0].named_parameters()]
+        for i, m in enumerate(modules[1:], start=1):
+            if [n for n, _ in m.named_parameters()] != names:
+                raise ValueError(f"modules[{i}] has other parameters than modules[0]; all members need one architecture")
+        self.skeleton = copy.deepcopy(modules[0])
+        trainable = set(names if trainable is None else trainable)
+        unknown = trainable - set(names)
+        if unknown:
+            raise ValueError(f"trainable: {sorted(unknown)[:5]} are not parameters of the module")
+        self.trainable = [n for n in names if n in trainable]
+        self.params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in modules]).clone()
+                       .requires_grad_(n in trainable) for n in names}
+        self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in modules]).clone()
+                        for n, _ in modules[0].named_buffers()}
+
+        def call(p, b, x, *args):
+            return functional_call(self.skeleton, (p, b), (x, *args))
+
+        self._run = vmap(call, in_dims=(0, 0, 0), randomness="different")
+
+    @property
+    def num_members(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.num_members:
+            raise ValueError(f"x must have the member dimension {self.num_members} first, got {tuple(x.shape)}")
+        return self._run(self.params, self.buffers, x)
+
+    def train(self, mode: bool = True) -> "StackedModules":
+        self.skeleton.train(mode)
+        return self
+
+    def eval(self) -> "StackedModules":
+        return self.train(False)
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [self.params[n] for n in self.trainable]
+
+    def state(self) -> dict:
+        """Detached copies of the stacked parameters and buffers (to save or to keep a best state)."""
+        return {"params": {n: t.detach().clone() for n, t in self.params.items()},
+                "buffers": {n: t.clone() for n, t in self.buffers.items()}}
+
+    def load_state(self, state: dict, members: torch.Tensor | None = None) -> None:
+        """Copy a `state()` in, for every member or (members: (M,) bool) only the chosen ones."""
+        with torch.no_grad():
+            for kind in ("params", "buffers"):
+                own = getattr(self, kind)
+                for n, t in own.items():
+                    src = state[kind][n].to(t.device)
+                    if members is None:
+                        t.copy_(src)
+                    else:
+                        t.copy_(torch.where(members.to(t.device).reshape((-1,) + (1,) * (t.dim() - 1)), src, t))
+
+    def member_state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's state_dict (the skeleton's keys)."""
+        return _unstack(self.skeleton, self.params, self.buffers, i)
+
+    def member_module(self, i: int) -> nn.Module:
+        """A plain module holding member i's weights."""
+        m = copy.deepcopy(self.skeleton)
+        m.load_state_dict(self.member_state_dict(i))
+        return m
+
+
+__all__ = ["Variants", "block_parameter_groups", "train_variants", "predict_variants", "StackedModules", "HEAD"]
