@@ -153,6 +153,21 @@ def extract_localize(d: dict) -> dict:
     }
 
 
+def extract_denetdm(d: dict) -> dict:
+    cfg = d["config"]
+    keep = ("ratios", "seeds", "depths", "arch", "width", "stage1_epochs", "stage2_epochs", "baseline_epochs",
+            "batch_size", "stage1_lr", "stage2_lr", "baselines", "temperature", "distill_weight")
+    return {
+        "data": d["data"], "sizes": d["dataset"]["sizes"], "image_shape": d["dataset"]["image_shape"],
+        "config": {k: cfg[k] for k in keep},
+        "train_conflicting": {f"{m['ratio']}/{m['seed']}": m["train_conflicting"] for m in d["members"]},
+        "methods": {name: {r: {k: {"mean": v[k]["mean"], "std": v[k]["std"]} for k in ("unbiased", "conflicting",
+                                                                                      "aligned")}
+                           for r, v in m["by_ratio"].items()} for name, m in d["methods"].items()},
+        "phase_seconds": {n: p["seconds"] for n, p in d["phases"].items()}, "seconds": d["seconds"],
+    }
+
+
 def extract_train(d: dict) -> dict:
     r = d["result"]
     return {"data": d["data"], "model": d["model"], "model_options": d.get("model_options"),
@@ -193,6 +208,11 @@ ENTRIES: dict[str, dict] = {
     "localize": dict(command="localize", extract=extract_localize, about="4 min",
                      figures={"contributions.png": "localize_contributions.png",
                               "representation.png": "localize_representation.png"}),
+    "denetdm": dict(command="denetdm", extract=extract_denetdm, about="4 min",
+                    figures={"accuracy.png": "denetdm_accuracy.png", "curves.png": "denetdm_curves.png"}),
+    "denetdm-depths": dict(command="denetdm --conflict-ratio 0.01 --depths 3,5 --depths 3,7 --depths 4,8 "
+                                   "--depths 6,8 --baselines none", extract=extract_denetdm, about="4 min",
+                           figures={}),
     # Optional: skipped by a plain `run` (long on a 2-core CPU); `run --all` or name them.
     "localize-interventions": dict(command="localize --interventions", extract=extract_localize, about="10 min",
                                    optional=True, figures={"interventions.png": "localize_interventions.png"}),
@@ -544,6 +564,65 @@ def render_localize(recs) -> list[str]:
     return lines
 
 
+# The paper's Colored MNIST figures (unbiased test accuracy, %, r = 0.5 / 1 / 2 / 5 %; Table 1)
+# and its depth ablation (conflicting accuracy, %): another dataset, for orientation only.
+PAPER_CMNIST = {"erm": (35.3, 50.3, 62.3, 77.6), "lff": (63.4, 74.0, 80.5, 85.4), "denetdm": (74.7, 85.2, 89.3, 93.5)}
+PAPER_DEPTHS = {(3, 4): 72.2, (3, 5): 80.5, (3, 7): 87.4, (4, 8): 91.2, (6, 7): 80.42, (6, 8): 69.6}
+
+
+def render_denetdm(recs) -> list[str]:
+    rec, depths = recs
+    n = rec["numbers"]
+    cfg, methods = n["config"], n["methods"]
+    ratios = [str(r) for r in cfg["ratios"]]
+    head = ["method", *(f"r = {100 * float(r):g} %" for r in ratios)]
+
+    def cell(m, r, metric):
+        v = methods[m][r][metric]
+        return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+
+    lines = [_ran(rec), "",
+             f"colored-digits at {n['image_shape'][-1]}x{n['image_shape'][-1]}, MLP branches of width {cfg['width']} "
+             f"(shallow {cfg['depths'][0][0]}, deep {cfg['depths'][0][1]} layers incl. the head; target, ERM and "
+             f"LfF like the deep one); stage 1 {cfg['stage1_epochs']} + stage 2 {cfg['stage2_epochs']} epochs, "
+             f"ERM and LfF {cfg['baseline_epochs']}; Adam, batch {cfg['batch_size']}; {cfg['seeds']} seeds per "
+             f"ratio (mean ± std); every model selected on the unbiased validation split. Test accuracy, %:", ""]
+    for metric, title in (("unbiased", "unbiased (mean over the 100 label x colour cells)"),
+                          ("conflicting", "bias-conflicting test images")):
+        lines += [f"**{title}**", ""]
+        rows = [[f"`{m}`", *(cell(m, r, metric) for r in ratios)] for m in methods]
+        if metric == "unbiased":
+            rows += [[f"paper, Colored MNIST: {m}", *(f"{v:.1f}" for v in PAPER_CMNIST[m])] for m in PAPER_CMNIST]
+        lines += _table(head, rows) + [""]
+    ours = [methods["denetdm"][r]["unbiased"]["mean"] for r in ratios] if "denetdm" in methods else []
+    verdict = []
+    for base in ("erm", "lff"):
+        if base in methods and ours:
+            wins = sum(o > methods[base][r]["unbiased"]["mean"] for o, r in zip(ours, ratios))
+            verdict.append(f"above {base.upper()} at {wins} of {len(ratios)} ratios")
+    if verdict:
+        lines += [f"The paper's claim, DeNetDM above ERM and LfF on unbiased accuracy, measured here: DeNetDM's mean "
+                  f"is {' and '.join(verdict)}."]
+    if depths is not None:
+        d = depths["numbers"]
+        dm = d["methods"]
+        r = [str(x) for x in d["config"]["ratios"]][0]
+        lines += ["", _ran(depths), "", f"Depth ablation at r = {100 * float(r):g} % ({d['config']['seeds']} seeds; "
+                  "test accuracy, %; the paper's column is its Colored MNIST conflicting accuracy):", ""]
+        rows = []
+        for pair in d["config"]["depths"]:
+            name = f"denetdm({pair[0]},{pair[1]})"
+            paper = PAPER_DEPTHS.get(tuple(pair))
+            rows.append([f"({pair[0]}, {pair[1]})", f"{100 * dm[name][r]['conflicting']['mean']:.1f} ± "
+                         f"{100 * dm[name][r]['conflicting']['std']:.1f}",
+                         f"{100 * dm[name][r]['unbiased']['mean']:.1f} ± {100 * dm[name][r]['unbiased']['std']:.1f}",
+                         f"{100 * dm[name + ' stage-1 shallow'][r]['conflicting']['mean']:.1f}",
+                         "-" if paper is None else f"{paper:g}"])
+        lines += _table(["shallow, deep layers", "conflicting", "unbiased", "stage-1 shallow alone, conflicting",
+                         "paper (conflicting)"], rows)
+    return lines
+
+
 TRAIN_ENTRIES = ["train-w16", "train-synthetic-full", "train-digits-full"]
 
 
@@ -691,6 +770,7 @@ BLOCKS: dict[str, tuple[list[str], callable]] = {
     "throughput": ([], render_throughput),
     "train": (["train-w16"], render_train),
     "localize": (["localize"], None),
+    "denetdm": (["denetdm"], None),
 }
 MARKER = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
 
@@ -710,6 +790,9 @@ def render_block(block: str) -> str | None:
     if block == "localize":
         recs = [recs[0], load("localize-interventions")]
         fn = render_localize
+    if block == "denetdm":
+        recs = [recs[0], load("denetdm-depths")]
+        fn = render_denetdm
     return "\n".join(fn(recs)) + "\n"
 
 

@@ -742,7 +742,7 @@ def run_denetdm(load: Callable[[float, int], DatasetSplits], cfg: DeNetDMConfig,
     conflicting = [int((s.train.labels != s.train.attributes).sum()) for s in splits]
     return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
             "members": [dict(m, train_conflicting=c) for m, c in zip(members, conflicting)],
-            "data": {"name": first.name, "sizes": sizes, "image_shape": list(first.image_shape),
+            "dataset": {"name": first.name, "sizes": sizes, "image_shape": list(first.image_shape),
                      "num_classes": first.num_classes},
             "methods": _aggregate(cfg, members, phases),
             "phases": {n: {k: v for k, v in rec.items() if k not in ("val", "test")} for n, rec in phases.items()},
