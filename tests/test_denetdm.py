@@ -191,11 +191,12 @@ def test_stacked_members_equal_members_trained_one_at_a_time():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        cfg = _cfg(stage1_epochs=2, stage2_epochs=2, baseline_epochs=2)
+        # augmentation on: its draws are per member, so stacking must not change them either
+        cfg = _cfg(stage1_epochs=2, stage2_epochs=2, baseline_epochs=2, augment="flip-crop")
         load = _load()
         a = dn.run_denetdm(load, cfg, progress=False)
-        b = dn.run_denetdm(load, _cfg(stage1_epochs=2, stage2_epochs=2, baseline_epochs=2, stacked=False),
-                           progress=False)
+        b = dn.run_denetdm(load, _cfg(stage1_epochs=2, stage2_epochs=2, baseline_epochs=2, augment="flip-crop",
+                                      stacked=False), progress=False)
     finally:
         torch.set_default_dtype(old)
     for name, m in a["methods"].items():

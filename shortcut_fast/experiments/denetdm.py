@@ -369,13 +369,16 @@ class _Pipeline:
         return torch.stack([torch.randperm(n, generator=make_generator(seed, 11, epoch))
                             for seed in self.data.seeds]).to(device)
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator):
+    def generators(self, salt: int, epoch: int) -> list[torch.Generator]:
+        """Augmentation draws per member: a member's result never depends on who it is stacked with."""
+        return [make_generator(seed, 12, salt, epoch) for seed in self.data.seeds]
+
+    def batch(self, idx: torch.Tensor, generators: list[torch.Generator]):
         rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
         t = self.data.train
         x = self.images(t.x[rows, idx])
         if self.cfg.augment != "none":
-            m, b = x.shape[:2]
-            x = augment_batch(x.flatten(0, 1), self.cfg.augment, generator).view(m, b, *x.shape[2:])
+            x = torch.stack([augment_batch(x[m], self.cfg.augment, g) for m, g in enumerate(generators)])
         return x, t.y[rows, idx], idx
 
 
@@ -477,11 +480,11 @@ def _fit(stack: StackedModules, pipe: _Pipeline, phase: _Phase, *, store: Store 
         t0 = time.perf_counter()
         _set_mode(stack, phase, True)
         order = pipe.orders(epoch, device)
-        gen = make_generator(data.seeds[0], 12, phase.salt, epoch)
+        gens = pipe.generators(phase.salt, epoch)
         loss_sum = torch.zeros(M, dtype=torch.float64, device=device)  # no host sync per step
         bar = Progress(steps, f"{phase.name}: epoch {epoch + 1}/{phase.epochs} ({M} members)", progress)
         for s in range(steps):
-            x, y, idx = pipe.batch(order[:, s * B:(s + 1) * B], gen)
+            x, y, idx = pipe.batch(order[:, s * B:(s + 1) * B], gens)
             loss = phase.loss(stack(x), y, idx, phase.state)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
