@@ -15,6 +15,7 @@ BENCHMARKS = {
     "probe-stats": "shortcut_fast.bench.probe_stats",
     "ablation-sweep": "shortcut_fast.bench.ablation_sweep",
     "localization": "shortcut_fast.bench.localization",
+    "denetdm": "shortcut_fast.bench.denetdm",
 }
 
 
