@@ -43,7 +43,7 @@ def _image_bytes(ds):
 def test_list_datasets_names():
     names = list_datasets()
     assert set(names) == {"synthetic-freq", "digits", "colored-digits", "cifar10", "colored-mnist",
-                          "waterbirds", "celeba"}
+                          "corrupted-digits", "corrupted-cifar10", "waterbirds", "celeba"}
     assert all(isinstance(d, str) and d for d in names.values())
 
 

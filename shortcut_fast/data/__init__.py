@@ -1,5 +1,5 @@
-"""Datasets: synthetic frequency-biased images, digits, colored digits/MNIST, CIFAR-10, Waterbirds,
-CelebA, and shortcut injection.
+"""Datasets: synthetic frequency-biased images, digits, colored digits/MNIST, corrupted digits/CIFAR-10
+(LfF Type0), CIFAR-10, Waterbirds, CelebA, and shortcut injection.
 
 Every loader returns DatasetSplits (train / val / test / extra) of datasets yielding
 (image float32 (C,H,W), label, attribute); attribute is the spurious attribute (-1 = unknown)
@@ -9,6 +9,7 @@ list_datasets().
 from .colored import LFF_COLORS, assign_bias_attributes, colorize
 from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,
                    default_data_root, stratified_split)
+from .corrupted import make_corrupted_splits
 from .loaders import read_idx
 from .registry import dataset_options, list_datasets, load_dataset
 from .shortcuts import SHORTCUT_KINDS, Shortcut, inject_shortcut, make_shortcut
@@ -31,6 +32,7 @@ __all__ = [
     "colorize",
     "assign_bias_attributes",
     "LFF_COLORS",
+    "make_corrupted_splits",
     "make_synthetic_freq",
     "read_idx",
     "stratified_split",

@@ -12,7 +12,8 @@ import torch
 
 from .core import DatasetSplits, ImageDataset, make_generator, rank_within_class
 
-__all__ = ["LFF_COLORS", "colorize", "assign_bias_attributes", "make_colored_splits"]
+__all__ = ["LFF_COLORS", "colorize", "assign_bias_attributes", "lff_split_attributes", "aligned_extra",
+           "make_colored_splits"]
 
 # Mean foreground color (RGB in [0, 1]) of bias classes 0-9, as in LfF's Colored MNIST.
 _LFF_RGB = (
@@ -74,6 +75,31 @@ def assign_bias_attributes(labels: torch.Tensor, conflict_ratio: float, num_attr
     return torch.where(j >= 0, (labels + offset) % num_attributes, labels)
 
 
+def lff_split_attributes(labels: dict, *, conflict_ratio: float, num_attributes: int, seed: int,
+                         unbiased_val: bool = False):
+    """Yield (split, labels, attributes, generator) for "train", "val", "test" (LfF protocol).
+
+    train and val are biased (assign_bias_attributes; val uniform when unbiased_val); test
+    attributes are uniform over num_attributes (aligned ratio about 1 / num_attributes). The
+    generator (salt 100 + split index) has drawn the attributes; callers may keep drawing
+    from it (colorize does), so every split stays independent of the others.
+    """
+    for salt, split in enumerate(("train", "val", "test"), start=1):
+        g = make_generator(seed, 100 + salt)
+        y = torch.as_tensor(labels[split]).long()
+        if split == "test" or (split == "val" and unbiased_val):
+            a = torch.randint(0, num_attributes, y.shape, generator=g)
+        else:
+            a = assign_bias_attributes(y, conflict_ratio, num_attributes, g)
+        yield split, y, a, g
+
+
+def aligned_extra(test: ImageDataset) -> dict:
+    """{"aligned", "conflicting"}: the test samples whose attribute equals / differs from their label."""
+    aligned = test.attributes == test.labels
+    return {"aligned": test.subset(aligned), "conflicting": test.subset(~aligned)}
+
+
 def make_colored_splits(name: str, gray: dict, labels: dict, *, conflict_ratio: float, color_std: float,
                         seed: int, unbiased_val: bool = False) -> DatasetSplits:
     """Colored splits from gray uint8 images {"train","val","test"}: (N,H,W) and their labels.
@@ -84,19 +110,12 @@ def make_colored_splits(name: str, gray: dict, labels: dict, *, conflict_ratio: 
     """
     k = len(LFF_COLORS)
     sets = {}
-    for salt, split in enumerate(("train", "val", "test"), start=1):
-        g = make_generator(seed, 100 + salt)
-        y = torch.as_tensor(labels[split]).long()
-        if split == "test" or (split == "val" and unbiased_val):
-            a = torch.randint(0, k, y.shape, generator=g)
-        else:
-            a = assign_bias_attributes(y, conflict_ratio, k, g)
+    for split, y, a, g in lff_split_attributes(labels, conflict_ratio=conflict_ratio, num_attributes=k, seed=seed,
+                                               unbiased_val=unbiased_val):
         x = colorize(gray[split], a, color_std=color_std, generator=g)
         sets[split] = ImageDataset(x, y, a, num_classes=10, num_attributes=k, name=name)
     test = sets["test"]
-    aligned = test.attributes == test.labels
-    extra = {"aligned": test.subset(aligned), "conflicting": test.subset(~aligned)}
-    return DatasetSplits(name=name, train=sets["train"], val=sets["val"], test=test, extra=extra,
+    return DatasetSplits(name=name, train=sets["train"], val=sets["val"], test=test, extra=aligned_extra(test),
                          num_classes=10, num_attributes=k, image_shape=test.image_shape,
                          bias_aligned_attribute=True,
                          meta={"colors": [list(c) for c in _LFF_RGB], "color_noise": "one N(0, color_std^2) draw per image"})
