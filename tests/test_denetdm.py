@@ -313,3 +313,11 @@ def test_api_config_errors_name_the_argument():
         dn.DeNetDMConfig(depths=((5, 3),))
     with pytest.raises(ValueError, match="data: digits"):
         dn.run_denetdm(lambda r, s: load_dataset("digits"), _cfg(), progress=False)
+
+
+def test_corrupted_digits_runs_with_the_mlp_branches_and_conv_refuses_depths(tmp_path):
+    r = _cli(*TINY, "--data", "corrupted-digits", "--arch", "mlp", "--baselines", "erm", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert rec["dataset"]["name"] == "corrupted-digits" and rec["dataset"]["image_shape"] == [3, 16, 16]
+    _refused(_cli("--data", "corrupted-digits", "--depths", "4,8", "--out", tmp_path / "p"), 2, "--depths")
