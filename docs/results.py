@@ -570,6 +570,17 @@ PAPER_CMNIST = {"erm": (35.3, 50.3, 62.3, 77.6), "lff": (63.4, 74.0, 80.5, 85.4)
 PAPER_DEPTHS = {(3, 4): 72.2, (3, 5): 80.5, (3, 7): 87.4, (4, 8): 91.2, (6, 7): 80.42, (6, 8): 69.6}
 
 
+def _conflicting_counts(n: dict, ratios: list[str]) -> str:
+    """How many conflicting training images each ratio gives (per-class rounding can make two ratios equal)."""
+    counts = {r: sorted({c for key, c in n["train_conflicting"].items() if key.split("/")[0] == r}) for r in ratios}
+    text = "; ".join(f"r = {100 * float(r):g} %: {'/'.join(str(c) for c in counts[r])}" for r in ratios)
+    same = [f"{100 * float(a):g} % and {100 * float(b):g} %" for a, b in zip(ratios, ratios[1:])
+            if counts[a] == counts[b]]
+    note = (f" ({', '.join(same)} give the same training sets at {n['sizes']['train']} images: the LfF protocol "
+            "rounds per class, so their rows are the same runs)") if same else ""
+    return f"Conflicting training images per member: {text}{note}."
+
+
 def render_denetdm(recs) -> list[str]:
     rec, depths = recs
     n = rec["numbers"]
@@ -586,7 +597,8 @@ def render_denetdm(recs) -> list[str]:
              f"(shallow {cfg['depths'][0][0]}, deep {cfg['depths'][0][1]} layers incl. the head; target, ERM and "
              f"LfF like the deep one); stage 1 {cfg['stage1_epochs']} + stage 2 {cfg['stage2_epochs']} epochs, "
              f"ERM and LfF {cfg['baseline_epochs']}; Adam, batch {cfg['batch_size']}; {cfg['seeds']} seeds per "
-             f"ratio (mean ± std); every model selected on the unbiased validation split. Test accuracy, %:", ""]
+             f"ratio (mean ± std); every model selected on the unbiased validation split. "
+             f"{_conflicting_counts(n, ratios)} Test accuracy, %:", ""]
     for metric, title in (("unbiased", "unbiased (mean over the 100 label x colour cells)"),
                           ("conflicting", "bias-conflicting test images")):
         lines += [f"**{title}**", ""]
