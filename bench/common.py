@@ -144,3 +144,59 @@ def record(row: BenchRow, device: str) -> BenchRow:
     with open(path, "a") as f:
         f.write(json.dumps(asdict(row)) + "\n")
     return row
+
+
+# ---------------------------------------------------------------------------------------
+# Which backends have been verified where: `shortcut-fast selftest --record` appends here.
+
+VERIFIED_FILE = RESULTS_DIR / "verified.jsonl"
+
+
+def _backend_mode(backend: str, device: str) -> str:
+    """How a backend ran: Triton on a CPU can only run through its interpreter."""
+    if backend == "triton" and (device == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return "interpreter"
+    return "compiled"
+
+
+def record_selftest(rows, device: str, *, seed: int, quick: bool, path: Path | None = None) -> list[dict]:
+    """Append one line per backend that ran in a selftest (rows: selftest.Row): checks
+    passed / failed / skipped, the ops covered, the device, commit and date."""
+    import torch
+
+    lines = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    dev = "cuda" if str(device).startswith("cuda") else "cpu"
+    for backend in dict.fromkeys(r.backend for r in rows if r.status != "unavailable"):
+        mine = [r for r in rows if r.backend == backend and r.status != "unavailable"]
+        counts = {s: sum(r.status == s for r in mine) for s in ("pass", "FAIL", "skip")}
+        lines.append({"backend": backend, "mode": _backend_mode(backend, dev), "device": device_name(dev),
+                      "device_slug": device_slug(dev), "passed": counts["pass"], "failed": counts["FAIL"],
+                      "skipped": counts["skip"], "ops": sorted({r.op for r in mine}), "seed": seed, "quick": quick,
+                      "torch": torch.__version__, "commit": _git_commit(), "date": stamp})
+    path = VERIFIED_FILE if path is None else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return lines
+
+
+def verified_backends(path: Path | None = None) -> dict[tuple[str, str], list[dict]]:
+    """(backend, mode) -> the latest selftest record per device, newest first."""
+    path = VERIFIED_FILE if path is None else path
+    if not path.exists():
+        return {}
+    latest: dict[tuple[str, str, str], dict] = {}
+    for text in path.read_text().splitlines():
+        if text.strip():
+            rec = json.loads(text)
+            key = (rec["backend"], rec["mode"], rec["device_slug"])
+            if key not in latest or rec["date"] >= latest[key]["date"]:
+                latest[key] = rec
+    out: dict[tuple[str, str], list[dict]] = {}
+    for (backend, mode, _), rec in sorted(latest.items()):
+        out.setdefault((backend, mode), []).append(rec)
+    for recs in out.values():
+        recs.sort(key=lambda r: r["date"], reverse=True)
+    return out

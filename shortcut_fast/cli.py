@@ -131,6 +131,28 @@ def info(as_json):
         for name, status in backends.items():
             mark = "yes" if status["usable"] else "no "
             click.echo(f"  {name:<7} {mark}  {status['reason']}")
+    click.echo("\nverified by `shortcut-fast selftest --record` (bench/results/verified.jsonl):")
+    for line in _verified_lines():
+        click.echo(f"  {line}")
+
+
+def _verified_lines() -> list[str]:
+    """Which backend passed its selftest on which hardware, and which never ran on a GPU."""
+    from shortcut_fast.bench.common import verified_backends
+
+    records = verified_backends()
+    lines = []
+    for (backend, mode), recs in records.items():
+        for r in recs:
+            verdict = "passed" if r["failed"] == 0 else f"FAILED {r['failed']} of"
+            lines.append(f"{backend:<7} ({mode}) {verdict} {r['passed'] + r['failed']} checks on {r['device']}, "
+                         f"{r['date'][:10]}, commit {r['commit']}")
+    on_gpu = {backend for (backend, mode), recs in records.items()
+              if mode == "compiled" and any(not r["device_slug"].startswith("cpu") and r["failed"] == 0 for r in recs)}
+    for backend in ("cuda", "triton"):
+        if backend not in on_gpu:
+            lines.append(f"{backend:<7} never verified on a GPU: run `shortcut-fast selftest --device cuda` there")
+    return lines or ["no records"]
 
 
 @main.command("datasets")
@@ -975,7 +997,9 @@ def bench(name, device, quick):
 @device_option
 @click.option("--quick", is_flag=True, help="float32 and three awkward shapes per op only (a few seconds).")
 @click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of the random inputs (default: a fresh one).")
-def selftest(device, quick, seed):
+@click.option("--record", is_flag=True, help="Append what ran to bench/results/verified.jsonl (what `info` and the "
+              "README report as verified).")
+def selftest(device, quick, seed, record):
     """Check every op on every backend usable on --device against its PyTorch reference."""
     import random
 
@@ -994,6 +1018,11 @@ def selftest(device, quick, seed):
         if r.status == "unavailable":
             click.echo(f"backend {r.backend} not usable on {device}: {r.detail}")
     failed = failures(rows)
+    if record:
+        from shortcut_fast.bench import common
+
+        common.record_selftest(rows, str(device), seed=seed, quick=quick)
+        click.echo(f"recorded in {common.VERIFIED_FILE}")
     if failed:
         names = ", ".join(dict.fromkeys(f"{r.op} on {r.backend}" for r in failed))
         raise click.ClickException(f"selftest: {len(failed)} of {len(checks)} checks failed: {names} "

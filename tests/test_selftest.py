@@ -1,5 +1,7 @@
 """selftest: passes here on every usable backend, and catches a backend that returns a
 wrong result or crashes, naming the op and the backend (library rows and CLI last line)."""
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -143,3 +145,26 @@ def test_library_arguments_are_checked():
         selftest.run_selftest("meta")
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         selftest.run_selftest("cpu", seed=-1)
+
+
+def test_record_then_info_reports_what_was_verified_where(tmp_path, monkeypatch):
+    from shortcut_fast.bench import common
+
+    path = tmp_path / "verified.jsonl"
+    monkeypatch.setattr(common, "VERIFIED_FILE", path)
+    result = _run("selftest", "--device", "cpu", "--quick", "--seed", "0", "--record")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    cpp = [x for x in lines if x["backend"] == "cpp"]
+    assert cpp and cpp[0]["mode"] == "compiled" and cpp[0]["failed"] == 0 and cpp[0]["passed"] > 0
+    assert cpp[0]["device_slug"].startswith("cpu") and "group_outcomes" in cpp[0]["ops"]
+    # a later failing record of the same backend and device replaces the earlier one in the summary
+    bad = dict(cpp[0], failed=2, date="2999-01-01T00:00:00+00:00")
+    with open(path, "a") as f:
+        f.write(json.dumps(bad) + "\n")
+    latest = common.verified_backends(path)[("cpp", "compiled")]
+    assert len(latest) == 1 and latest[0]["failed"] == 2
+    info = _run("info")
+    assert info.exit_code == 0, info.output
+    assert "cpp     (compiled) FAILED 2 of" in info.output
+    assert "cuda    never verified on a GPU" in info.output
