@@ -772,6 +772,34 @@ def render_throughput(_recs) -> list[str]:
     return lines
 
 
+VERIFIED = ROOT / "bench" / "results" / "verified.jsonl"
+
+
+def render_verified(_recs) -> list[str]:
+    """Which backend passed `selftest --record` on which hardware (the latest record of each)."""
+    latest = {}
+    if VERIFIED.exists():
+        for text in VERIFIED.read_text().splitlines():
+            if text.strip():
+                r = json.loads(text)
+                key = (r["backend"], r["mode"], r["device_slug"])
+                if key not in latest or r["date"] >= latest[key]["date"]:
+                    latest[key] = r
+    rows = [[f"`{b}`", mode, r["device"], f"{r['passed']} passed, {r['failed']} failed"
+             + (f", {r['skipped']} skipped" if r["skipped"] else ""), ", ".join(r["ops"]), r["date"][:10], r["commit"]]
+            for (b, mode, _), r in sorted(latest.items())]
+    gpu = {b for (b, mode, slug), r in latest.items() if mode == "compiled" and not slug.startswith("cpu")
+           and r["failed"] == 0}
+    lines = [f"From `shortcut-fast selftest --record` (`{VERIFIED.relative_to(ROOT).as_posix()}`; every op against "
+             "its PyTorch reference on random and odd-shaped inputs; the latest record per backend and device):", ""]
+    lines += _table(["backend", "mode", "device", "checks", "ops", "date", "commit"], rows) if rows else ["none yet"]
+    never = [f"`{b}`" for b in ("cuda", "triton") if b not in gpu]
+    if never:
+        lines += ["", f"Never verified on a GPU: {' and compiled '.join(never)} (no GPU has been lent to this "
+                      "project's machines yet; `bash bench/gpu_check.sh` records it where one is)."]
+    return lines
+
+
 # block -> (result files, renderer); a None file name means "optional, may be absent"
 BLOCKS: dict[str, tuple[list[str], callable]] = {
     "demo": (["demo"], render_demo),
@@ -783,6 +811,7 @@ BLOCKS: dict[str, tuple[list[str], callable]] = {
     "train": (["train-w16"], render_train),
     "localize": (["localize"], None),
     "denetdm": (["denetdm"], None),
+    "verified": ([], render_verified),
 }
 MARKER = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
 
