@@ -691,10 +691,15 @@ THROUGHPUT = [
      _sizes(images=256, stage="layer4"), None, ["hooked", "captum"]),
     ("ablation sweep, layer4 conv1 post-activation", "same, 256 channels", "ablation_sweep_post_activation",
      _sizes(images=256, stage="layer4"), None, ["hooked", "captum"]),
+    ("training step, CIFAR ResNet-18 w16", "batch 64, 512 random uint8 3x32x32 images, flip-crop, float32, 1 thread",
+     "train_step", _sizes(width=16, batch=64, images=512), "eager", ["DataLoader loop"]),
+    ("DFM search, CIFAR scale (timed subset)", "1 of 10 classes, 32 of 1,000 images, 32 of 514 pairs, ResNet-18 w64",
+     "dfm_search_cifar", _sizes(classes=1, images=32, candidates=32), None, ["per-candidate"]),
 ]
 BASELINE_NAMES = {"reference": "reference", "python loop": "FFT loop", "per-candidate": "per-candidate loop",
                   "sklearn RidgeCV": "scikit-learn RidgeCV(alpha_per_target)", "per (target, alpha)": "per-target Ridge loop",
-                  "hooked": "hook loop", "captum": "captum", "himalaya": "himalaya RidgeCV (torch backend)"}
+                  "hooked": "hook loop", "captum": "captum", "himalaya": "himalaya RidgeCV (torch backend)",
+                  "DataLoader loop": "DataLoader loop (PIL, host transforms)"}
 
 
 def bench_rows(path: Path = BENCH) -> list[dict]:
@@ -777,14 +782,9 @@ VERIFIED = ROOT / "bench" / "results" / "verified.jsonl"
 
 def render_verified(_recs) -> list[str]:
     """Which backend passed `selftest --record` on which hardware (the latest record of each)."""
-    latest = {}
-    if VERIFIED.exists():
-        for text in VERIFIED.read_text().splitlines():
-            if text.strip():
-                r = json.loads(text)
-                key = (r["backend"], r["mode"], r["device_slug"])
-                if key not in latest or r["date"] >= latest[key]["date"]:
-                    latest[key] = r
+    from shortcut_fast.bench.common import verified_backends
+
+    latest = {(b, mode, r["device_slug"]): r for (b, mode), recs in verified_backends(VERIFIED).items() for r in recs}
     rows = [[f"`{b}`", mode, r["device"], f"{r['passed']} passed, {r['failed']} failed"
              + (f", {r['skipped']} skipped" if r["skipped"] else ""), ", ".join(r["ops"]), r["date"][:10], r["commit"]]
             for (b, mode, _), r in sorted(latest.items())]
