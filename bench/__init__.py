@@ -16,6 +16,8 @@ BENCHMARKS = {
     "ablation-sweep": "shortcut_fast.bench.ablation_sweep",
     "localization": "shortcut_fast.bench.localization",
     "denetdm": "shortcut_fast.bench.denetdm",
+    "train": "shortcut_fast.bench.train",
+    "dfm-cifar": "shortcut_fast.bench.dfm_cifar",
 }
 
 

@@ -4,7 +4,10 @@
 # Usage (repo root): bash bench/gpu_check.sh [benchmark names...]
 # The device allows 600 s per call: the build plus the tests fit in one call, but the
 # probe-stats (N = 50,000 vs RidgeCV) and ablation-sweep (10,000 images vs captum) benchmarks
-# may not; name one or two benchmarks per call after the first.
+# may not; name one or two benchmarks per call after the first. `train` (ResNet-18 w64 on
+# 49,152 images, eager and --compile, against a DataLoader loop) and `dfm-cifar` (the full
+# 10 classes x 1,000 images x 514 pairs search plus one baseline class) take a few minutes
+# each: e.g. `bash bench/gpu_check.sh train dfm-cifar` as a second call.
 set -euo pipefail
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SHORTCUT_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3

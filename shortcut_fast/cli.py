@@ -376,6 +376,8 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
               help="Validation metric that picks the reported checkpoint.")
 @click.option("--keep-every", type=NON_NEGATIVE, default=0, help="Also keep epoch_NNN.pt every k epochs (0: never).")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None)
+@click.option("--compile", is_flag=True, help="torch.compile the model for the training step "
+              "(first steps slower; eager with a warning where torch.compile fails).")
 @device_option
 @run_options("runs/train", "Continue from <out>/last.pt (same settings only).")
 def train(**params):
@@ -392,11 +394,12 @@ def train(**params):
                           weight_decay=p["weight_decay"], schedule=p["schedule"],
                           warmup_epochs=min(p["warmup_epochs"], p["epochs"]), augment=p["augment"], seed=p["seed"],
                           device=str(p["device"]), select=p["select"], keep_every=p["keep_every"],
-                          max_steps_per_epoch=p["max_steps_per_epoch"])
+                          max_steps_per_epoch=p["max_steps_per_epoch"], compile=p["compile"])
     except ValueError as exc:
         _fail(exc)
     out = p["out"]
-    with _open_run("train", p, splits, model_settings=model_settings) as run:
+    # --compile is not fingerprinted (run folders from before it existed resume); last.pt's config holds it
+    with _open_run("train", p, splits, model_settings=model_settings, not_fingerprinted=("compile",)) as run:
         result = _train_here(net, splits, cfg, run, quiet=p["quiet"])
         record = {"command": "train", "data": p["data"], "dataset_meta": splits.meta, "model": p["model"],
                   "model_options": model_settings, "result": result}

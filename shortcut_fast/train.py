@@ -5,7 +5,11 @@
   (the schedule of You et al.'s mitigation script).
 - In-memory datasets (`dataset.in_memory`) are moved to the device once and batched
   there: no DataLoader, no per-sample Python. File-backed datasets use a DataLoader.
-- Mixed precision (bf16 autocast) on CUDA by default; float32 on the CPU.
+- Mixed precision (bf16 autocast) on CUDA by default; float32 on the CPU. On CUDA, conv
+  models also train in channels_last by default, cuDNN picks its algorithms by benchmark,
+  evaluation batches hold 2048 images, and `compile=True` runs the training step through
+  torch.compile. Nothing inside a step waits for the device (no .item(), no blocking copy:
+  augmentation draws go through pinned memory), so the host runs ahead of the GPU.
 - Evaluation reports accuracy, loss, per-group accuracy, worst-group accuracy and, where
   attributes are class-aligned, bias-aligned / bias-conflicting accuracy.
 - Every epoch writes `last.pt` (full state, for resume) and `history.json`; `best.pt`
@@ -20,6 +24,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,9 +55,11 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     augment: str = "none"
     amp: bool | None = None  # None: bf16 autocast on CUDA, off on the CPU
+    channels_last: bool | None = None  # None: on for CUDA models with 2-d convolutions, off on the CPU
+    compile: bool = False  # torch.compile the model for the training step (eager, with a warning, where it fails)
     seed: int = 0
     device: str = "auto"
-    eval_batch_size: int = 512
+    eval_batch_size: int | None = None  # None: 2048 on CUDA, 512 on the CPU
     select: str = "accuracy"  # validation metric that picks best.pt
     keep_every: int = 0  # also keep epoch_NNN.pt every k epochs (0: never)
     max_steps_per_epoch: int | None = None  # cap for quick runs and tests
@@ -71,7 +78,7 @@ class TrainConfig:
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, f"in [0, epochs={self.epochs}]"),
             ("warmup_epochs", self.schedule != "plateau" or self.warmup_epochs == 0,
              "0 with schedule 'plateau' (the plateau scheduler owns the learning rate)"),
-            ("eval_batch_size", self.eval_batch_size >= 1, "an int >= 1"),
+            ("eval_batch_size", self.eval_batch_size is None or self.eval_batch_size >= 1, "None or an int >= 1"),
             ("keep_every", self.keep_every >= 0, "an int >= 0 (0: keep no epoch checkpoints)"),
             ("max_steps_per_epoch", self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
              "None or an int >= 1"),
@@ -177,6 +184,14 @@ class Batches:
                    a.to(self.device, non_blocking=True))
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (augmentation draws from the CPU generator) on `device` without a
+    host sync: a blocking copy to a GPU waits for its stream, a pinned non-blocking one does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _resized_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """RandomResizedCrop(size = input size, scale (0.7, 1), ratio (3/4, 4/3), bilinear) + a
     horizontal flip with p 0.5, the augmentation of You et al.'s scripts (utils.get_transform),
@@ -196,7 +211,7 @@ def _resized_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Ten
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = torch.where(flip, -sx, sx)
     theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = tx, sy, ty
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(_to_device(theta, x.device).to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -210,15 +225,15 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     n, _, h, w = x.shape
     pad = 4
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = _to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
+    dx = _to_device(torch.randint(0, 2 * pad + 1, (n,), generator=generator), x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     out = padded[batch, chan, rows, cols]
     if kind == "flip-crop":
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        flip = _to_device(torch.rand(n, generator=generator) < 0.5, x.device)
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out
 
@@ -229,11 +244,13 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = None, batch_size: int = 512,
-             amp: bool | None = None, bias_aligned_attribute: bool = False) -> EvalResult:
+             amp: bool | None = None, bias_aligned_attribute: bool = False,
+             channels_last: bool = False) -> EvalResult:
     """Accuracy, mean loss and per-group accuracy of `model` on `dataset` (counts on device).
 
     bias_aligned_attribute: attributes are class indices, so also report accuracy on
-    bias-aligned (attribute == label) and bias-conflicting samples.
+    bias-aligned (attribute == label) and bias-conflicting samples. channels_last: feed the
+    batches in that memory format (for a model converted to it).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     use_amp = (device.type == "cuda") if amp is None else amp
@@ -249,6 +266,8 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
     for x, y, a in Batches(dataset, batch_size, device).iterate():
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = model(x)
         logits = logits.float()
@@ -326,6 +345,44 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, map
     return state
 
 
+# What a last.pt written before a setting existed ran with, where that is not the setting's
+# default (a missing setting otherwise counts as its default: the old trainer's behaviour).
+_LEGACY_SETTINGS = {"channels_last": False}
+
+
+def _saved_config(saved: dict | None) -> dict:
+    """The config of a last.pt with the settings added since it was written filled in."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **_LEGACY_SETTINGS, **saved} if saved is not None else {}
+
+
+def _auto_settings(cfg: TrainConfig, device: torch.device, model: nn.Module, saved: dict | None) -> TrainConfig:
+    """cfg with its automatic (None) settings decided: channels_last on for CUDA models with
+    2-d convolutions, eval_batch_size 2048 on CUDA and 512 on the CPU. A resumed run keeps
+    what its last.pt ran with (saved), so the resume check stays exact."""
+    auto = {"channels_last": device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()),
+            "eval_batch_size": 2048 if device.type == "cuda" else 512}
+    for key in auto:
+        if saved and saved.get(key) is not None:
+            auto[key] = saved[key]
+    return dataclasses.replace(cfg, **{k: v for k, v in auto.items() if getattr(cfg, k) is None})
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """torch.compile(model), or the model itself with a warning where torch.compile is unavailable."""
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # e.g. a Python version or platform torch.compile does not support
+        warnings.warn(f"compile: torch.compile is unavailable here ({type(exc).__name__}: {exc}); training eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return model
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """An error of torch.compile's machinery (no C++ compiler, no Triton, a backend failure)."""
+    return (type(exc).__module__ or "").startswith(("torch._dynamo", "torch._inductor"))
+
+
 def train(
     model: nn.Module,
     splits,
@@ -350,9 +407,18 @@ def train(
     """
     cfg = config or TrainConfig()
     device = resolve_device(cfg.device)
+    state = store.load_state("last.pt", map_location=device) if store is not None else None
+    saved = _saved_config(state.get("config")) if state is not None else None
+    cfg = _auto_settings(cfg, device, model, saved)
     use_amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
     seed_everything(cfg.seed)
     model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = _compiled(model) if cfg.compile else model  # the training step's forward; `model` elsewhere
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device.type == "cuda":  # fixed batch shapes: let cuDNN time its algorithms once per shape
+        torch.backends.cudnn.benchmark = True
 
     train_batches = Batches(splits.train, cfg.batch_size, device, num_workers=cfg.num_workers)
     steps_per_epoch = len(train_batches)
@@ -371,15 +437,22 @@ def train(
 
     def evaluate_split(dataset) -> EvalResult:
         return evaluate(model, dataset, device=device, batch_size=cfg.eval_batch_size, amp=use_amp,
-                        bias_aligned_attribute=bool(getattr(splits, "bias_aligned_attribute", False)))
+                        bias_aligned_attribute=bool(getattr(splits, "bias_aligned_attribute", False)),
+                        channels_last=cfg.channels_last)
+
+    def forward_backward(m: nn.Module, x, y, a) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = criterion(m, x, y, a)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
 
     history: list[dict] = []
     best_weights = None
     start_epoch = 0
     best_epoch, best_score = -1, -math.inf
-    state = store.load_state("last.pt", map_location=device) if store is not None else None
     if state is not None:
-        changed = settings_diff(state.get("config", {}), dataclasses.asdict(cfg))
+        changed = settings_diff(saved, dataclasses.asdict(cfg))
         if changed:  # the run folder refuses this first; a library caller may pass any store
             raise ValueError(f"resume: the training config differs from {store.file('last.pt')} ({'; '.join(changed)})")
         model.load_state_dict(state["model"])
@@ -401,10 +474,18 @@ def train(
             if step >= steps_per_epoch:
                 break
             x = augment_batch(x, cfg.augment, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = criterion(model, x, y, a)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            try:
+                loss = forward_backward(step_model, x, y, a)
+            except Exception as exc:  # torch.compile failing at its first call: warn, go on eagerly
+                if step_model is model or not _is_compile_error(exc):
+                    raise
+                warnings.warn(f"compile: torch.compile failed here ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); training eagerly",
+                              RuntimeWarning, stacklevel=2)
+                step_model = model
+                loss = forward_backward(model, x, y, a)
             optimizer.step()
             if not plateau:
                 scheduler.step()
@@ -434,7 +515,8 @@ def train(
         bar.close()
         score = epoch if cfg.select == "last" else _select_score(val, cfg.select)
         improved = score > best_score
-        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                   for k, v in model.state_dict().items()}
         model_config = getattr(model, "build_config", None)  # lets models.model_from_checkpoint rebuild it
         if improved:
             best_epoch, best_score, best_weights = epoch, score, weights
@@ -461,6 +543,9 @@ def train(
     final = {"test": evaluate_split(splits.test), "val": evaluate_split(splits.val)}
     for name, dataset in (getattr(splits, "extra", None) or {}).items():
         final[name] = evaluate_split(dataset)
+    if cfg.channels_last:  # hand the model back in the default (contiguous) layout
+        model.to(memory_format=torch.contiguous_format)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     return TrainResult(
         config=dataclasses.asdict(cfg),
         epochs_run=len(history),

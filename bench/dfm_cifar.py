@@ -1,0 +1,181 @@
+"""DFM search at CIFAR-10 scale: the exact loss-based DFMs of 10 classes x 1,000 images over
+every conjugate frequency pair of a 32x32 spectrum (514 candidates), full ResNet-18.
+
+Workload (PERFORMANCE.md, the headline: "exact loss DFMs of all 10 classes, 1,000 images
+each, every frequency pair, full ResNet-18 ... under 60 s on one H100/H200"): random
+CIFAR-shaped images (uint8 -> [0, 1]) and a randomly initialized models.resnet18 (width 64;
+the search costs the same for any weights), 5,140,000 model forwards in all.
+- fast path: experiments.freq_probe.class_dfm(method "loss") per class, i.e.
+  candidate_losses: one FFT per image, each pair removed by a rank-one update, the variants
+  streamed into the model in large batches (its device defaults: batch 1024 and 1 GiB of
+  variants on a GPU, 128 and 32 MiB on the CPU); on a GPU bf16 autocast and a channels_last
+  model.
+- baseline: the per-(class, candidate) loop dfm_losses_reference (one FFT round trip of the
+  class's images per candidate, then the forward), with the same model and precision (run
+  under the same autocast on a GPU).
+Checked first, in float32 (TF32 off, no autocast): the fast losses equal the baseline's
+(rtol 1e-3, atol 1e-4) and rank alike up to ties, on 1 class x CHECK_IMAGES images and every
+candidate on a GPU, on the timed subset on the CPU. On a GPU the bf16 DFMs are also compared
+with the float32 ones on the checked images (Jaccard of the top-5 % maps, Spearman of the
+losses).
+- GPU: the full size is timed (one wall-clock run after a warm-up on a small subset); the
+  baseline is timed on one class of 1,000 images and scaled by 10 (every class costs the same).
+- CPU: the full size would take days. A subset is timed on both paths (1 class x 32 images x
+  32 of the 514 pairs, spread evenly over the radius order, the full-width ResNet-18) and
+  the full size extrapolated from the time per forward (the achieved fields named
+  "extrapolated_*").
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from shortcut_fast.bench.common import BenchRow, record, wall_ms
+from shortcut_fast.experiments import freq_probe as fp
+from shortcut_fast.experiments.stats import spearman
+from shortcut_fast.models import build_model
+
+FULL = dict(classes=10, images=1000, candidates=514)
+GOAL_S = 60.0
+CHECK_IMAGES = 64
+BF16_PEAK = {"H100": 989e12, "H200": 989e12}
+CPU_THREADS = 1  # as bench/denetdm.py: stable wall times on the shared 2-core machine
+
+
+def _images(classes: int, n: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return (torch.randint(0, 256, (classes, n, 3, 32, 32), dtype=torch.uint8, generator=g).to(device).float() / 255)
+
+
+def _forward_flops(model: torch.nn.Module, device: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(2, 3, 32, 32, device=device))
+    return counter.get_total_flops() / 2
+
+
+def _subset(candidates: fp.Candidates, index: torch.Tensor) -> fp.Candidates:
+    return fp.Candidates(candidates.masks[index], candidates.pairs[index])
+
+
+def _check(model, images, candidates, index, batch, max_bytes) -> dict:
+    """float32 fast losses against the per-candidate loop on `images` (one class); raises on a mismatch."""
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        slow, slow_ms = wall_ms(lambda: fp.dfm_losses_reference(model, images, 0, _subset(candidates, index),
+                                                                batch_size=batch), images.device.type)
+        fast, fast_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index, batch_size=batch,
+                                                            max_bytes=max_bytes)[0], images.device.type)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
+    order = slow[torch.argsort(fast, descending=True)]
+    return {"fast": fast, "slow": slow, "fast_ms": fast_ms, "slow_ms": slow_ms,
+            "max_abs_loss_diff": float((fast - slow).abs().max()),
+            "same_ranking_up_to_ties": bool((order[1:] <= order[:-1] + 1e-4).all())}
+
+
+def run(device: str = "cpu", quick: bool = False):
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        return _run_full(quick, "cuda") if device == "cuda" else _run_cpu(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _model(width: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, width=width).to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device == "cuda" else model
+
+
+def _run_cpu(quick: bool):
+    width, n, k = (8, 4, 8) if quick else (64, 32, 32)
+    model = _model(width, "cpu")
+    candidates = fp.Candidates.build(32, 32, 1)
+    index = torch.linspace(0, len(candidates) - 1, k).round().long()  # evenly over the radius order
+    images = _images(1, n, "cpu")[0]
+    batch, max_bytes = fp.default_batch_size("cpu"), fp.default_max_bytes("cpu")
+    fp.candidate_losses(model, images[:2], 0, candidates, index[:1], batch_size=batch, max_bytes=max_bytes)  # warm-up
+    got = _check(model, images, candidates, index, batch, max_bytes)  # the timed runs are the checked ones
+    forwards = n * k
+    full_forwards = FULL["classes"] * FULL["images"] * FULL["candidates"]
+    flops = _forward_flops(model, "cpu")
+    row = BenchRow(
+        workload="dfm_search_cifar",
+        sizes=dict(classes=1, images=n, candidates=k, H=32, W=32, model=f"resnet18(width={width})",
+                   full=dict(FULL), timed="subset: every forward of the full size costs the same"),
+        dtype="float32", backend="auto",
+        baseline="per-candidate FFT round trip + forward (dfm_losses_reference)",
+        median_ms=got["fast_ms"], p20_ms=got["fast_ms"], p80_ms=got["fast_ms"], baseline_ms=got["slow_ms"],
+        ratio=got["slow_ms"] / got["fast_ms"],
+        achieved={"forwards/s": forwards / got["fast_ms"] * 1e3,
+                  "baseline_forwards/s": forwards / got["slow_ms"] * 1e3,
+                  "GFLOP/s": flops * forwards / got["fast_ms"] / 1e6,
+                  "extrapolated_full_s": got["fast_ms"] / 1e3 * full_forwards / forwards,
+                  "baseline_extrapolated_full_s": got["slow_ms"] / 1e3 * full_forwards / forwards,
+                  "max_abs_loss_diff": got["max_abs_loss_diff"],
+                  "same_ranking_up_to_ties": got["same_ranking_up_to_ties"],
+                  "cpu_threads": torch.get_num_threads(),
+                  "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        quick=quick)
+    return [record(row, "cpu")]
+
+
+def _run_full(quick: bool, device: str = "cuda"):
+    """The full size on a GPU (callable on the CPU with quick=True as a smoke run of this code)."""
+    classes, n, width = (2, 16, 8) if quick else (FULL["classes"], FULL["images"], 64)
+    model = _model(width, device)
+    candidates = fp.Candidates.build(32, 32, 1)
+    every = torch.arange(len(candidates))
+    images = _images(classes, n, device)
+    batch, max_bytes = fp.default_batch_size(device), fp.default_max_bytes(device)
+    m = min(CHECK_IMAGES, n)
+
+    # checked in float32 on one class; then the bf16 DFMs against the float32 ones
+    fp.candidate_losses(model, images[0, :m], 0, candidates, every[:8], batch_size=batch, max_bytes=max_bytes)
+    got = _check(model, images[0, :m], candidates, every, batch, max_bytes)
+    bf16 = fp.candidate_losses(model, images[0, :m], 0, candidates, batch_size=batch, max_bytes=max_bytes, amp=True)[0]
+    top = fp.FreqProbeConfig().top_percent
+    exact_dfm, bf16_dfm = (fp.dfm_from_scores(s, candidates, top) for s in (got["slow"], bf16))
+    jaccard = float((exact_dfm & bf16_dfm).sum() / (exact_dfm | bf16_dfm).sum())
+
+    # the full search: every class through class_dfm, bf16 autocast
+    cfg = fp.FreqProbeConfig(method="loss", patch=1, amp=True)
+    fp.class_dfm(model, images[0, :m], 0, cfg)  # warm-up at the timed settings
+    entries, fast_ms = wall_ms(lambda: [fp.class_dfm(model, images[c], c, cfg) for c in range(classes)], device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        slow0, slow0_ms = wall_ms(lambda: fp.dfm_losses_reference(model, images[0], 0, candidates, batch_size=batch),
+                                  device)
+    fast0 = torch.tensor(entries[0].scores)
+    forwards = classes * n * len(candidates)
+    flops = _forward_flops(model, device)
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    peak = next((v for key, v in BF16_PEAK.items() if key in name), None)
+    seconds = fast_ms / 1e3
+    row = BenchRow(
+        workload="dfm_search_cifar",
+        sizes=dict(classes=classes, images=n, candidates=len(candidates), H=32, W=32, model=f"resnet18(width={width})",
+                   full=dict(FULL), timed="full size"),
+        dtype="bfloat16 autocast", backend="auto",
+        baseline=f"per-candidate FFT round trip + forward (dfm_losses_reference, same autocast), timed on 1 class "
+                 f"and scaled x{classes}",
+        median_ms=fast_ms, p20_ms=fast_ms, p80_ms=fast_ms, baseline_ms=slow0_ms * classes,
+        ratio=slow0_ms * classes / fast_ms,
+        achieved={"seconds": seconds, "goal_s": GOAL_S, "meets_goal": seconds < GOAL_S,
+                  "per_class_s": [e.seconds for e in entries],
+                  "forwards/s": forwards / seconds, "TFLOP/s": flops * forwards / seconds / 1e12,
+                  "fraction_of_bf16_peak": flops * forwards / seconds / peak if peak else None,
+                  "class0_max_abs_loss_diff_vs_baseline": float((fast0 - slow0).abs().max()),
+                  "check_images": m, "check_candidates": len(candidates),
+                  "check_float32_max_abs_loss_diff": got["max_abs_loss_diff"],
+                  "check_same_ranking_up_to_ties": got["same_ranking_up_to_ties"],
+                  "bf16_dfm_jaccard_vs_float32": jaccard,
+                  "bf16_spearman_vs_float32": spearman(bf16, got["slow"])},
+        quick=quick)
+    return [record(row, device)]
