@@ -12,7 +12,7 @@ set -euo pipefail
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SHORTCUT_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 shortcut-fast info
-shortcut-fast selftest --device cuda || echo "selftest FAILED (the table above names the op and backend)"  # seconds; go on to the tests
+shortcut-fast selftest --device cuda --record || echo "selftest FAILED (the table above names the op and backend)"  # seconds; go on to the tests
 SHORTCUT_FAST_EXPECT_EXT=1 SHORTCUT_FAST_EXPECT_CUDA_BUILD=1 python -m pytest -q -p no:logging -m gpu
 python -m pytest -q -p no:logging tests/test_class_spectrum.py tests/test_band_filter.py tests/test_freq_probe.py
 if [ "$#" -eq 0 ]; then shortcut-fast bench --device cuda; else for n in "$@"; do shortcut-fast bench "$n" --device cuda; done; fi
