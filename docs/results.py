@@ -695,8 +695,11 @@ THROUGHPUT = [
      "train_step", _sizes(width=16, batch=64, images=512), "eager", ["DataLoader loop"]),
     ("DFM search, CIFAR scale (timed subset)", "1 of 10 classes, 32 of 1,000 images, 32 of 514 pairs, ResNet-18 w64",
      "dfm_search_cifar", _sizes(classes=1, images=32, candidates=32), None, ["per-candidate"]),
+    ("DeNetDM stage 1 + 2", "12 members (4 ratios x 3 seeds), colored digits 3x32x32, MLP w100, 3 + 3 epochs",
+     "denetdm_stage1_stage2", _sizes(members=12), None, ["published loop"]),
 ]
-BASELINE_NAMES = {"reference": "reference", "python loop": "FFT loop", "per-candidate": "per-candidate loop",
+BASELINE_NAMES = {"published loop": "one member at a time, DataLoader, separate evaluation passes",
+                  "reference": "reference", "python loop": "FFT loop", "per-candidate": "per-candidate loop",
                   "sklearn RidgeCV": "scikit-learn RidgeCV(alpha_per_target)", "per (target, alpha)": "per-target Ridge loop",
                   "hooked": "hook loop", "captum": "captum", "himalaya": "himalaya RidgeCV (torch backend)",
                   "DataLoader loop": "DataLoader loop (PIL, host transforms)"}
