@@ -16,8 +16,9 @@ import click
 # Options recorded in run.json but not fingerprinted: they decide where and how fast a run
 # goes, not what it computes (backends agree within float tolerance).
 # --data-root and --download only say where the data comes from: its identity (content
-# digest) is fingerprinted instead.
-EXECUTION_OPTIONS = {"out", "resume", "overwrite", "quiet", "device", "backend", "data_root", "download"}
+# digest) is fingerprinted instead. --no-cache only says whether a cached model may be reused
+# (the cache holds the model the same settings train).
+EXECUTION_OPTIONS = {"out", "resume", "overwrite", "quiet", "device", "backend", "data_root", "download", "no_cache"}
 
 
 def _parse_options(pairs: tuple[str, ...], what: str) -> dict:
@@ -173,6 +174,59 @@ def list_models_cmd():
         click.echo(f"{name:<16} {doc}")
 
 
+@main.group("cache")
+def cache_group():
+    """The cache of trained models that every command reuses ($SHORTCUT_FAST_CACHE, else
+    ~/.cache/shortcut-fast/models); --no-cache on a command neither reads nor writes it."""
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@cache_group.command("list")
+def cache_list():
+    """One line per cached model: key, data, model, recipe, epochs, test accuracy, size, date."""
+    from shortcut_fast.model_cache import ModelCache
+    from shortcut_fast.report import format_table
+
+    cache = ModelCache()
+    entries = cache.entries()
+    click.echo(f"model cache {cache.root}: {len(entries)} model(s)")
+    if not entries:
+        return
+    rows = []
+    for e in entries:
+        info = e.info
+        options = ", ".join(f"{k}={v}" for k, v in (info.get("model_options") or {}).items())
+        test = ((info.get("train_result") or {}).get("final") or {}).get("test") or {}
+        accuracy = test.get("accuracy")
+        rows.append([e.key, info.get("data", "?"), f"{info.get('model', '?')}{f' ({options})' if options else ''}",
+                     info.get("recipe", "?"), info.get("epochs", "?"),
+                     float("nan") if accuracy is None else float(accuracy), _size(e.size_bytes()),
+                     str(info.get("created", "?"))[:10], info.get("command", "?")])
+    click.echo(format_table(rows, ["key", "data", "model", "recipe", "epochs", "test accuracy", "size", "date",
+                                   "trained by"]))
+
+
+@cache_group.command("clear")
+@click.option("--yes", is_flag=True, help="Confirm: delete every cached model.")
+def cache_clear(yes):
+    """Delete every cached model (asks for --yes)."""
+    from shortcut_fast.model_cache import ModelCache
+
+    cache = ModelCache()
+    n = len(cache.entries())
+    if not yes:
+        raise click.BadParameter(f"this deletes {n} cached model(s) in {cache.root}; pass --yes to confirm",
+                                 param_hint="--yes")
+    click.echo(f"deleted {cache.clear()} cached model(s) from {cache.root}")
+
+
 # ---- shared option groups
 
 def data_options_with(default_data: str):
@@ -211,27 +265,58 @@ def run_options(default_out: str, resume_help: str | None = "Continue the run in
     return _options(*decorators)
 
 
-def model_options(model: str, width: int | None, epochs: int, epochs_help: str = "Training epochs"):
-    """--model/-M/--checkpoint/--epochs of the analysis commands (train a small model, or load one)."""
-    width_help = f" (default width={width} where the model has a width: minutes on a CPU)" if width else ""
+def _quick_help(purpose: str) -> tuple[str, str, str]:
+    """(model, -M, epochs) help texts naming the quick recipe's defaults."""
+    from shortcut_fast.recipes import QUICK
+
+    q = QUICK[purpose]
+    width = f" (quick recipe: width={q.default_width} where the model has a width)" if q.default_width else ""
+    return (f"Architecture to train (default: the recipe's; quick: {q.model}).", f"Model option, e.g. -M width=32{width}.",
+            f"default: the recipe's; quick: {q.train['epochs']}")
+
+
+def recipe_options(purpose: str):
+    """--recipe and --no-cache of every command that trains one model."""
     return _options(
-        click.option("--model", default=model, show_default=True,
-                     help="Architecture to train when no --checkpoint is given."),
-        click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
-                     help=f"Model option, e.g. -M width=32{width_help}."),
+        click.option("--recipe", type=click.Choice(["paper", "quick"]), default=None,
+                     help=f"Training recipe of the {purpose} model: paper (what the dataset's paper trained) or "
+                          "quick (CPU minutes). Default: paper on the real, file-backed datasets, quick on the "
+                          "embedded ones. Explicit training options override it."),
+        click.option("--no-cache", is_flag=True,
+                     help="Neither reuse a cached model nor store the one trained here (see `shortcut-fast cache`)."),
+    )
+
+
+pretrained_option = click.option(
+    "--pretrained", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="Local weights file the trained model starts from (the paper recipes of waterbirds and celeba need a "
+         "torchvision ImageNet ResNet-50).")
+
+
+def model_options(purpose: str, epochs_help: str = "Training epochs"):
+    """--model/-M/--checkpoint/--epochs/--pretrained/--recipe/--no-cache of the analysis commands
+    (train a model by a recipe, or load one)."""
+    model_help, option_help, epochs_default = _quick_help(purpose)
+    return _options(
+        click.option("--model", default=None, help=model_help.replace("train", "train when no --checkpoint is given")),
+        click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", help=option_help),
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="A checkpoint written by `shortcut-fast train` (skips training)."),
-        click.option("--epochs", type=POSITIVE, default=epochs, show_default=True,
-                     help=f"{epochs_help} when no --checkpoint is given."),
+        click.option("--epochs", type=POSITIVE, default=None,
+                     help=f"{epochs_help} when no --checkpoint is given ({epochs_default})."),
+        pretrained_option,
+        recipe_options(purpose),
     )
 
 
 # ---- shared steps
 
-def _load_data(params: dict):
+def _load_data(params: dict, defaults: dict | None = None):
+    """The dataset of --data with its options; `defaults` (a recipe's data options, e.g.
+    image_size=224) apply under any -D the user gives."""
     from shortcut_fast.data import load_dataset
 
-    options = _parse_options(params["data_option"], "--data-option")
+    options = {**(defaults or {}), **_parse_options(params["data_option"], "--data-option")}
     if params.get("bias_band") is not None:
         options["bias_band"] = params["bias_band"]
     if params.get("conflict_ratio") is not None:
@@ -256,12 +341,59 @@ def _model_settings(model: str, model_option: tuple, default_width: int | None) 
     return options
 
 
-def _analysis_inputs(params: dict, default_width: int):
-    """The data, and the model options when the model is trained here (None with --checkpoint)."""
-    splits = _load_data(params)
-    if params["checkpoint"]:
-        return splits, None
-    return splits, _model_settings(params["model"], params["model_option"], default_width)
+def _resolve_recipe(params: dict, purpose: str, train: dict | None = None):
+    """The recipe of --recipe (default: the dataset's) with the options given explicitly on
+    top (--model, -M, and the training options in `train`; None = not given). A paper recipe
+    that starts from pretrained weights needs --pretrained unless a --checkpoint is given."""
+    from shortcut_fast import recipes
+
+    model_option = _parse_options(params["model_option"], "--model-option")
+    try:
+        recipe = recipes.recipe_for(params["data"], purpose, params.get("recipe"))
+        resolved = recipes.resolve(recipe, model=params.get("model"), model_option=model_option, train=train)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    if (recipe.pretrained and resolved.model == recipe.model and not params.get("pretrained")
+            and not params.get("checkpoint")):
+        raise click.BadParameter(
+            f"the {recipe.name} recipe of {recipe.dataset} ({purpose}) fine-tunes {recipe.pretrained}: give that file "
+            f"as --pretrained FILE (nothing is downloaded), or choose --recipe quick", param_hint="--pretrained")
+    return resolved
+
+
+def _analysis_inputs(params: dict, purpose: str, train: dict | None = None):
+    """(data, resolved recipe, model options when the model is trained here (None with --checkpoint))."""
+    resolved = _resolve_recipe(params, purpose, train)
+    splits = _load_data(params, resolved.data_options)
+    return splits, resolved, (None if params["checkpoint"] else resolved.model_options)
+
+
+def _train_config(resolved, params: dict, device, **extra):
+    """The TrainConfig of a resolved recipe (seed and device from the command)."""
+    from shortcut_fast.train import TrainConfig
+
+    try:
+        return TrainConfig(**resolved.train, seed=params["seed"], device=str(device), **extra)
+    except ValueError as exc:
+        _fail(exc)
+
+
+def _announce_recipe(resolved, splits, device) -> None:
+    """One line at the start of a run that trains: the recipe; on a CPU, for `paper`, the
+    expected duration and how to ask for `quick` instead."""
+    import torch
+
+    from shortcut_fast import recipes
+
+    click.echo(resolved.line())
+    if resolved.recipe.fallback_from:
+        click.echo(f"note: {resolved.recipe.note}")
+    if resolved.name == "paper" and torch.device(str(device)).type == "cpu":
+        seconds = recipes.estimate_seconds(resolved, len(splits.train), len(splits.val))
+        expected = (f"expected training time on a 2-core CPU like the project's: about "
+                    f"{recipes.format_duration(seconds)}" if seconds is not None
+                    else f"no measured training time for {resolved.model} on a CPU")
+        click.echo(f"{expected}; use --recipe quick for a CPU-minutes run")
 
 
 def _build_model(model: str, splits, options: dict, seed: int, pretrained=None):
@@ -288,9 +420,10 @@ def _checkpoint_model(path: Path, splits, what: str = "--checkpoint"):
 
 
 def _open_run(command: str, params: dict, splits, *, model_settings: dict | None = None,
-              not_fingerprinted: tuple[str, ...] = ()):
+              not_fingerprinted: tuple[str, ...] = (), recipe=None):
     """The command's RunFolder, opened: settings = every option except the execution ones,
-    with files replaced by their content digests, plus the data's identity."""
+    with files replaced by their content digests, plus the data's identity and the resolved
+    training recipe (`recipe`, when the command trains its model)."""
     import torch
 
     import shortcut_fast
@@ -308,6 +441,9 @@ def _open_run(command: str, params: dict, splits, *, model_settings: dict | None
         settings[key] = value
     if model_settings is not None:
         settings["model_option"] = model_settings
+    if recipe is not None:
+        settings["recipe"] = {"name": recipe.name, "model": recipe.model, "model_options": recipe.model_options,
+                              "train": recipe.train, "data_options": recipe.data_options}
     settings["data_identity"] = splits.identity()
     info = {k: str(params[k]) for k in EXECUTION_OPTIONS & set(params) if k not in ("quiet", "overwrite")}
     info.update(shortcut_fast=getattr(shortcut_fast, "__version__", "?"), torch=torch.__version__)
@@ -329,16 +465,119 @@ def _train_here(net, splits, cfg, store, *, quiet: bool, **hooks):
         _fail(exc)
 
 
-def _analysed_model(params: dict, splits, run, model_settings: dict, train_cfg, *, store_name: str = "model",
-                    **hooks):
-    """The model an analysis command studies: --checkpoint (checked against the data), or one
-    trained here into <out>/<store_name> (resumable). Returns (model, training summary or None)."""
+class _Artifact:
+    """Something a command derives from the training itself (e.g. freq-probe's band-learning
+    snapshots), cached with the model under `name` so that a reused model comes with it."""
+
+    def __init__(self, name: str, state_dict, load_state_dict):
+        self.name, self.state_dict, self.load_state_dict = name, state_dict, load_state_dict
+
+
+def _cached_train_result(entry, cfg, out: Path):
+    """The TrainResult of the training that produced a cached model (as that run reported it)."""
+    import dataclasses
+
+    from shortcut_fast.report import read_json
+    from shortcut_fast.train import EvalResult, TrainResult
+
+    names = {f.name for f in dataclasses.fields(EvalResult)}
+
+    def evaluation(d: dict) -> EvalResult:
+        d = {k: v for k, v in d.items() if k in names}
+        for key in ("group_accuracy", "group_counts"):
+            d[key] = {int(g): v for g, v in (d.get(key) or {}).items()}
+        return EvalResult(**d)
+
+    summary = entry.info["train_result"]
+    # the configuration as the training run recorded it (with its automatic settings decided)
+    return TrainResult(config=summary.get("config") or dataclasses.asdict(cfg), epochs_run=summary["epochs_run"],
+                       best_epoch=summary["best_epoch"], history=read_json(entry.file("history.json")),
+                       final={k: evaluation(v) for k, v in summary["final"].items()}, seconds=summary["seconds"],
+                       out_dir=str(out))
+
+
+def _trained_model(params: dict, splits, run, resolved, cfg, store, *, need_epochs=(), artifacts=(), net=None,
+                   **hooks):
+    """The model of the resolved recipe, trained with `cfg` into `store` (resumable): taken from
+    the model cache when it holds it (its files are copied into `store`, so the run folder looks
+    the same), else trained here and stored in the cache (unless --no-cache).
+    need_epochs: epoch checkpoints the command reads; artifacts: _Artifacts it needs from the
+    training; net: the freshly built model to train (default: built here). Returns (model,
+    TrainResult, cache record for result.json)."""
+    import dataclasses
+
+    import torch
+
+    from shortcut_fast.model_cache import ModelCache, model_identity, model_key
+    from shortcut_fast.report import read_json
+    from shortcut_fast.run_folder import file_digest
+
+    cache = None if params.get("no_cache") else ModelCache()
+    record = {"key": None, "reused": False, "folder": None}
+    entry = None
+    if cache is not None:
+        pretrained = params.get("pretrained")
+        identity = model_identity(data=splits.identity(), model=resolved.model, model_options=resolved.model_options,
+                                  train=dataclasses.asdict(cfg), seed=params["seed"],
+                                  pretrained=file_digest(pretrained) if pretrained else None)
+        record["key"] = key = model_key(identity)
+        entry = cache.lookup(key)
+        lacking = []
+        if entry is not None and not entry.has_epochs(need_epochs):
+            lacking.append("the epoch checkpoints")
+        lacking += [a.name for a in artifacts if entry is not None and entry.artifact(a.name) is None]
+        if lacking:
+            click.echo(f"cached model {key} lacks {', '.join(lacking)}: training it here")
+            entry = None
+    if entry is not None:
+        try:
+            entry.materialize(store.root, epochs=need_epochs)
+            net = _checkpoint_model(store.root / "best.pt", splits, what="cached model")
+            for artifact in artifacts:
+                artifact.load_state_dict(read_json(entry.artifact(artifact.name)))
+            result = _cached_train_result(entry, cfg, store.root)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            click.echo(f"cached model {entry.key} is unusable ({str(exc)[:200]}): training it here")
+            entry = None
+        else:
+            created = str(entry.info.get("created", "?")).replace("T", " ")
+            click.echo(f"reusing cached model {entry.key} (trained by {entry.info.get('command', '?')} on {created}; "
+                       f"--no-cache trains it anew)")
+            return net, result, {**record, "reused": True, "folder": str(entry.path)}
+    if net is None:
+        net = _build_model(resolved.model, splits, resolved.model_options, params["seed"], params.get("pretrained"))
+    result = _train_here(net, splits, cfg, store, quiet=params["quiet"], **hooks)
+    if cache is not None:
+        info = {"command": f"shortcut-fast {run.command}", "out": str(run.root), "data": params["data"],
+                "model": resolved.model, "model_options": resolved.model_options, "recipe": resolved.name,
+                "recipe_source": resolved.recipe.source, "epochs": cfg.epochs, "seed": params["seed"],
+                "device": cfg.device, "torch": torch.__version__, "identity": identity,
+                "train_result": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                                 "seconds": result.seconds, "final": result.final, "config": result.config}}
+        try:
+            stored, mine = cache.store(record["key"], store.root, info)
+            if not mine:  # the entry was there already (lacking what this command needs) or another process won
+                cache.add_files(stored, store.root, [p.name for p in store.glob("epoch_*.pt")])
+            for artifact in artifacts:
+                if stored.artifact(artifact.name) is None:
+                    cache.save_artifact(stored, artifact.name, artifact.state_dict())
+            record["folder"] = str(stored.path)
+        except OSError as exc:  # a full disk or a read-only cache must not fail the run
+            click.echo(f"warning: the model was not cached in {cache.root} ({exc})", err=True)
+    return net, result, record
+
+
+def _analysed_model(params: dict, splits, run, resolved, train_cfg, *, store_name: str = "model", need_epochs=(),
+                    artifacts=(), **hooks):
+    """The model an analysis command studies: --checkpoint (checked against the data), or the
+    recipe's model, cached or trained here into <out>/<store_name> (resumable). Returns (model,
+    training summary or None, cache record or None)."""
     if params.get("checkpoint"):
-        return _checkpoint_model(params["checkpoint"], splits), None
-    net = _build_model(params["model"], splits, model_settings, params["seed"])
-    result = _train_here(net, splits, train_cfg, run.sub(store_name), quiet=params["quiet"], **hooks)
+        return _checkpoint_model(params["checkpoint"], splits), None, None
+    net, result, cache = _trained_model(params, splits, run, resolved, train_cfg, run.sub(store_name),
+                                        need_epochs=need_epochs, artifacts=artifacts, **hooks)
     return net, {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
-                 "model_dir": str(run.root / store_name)}
+                 "model_dir": str(run.root / store_name)}, cache
 
 
 def _eval_rows(final: dict) -> list[list]:
@@ -358,22 +597,28 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
 
 @main.command()
 @data_options
-@click.option("--model", default="resnet18", help="Model name (see `shortcut-fast models`), or timm:NAME.")
+@click.option("--model", default=None, help="Model name (see `shortcut-fast models`), or timm:NAME / tv:NAME "
+              "(default: the recipe's; quick: resnet18).")
 @click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE", help="Model option, e.g. -M width=32.")
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Local weights file to start from.")
-@click.option("--epochs", type=POSITIVE, default=10)
-@click.option("--batch-size", type=POSITIVE, default=128)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd")
+              help="Local weights file to start from (the paper recipes of waterbirds and celeba need a torchvision "
+                   "ImageNet ResNet-50).")
+@recipe_options("train")
+@click.option("--epochs", type=POSITIVE, default=None, help="Default: the recipe's (quick: 10).")
+@click.option("--batch-size", type=POSITIVE, default=None, help="Default: the recipe's (quick: 128).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default=None,
+              help="Default: the recipe's (quick: sgd).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Default: 0.05 (SGD), 1e-3 (Adam).")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4)
-@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine")
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0,
-              help="Linear learning-rate warm-up (capped at --epochs).")
-@click.option("--augment", type=click.Choice(["none", "flip-crop", "crop"]), default="none")
-@click.option("--select", type=click.Choice(["accuracy", "worst_group_accuracy", "last"]), default="accuracy",
-              help="Validation metric that picks the reported checkpoint.")
+              help="Default: the recipe's (quick: 0.05 with SGD, 1e-3 with Adam).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default: the recipe's (quick: 5e-4).")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant", "plateau"]), default=None,
+              help="Default: the recipe's (quick: cosine).")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=None,
+              help="Linear learning-rate warm-up, capped at --epochs (default: the recipe's; quick: 1).")
+@click.option("--augment", type=click.Choice(["none", "flip-crop", "crop", "resized-crop-flip", "pad-flip-resized-crop"]),
+              default=None, help="Default: the recipe's (quick: none).")
+@click.option("--select", type=click.Choice(["accuracy", "worst_group_accuracy", "last"]), default=None,
+              help="Validation metric that picks the reported checkpoint (default: the recipe's; quick: accuracy).")
 @click.option("--keep-every", type=NON_NEGATIVE, default=0, help="Also keep epoch_NNN.pt every k epochs (0: never).")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None)
 @click.option("--compile", is_flag=True, help="torch.compile the model for the training step "
@@ -381,36 +626,35 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
 @device_option
 @run_options("runs/train", "Continue from <out>/last.pt (same settings only).")
 def train(**params):
-    """Train a model on a dataset; writes checkpoints, history.json and result.json to --out."""
+    """Train a model on a dataset by a recipe; writes checkpoints, history.json and result.json to --out."""
     from shortcut_fast.report import format_table, plot_curves, write_json
-    from shortcut_fast.train import TrainConfig
 
     p = params
-    splits = _load_data(p)
-    model_settings = _parse_options(p["model_option"], "--model-option")
-    net = _build_model(p["model"], splits, model_settings, p["seed"], p["pretrained"])
-    try:
-        cfg = TrainConfig(epochs=p["epochs"], batch_size=p["batch_size"], optimizer=p["optimizer"], lr=p["lr"],
-                          weight_decay=p["weight_decay"], schedule=p["schedule"],
-                          warmup_epochs=min(p["warmup_epochs"], p["epochs"]), augment=p["augment"], seed=p["seed"],
-                          device=str(p["device"]), select=p["select"], keep_every=p["keep_every"],
-                          max_steps_per_epoch=p["max_steps_per_epoch"], compile=p["compile"])
-    except ValueError as exc:
-        _fail(exc)
+    overrides = {k: p[k] for k in ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+                                   "warmup_epochs", "augment", "select", "max_steps_per_epoch")}
+    resolved = _resolve_recipe(p, "train", overrides)
+    splits = _load_data(p, resolved.data_options)
+    # built before the run folder opens, so a bad model option leaves no folder behind (unused on a cache hit)
+    net = _build_model(resolved.model, splits, resolved.model_options, p["seed"], p["pretrained"])
+    cfg = _train_config(resolved, p, p["device"], keep_every=p["keep_every"], compile=p["compile"])
     out = p["out"]
+    _announce_recipe(resolved, splits, p["device"])
     # --compile is not fingerprinted (run folders from before it existed resume); last.pt's config holds it
-    with _open_run("train", p, splits, model_settings=model_settings, not_fingerprinted=("compile",)) as run:
-        result = _train_here(net, splits, cfg, run, quiet=p["quiet"])
-        record = {"command": "train", "data": p["data"], "dataset_meta": splits.meta, "model": p["model"],
-                  "model_options": model_settings, "result": result}
+    with _open_run("train", p, splits, model_settings=resolved.model_options, not_fingerprinted=("compile",),
+                   recipe=resolved) as run:
+        _, result, cache = _trained_model(p, splits, run, resolved, cfg, run, net=net,
+                                          need_epochs=range(p["keep_every"], cfg.epochs + 1, p["keep_every"] or 1)
+                                          if p["keep_every"] else ())
+        record = {"command": "train", "data": p["data"], "dataset_meta": splits.meta, "model": resolved.model,
+                  "model_options": resolved.model_options, "recipe": resolved.record(), "model_cache": cache,
+                  "result": result}
         write_json(record, out / "result.json")
         plot_curves({"val accuracy": [h["val_accuracy"] for h in result.history]}, out / "val_accuracy.png",
-                    xlabel="epoch", ylabel="accuracy", title=f"{p['model']} on {p['data']}")
-    click.echo(f"\n{p['model']} on {p['data']}: {result.epochs_run} epochs in {result.seconds:.1f} s, "
-               f"best epoch {result.best_epoch} (by val {p['select']})")
+                    xlabel="epoch", ylabel="accuracy", title=f"{resolved.model} on {p['data']}")
+    click.echo(f"\n{resolved.model} on {p['data']}: {result.epochs_run} epochs in {result.seconds:.1f} s, "
+               f"best epoch {result.best_epoch} (by val {cfg.select})")
     click.echo(format_table(_eval_rows(result.final), EVAL_HEADERS))
     click.echo(f"\nwrote {out / 'result.json'}")
-
 
 @main.command()
 @data_options
@@ -456,17 +700,20 @@ def spectrum(**params):
 
 @main.command("freq-probe")
 @data_options
-@model_options("resnet18", width=16, epochs=4)
-@click.option("--method", type=click.Choice(["loss", "greedy", "gradient"]), default="loss")
-@click.option("--patch", type=POSITIVE, default=2, help="Patch size p of the shifted spectrum (1: single pairs).")
+@model_options("freq-probe")
+@click.option("--method", type=click.Choice(["loss", "greedy", "gradient"]), default=None,
+              help="DFM search (default: greedy on cifar10 under the paper recipe, as published; else loss).")
+@click.option("--patch", type=POSITIVE, default=None, help="Patch size p of the shifted spectrum (1: single pairs; "
+              "default: 1 on cifar10 under the paper recipe, else 2).")
 @click.option("--top-percent", type=click.FloatRange(0, 100, min_open=True), default=5.0,
               help="DFM size in % of all frequencies.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=6, help="greedy: correct-count drop allowed per removal.")
-@click.option("--greedy-reference", type=click.Choice(["last", "base"]), default="last",
-              help="greedy: drop measured from the count after the last kept removal (published) or from the "
-                   "original count (ours).")
-@click.option("--greedy-order", type=click.Choice(["ours", "published"]), default="ours",
-              help="greedy: conjugate pairs from DC outwards (ours) or the published spiral (even square images).")
+@click.option("--greedy-reference", type=click.Choice(["last", "base"]), default=None,
+              help="greedy: drop measured from the count after the last kept removal (published, the default) or "
+                   "from the original count (ours).")
+@click.option("--greedy-order", type=click.Choice(["ours", "published"]), default=None,
+              help="greedy: conjugate pairs from DC outwards (ours) or the published spiral (even square images; "
+                   "default: published on cifar10 under the paper recipe, else ours).")
 @click.option("--filter-centre", type=click.Choice(["dataset-mean", "zero"]), default="dataset-mean",
               help="Filter x - mu and add mu back: mu = the model's normalization, else the train split's "
                    "mean colour (published: normalized input); zero: raw pixels.")
@@ -475,7 +722,9 @@ def spectrum(**params):
                    "comparison loop (every map shifted by -1, a published bug).")
 @click.option("--classes", default=None, callback=_int_list, help="Comma-separated classes (default all).")
 @click.option("--no-dfm", is_flag=True, help="Skip the DFM search (ADCS, band-stop and learning order only).")
-@click.option("--max-images-per-class", type=POSITIVE, default=100, help="Class images used in the DFM search.")
+@click.option("--max-images-per-class", type=NON_NEGATIVE, default=None,
+              help="Class images used in the DFM search, 0 for all (default: all on cifar10 under the paper recipe, "
+                   "as the released DFMs; else 100).")
 @click.option("--verify-gradient", is_flag=True, help="gradient: also run the exact search and report agreement.")
 @click.option("--ood", "ood", multiple=True, metavar="NAME[:SEVERITY]",
               help="Corrupted test set for OOD transfer, e.g. --ood gaussian-noise:3 (repeatable).")
@@ -492,18 +741,20 @@ def freq_probe(**params):
     from shortcut_fast.data.corruptions import corrupted_dataset
     from shortcut_fast.experiments import freq_probe as fp
     from shortcut_fast.report import write_json
-    from shortcut_fast.train import TrainConfig
+    from shortcut_fast.run_folder import fingerprint
 
     p = params
-    splits, model_settings = _analysis_inputs(p, default_width=16)
+    splits, resolved, model_settings = _analysis_inputs(p, "freq-probe", {"epochs": p["epochs"]})
     dev, out = p["device"], p["out"]
     has_bands = splits.meta.get("band_edges") is not None
+    probe, probe_note = fp.probe_defaults(p["data"], resolved.name, method=p["method"], patch=p["patch"],
+                                          greedy_reference=p["greedy_reference"], greedy_order=p["greedy_order"],
+                                          max_images_per_class=p["max_images_per_class"])
     try:
         cfg = fp.FreqProbeConfig(
-            method=p["method"], patch=p["patch"], top_percent=p["top_percent"], tolerance=p["tolerance"],
-            greedy_reference=p["greedy_reference"], greedy_order=p["greedy_order"],
+            **probe, top_percent=p["top_percent"], tolerance=p["tolerance"],
             filter_centre=p["filter_centre"], adcs=p["adcs_variant"],
-            classes=[] if p["no_dfm"] else p["classes"], max_images_per_class=p["max_images_per_class"],
+            classes=[] if p["no_dfm"] else p["classes"],
             verify_gradient=p["verify_gradient"], batch_size=p["batch_size"], backend=p["backend"],
             amp=dev.type == "cuda", seed=p["seed"])
     except ValueError as exc:
@@ -516,10 +767,15 @@ def freq_probe(**params):
         ood_sets = {spec: corrupted_dataset(splits.test, spec, seed=p["seed"]) for spec in p["ood"]}
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ood") from None
-    with _open_run("freq-probe", p, splits, model_settings=model_settings,
-                   not_fingerprinted=("batch_size",)) as run:
-        hooks, tracker = {}, None
-        if not p["checkpoint"] and has_bands and p["track_every"] > 0:
+    trains = not p["checkpoint"]
+    if trains:
+        _announce_recipe(resolved, splits, dev)
+    if probe_note:
+        click.echo(probe_note)
+    with _open_run("freq-probe", p, splits, model_settings=model_settings, not_fingerprinted=("batch_size",),
+                   recipe=resolved if trains else None) as run:
+        hooks, tracker, artifacts = {}, None, ()
+        if trains and has_bands and p["track_every"] > 0:
             n_eval = min(len(splits.val), 200)
             x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
             tracker = fp.BandLearningTracker(x_val.to(dev), y_val.to(dev), splits.num_classes, p["track_every"],
@@ -532,25 +788,33 @@ def freq_probe(**params):
                 tracker.load_state_dict(saved)
             hooks = {"on_step_end": tracker,
                      "on_epoch_end": lambda *_: run.save_json("model/learning-tracker.json", tracker.state_dict())}
+            # the snapshots come from the training itself: a cached model is reused only with them
+            what = {"every": p["track_every"], "until": p["track_until"], "images": n_eval,
+                    "filter_centre": cfg.filter_centre}
+            artifacts = (_Artifact(f"band-learning-{fingerprint(what)}.json", tracker.state_dict,
+                                   tracker.load_state_dict),)
         try:
-            net, trained = _analysed_model(p, splits, run, model_settings,
-                                           TrainConfig(epochs=p["epochs"], seed=p["seed"], device=str(dev)), **hooks)
+            tcfg = _train_config(resolved, p, dev)
+            net, trained, cache = _analysed_model(p, splits, run, resolved, tcfg, artifacts=artifacts, **hooks)
+            if tracker is not None and cache and cache["reused"]:
+                run.save_json("model/learning-tracker.json", tracker.state_dict())
             result = fp.run_freq_probe(net, splits, cfg, store=run.partial, device=dev, ood_sets=ood_sets,
                                        band_table=has_bands, progress=not p["quiet"])
         except (ValueError, FileNotFoundError) as exc:
             _fail(exc)
         if trained is not None:
             result.learning = {**(tracker.summary() if tracker else {}), "train": trained}
+        result.released_dfm_sizes = fp.released_dfm_sizes(p["data"])
         write_json({"command": "freq-probe", "data": p["data"], "dataset_meta": splits.meta,
-                    "model": str(p["checkpoint"] or p["model"]), "model_options": model_settings, "result": result},
+                    "model": str(p["checkpoint"] or resolved.model), "model_options": model_settings,
+                    "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
                    out / "result.json")
         fp.write_figures(result, out)
     click.echo(fp.summary(result, p["data"], out))
 
-
 @main.command()
 @data_options_with("colored-digits")
-@model_options("resnet20", width=8, epochs=6)
+@model_options("complexity")
 @click.option("--layers", default=None, callback=_name_list,
               help="Comma-separated block names (default: every block of the model).")
 @click.option("--directions", default="nmf:64", help="Features: nmf:K, pca:K or a directions file.")
@@ -573,10 +837,9 @@ def freq_probe(**params):
 def complexity(**params):
     """Feature complexity by V-information: per-layer decodability, importance, dynamics."""
     from shortcut_fast.experiments import complexity as cx
-    from shortcut_fast.train import TrainConfig
 
     p = params
-    splits, model_settings = _analysis_inputs(p, default_width=8)
+    splits, resolved, model_settings = _analysis_inputs(p, "complexity", {"epochs": p["epochs"]})
     dev, out = p["device"], p["out"]
     if p["dynamics"] and (p["checkpoint"] or p["checkpoints"]):
         raise click.BadParameter("--dynamics analyses the model trained here; with --checkpoint give the "
@@ -589,28 +852,32 @@ def complexity(**params):
                                   seed=p["seed"])
     except ValueError as exc:
         _fail(exc)
+    trains = not p["checkpoint"]
+    if trains:
+        _announce_recipe(resolved, splits, dev)
     with _open_run("complexity", p, splits, model_settings=model_settings,
-                   not_fingerprinted=("batch_size",)) as run:
+                   not_fingerprinted=("batch_size",), recipe=resolved if trains else None) as run:
         try:
-            # select="last": the analysed model is the end of training, the reference of the dynamics;
-            # every epoch is kept (small files) for --dynamics.
-            tcfg = TrainConfig(epochs=p["epochs"], seed=p["seed"], device=str(dev), select="last",
-                               warmup_epochs=min(1.0, p["epochs"]), keep_every=1)
-            net, trained = _analysed_model(p, splits, run, model_settings, tcfg)
+            # The quick recipe selects the last epoch: the analysed model is the end of training, the
+            # reference of the dynamics; every epoch is kept for --dynamics.
+            tcfg = _train_config(resolved, p, dev, keep_every=1 if p["dynamics"] else 0)
+            need = range(1, tcfg.epochs + 1) if p["dynamics"] else ()
+            net, trained, cache = _analysed_model(p, splits, run, resolved, tcfg, need_epochs=need)
             checkpoints = run.root / "model" if p["dynamics"] else p["checkpoints"]
             result = cx.run_complexity(net, splits, cfg, store=run.partial, checkpoints=checkpoints, device=dev,
                                        progress=not p["quiet"])
         except (ValueError, FileNotFoundError, TypeError) as exc:
             _fail(exc)
         record = {"command": "complexity", "data": p["data"], "dataset_meta": splits.meta,
-                  "model": str(p["checkpoint"] or p["model"]), "model_options": model_settings, "trained": trained}
+                  "model": str(p["checkpoint"] or resolved.model), "model_options": model_settings, "trained": trained,
+                  "recipe": resolved.record() if trains else None, "model_cache": cache}
         cx.write_outputs(result, out, record)
     click.echo(cx.summary(result, p["data"], out))
 
 
 @main.command()
 @data_options_with("colored-digits")
-@model_options("small-cnn", width=16, epochs=15, epochs_help="ERM training epochs")
+@model_options("memorization", epochs_help="ERM training epochs")
 @click.option("--layers", default=None, callback=_name_list,
               help="Comma-separated layer names (default: the stem conv and up to 4 blocks of the model; "
                    "with --where pre-bn/post-activation each block's conv).")
@@ -641,10 +908,9 @@ def memorization(**params):
     """Spurious memorization: per-group gap, channel ablation sweep, critical channels."""
     from shortcut_fast.experiments import memorization as mem
     from shortcut_fast.report import format_table, write_csv, write_json
-    from shortcut_fast.train import TrainConfig
 
     p = params
-    splits, model_settings = _analysis_inputs(p, default_width=16)
+    splits, resolved, model_settings = _analysis_inputs(p, "memorization", {"epochs": p["epochs"]})
     dev, out, mode = p["device"], p["out"], p["mode"]
     if mode == "rewind" and p["checkpoint"] and not p["rewind_to"]:
         raise click.BadParameter("--mode rewind with --checkpoint needs --rewind-to (the earlier checkpoint)",
@@ -657,20 +923,24 @@ def memorization(**params):
                                      batch_size=p["batch_size"], backend=p["backend"], seed=p["seed"])
     except ValueError as exc:
         _fail(exc)
+    trains = not p["checkpoint"]
+    if trains:
+        _announce_recipe(resolved, splits, dev)
     with _open_run("memorization", p, splits, model_settings=model_settings,
-                   not_fingerprinted=("batch_size",)) as run:
+                   not_fingerprinted=("batch_size",), recipe=resolved if trains else None) as run:
         try:
-            # select="last": memorization is about the model at the end of training, not an early-stopped one.
+            # The recipes select the last epoch: memorization is about the model at the end of training.
             keep = 1 if mode == "rewind" and not p["rewind_to"] else 0
-            tcfg = TrainConfig(epochs=p["epochs"], seed=p["seed"], device=str(dev), select="last", keep_every=keep)
-            net, _ = _analysed_model(p, splits, run, model_settings, tcfg)
+            tcfg = _train_config(resolved, p, dev, keep_every=keep)
+            net, _, cache = _analysed_model(p, splits, run, resolved, tcfg, need_epochs=(1,) if keep else ())
             rewind_to = p["rewind_to"] or (run.root / "model" / "epoch_001.pt" if mode == "rewind" else None)
             result = mem.run_memorization(net, splits, cfg, store=run.partial, device=dev, progress=not p["quiet"],
                                           rewind_to=rewind_to)
         except (ValueError, FileNotFoundError) as exc:
             _fail(exc)
         write_json({"command": "memorization", "data": p["data"], "dataset_meta": splits.meta,
-                    "model": str(p["checkpoint"] or p["model"]), "model_options": model_settings, "result": result},
+                    "model": str(p["checkpoint"] or resolved.model), "model_options": model_settings,
+                    "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
                    out / "result.json")
         write_csv(mem.top_channel_rows(result), out / "top_channels.csv")
         mem.plot_memorization(result, out)
@@ -766,10 +1036,14 @@ def localize(**params):
 @data_options_with("colored-digits")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The ERM checkpoint to start from (default: train one here with --model).")
-@click.option("--model", default="small-cnn", help="Architecture of the ERM model trained when no --checkpoint.")
+@click.option("--model", default=None, help="Architecture of the ERM model trained when no --checkpoint (default: "
+              "the recipe's; quick: small-cnn).")
 @click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
-              help="Model option (default width=16 where the model has a width).")
-@click.option("--erm-epochs", type=POSITIVE, default=15, help="ERM training epochs when no --checkpoint is given.")
+              help="Model option (quick recipe: width=16 where the model has a width).")
+@click.option("--erm-epochs", type=POSITIVE, default=None, help="ERM training epochs when no --checkpoint is given "
+              "(default: the recipe's; quick: 15).")
+@pretrained_option
+@recipe_options("mitigate (ERM)")
 @click.option("--epochs", type=POSITIVE, default=21, help="Mitigation epochs (published: 21).")
 @click.option("--prune-fraction", type=FRACTION, default=0.01, help="Fraction of weights masked (global magnitude).")
 @click.option("--tau", type=click.FloatRange(min=0, min_open=True), default=0.5, help="NT-Xent temperature.")
@@ -802,10 +1076,9 @@ def mitigate(**params):
     """Mitigate spurious memorization: pruned/dense NT-Xent + CE training from the ERM model."""
     from shortcut_fast.experiments import memorization as mem
     from shortcut_fast.report import format_table, write_json
-    from shortcut_fast.train import TrainConfig
 
     p = params
-    splits, model_settings = _analysis_inputs(p, default_width=16)
+    splits, resolved, model_settings = _analysis_inputs(p, "mitigate", {"epochs": p["erm_epochs"]})
     dev, out = str(p["device"]), p["out"]
     try:
         cfg = mem.MitigationConfig(epochs=p["epochs"], prune_fraction=p["prune_fraction"], tau=p["tau"],
@@ -817,16 +1090,20 @@ def mitigate(**params):
                                    seed=p["seed"], device=dev)
     except ValueError as exc:
         _fail(exc)
-    with _open_run("mitigate", p, splits, model_settings=model_settings) as run:
+    trains = not p["checkpoint"]
+    if trains:
+        _announce_recipe(resolved, splits, dev)
+    with _open_run("mitigate", p, splits, model_settings=model_settings, recipe=resolved if trains else None) as run:
         try:
-            tcfg = TrainConfig(epochs=p["erm_epochs"], seed=p["seed"], device=dev, select="last")
-            net, _ = _analysed_model(p, splits, run, model_settings, tcfg, store_name="erm")
+            tcfg = _train_config(resolved, p, dev)
+            net, _, cache = _analysed_model(p, splits, run, resolved, tcfg, store_name="erm")
             result = mem.run_mitigation(net, splits, cfg, store=run, progress=not p["quiet"])
         except (ValueError, FileNotFoundError, FloatingPointError) as exc:
             _fail(exc)
         write_json({"command": "mitigate", "data": p["data"], "dataset_meta": splits.meta,
                     "model": str(p["checkpoint"] or out / "erm" / "last.pt"), "model_options": model_settings,
-                    "result": result}, out / "result.json")
+                    "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
+                   out / "result.json")
         mem.plot_mitigation(result, out)
     click.echo(f"\nmitigate on {p['data']} ({result.grouping['kind']} groups; minority: "
                f"{', '.join(result.grouping['minority'])}), {len(result.history)} epochs, {result.seconds:.1f} s")
@@ -885,10 +1162,9 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
               help="Comma-separated bias-conflicting training fractions, each in (0, 1).")
 @click.option("--seeds", type=POSITIVE, default=3, help="Seeds --seed, --seed+1, ... per ratio (data, init, order).")
 @click.option("--seed", type=int, default=0, help="First seed.")
-@click.option("--stage1-epochs", type=POSITIVE, default=None, help="Stage-1 epochs (default: 100 on "
-              "colored-mnist and the CIFAR sets as published; 20 on the small embedded sets).")
-@click.option("--stage2-epochs", type=POSITIVE, default=None, help="Stage-2 epochs (default: 100 colored-mnist, "
-              "200 corrupted-cifar10, 20 on the embedded sets).")
+@click.option("--stage1-epochs", type=POSITIVE, default=100, help="Stage-1 epochs (published: 100).")
+@click.option("--stage2-epochs", type=POSITIVE, default=None,
+              help="Stage-2 epochs (default as published: 200 on the CIFAR sets, 100 otherwise).")
 @click.option("--baseline-epochs", type=POSITIVE, default=None,
               help="ERM and LfF epochs (default: stage-1 + stage-2 epochs, the same passes over the data).")
 @click.option("--depths", multiple=True, callback=_depth_pairs, metavar="SHALLOW,DEEP",
@@ -941,9 +1217,8 @@ def denetdm(**params):
         extra["image_size"] = 16
     if arch == "conv" and p["depths"] != ((3, 5),):
         raise click.BadParameter("applies to the mlp branches only; the conv branches are fixed", param_hint="--depths")
-    small = p["data"] in ("colored-digits", "corrupted-digits")
-    stage1 = p["stage1_epochs"] or (20 if small else 100)
-    stage2 = p["stage2_epochs"] or (20 if small else (200 if cifar else 100))
+    stage1 = p["stage1_epochs"]
+    stage2 = p["stage2_epochs"] or (200 if cifar else 100)
     try:
         cfg = dn.DeNetDMConfig(
             ratios=tuple(p["ratios"]), seeds=p["seeds"], seed=p["seed"], depths=p["depths"], arch=arch,

@@ -1,8 +1,9 @@
 """The one trainer every experiment uses.
 
 - SGD or Adam, cosine / step / constant schedules with optional linear warm-up, or
-  "plateau": ReduceLROnPlateau(factor 0.5, patience 1) on the epoch's mean training loss
-  (the schedule of You et al.'s mitigation script).
+  "plateau": ReduceLROnPlateau (default factor 0.5, patience 1) on the epoch's mean training
+  loss (the schedule of You et al.'s mitigation script), or on the validation loss
+  (plateau_monitor "val_loss", as Wang et al.'s Lightning script).
 - In-memory datasets (`dataset.in_memory`) are moved to the device once and batched
   there: no DataLoader, no per-sample Python. File-backed datasets use a DataLoader.
 - Mixed precision (bf16 autocast) on CUDA by default; float32 on the CPU. On CUDA, conv
@@ -39,7 +40,8 @@ from shortcut_fast.run_folder import Store, load_state_file, settings_diff
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant", "plateau")
-AUGMENTATIONS = ("none", "flip-crop", "crop", "resized-crop-flip")
+AUGMENTATIONS = ("none", "flip-crop", "crop", "resized-crop-flip", "pad-flip-resized-crop")
+PLATEAU_MONITORS = ("train_loss", "val_loss")
 SELECT_METRICS = ("accuracy", "worst_group_accuracy", "last")
 
 
@@ -65,6 +67,10 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs and tests
     label_smoothing: float = 0.0
     num_workers: int = 0
+    nesterov: bool = True  # SGD with momentum > 0 only (the trainer has always used Nesterov momentum)
+    plateau_factor: float = 0.5  # schedule "plateau": ReduceLROnPlateau's factor, patience, monitored loss
+    plateau_patience: int = 1
+    plateau_monitor: str = "train_loss"  # or "val_loss"
 
     def __post_init__(self):
         checks = [
@@ -84,6 +90,9 @@ class TrainConfig:
              "None or an int >= 1"),
             ("weight_decay", self.weight_decay >= 0, "a float >= 0"),
             ("num_workers", self.num_workers >= 0, "an int >= 0"),
+            ("plateau_factor", 0 < self.plateau_factor < 1, "in (0, 1)"),
+            ("plateau_patience", self.plateau_patience >= 0, "an int >= 0"),
+            ("plateau_monitor", self.plateau_monitor in PLATEAU_MONITORS, f"one of {PLATEAU_MONITORS}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -215,13 +224,50 @@ def _resized_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _pad_flip_resized_crop(x: torch.Tensor, generator: torch.Generator, *, pad: int = 4, attempts: int = 10) -> torch.Tensor:
+    """Pad(4) (zeros) + RandomHorizontalFlip + RandomResizedCrop(size = input size, scale
+    (0.08, 1), ratio (3/4, 4/3), bilinear): the CIFAR-10 training transform of Wang et al.'s
+    nn-frequency-shortcuts train.py, vectorized. Like torchvision's get_params, each image
+    draws up to `attempts` (area, log-ratio) boxes of the padded image and takes the first
+    that fits, else the whole padded image (its aspect ratio, 1, lies inside the range). The
+    flip is applied to the crop (the same distribution as flipping first); resizing is
+    grid_sample's bilinear, without torchvision's antialiasing when a crop is shrunk."""
+    n, _, h, w = x.shape
+    ph, pw = h + 2 * pad, w + 2 * pad
+    area = torch.empty(n, attempts).uniform_(0.08, 1.0, generator=generator) * (ph * pw)
+    ratio = torch.exp(torch.empty(n, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator))
+    cw_all = torch.sqrt(area * ratio).round()
+    ch_all = torch.sqrt(area / ratio).round()
+    fits = (cw_all >= 1) & (cw_all <= pw) & (ch_all >= 1) & (ch_all <= ph)
+    fits = torch.cat([fits, torch.ones(n, 1, dtype=torch.bool)], 1)  # the fallback: the whole padded image
+    cw_all = torch.cat([cw_all, torch.full((n, 1), float(pw))], 1)
+    ch_all = torch.cat([ch_all, torch.full((n, 1), float(ph))], 1)
+    first = fits.float().argmax(1)  # the first attempt that fits
+    pick = torch.arange(n)
+    cw, ch = cw_all[pick, first], ch_all[pick, first]
+    left = torch.floor(torch.rand(n, generator=generator) * (pw - cw + 1))
+    top = torch.floor(torch.rand(n, generator=generator) * (ph - ch + 1))
+    flip = torch.rand(n, generator=generator) < 0.5
+    sx, sy = cw / pw, ch / ph
+    tx, ty = (2 * left + cw) / pw - 1, (2 * top + ch) / ph - 1
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = tx, sy, ty
+    padded = F.pad(x, (pad, pad, pad, pad))  # torchvision's Pad: constant 0 (black)
+    grid = F.affine_grid(_to_device(theta, x.device).to(x.dtype), [n, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
     """On-device random crop (pad 4, reflect) and horizontal flip, vectorized over the batch;
-    "resized-crop-flip": RandomResizedCrop(0.7-1) + flip (see _resized_crop_flip)."""
+    "resized-crop-flip": RandomResizedCrop(0.7-1) + flip (see _resized_crop_flip);
+    "pad-flip-resized-crop": Pad 4 + flip + RandomResizedCrop(0.08-1) (see _pad_flip_resized_crop)."""
     if kind == "none":
         return x
     if kind == "resized-crop-flip":
         return _resized_crop_flip(x, generator)
+    if kind == "pad-flip-resized-crop":
+        return _pad_flip_resized_crop(x, generator)
     n, _, h, w = x.shape
     pad = 4
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
@@ -313,7 +359,7 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         raise ValueError("model has no trainable parameters")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -427,8 +473,9 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = _make_optimizer(model, cfg)
     plateau = cfg.schedule == "plateau"
-    if plateau:  # stepped once per epoch with the epoch's mean training loss
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+    if plateau:  # stepped once per epoch with the epoch's mean training loss (or the validation loss)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
+                                                               patience=cfg.plateau_patience)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: _lr_factor(cfg, step, total_steps, steps_per_epoch)
@@ -501,7 +548,7 @@ def train(
         val = evaluate_split(splits.val)
         lr_used = optimizer.param_groups[0]["lr"]
         if plateau:
-            scheduler.step(float(loss_total / max(seen, 1)))
+            scheduler.step(val.loss if cfg.plateau_monitor == "val_loss" else float(loss_total / max(seen, 1)))
         record = {
             "epoch": epoch + 1,
             "train_loss": float(loss_total / max(seen, 1)),

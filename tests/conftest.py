@@ -32,6 +32,24 @@ FAST_BACKENDS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_model_cache(tmp_path_factory):
+    """Fixtures wider than one test (module-scoped checkpoints) run before the per-test cache
+    below is set: they get a cache of their own, never the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHORTCUT_FAST_CACHE", str(tmp_path_factory.mktemp("model-cache-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def model_cache_folder(tmp_path_factory, monkeypatch):
+    """Every test gets its own empty model cache ($SHORTCUT_FAST_CACHE): nothing is written
+    to the user's home, and a model trained by one test is never reused by another."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    monkeypatch.setenv("SHORTCUT_FAST_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models and problems: one intra-op thread avoids thread wake-up latency, which

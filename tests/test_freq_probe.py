@@ -462,3 +462,56 @@ def test_cli_runs_on_cifar10_files(tmp_path):
     r = CliRunner().invoke(main, ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "nowhere"),
                                   "--out", str(tmp_path / "o2")])
     assert r.exit_code != 0 and "data_batch_1" in r.output
+
+
+def test_cli_cifar10_defaults_are_the_published_search(tmp_path):
+    """On CIFAR-10 under the paper recipe freq-probe runs the published DFM search (greedy rule
+    over single pairs, reference "last", the published order, every test image of a class) and
+    reports the released DFM sizes next to its own; explicit options and --recipe quick override."""
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "data", n_per_batch=20)
+    args = ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "data"), "-D", "val_size=10",
+            "--model", "mlp", "-M", "width=8", "--epochs", "1", "--classes", "0", "--quiet"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "paper")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "paper" / "result.json").read_text())
+    result, cfg = record["result"], record["result"]["config"]
+    assert (cfg["method"], cfg["patch"], cfg["greedy_reference"], cfg["greedy_order"], cfg["max_images_per_class"]) \
+        == ("greedy", 1, "last", "published", None)
+    assert result["classes"][0]["images"] == 2  # all of the class's test images (2 in the fake files)
+    assert result["released_dfm_sizes"] == [459, 561, 368, 395, 112, 410, 158, 468, 202, 413]
+    assert record["recipe"]["name"] == "paper"
+    assert "the published DFM search by default" in r.output
+    row = next(line.split() for line in r.output.splitlines() if line.strip().startswith("0 "))
+    assert row[:3] == ["0", str(result["shortcut"][0]["dfm_size"]), "459"]  # ours next to the released size
+    assert "released DFM size" in r.output
+    # explicit options override the published defaults
+    r = CliRunner().invoke(main, [*args, "--method", "greedy", "--greedy-order", "ours", "--greedy-reference", "base",
+                                  "--max-images-per-class", "1", "--out", str(tmp_path / "explicit")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "explicit" / "result.json").read_text())["result"]["config"]
+    assert (cfg["greedy_order"], cfg["greedy_reference"], cfg["max_images_per_class"]) == ("ours", "base", 1)
+    # the quick recipe keeps our CPU-minutes search; the released sizes are still there to compare with
+    r = CliRunner().invoke(main, [*args, "--recipe", "quick", "--patch", "8", "--out", str(tmp_path / "quick")],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "quick" / "result.json").read_text())["result"]
+    cfg = result["config"]
+    assert (cfg["method"], cfg["patch"], cfg["greedy_order"], cfg["max_images_per_class"]) == ("loss", 8, "ours", 100)
+    assert result["released_dfm_sizes"][0] == 459
+
+
+def test_probe_defaults():
+    paper, note = fp.probe_defaults("cifar10", "paper")
+    assert paper == fp.PAPER_PROBE and "published DFM search" in note
+    ours, note = fp.probe_defaults("synthetic-freq", "quick")
+    assert ours == fp.OUR_PROBE and note is None
+    assert fp.probe_defaults("cifar10", "quick")[0] == fp.OUR_PROBE
+    # a patch > 1 without --method: the loss method (greedy walks single pairs), said so
+    settings, note = fp.probe_defaults("cifar10", "paper", patch=4)
+    assert (settings["method"], settings["patch"]) == ("loss", 4) and "--patch 4" in note
+    assert fp.probe_defaults("digits", "quick", max_images_per_class=0)[0]["max_images_per_class"] is None  # 0: all
+    assert fp.released_dfm_sizes("cifar10") == list(fp.RELEASED_CIFAR10_DFM_SIZES)
+    assert fp.released_dfm_sizes("corrupted-cifar10") is None

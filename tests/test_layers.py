@@ -11,7 +11,7 @@ LAYERS = {
     "backends": 2,
     "ops": 3,
     "models": 4, "data": 4,
-    "train": 5, "surgery": 5, "ensemble": 5, "selftest": 5,
+    "train": 5, "surgery": 5, "ensemble": 5, "selftest": 5, "recipes": 5, "model_cache": 5,
     "experiments": 6,
     "bench": 7, "__init__": 7,
     "cli": 8,

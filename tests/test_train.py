@@ -282,3 +282,65 @@ def test_no_host_sync_inside_a_step(digits):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert result.config["channels_last"] is True and result.config["eval_batch_size"] == 2048
+
+
+# ---- recipe settings: Nesterov on/off, the plateau schedule's factor, patience and monitor, pad-flip-resized-crop
+
+
+def test_nesterov_and_plateau_settings_default_to_the_old_behaviour():
+    from shortcut_fast.train import _make_optimizer
+
+    cfg = TrainConfig()
+    assert (cfg.nesterov, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_monitor) == (True, 0.5, 1, "train_loss")
+    net = torch.nn.Linear(2, 2)
+    assert _make_optimizer(net, TrainConfig()).param_groups[0]["nesterov"] is True  # as before: Nesterov momentum
+    assert _make_optimizer(net, TrainConfig(nesterov=False)).param_groups[0]["nesterov"] is False
+    assert _make_optimizer(net, TrainConfig(momentum=0.0)).param_groups[0]["nesterov"] is False
+    for bad in (dict(plateau_factor=1.0), dict(plateau_patience=-1), dict(plateau_monitor="val_accuracy")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("monitor", ["train_loss", "val_loss"])
+def test_plateau_scheduler_gets_its_factor_patience_and_monitored_loss(digits, monkeypatch, monitor):
+    seen = []
+    step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+
+    def spy(self, metrics, *args, **kwargs):
+        seen.append((self.factor, self.patience, float(metrics)))
+        return step(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step", spy)
+    cfg = TrainConfig(epochs=1, batch_size=256, max_steps_per_epoch=2, schedule="plateau", plateau_factor=0.1,
+                      plateau_patience=10, plateau_monitor=monitor, select="last")
+    model = _mlp(digits)
+    result = train(model, digits, cfg, progress=False)
+    assert [(f, p) for f, p, _ in seen] == [(0.1, 10)]
+    expected = result.history[0]["train_loss"] if monitor == "train_loss" else evaluate(model, digits.val).loss
+    assert seen[0][2] == pytest.approx(expected, rel=1e-6)
+
+
+def test_pad_flip_resized_crop():
+    import torch.nn.functional as F
+
+    from shortcut_fast.train import _pad_flip_resized_crop
+
+    x = torch.rand(256, 3, 32, 32)
+    out = augment_batch(x, "pad-flip-resized-crop", torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    again = augment_batch(x, "pad-flip-resized-crop", torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    # the zero padding shows in some crops (black borders), the crops differ in scale
+    ones = augment_batch(torch.ones(256, 3, 32, 32), "pad-flip-resized-crop", torch.Generator().manual_seed(1))
+    inside = ones.mean(dim=(1, 2, 3))
+    assert float(inside.min()) < 0.9 and bool((inside == 1).any())
+    # when no drawn box fits, the whole padded image is resized to the input size (torchvision's fallback)
+    whole = _pad_flip_resized_crop(torch.ones(2, 3, 32, 32), torch.Generator().manual_seed(0), attempts=0)
+    expected = F.interpolate(F.pad(torch.ones(2, 3, 32, 32), (4, 4, 4, 4)), size=(32, 32), mode="bilinear",
+                             align_corners=False)
+    torch.testing.assert_close(whole, expected)
+    # an upright crop at scale 1 of a ramp keeps the ramp's direction unless flipped: half the images flip
+    ramp = torch.linspace(0, 1, 32).expand(512, 3, 32, 32).contiguous()
+    out = augment_batch(ramp, "pad-flip-resized-crop", torch.Generator().manual_seed(2))
+    rising = (out[..., 16, 20] > out[..., 16, 12])[:, 0].float().mean()
+    assert 0.4 < float(rising) < 0.6

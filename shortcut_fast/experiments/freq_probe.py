@@ -623,6 +623,52 @@ class FreqProbeResult:
     ood: dict | None = None
     learning: dict | None = None  # BandLearningTracker.summary() when the model was trained here
     seconds: float = 0.0
+    released_dfm_sizes: list[int] | None = None  # the published DFM sizes of this dataset, to compare with
+
+
+# The sizes of the released CIFAR-10 DFMs of classes 0..9 (nis-research/dfmX-augmentation DFMs/resnet18.pkl:
+# the published greedy rule and spiral order on 1,000 test images per class).
+RELEASED_CIFAR10_DFM_SIZES = (459, 561, 368, 395, 112, 410, 158, 468, 202, 413)
+
+# DFM search defaults: the paper's on CIFAR-10 under the paper recipe, ours elsewhere.
+PAPER_PROBE = dict(method="greedy", patch=1, greedy_reference="last", greedy_order="published",
+                   max_images_per_class=None)
+OUR_PROBE = dict(method="loss", patch=2, greedy_reference="last", greedy_order="ours", max_images_per_class=100)
+
+
+def released_dfm_sizes(dataset: str) -> list[int] | None:
+    """The published DFM sizes for `dataset` (CIFAR-10 only), else None."""
+    return list(RELEASED_CIFAR10_DFM_SIZES) if str(dataset).strip().lower() == "cifar10" else None
+
+
+def probe_defaults(dataset: str, recipe: str, **given) -> tuple[dict, str | None]:
+    """The DFM search settings (method, patch, greedy_reference, greedy_order,
+    max_images_per_class) for `dataset` under the training recipe `recipe`: on CIFAR-10 under
+    `paper`, the published search (greedy rule over single frequency pairs, reference "last",
+    the published spiral order, every test image of a class); elsewhere ours (loss method on
+    2x2 patches, 100 images per class). `given`: options set explicitly (None: not given;
+    max_images_per_class 0: all images); they win. Returns (settings, a line for the terminal
+    or None)."""
+    paper = str(dataset).strip().lower() == "cifar10" and recipe == "paper"
+    settings = dict(PAPER_PROBE if paper else OUR_PROBE)
+    note = None
+    if paper and given.get("method") is None and given.get("patch") not in (None, 1):
+        settings["method"] = "loss"  # the published greedy rule walks single pairs only
+        note = f"--patch {given['patch']}: the loss method (the published greedy rule walks single frequency pairs)"
+    for key, value in given.items():
+        if key not in settings:
+            raise TypeError(f"probe_defaults: unknown option {key!r}")
+        if value is not None:
+            settings[key] = value
+    if settings["max_images_per_class"] == 0:
+        settings["max_images_per_class"] = None
+    if paper and note is None:
+        defaults = [k for k in PAPER_PROBE if given.get(k) is None]
+        if defaults:
+            note = ("cifar10, paper recipe: the published DFM search by default ("
+                    + ", ".join(f"{k.replace('_', '-')} {settings[k] if settings[k] is not None else 'all'}"
+                                for k in defaults) + "); explicit options override")
+    return settings, note
 
 
 def _class_images(dataset, label: int, limit: int | None, seed: int, device) -> torch.Tensor:
@@ -897,7 +943,14 @@ def summary(result: FreqProbeResult, data: str, out: Path) -> str:
     if centre:
         lines.append(f"filters around mu = [{', '.join(f'{m:.3f}' for m in centre['mean'])}] ({centre['source']}); "
                      f"ADCS {result.config.get('adcs', 'ours')}")
-    if result.shortcut:
+    released = result.released_dfm_sizes
+    if result.shortcut and released:
+        rows = [[r["class"], r["dfm_size"], released[r["class"]] if r["class"] < len(released) else "-", r["tpr"],
+                 r["fpr"]] for r in result.shortcut]
+        lines.append(format_table(rows, ["class", "DFM size", "released DFM size", "TPR", "FPR"]))
+        lines.append("released DFM size: the published CIFAR-10 DFMs (greedy rule, spiral order, 1,000 test images "
+                     "per class, their own ResNet-18), for comparison")
+    elif result.shortcut:
         rows = [[r["class"], r["dfm_size"], r["tpr"], r["fpr"]] for r in result.shortcut]
         lines.append(format_table(rows, ["class", "DFM size", "TPR", "FPR"]))
     if result.band_stop:
