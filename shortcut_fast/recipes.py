@@ -318,6 +318,8 @@ def resolve(recipe: Recipe, *, model: str | None = None, model_option: dict | No
             overrides[key] = value
         settings[key] = value
     settings["warmup_epochs"] = min(settings["warmup_epochs"], settings["epochs"])  # warm-up is capped at the epochs
+    if settings["schedule"] == "plateau" and (train or {}).get("warmup_epochs") is None:
+        settings["warmup_epochs"] = 0.0  # the plateau scheduler owns the learning rate (no warm-up)
     return ResolvedRecipe(recipe, chosen, options, settings, dict(recipe.data_options), overrides)
 
 
@@ -343,11 +345,3 @@ def format_duration(seconds: float) -> str:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
 
-
-def table() -> list[dict]:
-    """Every paper recipe, one row per (dataset, purpose): for docs and `shortcut-fast recipes`."""
-    rows = []
-    for (dataset, purpose), r in PAPER.items():
-        rows.append({"dataset": dataset, "purpose": purpose, "model": r.model, "epochs": r.train["epochs"],
-                     "source": r.source.split(":")[0], "reported": r.reported, "measured_here": r.measured_here})
-    return rows

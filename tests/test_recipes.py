@@ -121,6 +121,8 @@ def test_explicit_options_override_and_are_recorded():
     r = recipes.resolve(paper, model_option={"width": 32}, train={"max_steps_per_epoch": 2})
     assert r.model_options == {"width": 32} and r.train["max_steps_per_epoch"] == 2
     assert recipes.resolve(recipes.recipe_for("digits", "train"), train={"epochs": 1}).train["warmup_epochs"] == 1.0
+    plateau = recipes.resolve(recipes.recipe_for("digits", "train"), train={"schedule": "plateau"})
+    assert plateau.train["warmup_epochs"] == 0.0  # no warm-up under the plateau scheduler unless asked for
     # -M on top of the quick recipe keeps its default width (-M padding=2 as before)
     assert recipes.resolve(recipes.recipe_for("digits", "memorization"),
                            model_option={"padding": 2}).model_options == {"width": 16, "padding": 2}
