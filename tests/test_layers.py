@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "shortcut_fast"
 # Lower number = lower layer. A unit may import units of a lower layer only (and itself).
 LAYERS = {
     "validate": 0, "report": 0, "_C": 0,
-    "run_folder": 1, "kernels": 1,
+    "run_folder": 1, "kernels": 1, "distributed": 1,
     "backends": 2,
     "ops": 3,
     "models": 4, "data": 4,

@@ -37,6 +37,16 @@ Both use one pass over the checkpoint's layers with the two target sets concaten
 Resume: with a run-folder store, the fitted directions, the final model's per-layer probe
 statistics (ProbeStats state dicts) and every finished checkpoint are saved in it; a resuming
 run reuses them (a pass interrupted in the middle is redone from its start).
+
+Distribution (`dist=` a distributed.DistContext with world_size > 1, under torchrun): the
+directions are fit on rank 0 and broadcast; every pass streams each rank's contiguous share
+of the probe-train and held-out images, and the sufficient statistics (ProbeStats moments,
+taken around rank 0's shift, and the importance / accuracy sums) are all-reduced before any
+probe is fit, so every rank fits the probes of all the images. Only the summation order
+differs from one process: in float64 (the CPU default) results agree to ~1e-12 when the
+shards fall on the same chunks, and to float32 rounding of the activations (~1e-6)
+otherwise. Each rank keeps its partial results in its own store sub-folder (rank{r}/); a
+finished pass is reused only when every rank has it.
 """
 from __future__ import annotations
 
@@ -51,13 +61,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from shortcut_fast.distributed import DistContext, all_reduce_sum_, broadcast, check_same, gather, is_main, shard
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
 from shortcut_fast.ops.directions import NMF_SOLVERS, Directions, fit_directions
 from shortcut_fast.ops.probe_stats import V_INFORMATION_FORMS, ProbeStats, fit_linear_probes
 from shortcut_fast.report import Progress, pyplot, save_figure, write_csv, write_json
-from shortcut_fast.run_folder import Store, file_digest, load_state_file
+from shortcut_fast.run_folder import Store, file_digest, fingerprint, load_state_file, tensor_digest
 
 HELDOUT_SPLITS = ("val", "test")
 _SPEC = re.compile(r"^(nmf|pca):([0-9]+)$")
@@ -219,13 +230,15 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
                         targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                         layers: Sequence[str] | None = None, batch_size: int = 256, alphas=None,
                         dtype: torch.dtype = torch.float64, backend: str = "auto", device="cpu",
-                        max_bytes: int | None = None, v_information_form: str = "r2") -> torch.Tensor:
+                        max_bytes: int | None = None, v_information_form: str = "r2",
+                        dist: DistContext | None = None) -> torch.Tensor:
     """Held-out V-information (K, L) of arbitrary targets from each layer's pooled output
     (in v_information_form: "r2" or "gaussian-nats", ops.probe_stats).
 
     train_images / heldout_images: (N, C, H, W) tensors or datasets; targets(x, penultimate)
     -> (n, K) gives the target values of a chunk. The basic measurement behind
-    run_complexity, usable with targets of known complexity (see the tests).
+    run_complexity, usable with targets of known complexity (see the tests). dist: each rank
+    streams its share of each split; the statistics are all-reduced before the fit.
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -233,11 +246,11 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
     features_fn, _ = features_and_head(model)
     banks = {}
     for split, images in (("train", train_images), ("heldout", heldout_images)):
-        n = len(images)
+        mine = shard(len(images), dist, f"the {split} images")
         bank = None
         with torch.no_grad():
-            for sl in _chunks(n, batch_size):
-                x = _get_images(images, torch.arange(sl.start, sl.stop), device)
+            for sl in _chunks(len(mine), batch_size):
+                x = _get_images(images, torch.arange(mine.start + sl.start, mine.start + sl.stop), device)
                 outs, feats = capture(model, x, layers, features_fn)
                 z = targets(x, feats)
                 if bank is None:
@@ -245,6 +258,8 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
                             for name, o in outs.items()}
                 for name, o in outs.items():
                     bank[name].update(o.to(dtype), z.to(dtype))
+        for name in layers:
+            _all_reduce_stats(bank[name], dist)  # a no-op in one process
         banks[split] = bank
     kw = {"v_information_form": v_information_form} if max_bytes is None else {
         "max_bytes": max_bytes, "v_information_form": v_information_form}
@@ -272,6 +287,42 @@ def _fit_directions(model, dataset, index, cfg, device) -> tuple[Directions, tor
     directions = fit_directions(cfg.directions, acts, seed=cfg.seed, nmf_solver=cfg.nmf_solver)
     codes = directions.encode(acts).float()
     return directions, codes.mean(0).cpu(), codes.std(0).cpu()
+
+
+def _shared_directions(model, dataset, index, cfg, device, dist) -> tuple[Directions, torch.Tensor, torch.Tensor]:
+    """_fit_directions in one process; distributed: fit on rank 0 and broadcast (CPU tensors),
+    so every rank encodes with the very same directions."""
+    if dist is None or dist.world_size == 1:
+        return _fit_directions(model, dataset, index, cfg, device)
+    fitted = None
+    if dist.rank == 0:
+        directions, mean, std = _fit_directions(model, dataset, index, cfg, device)
+        fitted = (directions.state_dict(), mean.cpu(), std.cpu())
+    state, mean, std = broadcast(fitted, dist)
+    return Directions.from_state_dict(state), mean, std
+
+
+def _all_reduce_stats(stats: ProbeStats, dist: DistContext | None) -> None:
+    """Sum a ProbeStats over ranks in place: each rank's moments are taken around rank 0's
+    shift (in float64), summed, and stored back around that shift. No-op in one process."""
+    if dist is None or dist.world_size == 1:
+        return
+    f64 = dict(dtype=torch.float64, device=stats.device)
+    D, K = stats.dim, stats.num_targets
+    center = torch.cat([stats.shift_x.to(**f64), stats.shift_z.to(**f64)])
+    if dist.rank != 0:
+        center.zero_()
+    all_reduce_sum_(center, dist)  # rank 0's shift on every rank
+    cx, cz = center[:D], center[D:]
+    xx, xz, sx, sz, sq = stats.moments(cx, cz)
+    flat = torch.cat([xx.reshape(-1), xz.reshape(-1), sx, sz, sq, torch.tensor([float(stats.n)], **f64)])
+    all_reduce_sum_(flat, dist)
+    parts = flat.split([D * D, D * K, D, K, K, 1])
+    cast = dict(dtype=stats.dtype, device=stats.device)
+    stats.shift_x, stats.shift_z = cx.to(**cast), cz.to(**cast)
+    stats.xx, stats.xz = parts[0].reshape(D, D).to(**cast), parts[1].reshape(D, K).to(**cast)
+    stats.sum_x, stats.sum_z, stats.sumsq_z = parts[2].to(**cast), parts[3].to(**cast), parts[4].to(**cast)
+    stats.n = int(round(float(parts[5])))
 
 
 def _standardize(codes, mean, std):
@@ -333,14 +384,32 @@ class _Pass:
             if self.labels is not None:
                 self.correct += int((pred == self.labels).sum())
 
+    def all_reduce(self, dist: DistContext | None) -> None:
+        """Sum every rank's statistics (each streamed its share of the images): afterwards every
+        rank holds those of all the images. No-op in one process."""
+        if dist is None or dist.world_size == 1:
+            return
+        for split in ("train", "heldout"):
+            for name in self.layers:
+                _all_reduce_stats(self.stats[split][name], dist)
+        k = self.importance.numel()
+        sums = torch.cat([self.importance, self.importance_signed,
+                          torch.tensor([self.correct, self.count], dtype=torch.float64)])
+        all_reduce_sum_(sums, dist)
+        self.importance, self.importance_signed = sums[:k].clone(), sums[k:2 * k].clone()
+        self.correct, self.count = int(round(float(sums[2 * k]))), int(round(float(sums[2 * k + 1])))
+
     def state_dict(self) -> dict:
         return {"stats": {s: {n: p.state_dict() for n, p in bank.items()} for s, bank in self.stats.items()},
                 "importance": self.importance, "importance_signed": self.importance_signed,
                 "correct": self.correct, "count": self.count, "dims": self.dims}
 
 
-def _stream(p: _Pass, splits_data, batch_size, device, progress, desc):
-    """Feed (split, dataset, index) triples through the pass, in chunks."""
+def _stream(p: _Pass, splits_data, batch_size, device, progress, desc, dist: DistContext | None = None):
+    """Feed (split, dataset, index) triples through the pass, in chunks; distributed, each
+    rank feeds its contiguous share of every index (then p.all_reduce sums the ranks)."""
+    splits_data = [(split, dataset, index[mine.start:mine.stop]) for split, dataset, index in splits_data
+                   for mine in [shard(len(index), dist, f"the {split} images")]]
     bar = Progress(sum(len(index) for _, _, index in splits_data), desc, progress)
     with torch.no_grad():
         for split, dataset, index in splits_data:
@@ -427,7 +496,7 @@ def _load_like(model: nn.Module, path: Path, device) -> nn.Module:
 
 def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None, *,
                    store: Store | None = None, checkpoints: str | Path | None = None,
-                   device="cpu", progress: bool = True) -> ComplexityResult:
+                   device="cpu", progress: bool = True, dist: DistContext | None = None) -> ComplexityResult:
     """Feature complexity, per-layer decodability, importance and (with checkpoints) dynamics.
 
     splits: DatasetSplits (probe-train = splits.train capped at cfg.max_images, held-out =
@@ -436,6 +505,10 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
     With a store (e.g. `run.partial` of a RunFolder): the final model's pass and every
     finished checkpoint are saved there, and a resuming run reuses them. Nothing else is
     written: `write_outputs` writes result.json, features.csv and the figures.
+    dist (a distributed.DistContext): with world_size > 1 the images of every pass are split
+    over the ranks and the statistics all-reduced (module docstring); the settings (config,
+    model weights, data sizes, checkpoints) are compared across ranks first; each rank keeps
+    its partial results in store.sub("rank{r}"); every rank returns the whole result.
     """
     t0 = time.perf_counter()
     cfg = cfg or ComplexityConfig()
@@ -453,18 +526,30 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
                          f"{len(heldout_index)}")
     direction_index = train_index[:cfg.direction_images]
     dtype = _stats_dtype(cfg, device)
+    distributed = dist is not None and dist.world_size > 1
+    progress = progress and is_main(dist)
+    if distributed:
+        check_same({"config": dataclasses.asdict(cfg), "model": _weights_digest(model), "layers": layers,
+                    "data": splits.name, "n_train": len(splits.train), "n_heldout": len(heldout_set),
+                    "checkpoints": [[e, file_digest(p)] for e, p in ckpts], "dtype": str(dtype)},
+                   dist, "complexity settings")
+        if store is not None:
+            store = store.sub(f"rank{dist.rank}")  # each rank's own partial results
 
     # 1. directions of the final model, and the standardization of their codes
     saved = store.load_state("final.pt") if store is not None else None
+    if distributed and not all(gather(saved is not None, dist)):
+        saved = None  # resumed only when every rank finished the pass (their saved states are equal)
     if saved is not None:
         directions = Directions.from_state_dict(saved["directions"])
         mean, std = saved["mean"], saved["std"]
         pass_state = saved["pass"]
     else:
-        directions, mean, std = _fit_directions(model, splits.train, direction_index, cfg, device)
+        directions, mean, std = _shared_directions(model, splits.train, direction_index, cfg, device, dist)
         p = _Pass(model, layers, [(directions, mean, std, None)], dtype, device, cfg.backend)
         _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
-                cfg.batch_size, device, progress, "complexity: final model")
+                cfg.batch_size, device, progress, "complexity: final model", dist)
+        p.all_reduce(dist)
         pass_state = p.state_dict()
         if store is not None:
             store.save_state("final.pt", {"directions": directions.state_dict(), "mean": mean, "std": std,
@@ -488,17 +573,21 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
             done = f"checkpoint_{epoch:03d}.json"
             stamp = file_digest(path)
             entry = store.load_json(done) if store is not None else None
+            if entry is not None and entry.get("stamp") != stamp:
+                entry = None  # another checkpoint file than the one analysed: redo it
+            if distributed and not all(gather(entry is not None, dist)):
+                entry = None
             if entry is not None:
-                if entry.get("stamp") == stamp:  # the same checkpoint file as when it was analysed
-                    per_ckpt.append(entry)
-                    continue
+                per_ckpt.append(entry)
+                continue
             other = _load_like(model, path, device)
-            own_dirs, own_mean, own_std = _fit_directions(other, splits.train, direction_index, cfg, device)
+            own_dirs, own_mean, own_std = _shared_directions(other, splits.train, direction_index, cfg, device, dist)
             p = _Pass(other, layers, [(own_dirs, own_mean, own_std, None),
                                       (directions, mean, std, {"features_fn": final_features_fn})],
                       dtype, device, cfg.backend)
             _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
-                    cfg.batch_size, device, progress, f"complexity: epoch {epoch}")
+                    cfg.batch_size, device, progress, f"complexity: epoch {epoch}", dist)
+            p.all_reduce(dist)
             vi = _v_information(p.stats, layers, cfg.alphas, cfg.max_bytes, cfg.v_information)  # (k_own + k, L)
             k_own = own_dirs.components.shape[0]
             own_importance = p.importance / max(p.count, 1)
@@ -531,6 +620,12 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         mean_complexity_top_importance=summary["top"], mean_complexity_rest=summary["rest"],
         dead_features=int((~alive).sum()), dynamics=dynamics, seconds=time.perf_counter() - t0)
     return result
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """Digest of a model's parameter and buffer names and values (ranks must analyse the same model)."""
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return fingerprint({"keys": list(state), "weights": tensor_digest(*(v.reshape(-1) for v in state.values()))})
 
 
 def _dynamics(per_ckpt: list[dict], final_v: torch.Tensor, fraction: float) -> dict:

@@ -22,6 +22,15 @@ as one `ensemble.StackedModules` (one vmap-ed forward and backward per step, Ada
 stacked tensors, which is elementwise and so the same as one Adam per member). Data live on
 the device as uint8 (members x images), batches are gathered, normalized and augmented there,
 all heads of a model are evaluated in one pass, and per-cell counts stay on the device.
+
+Distribution (`run_denetdm(..., dist=)` a distributed.DistContext with world_size > 1, under
+torchrun): the members are split over the ranks in contiguous, balanced shares (member
+order is ratio-major); each rank loads and trains only its members (as one stack, or one at
+a time with stacked=False), keeps its partial state in store.sub("rank{r}"), and the member
+records are gathered in member order. A member's result does not depend on who it is
+stacked with (per-member seeds, batch orders and augmentation draws; see
+test_stacked_members_equal_members_trained_one_at_a_time), so the result equals one
+process's; only the timings differ (a phase's seconds are the slowest rank's).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from torch import nn
 
 from shortcut_fast.data import DatasetSplits
 from shortcut_fast.data.core import make_generator
+from shortcut_fast.distributed import DistContext, check_same, gather, is_main, shard
 from shortcut_fast.ensemble import StackedModules
 from shortcut_fast.models import build_model
 from shortcut_fast.ops import group_outcomes
@@ -601,9 +611,9 @@ def _lff_loss(cfg: DeNetDMConfig, labels: torch.Tensor, num_classes: int):
 # The experiment
 
 
-def _members_of(cfg: DeNetDMConfig, load: Callable[[float, int], DatasetSplits]):
+def _members_of(cfg: DeNetDMConfig, load: Callable[[float, int], DatasetSplits], members=None):
     splits, ratios, seeds = [], [], []
-    for ratio, seed in cfg.members:
+    for ratio, seed in (cfg.members if members is None else members):
         s = load(ratio, seed)
         _check_splits(s, ratio)
         splits.append(s)
@@ -708,28 +718,64 @@ def _aggregate(cfg: DeNetDMConfig, members: list[dict], phases: dict) -> dict:
     return methods
 
 
+def _merge_phases(per_rank: list[dict], stacked: bool) -> dict:
+    """The phase records of every rank (in rank order) as one process would have made them:
+    per-member lists concatenated; stacked, each epoch's per-member histories concatenated into
+    the one stack's history; one member at a time, the per-member histories listed in order.
+    seconds: the slowest rank's (ranks train at the same time)."""
+    merged = {}
+    for name, first in per_rank[0].items():
+        recs = [r[name] for r in per_rank]
+        rec = dict(first)
+        for k in ("best_epoch", "val", "test"):
+            rec[k] = [x for r in recs for x in r[k]]
+        rec["seconds"] = max(r["seconds"] for r in recs)
+        if stacked:
+            epochs = [r["history"][0] for r in recs]  # one stack per rank
+            rec["history"] = [[{"epoch": row[0]["epoch"], "seconds": max(e["seconds"] for e in row),
+                                "train_loss": [v for e in row for v in e["train_loss"]],
+                                "val_unbiased": [v for e in row for v in e["val_unbiased"]]}
+                               for row in zip(*epochs)]]
+        else:
+            rec["history"] = [h for r in recs for h in r["history"]]
+        merged[name] = rec
+    return merged
+
+
 def run_denetdm(load: Callable[[float, int], DatasetSplits], cfg: DeNetDMConfig, *, store: Store | None = None,
-                device="cpu", progress: bool = True) -> dict:
+                device="cpu", progress: bool = True, dist: DistContext | None = None) -> dict:
     """Train DeNetDM (every depth pair) and the baselines on every (ratio, seed) member.
 
     load(ratio, seed) returns the member's DatasetSplits (its test and validation splits
     unbiased, with bias labels). store: partial results (every phase's state after every
     epoch; finished phases), resumed when the store is resuming. Returns the result dict
-    (`summary` prints it, `write_outputs` saves it).
+    (`summary` prints it, `write_outputs` saves it). dist (a distributed.DistContext): with
+    world_size > 1 the members are split over the ranks (module docstring; the settings are
+    compared across ranks first, each rank's partial state goes to store.sub("rank{r}")), and
+    every rank returns the whole result.
     """
     if not isinstance(cfg, DeNetDMConfig):
         raise TypeError(f"cfg must be a DeNetDMConfig, got {type(cfg).__name__}")
     device = torch.device(device)
     t0 = time.perf_counter()
-    splits, ratios, seeds = _members_of(cfg, load)
-    members = [{"ratio": r, "seed": s} for r, s in zip(ratios, seeds)]
-    # One stack of all members (the fast path), or one member at a time (stacked=False).
+    distributed = dist is not None and dist.world_size > 1
+    progress = progress and is_main(dist)
+    if distributed:
+        check_same({"config": asdict(cfg), "dtype": str(torch.get_default_dtype())}, dist, "DeNetDM settings")
+        if store is not None:
+            store = store.sub(f"rank{dist.rank}")
+    everyone = cfg.members
+    mine = shard(len(everyone), dist, "the DeNetDM members (conflict ratio, seed)")
+    splits, ratios, seeds = _members_of(cfg, load, everyone[mine.start:mine.stop])
+    members = [{"ratio": r, "seed": s} for r, s in everyone]
+    # One stack of this rank's members (the fast path), or one member at a time (stacked=False).
     groups = [list(range(len(splits)))] if cfg.stacked else [[i] for i in range(len(splits))]
     phases: dict[str, dict] = {}
     for gi, group in enumerate(groups):
         data = _gather_members([splits[i] for i in group], [ratios[i] for i in group], [seeds[i] for i in group],
                                device)
-        sub = store if (store is None or len(groups) == 1) else store.sub(f"member-{gi}")
+        # member-{global index of the group's first member}: member-{gi} in one process
+        sub = store if (store is None or len(groups) == 1) else store.sub(f"member-{mine.start + group[0]}")
         got = _run_group(cfg, data, store=sub, progress=progress, device=device)
         for name, rec in got.items():
             if name not in phases:
@@ -743,10 +789,16 @@ def run_denetdm(load: Callable[[float, int], DatasetSplits], cfg: DeNetDMConfig,
     first = splits[0]
     sizes = {p: len(getattr(first, p)) for p in ("train", "val", "test")}
     conflicting = [int((s.train.labels != s.train.attributes).sum()) for s in splits]
+    dataset = {"name": first.name, "sizes": sizes, "image_shape": list(first.image_shape),
+               "num_classes": first.num_classes}
+    if distributed:  # every rank's members, in rank order = member order; the dataset as rank 0 (member 0) sees it
+        parts = gather({"phases": phases, "conflicting": conflicting, "dataset": dataset}, dist)
+        phases = _merge_phases([p["phases"] for p in parts], cfg.stacked)
+        conflicting = [c for p in parts for c in p["conflicting"]]
+        dataset = parts[0]["dataset"]
     return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
             "members": [dict(m, train_conflicting=c) for m, c in zip(members, conflicting)],
-            "dataset": {"name": first.name, "sizes": sizes, "image_shape": list(first.image_shape),
-                     "num_classes": first.num_classes},
+            "dataset": dataset,
             "methods": _aggregate(cfg, members, phases),
             "phases": {n: {k: v for k, v in rec.items() if k not in ("val", "test")} for n, rec in phases.items()},
             "seconds": time.perf_counter() - t0, "device": str(device)}

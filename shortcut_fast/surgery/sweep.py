@@ -29,6 +29,17 @@ Persistence: with `store=` (a run_folder.Store) the sweep saves its accumulators
 batch and layer, and a store that is resuming continues from them. The saved state carries a
 compact record of the sweep's arguments (and digests of the model and the data's labels and
 groups); a store holding another sweep's state is refused, never silently mixed in.
+
+Distribution (`dist=` a distributed.DistContext with world_size > 1, one process per rank
+under torchrun): each layer's variants (channels / channel sets) are split over the ranks in
+contiguous, balanced shares; every rank runs the prefix, the baseline and the per-channel
+statistics on all the data (they are the same everywhere), sweeps only its own variants, and
+keeps its partial state in its own store file (sweep.rank{r}.pt: an elastic restart resumes
+each rank from it). The per-variant outcomes are then gathered and concatenated in variant
+order on every rank. A variant's outcome does not depend on which variants share its chunk
+(noise draws are seeded per layer, repeat and batch, never per variant), so the counts equal
+one process's exactly; summed losses agree to float rounding. The sweep's arguments and the
+digests of the model and data are compared across ranks first (distributed.check_same).
 """
 from __future__ import annotations
 
@@ -43,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast.data import FileImageDataset, ImageDataset
+from shortcut_fast.distributed import DistContext, check_same, gather, is_main, rank_suffix, shard
 from shortcut_fast.models.introspect import get_submodule
 from shortcut_fast.validate import check_int
 from shortcut_fast.ops.ablation import channel_masks, group_outcomes, group_outcomes_reference
@@ -380,7 +392,11 @@ def weight_noise(weight: torch.Tensor, kind: str, std: float, seed: int, layer_i
 # ---------------------------------------------------------------------------------------
 # Partial results (through a run_folder.Store: nothing here writes files itself)
 
-STATE = "sweep.pt"  # the one file a sweep keeps in its store
+STATE = "sweep.pt"  # the one file a sweep keeps in its store (sweep.rank{r}.pt per rank when distributed)
+
+
+def _state_file(dist: Optional[DistContext]) -> str:
+    return f"sweep{rank_suffix(dist)}.pt"
 
 
 def _record(model, d: "_Data", rewind: Optional[dict], **args) -> dict:
@@ -400,14 +416,14 @@ def weights_digest(state: dict) -> str:
     return fingerprint({"keys": list(tensors), "weights": tensor_digest(*(v.reshape(-1) for v in tensors.values()))})
 
 
-def _load_sweep_state(store: "Store", record: dict) -> Optional[dict]:
-    state = store.load_state(STATE)
+def _load_sweep_state(store: "Store", record: dict, name: str = STATE) -> Optional[dict]:
+    state = store.load_state(name)
     if state is None:
         return None
     old = state.get("args") if isinstance(state, dict) else None
     if old != record:
         diff = settings_diff(old or {}, record) or ["format"]
-        raise ValueError(f"store {str(store.root)!r}: {STATE} holds the partial state of a different sweep "
+        raise ValueError(f"store {str(store.root)!r}: {name} holds the partial state of a different sweep "
                          f"({'; '.join(diff)}); give each sweep its own store (e.g. store.sub(name)), "
                          f"or start the run afresh instead of resuming")
     return state
@@ -445,7 +461,8 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
                            return_outputs: bool = False, batch_size: int = 256, max_bytes: Optional[int] = None,
                            backend: str = "auto", seed: int = 0, progress: bool = False,
                            store: "Store | None" = None, channel_axis: Optional[int] = None,
-                           linearity: bool = True, split: str = "auto") -> SweepResult:
+                           linearity: bool = True, split: str = "auto",
+                           dist: Optional[DistContext] = None) -> SweepResult:
     """Per-(variant, group) outcomes of ablating each channel (or channel set) of each layer.
 
     layers: module names (a str for one). data: an ImageDataset or (images, labels, groups).
@@ -460,6 +477,9 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     data) is refused with a ValueError. linearity=False turns off the next-layer linearity shortcut;
     split="hook" forces the (slow) full-forward fallback. backend goes to channel_ablate and
     group_outcomes. noise_kind / noise_std: mode "weight-noise" (see the module docstring).
+    dist (a distributed.DistContext): with world_size > 1 each rank sweeps its share of every
+    layer's variants and the outcomes are gathered (module docstring); every rank returns the
+    whole result. Progress is shown on rank 0 only.
     """
     _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind, noise_std)
     layers = _check_layers(model, layers)
@@ -470,15 +490,21 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     check_int("max_bytes", max_bytes, 1)
     rewind_state = _rewind_weights(rewind_to) if mode == "rewind" else None
     G, R = d.num_groups, repeats
+    distributed = dist is not None and dist.world_size > 1
+    progress = progress and is_main(dist)
+    state_file = _state_file(dist)
     state = {"args": None, "done": {}, "current": None}
-    if store is not None:
-        state["args"] = _record(
+    if store is not None or distributed:
+        record = _record(
             model, d, rewind_state, layers=layers, where=where, mode=mode, repeats=R, seed=seed, n=d.n,
             noise_kind=noise_kind if mode == "weight-noise" else None, noise_std=noise_std,
             num_groups=G, channels=None if channels is None else [int(c) for c in channels],
             channel_sets=None if channel_sets is None else [sorted(map(int, s)) for s in channel_sets],
             return_outputs=return_outputs, batch_size=batch_size, channel_axis=channel_axis)
-        state = _load_sweep_state(store, state["args"]) or state
+        check_same(record, dist, "channel-ablation sweep settings")  # a no-op in one process
+        state["args"] = dict(record, shard=[dist.rank, dist.world_size]) if distributed else record
+    if store is not None:
+        state = _load_sweep_state(store, state["args"], state_file) or state
     counts = torch.bincount(d.groups, minlength=G)
     results: dict[str, LayerSweep] = {}
     with eval_mode(model), torch.no_grad():
@@ -492,12 +518,26 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
                                           noise_kind=noise_kind, noise_std=noise_std,
                                           batch_size=batch_size, max_bytes=max_bytes, backend=backend,
                                           seed=seed, progress=progress, channel_axis=channel_axis,
-                                          linearity=linearity, split=split)
+                                          linearity=linearity, split=split, dist=dist, state_file=state_file)
             if store is not None:
                 state["done"][layer] = _layer_to_state(results[layer])
                 state["current"] = None
-                store.save_state(STATE, state)
+                store.save_state(state_file, state)
+    if distributed:  # every rank holds its share of each layer's variants: concatenate them in rank order
+        results = {layer: _gather_layer(results[layer], dist) for layer in layers}
     return SweepResult(layers=results, mode=mode, where=where, num_groups=G, num_samples=d.n, repeats=R, seed=seed)
+
+
+def _gather_layer(part: LayerSweep, dist: DistContext) -> LayerSweep:
+    """One layer's sweep over all variants from every rank's share (in rank order = variant
+    order); the baseline, counts and settings are the same on every rank."""
+    parts = gather({"channels": part.channels, "correct": part.correct, "loss": part.loss,
+                    "outputs": part.outputs}, dist)
+    axis = 0 if part.repeats == 1 else 1  # outputs: (V, N, L), or (R, V, N, L) with repeats
+    outputs = None if part.outputs is None else torch.cat([p["outputs"] for p in parts], dim=axis)
+    return dataclasses.replace(part, channels=[c for p in parts for c in p["channels"]],
+                               correct=torch.cat([p["correct"] for p in parts]),
+                               loss=torch.cat([p["loss"] for p in parts]), outputs=outputs)
 
 
 def _weight_noise_conv(model, layer, where) -> str:
@@ -512,7 +552,8 @@ def _weight_noise_conv(model, layer, where) -> str:
 
 def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, channels, channel_sets, mode, where,
                  repeats, rewind_state, return_outputs, batch_size, max_bytes, backend, seed, progress,
-                 channel_axis, linearity, split, noise_kind="replace", noise_std=None) -> LayerSweep:
+                 channel_axis, linearity, split, noise_kind="replace", noise_std=None, dist=None,
+                 state_file=STATE) -> LayerSweep:
     R, G = repeats, d.num_groups
     x0, _, _ = d.batch(0, batch_size, device)
     noised = None
@@ -529,6 +570,8 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
         clean_weight = noisy_conv.weight.detach().clone()
     C, axis = sm.num_channels, sm.channel_axis
     variants = _variants(C, channels, channel_sets)
+    mine = shard(len(variants), dist, f"the sweep of layer {layer!r} (its channels / channel sets)")
+    variants = variants[mine.start:mine.stop]  # this rank's share (all of them in one process)
     masks = channel_masks(C, variants, device=device)
     V = masks.shape[0]
     starts = list(range(0, d.n, batch_size))
@@ -597,7 +640,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
         acc["next_batch"] = bi + 1
         if store is not None and bi + 1 < len(starts):  # the last batch is saved as a done layer
             state["current"] = {k: _to_cpu(v) for k, v in acc.items()}
-            store.save_state(STATE, state)
+            store.save_state(state_file, state)
     bar.close()
 
     correct = acc["correct"][0].cpu() if R == 1 else acc["correct"].double().mean(0).cpu()
