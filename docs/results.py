@@ -615,7 +615,7 @@ def render_denetdm(recs) -> list[str]:
     for base in ("erm", "lff"):
         if base in methods and ours:
             wins = sum(o > methods[base][r]["unbiased"]["mean"] for o, r in zip(ours, ratios))
-            verdict.append(f"above {base.upper()} at {wins} of {len(ratios)} ratios")
+            verdict.append(f"above {dict(erm='ERM', lff='LfF')[base]} at {wins} of {len(ratios)} ratios")
     if verdict:
         lines += [f"The paper's claim, DeNetDM above ERM and LfF on unbiased accuracy, measured here: DeNetDM's mean "
                   f"is {' and '.join(verdict)}."]
