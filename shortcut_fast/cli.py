@@ -18,7 +18,10 @@ import click
 # --data-root and --download only say where the data comes from: its identity (content
 # digest) is fingerprinted instead. --no-cache only says whether a cached model may be reused
 # (the cache holds the model the same settings train).
-EXECUTION_OPTIONS = {"out", "resume", "overwrite", "quiet", "device", "backend", "data_root", "download", "no_cache"}
+# --nproc and --max-restarts only say how many processes share the work (the results equal the
+# one-process run's; see shortcut_fast.distributed).
+EXECUTION_OPTIONS = {"out", "resume", "overwrite", "quiet", "device", "backend", "data_root", "download", "no_cache",
+                     "nproc", "max_restarts"}
 
 
 def _parse_options(pairs: tuple[str, ...], what: str) -> dict:
@@ -105,7 +108,18 @@ def _options(*decorators):
 backend_and_device = _options(backend_option, device_option)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+ARGV_KEY = "shortcut_fast.argv"
+
+
+class _Group(click.Group):
+    """The command group, remembering the command line it was given (--nproc re-launches it)."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta[ARGV_KEY] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="shortcut-fast")
 def main():
     """Fast experiments on shortcut learning."""
@@ -118,12 +132,14 @@ def info(as_json):
     from shortcut_fast.backends import info as backend_info
 
     data = backend_info()
+    data["distributed"] = _distributed_info()
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"shortcut-fast {data['shortcut_fast']}  torch {data['torch']} (CUDA {data['torch_cuda']})  "
                f"triton {data['triton']}")
     click.echo(f"GPUs: {', '.join(data['gpus']) or 'none'}")
+    click.echo(f"distributed: {_distributed_line(data['distributed'])}")
     click.echo(f"compiled extension: {data['extension']}"
                + (f" (CUDA kernels: {'yes' if data['extension_cuda'] else 'no'}, "
                   f"OpenMP threads: {data.get('extension_openmp_threads')})" if data["extension"] == "loaded" else ""))
@@ -135,6 +151,38 @@ def info(as_json):
     click.echo("\nverified by `shortcut-fast selftest --record` (bench/results/verified.jsonl):")
     for line in _verified_lines():
         click.echo(f"  {line}")
+
+
+def _distributed_info() -> dict:
+    """What a distributed run would see here: torch.distributed and its backends, and the
+    torchrun environment (read as distributed.context() reads it, without starting a group)."""
+    import os
+
+    import torch
+
+    available = torch.distributed.is_available()
+    info = {"available": available,
+            "gloo": available and torch.distributed.is_gloo_available(),
+            "nccl": available and torch.distributed.is_nccl_available(),
+            "under_torchrun": "WORLD_SIZE" in os.environ}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR",
+                "MASTER_PORT"):
+        if key in os.environ:
+            info[key.lower()] = os.environ[key]
+    return info
+
+
+def _distributed_line(info: dict) -> str:
+    if not info["available"]:
+        return "torch.distributed is not available in this PyTorch build (one process only)"
+    backends = f"gloo {'yes' if info['gloo'] else 'no'}, nccl {'yes' if info['nccl'] else 'no'}"
+    if not info["under_torchrun"]:
+        return (f"torch.distributed yes ({backends}); not under torchrun: one process (run several with "
+                f"--nproc N, or torchrun --nproc-per-node N -m shortcut_fast <command>)")
+    return (f"torch.distributed yes ({backends}); under torchrun: rank {info.get('rank', '?')} of world size "
+            f"{info.get('world_size')} (local rank {info.get('local_rank', '?')}, restart "
+            f"{info.get('torchelastic_restart_count', '0')}, rendezvous {info.get('master_addr', '?')}:"
+            f"{info.get('master_port', '?')}); process group nccl with a CUDA --device, else gloo")
 
 
 def _verified_lines() -> list[str]:
@@ -309,6 +357,249 @@ def model_options(purpose: str, epochs_help: str = "Training epochs"):
     )
 
 
+# ---- distributed runs (torchrun, or --nproc N; shortcut_fast.distributed)
+
+# The library call of each command that runs distributed: it gets dist= when it accepts one.
+DISTRIBUTED_CALLS = {
+    "train": ("shortcut_fast.train", "train"),
+    "freq-probe": ("shortcut_fast.experiments.freq_probe", "run_freq_probe"),
+    "complexity": ("shortcut_fast.experiments.complexity", "run_complexity"),
+    "memorization": ("shortcut_fast.experiments.memorization", "run_memorization"),
+    "mitigate": ("shortcut_fast.experiments.memorization", "run_mitigation"),
+    "localize": ("shortcut_fast.experiments.localization", "run_localization"),
+    "denetdm": ("shortcut_fast.experiments.denetdm", "run_denetdm"),
+}
+
+_DIST = None  # the DistContext of the command running in this process (None: one process)
+
+
+def _dist_ctx():
+    """The running command's DistContext when it runs distributed (world size > 1), else None."""
+    return _DIST if _DIST is not None and _DIST.distributed else None
+
+
+def _writes() -> bool:
+    """Whether this process writes result.json and the figures and prints: rank 0, or the only one."""
+    return _dist_ctx() is None or _DIST.is_main
+
+
+def _dist_kw() -> dict:
+    """{"dist": ctx} for the library call when running distributed, else {}."""
+    ctx = _dist_ctx()
+    return {} if ctx is None else {"dist": ctx}
+
+
+def _accepts_dist(command: str) -> bool:
+    import importlib
+    import inspect
+
+    module, name = DISTRIBUTED_CALLS[command]
+    return "dist" in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+
+
+def _check_distributable(command: str, world: int) -> None:
+    if not _accepts_dist(command):
+        module, name = DISTRIBUTED_CALLS[command]
+        raise click.ClickException(
+            f"{command} does not run distributed yet ({module}.{name} takes no dist=); run it in one process "
+            f"(without --nproc / torchrun), not in {world}")
+
+
+def _strip_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv without the options `names` and their values (`--name V` or `--name=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in names:
+            skip = True
+            continue
+        if any(arg.startswith(n + "=") for n in names):
+            continue
+        out.append(arg)
+    return out
+
+
+def _launch(nproc: int, max_restarts: int) -> int:
+    """Run this command line (without --nproc / --max-restarts) in `nproc` processes on this
+    machine through torch.distributed.run (standalone c10d rendezvous); their exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    argv = click.get_current_context().meta.get(ARGV_KEY)
+    if argv is None:
+        raise click.ClickException("--nproc: the command line is unknown here (call shortcut-fast from a shell, "
+                                   "or torchrun -m shortcut_fast)")
+    argv = _strip_options(argv, ("--nproc", "--max-restarts"))
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts",
+                                         str(max_restarts), "-m", "shortcut_fast", *argv])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        if rank != 0 or failure.exitcode < 0:  # rank 0 printed its own error; say which other rank failed
+            click.echo(f"Error: rank {rank} of {nproc} failed ({failure.signal_name() if failure.exitcode < 0 else f'exit status {failure.exitcode}'}); "
+                       f"its messages are above", err=True)
+        return code
+    return 0
+
+
+def distributed_command(command: str):
+    """Decorator of a long command: --nproc / --max-restarts, and under torchrun the context
+    every rank runs in (rank 0 prints and writes; every other rank is quiet, its errors too,
+    and exits with the same status)."""
+    import functools
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(**params):
+            return _run_command(command, f, params)
+
+        wrapper = click.option(
+            "--max-restarts", type=NON_NEGATIVE, default=0,
+            help="With --nproc: restart the processes up to this many times after one fails (they resume from "
+                 "their partial results).")(wrapper)
+        wrapper = click.option(
+            "--nproc", type=POSITIVE, default=None,
+            help="Run in N processes on this machine (one per GPU with --device cuda; gloo on the CPU): the same "
+                 "results, work split across them (torchrun -m shortcut_fast for several machines).")(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _run_command(command: str, f, params: dict):
+    import contextlib
+    import os
+
+    global _DIST
+    from shortcut_fast import distributed as sd
+
+    under = "WORLD_SIZE" in os.environ
+    nproc, restarts = params["nproc"], params["max_restarts"]
+    if under and nproc is not None:
+        raise click.BadParameter("this process already runs under torchrun (WORLD_SIZE is set), whose "
+                                 "--nproc-per-node says how many processes run; drop --nproc", param_hint="--nproc")
+    if restarts and (under or not nproc or nproc < 2):
+        raise click.BadParameter("applies with --nproc N (N > 1) only; under torchrun give torchrun --max-restarts",
+                                 param_hint="--max-restarts")
+    if not under and nproc is not None and nproc > 1:
+        _check_distributable(command, nproc)
+        sys.exit(_launch(nproc, restarts))
+    follower = under and os.environ.get("RANK", "0") not in ("", "0")
+    try:
+        with contextlib.ExitStack() as stack:
+            if follower:  # quiet: rank 0 prints the tables (and every error all ranks share)
+                params = {**params, "quiet": True}
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            world = int(os.environ.get("WORLD_SIZE") or 1) if under else 1
+            if world > 1:
+                _check_distributable(command, world)
+            try:
+                ctx = sd.context(params["device"])
+            except (ValueError, RuntimeError) as exc:
+                _fail(exc)
+            if ctx.distributed:
+                params = {**params, "device": ctx.device}  # this rank's GPU (cuda:LOCAL_RANK) or the CPU
+                _DIST = ctx
+            try:
+                return f(**params)
+            finally:
+                _DIST = None
+                if ctx.distributed:
+                    sd.shutdown()
+    except click.ClickException as exc:
+        if follower:
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+def _follower_run(root: Path, command: str, resuming: bool):
+    """What a rank other than 0 sees of the run folder: the same folder's files (its library
+    call keeps its own partial results there), never run.json, its lock, result.json or figures."""
+    from shortcut_fast.run_folder import PARTIAL, Store
+
+    class FollowerRun(Store):
+        def __init__(self):
+            super().__init__(Path(root), resuming)
+            self.command = command
+
+        @property
+        def partial(self) -> Store:
+            return self.sub(PARTIAL)
+
+        def open(self):
+            return self
+
+        def close(self, status: str = "done") -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    return FollowerRun()
+
+
+def _open_distributed(run, ctx):
+    """Every rank: check that the fingerprinted settings agree; rank 0 opens the run folder
+    (lock, fingerprint, run.json; an elastic restart resumes), the others follow its decision."""
+    from shortcut_fast import distributed as sd
+
+    try:
+        sd.check_same({"settings": run.settings, "resume": run.resume, "overwrite": run.overwrite}, ctx,
+                      f"{run.command} settings")
+    except ValueError as exc:
+        _fail(exc)
+    if ctx.restart_count > 0:
+        run.resume = True  # torchrun restarted the workers: continue from the partial results
+    decision = None
+    if ctx.is_main:
+        try:
+            run.open()
+            decision = {"resuming": run.resuming}
+        except ValueError as exc:
+            decision = {"error": str(exc)}
+    decision = sd.broadcast(decision, ctx)
+    sd.barrier(ctx)
+    if "error" in decision:
+        raise click.ClickException(decision["error"])
+    return run if ctx.is_main else _follower_run(run.root, run.command, decision["resuming"])
+
+
+def _shared_model(params: dict, splits, run, resolved, train_cfg, ctx, **kwargs):
+    """Distributed: rank 0 gets the model (cache or training, as in one process) and sends its
+    weights to every rank, which builds the same architecture. The wait uses a gloo group with
+    a long timeout: training may take longer than a collective's default timeout."""
+    from datetime import timedelta
+
+    import torch
+
+    group = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+    box = [None]
+    if ctx.is_main:
+        try:
+            net, trained, cache = _trained_model(params, splits, run, resolved, train_cfg, run.sub(kwargs.pop("store_name")),
+                                                 **kwargs)
+        except BaseException as exc:
+            box = [{"error": str(exc) or type(exc).__name__}]
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
+            raise
+        box = [{"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}}]
+    torch.distributed.broadcast_object_list(box, src=0, group=group)
+    if "error" in box[0]:
+        raise click.ClickException(box[0]["error"])
+    if ctx.is_main:
+        return net, trained, cache
+    net = _build_model(resolved.model, splits, resolved.model_options, params["seed"], params.get("pretrained"))
+    net.load_state_dict(box[0]["state"])
+    return net, None, None
+
+
 # ---- shared steps
 
 def _load_data(params: dict, defaults: dict | None = None):
@@ -449,6 +740,8 @@ def _open_run(command: str, params: dict, splits, *, model_settings: dict | None
     info.update(shortcut_fast=getattr(shortcut_fast, "__version__", "?"), torch=torch.__version__)
     run = RunFolder(params["out"], command, settings, resume=params.get("resume", False),
                     overwrite=params["overwrite"], info=info)
+    if _dist_ctx() is not None:
+        return _open_distributed(run, _dist_ctx())
     try:
         return run.open()
     except ValueError as exc:
@@ -574,6 +867,14 @@ def _analysed_model(params: dict, splits, run, resolved, train_cfg, *, store_nam
     training summary or None, cache record or None)."""
     if params.get("checkpoint"):
         return _checkpoint_model(params["checkpoint"], splits), None, None
+    if _dist_ctx() is not None:
+        net, result, cache = _shared_model(params, splits, run, resolved, train_cfg, _dist_ctx(),
+                                           store_name=store_name, need_epochs=need_epochs, artifacts=artifacts,
+                                           **hooks)
+        if result is None:  # a rank other than 0: the model only
+            return net, None, None
+        return net, {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
+                     "model_dir": str(run.root / store_name)}, cache
     net, result, cache = _trained_model(params, splits, run, resolved, train_cfg, run.sub(store_name),
                                         need_epochs=need_epochs, artifacts=artifacts, **hooks)
     return net, {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
@@ -625,6 +926,7 @@ EVAL_HEADERS = ["split", "n", "accuracy", "loss", "worst-group", "aligned", "con
               "(first steps slower; eager with a warning where torch.compile fails).")
 @device_option
 @run_options("runs/train", "Continue from <out>/last.pt (same settings only).")
+@distributed_command("train")
 def train(**params):
     """Train a model on a dataset by a recipe; writes checkpoints, history.json and result.json to --out."""
     from shortcut_fast.report import format_table, plot_curves, write_json
@@ -642,9 +944,13 @@ def train(**params):
     # --compile is not fingerprinted (run folders from before it existed resume); last.pt's config holds it
     with _open_run("train", p, splits, model_settings=resolved.model_options, not_fingerprinted=("compile",),
                    recipe=resolved) as run:
-        _, result, cache = _trained_model(p, splits, run, resolved, cfg, run, net=net,
-                                          need_epochs=range(p["keep_every"], cfg.epochs + 1, p["keep_every"] or 1)
-                                          if p["keep_every"] else ())
+        extra = _dist_kw()  # distributed training: every rank trains (no model cache: every rank must)
+        _, result, cache = _trained_model({**p, "no_cache": True} if extra else p, splits, run, resolved, cfg, run,
+                                          net=net, need_epochs=range(p["keep_every"], cfg.epochs + 1,
+                                                                     p["keep_every"] or 1) if p["keep_every"] else (),
+                                          **extra)
+        if not _writes():
+            return
         record = {"command": "train", "data": p["data"], "dataset_meta": splits.meta, "model": resolved.model,
                   "model_options": resolved.model_options, "recipe": resolved.record(), "model_cache": cache,
                   "result": result}
@@ -734,6 +1040,7 @@ def spectrum(**params):
               "(default 128 on the CPU, 1024 on a GPU).")
 @backend_and_device
 @run_options("runs/freq-probe", "Continue the run in --out: reuse its model and finished classes (same settings only).")
+@distributed_command("freq-probe")
 def freq_probe(**params):
     """Frequency shortcuts: ADCS, dominant frequency maps, TPR/FPR, band-stop, OOD transfer."""
     import torch
@@ -799,9 +1106,11 @@ def freq_probe(**params):
             if tracker is not None and cache and cache["reused"]:
                 run.save_json("model/learning-tracker.json", tracker.state_dict())
             result = fp.run_freq_probe(net, splits, cfg, store=run.partial, device=dev, ood_sets=ood_sets,
-                                       band_table=has_bands, progress=not p["quiet"])
+                                       band_table=has_bands, progress=not p["quiet"], **_dist_kw())
         except (ValueError, FileNotFoundError) as exc:
             _fail(exc)
+        if not _writes():
+            return
         if trained is not None:
             result.learning = {**(tracker.summary() if tracker else {}), "train": trained}
         result.released_dfm_sizes = fp.released_dfm_sizes(p["data"])
@@ -834,6 +1143,7 @@ def freq_probe(**params):
 @click.option("--batch-size", type=POSITIVE, default=256, help="Images per forward chunk.")
 @backend_and_device
 @run_options("runs/complexity", "Continue the run in --out: reuse its model and finished work (same settings only).")
+@distributed_command("complexity")
 def complexity(**params):
     """Feature complexity by V-information: per-layer decodability, importance, dynamics."""
     from shortcut_fast.experiments import complexity as cx
@@ -865,9 +1175,11 @@ def complexity(**params):
             net, trained, cache = _analysed_model(p, splits, run, resolved, tcfg, need_epochs=need)
             checkpoints = run.root / "model" if p["dynamics"] else p["checkpoints"]
             result = cx.run_complexity(net, splits, cfg, store=run.partial, checkpoints=checkpoints, device=dev,
-                                       progress=not p["quiet"])
+                                       progress=not p["quiet"], **_dist_kw())
         except (ValueError, FileNotFoundError, TypeError) as exc:
             _fail(exc)
+        if not _writes():
+            return
         record = {"command": "complexity", "data": p["data"], "dataset_meta": splits.meta,
                   "model": str(p["checkpoint"] or resolved.model), "model_options": model_settings, "trained": trained,
                   "recipe": resolved.record() if trains else None, "model_cache": cache}
@@ -904,6 +1216,7 @@ def complexity(**params):
 @click.option("--batch-size", type=POSITIVE, default=256)
 @backend_and_device
 @run_options("runs/memorization", "Continue the run in --out: reuse its model and finished layers (same settings only).")
+@distributed_command("memorization")
 def memorization(**params):
     """Spurious memorization: per-group gap, channel ablation sweep, critical channels."""
     from shortcut_fast.experiments import memorization as mem
@@ -935,9 +1248,11 @@ def memorization(**params):
             net, _, cache = _analysed_model(p, splits, run, resolved, tcfg, need_epochs=(1,) if keep else ())
             rewind_to = p["rewind_to"] or (run.root / "model" / "epoch_001.pt" if mode == "rewind" else None)
             result = mem.run_memorization(net, splits, cfg, store=run.partial, device=dev, progress=not p["quiet"],
-                                          rewind_to=rewind_to)
+                                          rewind_to=rewind_to, **_dist_kw())
         except (ValueError, FileNotFoundError) as exc:
             _fail(exc)
+        if not _writes():
+            return
         write_json({"command": "memorization", "data": p["data"], "dataset_meta": splits.meta,
                     "model": str(p["checkpoint"] or resolved.model), "model_options": model_settings,
                     "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
@@ -988,6 +1303,7 @@ def _num_or_nan(v) -> float:
               help="Conflicting test images for the V-information probes (default all).")
 @backend_and_device
 @run_options("runs/localize", "Continue the run in --out: reuse its finished seeds and epochs (same settings only).")
+@distributed_command("localize")
 def localize(**params):
     """Layer-wise shortcut localization: counterfactual training of every unit as one stacked ensemble."""
     from shortcut_fast.experiments import localization as loc
@@ -1024,9 +1340,11 @@ def localize(**params):
         try:
             result = loc.run_localization(lambda s: _build_model(p["model"], splits, model_settings, s), splits, cfg,
                                           store=run.partial, device=p["device"], backend=p["backend"],
-                                          progress=not p["quiet"])
+                                          progress=not p["quiet"], **_dist_kw())
         except (ValueError, TypeError, FloatingPointError) as exc:
             _fail(exc)
+        if not _writes():
+            return
         loc.write_outputs(result, out, {"command": "localize", "data": p["data"], "dataset_meta": splits.meta,
                                         "model": p["model"], "model_options": model_settings})
     click.echo(loc.summary(result, p["data"], out))
@@ -1072,6 +1390,7 @@ def localize(**params):
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None)
 @device_option
 @run_options("runs/mitigate", "Continue the run in --out: its ERM model and mitigation epochs (same settings only).")
+@distributed_command("mitigate")
 def mitigate(**params):
     """Mitigate spurious memorization: pruned/dense NT-Xent + CE training from the ERM model."""
     from shortcut_fast.experiments import memorization as mem
@@ -1097,9 +1416,11 @@ def mitigate(**params):
         try:
             tcfg = _train_config(resolved, p, dev)
             net, _, cache = _analysed_model(p, splits, run, resolved, tcfg, store_name="erm")
-            result = mem.run_mitigation(net, splits, cfg, store=run, progress=not p["quiet"])
+            result = mem.run_mitigation(net, splits, cfg, store=run, progress=not p["quiet"], **_dist_kw())
         except (ValueError, FileNotFoundError, FloatingPointError) as exc:
             _fail(exc)
+        if not _writes():
+            return
         write_json({"command": "mitigate", "data": p["data"], "dataset_meta": splits.meta,
                     "model": str(p["checkpoint"] or out / "erm" / "last.pt"), "model_options": model_settings,
                     "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
@@ -1191,6 +1512,7 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
               help="auto: flip-crop for the CIFAR sets (as published), none otherwise.")
 @device_option
 @run_options("runs/denetdm", "Continue the run in --out: finished phases and epochs are reused (same settings only).")
+@distributed_command("denetdm")
 def denetdm(**params):
     """DeNetDM (depth-modulated debiasing) against ERM and LfF on every conflict ratio and seed."""
     from shortcut_fast.data import dataset_options, load_dataset
@@ -1245,9 +1567,11 @@ def denetdm(**params):
     with _open_run("denetdm", {**p, "resolved": resolved}, _MemberSplits(splits)) as run:
         try:
             result = dn.run_denetdm(lambda r, s: splits[(r, s)], cfg, store=run.partial, device=p["device"],
-                                    progress=not p["quiet"])
+                                    progress=not p["quiet"], **_dist_kw())
         except (ValueError, TypeError, FloatingPointError, FileNotFoundError) as exc:
             _fail(exc)
+        if not _writes():
+            return
         first = next(iter(splits.values()))
         dn.write_outputs(result, out, {"command": "denetdm", "data": p["data"], "dataset_meta": first.meta})
     click.echo(dn.summary(result, p["data"], out))

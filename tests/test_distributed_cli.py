@@ -1,0 +1,179 @@
+"""The command line distributed (issue 13): `shortcut-fast <command> --nproc 2` and torchrun -m
+shortcut_fast give result.json numbers equal to the one-process run (DeNetDM exactly: members
+over ranks; complexity to 1e-9: only the summation order of the all-reduced float64 statistics
+differs); only rank 0 writes run.json, result.json and the figures; settings that differ
+across ranks, a world size larger than the work and --nproc under torchrun are refused with
+a clear message printed once. 2 gloo processes on the CPU, as tests/test_distributed.py."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from shortcut_fast.cli import _accepts_dist, main
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                       reason="torch.distributed with the gloo backend is not available in this PyTorch build"),
+]
+
+TIMEOUT = 180  # a safety net against a hung collective, far above the usual ~15 s
+
+DENETDM = ["denetdm", "--conflict-ratio", "0.05,0.1", "--seeds", "1", "--stage1-epochs", "1", "--stage2-epochs", "1",
+           "--baseline-epochs", "1", "--width", "16", "-D", "image_size=16", "--batch-size", "128", "--quiet",
+           "--device", "cpu", "--seed", "0"]
+COMPLEXITY = ["complexity", "--data", "colored-digits", "--recipe", "quick", "--epochs", "1", "--directions", "pca:4",
+              "--max-images", "64", "--max-heldout", "32", "--batch-size", "16", "--quiet", "--device", "cpu"]
+
+# torchrun's job: the command line, with rank 1's options changed as $RANK1_SET says
+# (another --out shows what rank 1 writes; another --seed is a mismatch).
+WRAPPER = textwrap.dedent('''
+    import json, os, sys
+    from shortcut_fast.cli import main
+
+    args = sys.argv[1:]
+    if os.environ.get("RANK") == "1":
+        for key, value in json.loads(os.environ.get("RANK1_SET", "{}")).items():
+            args[args.index(key) + 1] = value
+    main(args, prog_name="shortcut-fast")
+''')
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shortcut_fast(*args, cwd):
+    """`shortcut-fast ARGS` in a fresh process (as from a shell: --nproc re-launches it)."""
+    return subprocess.run([sys.executable, "-m", "shortcut_fast", *map(str, args)], env=_env(), cwd=cwd,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _torchrun(tmp_path, args, rank1_set=None):
+    """torchrun --nproc-per-node 2 (c10d rendezvous) of the wrapper around the command line."""
+    job = tmp_path / "job.py"
+    job.write_text(WRAPPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.2", str(job), *map(str, args)]
+    return subprocess.run(cmd, env=_env(RANK1_SET=json.dumps(rank1_set or {})), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def _one_process(*args):
+    r = CliRunner().invoke(main, list(map(str, args)), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _result(out: Path) -> dict:
+    return json.loads((out / "result.json").read_text())
+
+
+def test_denetdm_under_torchrun_equals_one_process_and_only_rank_0_writes(tmp_path):
+    _one_process(*DENETDM, "--out", tmp_path / "one")
+    out, other = tmp_path / "two", tmp_path / "rank1-out"  # rank 1 gets another --out (not a setting)
+    proc = _torchrun(tmp_path, [*DENETDM, "--out", out], {"--out": str(other)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert _result(out)["methods"] == _result(tmp_path / "one")["methods"]  # members over ranks: exact
+    assert proc.stdout.count("results in") == 1  # one summary table: rank 0's
+    assert {p.name for p in out.iterdir()} >= {"run.json", "result.json", "accuracy.png", "partial"}
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    # rank 1 wrote its own partial results and nothing else (no run.json, lock, result.json, figures)
+    written = sorted(str(p.relative_to(other)) for p in other.rglob("*") if p.is_file())
+    assert written and all(w.startswith("partial/rank1/") for w in written), written
+    assert (out / "partial" / "rank0").is_dir()
+
+
+def test_complexity_nproc_2_equals_one_process(tmp_path):
+    one = _one_process(*COMPLEXITY, "--out", tmp_path / "one")  # trains the model into the (test's) model cache
+    assert "Traceback" not in one.output
+    proc = _shortcut_fast(*COMPLEXITY, "--out", tmp_path / "two", "--nproc", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "reusing cached model" in proc.stdout  # rank 0 took it from the cache, the other rank got its weights
+    a, b = _result(tmp_path / "one")["result"], _result(tmp_path / "two")["result"]
+    assert (a["n_train"], a["n_heldout"], a["heldout_accuracy"]) == (b["n_train"], b["n_heldout"], b["heldout_accuracy"])
+    # float64 statistics, images split over 2 ranks: only the all-reduce's summation order differs
+    for key in ("v_information", "complexity", "importance", "importance_signed", "feature_std"):
+        torch.testing.assert_close(torch.tensor(b[key], dtype=torch.float64), torch.tensor(a[key], dtype=torch.float64),
+                                   rtol=1e-9, atol=1e-9)
+    for rank in (0, 1):
+        assert (tmp_path / "two" / "partial" / f"rank{rank}").is_dir()
+    assert (tmp_path / "two" / "complexity_hist.png").exists()
+
+
+def test_memorization_nproc_2(tmp_path):
+    """Exact counts with 2 processes once run_memorization takes dist=; a clear refusal before."""
+    args = ["memorization", "--data", "colored-digits", "--recipe", "quick", "--epochs", "1", "-M", "width=4",
+            "--layers", "layer1.0.conv1", "--max-samples", "64", "--batch-size", "64", "--quiet", "--device", "cpu"]
+    if not _accepts_dist("memorization"):
+        r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "two"), "--nproc", "2"])
+        assert r.exit_code == 1 and "memorization does not run distributed yet" in r.output, r.output
+        assert not (tmp_path / "two").exists()  # refused before any process started
+        return
+    _one_process(*args, "--out", tmp_path / "one")
+    proc = _shortcut_fast(*args, "--out", tmp_path / "two", "--nproc", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    a, b = _result(tmp_path / "one")["result"], _result(tmp_path / "two")["result"]
+    assert b["baseline"] == a["baseline"]
+    assert [s["train_accuracy"] for s in b["layers"]] == [s["train_accuracy"] for s in a["layers"]]
+    assert [s["score"] for s in b["layers"]] == [s["score"] for s in a["layers"]]
+    assert b["top_channels"] == a["top_channels"]
+
+
+def test_settings_that_differ_across_ranks_are_refused_once_naming_the_setting(tmp_path):
+    proc = _torchrun(tmp_path, [*DENETDM, "--out", tmp_path / "run"], {"--seed": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr[-4000:]  # rank 0's; rank 1 exits quietly with the same status
+    assert "settings differ across ranks" in errors[0] and "seed: 0 on rank 0, 1 on rank 1" in errors[0], errors
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_world_size_larger_than_the_work_is_refused(tmp_path):
+    one_member = [a if a != "0.05,0.1" else "0.05" for a in DENETDM]
+    proc = _shortcut_fast(*one_member, "--out", tmp_path / "run", "--nproc", "2", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "world size 2 is larger than the 1 work items" in errors[0], proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_nproc_and_max_restarts_refused_where_they_do_not_apply(tmp_path, monkeypatch):
+    r = CliRunner().invoke(main, [*DENETDM, "--out", str(tmp_path / "a"), "--max-restarts", "1"])
+    assert r.exit_code == 2 and "--max-restarts" in r.output and "--nproc N" in r.output, r.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = CliRunner().invoke(main, [*DENETDM, "--out", str(tmp_path / "b"), "--nproc", "2"])
+    assert r.exit_code == 2 and "already runs under torchrun" in r.output, r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_info_shows_the_distributed_setting(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    r = CliRunner().invoke(main, ["info"])
+    assert r.exit_code == 0, r.output
+    line = next(line for line in r.output.splitlines() if line.startswith("distributed:"))
+    assert "gloo yes" in line and "not under torchrun" in line
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    r = CliRunner().invoke(main, ["info", "--json"])
+    data = json.loads(r.output)["distributed"]
+    assert data["under_torchrun"] and (data["rank"], data["world_size"], data["local_rank"]) == ("3", "4", "1")
