@@ -17,6 +17,17 @@
   holds the weights with the best validation score; `keep_every` adds `epoch_NNN.pt`.
 - Determinism: the batch order of epoch e comes from a generator seeded by (seed, e), so a
   resumed run sees exactly the batches an uninterrupted run would have seen.
+- Distribution (`dist=`, a shortcut_fast.distributed.DistContext with world_size > 1, from
+  torchrun): data parallel with DistributedDataParallel. Every rank walks the one-process
+  batch order, augments the whole global batch with the one-process draws, then trains on
+  its contiguous slice of it (balanced: sizes differ by at most one; an uneven last batch
+  may leave a rank an empty slice); each rank's loss, its slice mean, is weighted by
+  slice_size * world_size / batch_size, so DDP's gradient average is the full-batch mean.
+  BatchNorm layers become SyncBatchNorm (global batch statistics; on the CPU a gloo
+  implementation that all-reduces sums), restored to the plain modules on return.
+  Evaluation shards the samples over ranks and all-reduces counts and loss sums. Rank 0
+  alone writes the checkpoints (a barrier follows); every rank resumes from the same
+  last.pt. The result equals one process to float tolerance (reduction order differs).
 """
 from __future__ import annotations
 
@@ -34,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shortcut_fast import distributed as sd
 from shortcut_fast.ops.ablation import group_outcomes
 from shortcut_fast.report import Progress
 from shortcut_fast.run_folder import Store, load_state_file, settings_diff
@@ -174,8 +186,9 @@ class Batches:
         return math.ceil(len(self.dataset) / self.batch_size)
 
     def iterate(self, order: torch.Tensor | None = None):
-        n = len(self.dataset)
-        order = torch.arange(n) if order is None else order
+        """Batches of `order` (default: every sample in order; a subset of indices is fine)."""
+        order = torch.arange(len(self.dataset)) if order is None else order
+        n = len(order)
         if self.in_memory:
             order = order.to(self.device)
             for start in range(0, n, self.batch_size):
@@ -291,12 +304,15 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = None, batch_size: int = 512,
              amp: bool | None = None, bias_aligned_attribute: bool = False,
-             channels_last: bool = False) -> EvalResult:
+             channels_last: bool = False, dist: sd.DistContext | None = None) -> EvalResult:
     """Accuracy, mean loss and per-group accuracy of `model` on `dataset` (counts on device).
 
     bias_aligned_attribute: attributes are class indices, so also report accuracy on
     bias-aligned (attribute == label) and bias-conflicting samples. channels_last: feed the
-    batches in that memory format (for a model converted to it).
+    batches in that memory format (for a model converted to it). dist (world_size > 1):
+    every rank evaluates its contiguous shard of the samples (a rank may get none) and the
+    counts and loss sums are all-reduced, so every rank returns the whole result (counts
+    exact, the loss to float tolerance). A collective: every rank must call it.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     use_amp = (device.type == "cuda") if amp is None else amp
@@ -311,7 +327,11 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
     aligned = torch.zeros(2, 2, dtype=torch.int64, device=device)  # [aligned, conflicting] x [correct, count]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
-    for x, y, a in Batches(dataset, batch_size, device).iterate():
+    order = None
+    if dist is not None and dist.world_size > 1:
+        lo, hi = _slice_bounds(len(dataset), dist.rank, dist.world_size)
+        order = torch.arange(lo, hi)
+    for x, y, a in Batches(dataset, batch_size, device).iterate(order):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -332,6 +352,13 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
             aligned[:, 1] += torch.bincount(conflict, minlength=2)
         n += y.numel()
     model.train(was_training)
+    if dist is not None and dist.world_size > 1:
+        ints = sd.all_reduce_sum_(torch.cat([correct, counts, aligned.flatten(),
+                                             torch.tensor([n], dtype=torch.int64, device=device)]), dist)
+        g1 = num_groups + 1
+        correct, counts, aligned = ints[:g1], ints[g1:2 * g1], ints[2 * g1:2 * g1 + 4].view(2, 2)
+        n = int(ints[-1])
+        loss_sum = sd.all_reduce_sum_(loss_sum.reshape(1), dist)[0]
     correct, counts = correct.tolist(), counts.tolist()  # python ints: exact ratios, not float32 ones
     groups = {g: correct[g] / counts[g] for g in range(num_groups) if counts[g] > 0 and num_attributes > 0}
     result = EvalResult(
@@ -347,6 +374,147 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device | str | None = N
         result.aligned_accuracy = al[0][0] / al[0][1] if al[0][1] > 0 else None
         result.conflicting_accuracy = al[1][0] / al[1][1] if al[1][1] > 0 else None
     return result
+
+
+# ---------------------------------------------------------------------------------------
+# Data parallel (dist=): slices of the global batch, synchronized BatchNorm, gathers
+
+
+def _slice_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous [lo, hi) of n items: balanced (the first n % world ranks get one
+    more), ranks in order cover range(n); empty where n < world."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is the sum of the ranks' gradients (each rank's input
+    reaches every rank's output)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows concatenated in rank order (slices of any size, empty ones too);
+    backward sums the ranks' gradients of the whole and hands each rank its own rows."""
+
+    @staticmethod
+    def forward(ctx, tensor, sizes, rank):
+        ctx.lo, ctx.hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        width = max(sizes)
+        padded = tensor.new_zeros((width, *tensor.shape[1:]))
+        padded[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.lo:ctx.hi], None, None
+
+
+def gather_global_batch(tensor: torch.Tensor, dist: sd.DistContext | None) -> torch.Tensor:
+    """The rows of every rank's slice of the global batch, in rank order (= the one-process
+    batch), with gradients flowing back to each rank's own rows (summed over the ranks'
+    losses). For a loss over the whole batch (contrastive negatives, ...) under `train(dist=)`:
+    such a loss_fn computes the whole-batch loss on every rank and sets the attribute
+    `reduces_over_ranks = True`. `tensor` itself without distribution. A collective."""
+    if dist is None or dist.world_size == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    if not tensor.requires_grad:
+        with torch.no_grad():
+            return _GatherRows.apply(tensor, sizes, dist.rank)
+    return _GatherRows.apply(tensor, sizes, dist.rank)
+
+
+class _GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU tensors (torch's and DDP's need a GPU): in training, the batch
+    mean and (biased) variance of the global batch from all-reduced per-channel sums (mean
+    first, then the centered squares: the two passes of one process), gradients through the
+    sums (each rank's input reaches every rank's loss). Eval: plain BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or not torch.distributed.is_initialized():
+            return super().forward(input)
+        self._check_input_dim(input)
+        group = torch.distributed.group.WORLD
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+        count = input.new_full((1,), input.numel() // max(input.shape[1], 1))
+        sums = _AllReduceSum.apply(torch.cat([input.sum(dims), count]), group)
+        total = sums[-1]
+        mean = sums[:-1] / total
+        centered = input - mean.view(shape)
+        var = _AllReduceSum.apply((centered * centered).sum(dims), group) / total
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                unbiased = var * (total / (total - 1).clamp(min=1))
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.detach().to(self.running_var.dtype), alpha=factor)
+        return out
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> list:
+    """Replace the model's BatchNorm layers (in place, sharing their parameters and buffers)
+    by SyncBatchNorm (the gloo version on the CPU); returns what _restore_batchnorm undoes."""
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and \
+                    not isinstance(child, (nn.SyncBatchNorm, _GlooSyncBatchNorm)):
+                if device.type == "cuda":
+                    sync = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+                else:
+                    sync = _GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                              child.track_running_stats)
+                    sync._parameters.update(child._parameters)  # the same tensors
+                    sync._buffers.update(child._buffers)
+                    sync.train(child.training)
+                setattr(parent, name, sync)
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def _restore_batchnorm(swaps: list) -> None:
+    """Put the plain BatchNorm modules back, holding the trained parameters and statistics."""
+    for parent, name, plain in swaps:
+        sync = getattr(parent, name)
+        for key in list(plain._parameters):
+            plain._parameters[key] = sync._parameters[key]
+        for key in list(plain._buffers):
+            plain._buffers[key] = sync._buffers[key]
+        plain.train(sync.training)
+        setattr(parent, name, plain)
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,6 +607,7 @@ def train(
     loss_fn: Callable | None = None,
     on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
     on_step_end: Callable[[int, nn.Module], None] | None = None,
+    dist: sd.DistContext | None = None,
 ) -> TrainResult:
     """Train `model` on `splits.train`, select on `splits.val`, report on test and extras.
 
@@ -450,18 +619,49 @@ def train(
     objectives). on_epoch_end(epoch, model, record) runs after each epoch's evaluation;
     on_step_end(global_step, model) after every optimizer step (e.g. to track what the
     model has learned early in training; it must restore model.train() if it changes it).
+
+    dist (a shortcut_fast.distributed.DistContext; None or world_size 1: one process):
+    DistributedDataParallel over the ranks, every rank training on its slice of each global
+    batch (see the module docstring); the result (weights, history, evaluations) is the
+    one-process result to float tolerance, on every rank. The device is the rank's
+    (dist.device; config.device must be "auto" or of the same type). Every rank reads the
+    store's last.pt (a shared folder); rank 0 alone writes. The model passed to loss_fn is
+    the DDP wrapper (the model itself is its `.module`), x/y/a the rank's slice; loss_fn
+    returns the slice mean, or, with `loss_fn.reduces_over_ranks = True`, the loss of the
+    whole global batch on every rank (gathered with gather_global_batch). Callbacks run on
+    every rank. A collective: every rank must call it with the same settings.
     """
     cfg = config or TrainConfig()
+    ctx = dist if dist is not None and dist.world_size > 1 else None
     device = resolve_device(cfg.device)
+    if ctx is not None:
+        if cfg.device != "auto" and device.type != ctx.device.type:
+            raise ValueError(f"train: config.device {cfg.device!r} is not the distributed context's device "
+                             f"{ctx.device}; use device 'auto' (each rank trains on its own device)")
+        device = ctx.device
     state = store.load_state("last.pt", map_location=device) if store is not None else None
     saved = _saved_config(state.get("config")) if state is not None else None
     cfg = _auto_settings(cfg, device, model, saved)
+    if ctx is not None:  # same settings, same data and the same last.pt on every rank
+        sd.check_same({"config": dataclasses.asdict(cfg), "train_samples": len(splits.train),
+                       "resume_epoch": None if state is None else state["epoch"]}, ctx, "training settings")
     use_amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
     seed_everything(cfg.seed)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = _compiled(model) if cfg.compile else model  # the training step's forward; `model` elsewhere
+    swaps, plain_step = [], model  # plain_step: the training step's forward without torch.compile
+    if ctx is not None:
+        swaps = _sync_batchnorm(model, device)
+        # SyncBatchNorm keeps the running statistics equal on every rank: buffers synced at init only
+        ddp_args = dict(module=model, device_ids=[device.index] if device.type == "cuda" else None)
+        try:
+            plain_step = nn.parallel.DistributedDataParallel(**ddp_args, forward_sync_buffers=False)
+        except TypeError:  # a PyTorch before forward_sync_buffers
+            plain_step = nn.parallel.DistributedDataParallel(**ddp_args, broadcast_buffers=False)
+    global_loss = bool(getattr(loss_fn, "reduces_over_ranks", False))
+    step_model = _compiled(plain_step) if cfg.compile else plain_step  # `model` elsewhere
+    progress = progress and sd.is_main(ctx)
     cudnn_benchmark = torch.backends.cudnn.benchmark
     if device.type == "cuda":  # fixed batch shapes: let cuDNN time its algorithms once per shape
         torch.backends.cudnn.benchmark = True
@@ -485,13 +685,18 @@ def train(
     def evaluate_split(dataset) -> EvalResult:
         return evaluate(model, dataset, device=device, batch_size=cfg.eval_batch_size, amp=use_amp,
                         bias_aligned_attribute=bool(getattr(splits, "bias_aligned_attribute", False)),
-                        channels_last=cfg.channels_last)
+                        channels_last=cfg.channels_last, dist=ctx)
 
-    def forward_backward(m: nn.Module, x, y, a) -> torch.Tensor:
+    def forward_backward(m: nn.Module, x, y, a, weight: float | None = None) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = criterion(m, x, y, a)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if weight is None:
+            loss.backward()
+        elif weight > 0:  # this rank's share of the global batch mean (DDP averages over ranks)
+            (loss * weight).backward()
+        else:  # an empty slice (the mean of nothing is nan): no gradient, but DDP's collectives
+            (torch.nan_to_num(loss, nan=0.0) * 0.0).backward()
         return loss
 
     history: list[dict] = []
@@ -520,28 +725,40 @@ def train(
         for step, (x, y, a) in enumerate(train_batches.iterate(order)):
             if step >= steps_per_epoch:
                 break
-            x = augment_batch(x, cfg.augment, gen)
+            x = augment_batch(x, cfg.augment, gen)  # the whole global batch: the one-process draws
+            n_batch, weight = y.numel(), None
+            if ctx is not None:  # this rank's contiguous slice of the global batch
+                lo, hi = _slice_bounds(n_batch, ctx.rank, ctx.world_size)
+                x, y, a = x[lo:hi], y[lo:hi], a[lo:hi]
+                weight = None if global_loss else (hi - lo) * ctx.world_size / n_batch
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                loss = forward_backward(step_model, x, y, a)
+                loss = forward_backward(step_model, x, y, a, weight)
             except Exception as exc:  # torch.compile failing at its first call: warn, go on eagerly
-                if step_model is model or not _is_compile_error(exc):
+                if step_model is plain_step or not _is_compile_error(exc):
                     raise
                 warnings.warn(f"compile: torch.compile failed here ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); training eagerly",
                               RuntimeWarning, stacklevel=2)
-                step_model = model
-                loss = forward_backward(model, x, y, a)
+                step_model = plain_step
+                loss = forward_backward(plain_step, x, y, a, weight)
             optimizer.step()
             if not plateau:
                 scheduler.step()
-            loss_total += loss.detach() * y.numel()
-            seen += y.numel()
+            if ctx is None:
+                loss_total += loss.detach() * n_batch
+            elif global_loss:  # the same whole-batch loss on every rank: counted once
+                if ctx.rank == 0:
+                    loss_total += loss.detach() * n_batch
+            elif y.numel():
+                loss_total += loss.detach() * y.numel()
+            seen += n_batch
             if on_step_end is not None:
                 on_step_end(epoch * steps_per_epoch + step + 1, model)
             bar.update(1)
         train_seconds = time.perf_counter() - epoch_start
+        sd.all_reduce_sum_(loss_total, ctx)  # the global batches' loss sum, on every rank
         if not torch.isfinite(loss_total):  # checked once per epoch: no per-step device sync
             raise FloatingPointError(f"training loss became non-finite in epoch {epoch + 1}; "
                                      f"lower the learning rate (lr={cfg.learning_rate})")
@@ -567,7 +784,7 @@ def train(
         model_config = getattr(model, "build_config", None)  # lets models.model_from_checkpoint rebuild it
         if improved:
             best_epoch, best_score, best_weights = epoch, score, weights
-        if store is not None:
+        if store is not None and sd.is_main(ctx):  # rank 0 writes; the others wait below
             if improved:
                 store.save_state("best.pt", {"model": weights, "epoch": epoch, "model_config": model_config})
             if cfg.keep_every and (epoch + 1) % cfg.keep_every == 0:
@@ -579,6 +796,7 @@ def train(
                 "config": dataclasses.asdict(cfg), "model_config": model_config,
             })
             store.save_json("history.json", history)
+        sd.barrier(ctx)  # last.pt of this epoch is complete before any rank goes on
         if on_epoch_end is not None:
             on_epoch_end(epoch, model, record)
 
@@ -590,6 +808,7 @@ def train(
     final = {"test": evaluate_split(splits.test), "val": evaluate_split(splits.val)}
     for name, dataset in (getattr(splits, "extra", None) or {}).items():
         final[name] = evaluate_split(dataset)
+    _restore_batchnorm(swaps)  # hand back the plain modules (holding the trained state)
     if cfg.channels_last:  # hand the model back in the default (contiguous) layout
         model.to(memory_format=torch.contiguous_format)
     torch.backends.cudnn.benchmark = cudnn_benchmark

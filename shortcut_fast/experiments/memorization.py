@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shortcut_fast import distributed as sd
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops.ablation import group_outcomes
 from shortcut_fast.report import progress_ticker, to_jsonable
@@ -743,11 +744,16 @@ class MitigationObjective:
     The mask is computed lazily from the current weights (so a resumed run masks its loaded
     weights) and cleared by `new_epoch()`. The pruned forward passes copies of the buffers:
     its BatchNorm statistics never move the dense model's running statistics.
+
+    dist (world_size > 1, under train(dist=)): every rank's dense and pruned outputs and
+    labels are gathered (train.gather_global_batch, gradients flowing back to each rank), so
+    the NT-Xent negatives and both loss terms are those of the whole global batch, as in one
+    process (`reduces_over_ranks`: the trainer then leaves the loss unweighted).
     """
 
     def __init__(self, prune_fraction: float = 0.01, tau: float = 0.5, ce_weight: float = 0.2,
                  contrastive_weight: float = 1.0, *, contrastive_form: str = "sum-2n", prune_layers: str = "conv",
-                 double_softmax: bool = False):
+                 double_softmax: bool = False, dist: sd.DistContext | None = None):
         if contrastive_form not in CONTRASTIVE_FORMS:
             raise ValueError(f"contrastive_form must be one of {CONTRASTIVE_FORMS}, got {contrastive_form!r}")
         if prune_layers not in PRUNE_LAYERS:
@@ -765,6 +771,8 @@ class MitigationObjective:
         self.masks: dict[str, torch.Tensor] | None = None
         self.threshold: float | None = None
         self._device_sums = None  # on-device sums of (contrastive, ce, samples): no per-step sync
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        self.reduces_over_ranks = self.dist is not None
 
     def update_mask(self, model: nn.Module) -> None:
         weights = prunable_weights(model, self.prune_layers)
@@ -774,6 +782,8 @@ class MitigationObjective:
         self.threshold = float(pruned.max()) if pruned.numel() else None
 
     def pruned_forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # the trainer's wrapper: the model itself
+            model = model.module
         if self.masks is None:
             self.update_mask(model)
         weights = prunable_weights(model, self.prune_layers)
@@ -786,12 +796,17 @@ class MitigationObjective:
         return logits.float().softmax(-1) if self.double_softmax else logits
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        from shortcut_fast.train import gather_global_batch
+
         dense = self._out(model(x))
+        pruned = None if self.contrastive_weight == 0 else self._out(self.pruned_forward(model, x))
+        if self.dist is not None:  # the whole global batch, in the one-process order
+            dense, y = gather_global_batch(dense, self.dist), gather_global_batch(y, self.dist)
+            pruned = None if pruned is None else gather_global_batch(pruned, self.dist)
         ce = F.cross_entropy(dense.float(), y)
-        if self.contrastive_weight == 0:  # control: no pruned forward at all
+        if pruned is None:  # control: no pruned forward at all
             contrastive = torch.zeros((), device=ce.device)
         else:
-            pruned = self._out(self.pruned_forward(model, x))
             form = published_nt_xent if self.contrastive_form == "sum-2n" else symmetric_nt_xent
             contrastive = form(pruned, dense, self.tau)
         stats = torch.stack([contrastive.detach().double() * y.numel(), ce.detach().double() * y.numel(),
@@ -893,20 +908,26 @@ class _PrunedView(nn.Module):
 
 
 def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None, *,
-                   store: Store | None = None, progress: bool = True) -> MitigationResult:
+                   store: Store | None = None, progress: bool = True,
+                   dist: sd.DistContext | None = None) -> MitigationResult:
     """Train `model` (the ERM model, changed in place) with the pruned/dense contrastive objective.
 
     Reports per-group accuracy before and after on train/val/test. store (a run_folder.Store,
     e.g. RunFolder(...).sub("mitigated")): the trainer's checkpoints (last.pt for resume,
     best.pt = the reported weights) and mitigation_log.json (per-epoch loss terms and mask
     thresholds) go there; when the store is resuming, training and the log continue from them.
+
+    dist (world_size > 1, from torchrun): data-parallel training (train(dist=): each rank a
+    slice of every global batch, the loss terms over the whole gathered batch, so the result
+    is the one-process result to float tolerance); the before/after reports are computed on
+    every rank (the same numbers); rank 0 alone writes the store, every rank resumes from it.
     """
     from shortcut_fast.train import resolve_device
     from shortcut_fast.train import train as run_training
 
     t0 = time.perf_counter()
     cfg = cfg or MitigationConfig()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if dist is None or dist.world_size == 1 else dist.device
     model = model.to(device)
     grouping = Grouping.build(splits, cfg.grouping)
     train_groups = grouping.of(splits.train)
@@ -918,18 +939,18 @@ def run_mitigation(model: nn.Module, splits, cfg: MitigationConfig | None = None
     log: list[dict] = store.load_json(LOG, []) if store is not None else []
     objective = MitigationObjective(cfg.prune_fraction, cfg.tau, cfg.ce_weight, cfg.contrastive_weight,
                                     contrastive_form=cfg.contrastive_form, prune_layers=cfg.prune_layers,
-                                    double_softmax=cfg.double_softmax)
+                                    double_softmax=cfg.double_softmax, dist=dist)
 
     def on_epoch_end(epoch: int, net: nn.Module, record: dict) -> None:
         entry = {"epoch": epoch + 1, **objective.new_epoch(), "train_loss": record["train_loss"],
                  "val_accuracy": record["val_accuracy"]}
         del log[epoch:]  # a resumed epoch replaces what an interrupted run logged for it
         log.append(entry)
-        if store is not None:
+        if store is not None and sd.is_main(dist):
             store.save_json(LOG, log)
 
-    trained = run_training(model, splits, cfg.train_config(), store=store, progress=progress, loss_fn=objective,
-                           on_epoch_end=on_epoch_end)
+    trained = run_training(model, splits, cfg.train_config(), store=store, progress=progress and sd.is_main(dist),
+                           loss_fn=objective, on_epoch_end=on_epoch_end, dist=dist)
     # A run killed between the trainer's checkpoint and the log write resumes past that epoch:
     # its loss terms are unknown (None), never invented.
     for record in trained.history[len(log):]:
