@@ -33,15 +33,22 @@ COMPLEXITY = ["complexity", "--data", "colored-digits", "--recipe", "quick", "--
               "--max-images", "64", "--max-heldout", "32", "--batch-size", "16", "--quiet", "--device", "cpu"]
 
 # torchrun's job: the command line, with rank 1's options changed as $RANK1_SET says
-# (another --out shows what rank 1 writes; another --seed is a mismatch).
+# (another --out shows what rank 1 writes; another --seed is a mismatch); with $RANK1_DIES
+# rank 1 of the first attempt dies when DeNetDM starts (after rank 0 opened the run folder).
 WRAPPER = textwrap.dedent('''
-    import json, os, sys
+    import functools, json, os, sys
     from shortcut_fast.cli import main
+    from shortcut_fast.experiments import denetdm as dn
 
     args = sys.argv[1:]
     if os.environ.get("RANK") == "1":
         for key, value in json.loads(os.environ.get("RANK1_SET", "{}")).items():
             args[args.index(key) + 1] = value
+        if os.environ.get("RANK1_DIES") and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            @functools.wraps(dn.run_denetdm)
+            def dying(*a, **k):
+                os._exit(3)
+            dn.run_denetdm = dying
     main(args, prog_name="shortcut-fast")
 ''')
 
@@ -65,14 +72,14 @@ def _shortcut_fast(*args, cwd):
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def _torchrun(tmp_path, args, rank1_set=None):
+def _torchrun(tmp_path, args, rank1_set=None, *extra, dies=False):
     """torchrun --nproc-per-node 2 (c10d rendezvous) of the wrapper around the command line."""
     job = tmp_path / "job.py"
     job.write_text(WRAPPER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.2", str(job), *map(str, args)]
-    return subprocess.run(cmd, env=_env(RANK1_SET=json.dumps(rank1_set or {})), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.2", *extra, str(job), *map(str, args)]
+    env = _env(RANK1_SET=json.dumps(rank1_set or {}), **({"RANK1_DIES": "1"} if dies else {}))
+    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _one_process(*args):
@@ -85,15 +92,18 @@ def _result(out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-def test_denetdm_under_torchrun_equals_one_process_and_only_rank_0_writes(tmp_path):
+def test_denetdm_under_torchrun_restarted_equals_one_process_and_only_rank_0_writes(tmp_path):
+    """Rank 1 dies once after rank 0 opened the run folder; torchrun --max-restarts 1 restarts
+    both, rank 0 resumes the folder (its lock taken over), and the result is the one-process one."""
     _one_process(*DENETDM, "--out", tmp_path / "one")
     out, other = tmp_path / "two", tmp_path / "rank1-out"  # rank 1 gets another --out (not a setting)
-    proc = _torchrun(tmp_path, [*DENETDM, "--out", out], {"--out": str(other)})
+    proc = _torchrun(tmp_path, [*DENETDM, "--out", out], {"--out": str(other)}, "--max-restarts", "1", dies=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert _result(out)["methods"] == _result(tmp_path / "one")["methods"]  # members over ranks: exact
     assert proc.stdout.count("results in") == 1  # one summary table: rank 0's
     assert {p.name for p in out.iterdir()} >= {"run.json", "result.json", "accuracy.png", "partial"}
-    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "done" and record["resumed"] is True  # the restarted attempt resumed
     # rank 1 wrote its own partial results and nothing else (no run.json, lock, result.json, figures)
     written = sorted(str(p.relative_to(other)) for p in other.rglob("*") if p.is_file())
     assert written and all(w.startswith("partial/rank1/") for w in written), written
