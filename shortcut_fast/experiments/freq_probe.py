@@ -31,6 +31,20 @@ Fast path: one FFT per image and rank-one updates (ops.remove_frequencies) or ba
 masked filtering (ops.band_filter), streamed into the model in large batches; only class-c
 images are evaluated for class c. `dfm_losses_reference` is the straightforward
 per-(class, candidate) loop it replaces (one FFT round trip per candidate).
+
+Distribution (`run_freq_probe(..., dist=)`, a distributed.DistContext with world_size W > 1,
+under torchrun): the DFM search is split over the ranks. With at least W classes (and always
+for the greedy method, whose walk is sequential within a class) the classes are: each rank
+searches a contiguous share of them and the finished ClassDFMs are gathered in class order
+(the result is the one-process result exactly). With fewer classes than ranks (loss and
+gradient methods) the candidates of each class are: each rank scores a contiguous share of
+the class's candidates (the gradient method: of those it re-evaluates exactly; the estimate is
+computed on every rank) and the per-candidate losses and counts are gathered in candidate
+order before the DFM is chosen; scores equal the one-process ones up to float rounding of
+differently composed forward batches. The test accuracy, ADCS, TPR/FPR, band-stop and OOD
+tables run on rank 0, which broadcasts the whole result, so every rank returns the same
+object. Partial results go to the store with rank suffixes (class_<c>.rank<r>.json, the
+loss method's class_<c>.loss-progress.rank<r>.json) and are resumed after an elastic restart.
 """
 from __future__ import annotations
 
@@ -45,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shortcut_fast.distributed import DistContext, broadcast, check_same, gather, is_main, rank_suffix, shard
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops import freq
 from shortcut_fast.ops.band_filter import (band_filter, band_filter_chunks, remove_frequencies,
@@ -747,11 +762,32 @@ def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size
     return adcs(acc.mean().nan_to_num(0.0))
 
 
+def _split_losses(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates,
+                  index: torch.Tensor | None, dist: DistContext | None, **kw):
+    """candidate_losses over `index` (default all), its entries split over the ranks of `dist`
+    in contiguous shares and the (losses, correct) gathered back in index order on every rank.
+    One process: candidate_losses itself."""
+    if dist is None or dist.world_size == 1:
+        return candidate_losses(model, images, label, candidates, index, **kw)
+    index = torch.arange(len(candidates)) if index is None else index
+    mine = shard(len(index), dist, f"the candidates of class {label}")
+    part = candidate_losses(model, images, label, candidates, index[mine.start:mine.stop], **kw)
+    parts = gather(part, dist)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbeConfig, *,
-              store: Store | None = None, progress=None, centre: InputCentre | None = None) -> ClassDFM:
+              store: Store | None = None, progress=None, centre: InputCentre | None = None,
+              dist: DistContext | None = None, progress_file: str | None = None) -> ClassDFM:
     """One class's DFM by cfg.method, filtering around `centre` (None: the images as given;
     run_freq_probe passes the centre of cfg.filter_centre). The loss method saves its progress
-    within the class in `store` and, when the run is resuming, continues from it."""
+    within the class in `store` and, when the run is resuming, continues from it.
+
+    dist (world_size > 1): the candidates of this class are split over the ranks (loss and
+    gradient methods; every rank must call this for the same class) and the scores gathered;
+    each rank's progress file carries its rank suffix. The greedy method ignores dist (its
+    walk is sequential: run_freq_probe splits classes instead). progress_file: the store name
+    of the loss method's progress (default class_<label>.loss-progress<rank suffix>.json)."""
     t0 = time.perf_counter()
     cfg = cfg.resolved(images.device)
     model, images = centred(model, images, centre)
@@ -766,33 +802,41 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
     candidates = Candidates.build(H, W, cfg.patch)
     details: dict = {"candidates": len(candidates), "patch": cfg.patch}
     if cfg.method == "loss":
+        mine = shard(len(candidates), dist, f"the candidates of class {label}")
         resume_from = None
-        progress_file = f"class_{label}.loss-progress.json"
+        progress_file = progress_file or f"class_{label}.loss-progress{rank_suffix(dist)}.json"
         saved = store.load_json(progress_file) if store is not None else None
-        if saved is not None:  # resume a class cut short
+        if saved is not None and saved.get("range", [mine.start, mine.stop]) == [mine.start, mine.stop]:
+            # resume a class cut short (a share saved under another world size is not reused)
             resume_from = (torch.tensor([float("nan") if v is None else v for v in saved["losses"]]),
                            torch.tensor(saved["correct"], dtype=torch.long))
             if progress is not None:
                 progress(int((resume_from[1] >= 0).sum()))
         last_save = [0.0]
+        share = {} if dist is None or dist.world_size == 1 else {"range": [mine.start, mine.stop]}
 
         def save(losses, correct):  # at most every few seconds: progress within a long class
             if store is not None and time.perf_counter() - last_save[0] > 5:
-                store.save_json(progress_file, {"label": label, "losses": losses, "correct": correct})
+                store.save_json(progress_file, {"label": label, **share, "losses": losses, "correct": correct})
                 last_save[0] = time.perf_counter()
 
-        losses, correct = candidate_losses(model, images, label, candidates, max_bytes=cfg.max_bytes,
+        index = None if not share else torch.arange(mine.start, mine.stop)
+        losses, correct = candidate_losses(model, images, label, candidates, index, max_bytes=cfg.max_bytes,
                                            progress=progress, checkpoint=save, resume_from=resume_from, **common)
+        if share:  # every rank's share, in candidate order
+            parts = gather((losses, correct), dist)
+            losses, correct = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         scores = losses
         details["correct_after_removal"] = correct.tolist()
     else:  # gradient pre-ranking, exact re-evaluation of the top candidates
         estimate = gradient_scores(model, images, label, candidates, batch_size=cfg.batch_size)
+        estimate = broadcast(estimate, dist)  # one ranking on every rank (GPU sums need not agree bitwise)
         per_candidate = float(candidates.masks.flatten(1).sum(1).float().mean())
         needed = math.ceil(H * W * cfg.top_percent / 100 / per_candidate)
         n_exact = min(len(candidates), cfg.candidates or max(16, 3 * needed))
         top = torch.argsort(estimate, descending=True)[:n_exact]
-        exact, _ = candidate_losses(model, images, label, candidates, top, max_bytes=cfg.max_bytes,
-                                    progress=progress, **common)
+        exact, _ = _split_losses(model, images, label, candidates, top, dist, max_bytes=cfg.max_bytes,
+                                 progress=progress, **common)
         # Exactly evaluated candidates rank first (by exact loss), the rest by their estimate.
         scores = torch.full((len(candidates),), -math.inf)
         scores[top] = exact
@@ -802,7 +846,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         details.update(exact_evaluations=n_exact, estimate=estimate.tolist(),
                        spearman_estimate_vs_exact_on_evaluated=spearman(estimate[top], exact))
         if cfg.verify_gradient:
-            full, _ = candidate_losses(model, images, label, candidates, **common, max_bytes=cfg.max_bytes)
+            full, _ = _split_losses(model, images, label, candidates, None, dist, **common, max_bytes=cfg.max_bytes)
             exact_dfm = dfm_from_scores(full, candidates, cfg.top_percent)
             fast_dfm = dfm_from_scores(scores, candidates, cfg.top_percent)
             details.update(spearman_estimate_vs_exact_all=spearman(estimate, full),
@@ -822,16 +866,32 @@ def _dfm_mask(entry: ClassDFM, H: int, W: int) -> torch.Tensor:
 
 def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Store | None = None,
                    device="cpu", ood_sets: dict | None = None, band_table: bool = False,
-                   progress: bool = True, centre: InputCentre | None = None) -> FreqProbeResult:
+                   progress: bool = True, centre: InputCentre | None = None,
+                   dist: DistContext | None = None) -> FreqProbeResult:
     """ADCS, DFMs, the TPR/FPR table, the band-stop table and OOD transfer for a frozen model.
 
     Every filter acts around `centre` (default: input_centre(cfg.filter_centre, model,
     splits.train)); it is recorded in the result's config. With a store (e.g. `run.partial` of a RunFolder), each finished class is saved as
     class_<c>.json (and the loss method's progress within a class); a resuming run picks
     them up instead of redoing them.
+
+    dist (a distributed.DistContext with world_size > 1, under torchrun): the DFM search is
+    split over the ranks (classes, or the candidates of each class when there are fewer
+    classes than ranks; module docstring), the settings are compared across ranks first, the
+    store files carry the rank suffix (class_<c>.rank<r>.json), and every rank returns the
+    same result (rank 0's, broadcast). A world size larger than the work is refused.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
+    distributed = dist is not None and dist.world_size > 1
+    if distributed:
+        check_same({"config": dataclasses.asdict(cfg), "device": device.type, "band_table": band_table,
+                    "ood_sets": sorted(ood_sets or {}),
+                    "centre": None if centre is None else dataclasses.asdict(centre),
+                    "image_shape": list(splits.image_shape), "test_size": len(splits.test)}, dist,
+                   "freq-probe settings")
+    main = is_main(dist)
+    progress = progress and main
     cfg = cfg.resolved(device)
     model = model.to(device).eval()
     test = splits.test
@@ -842,17 +902,29 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
         if not 0 <= c < num_classes:
             raise ValueError(f"classes must lie in [0, {num_classes}), got {c}")
     kw = dict(batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, backend=cfg.backend, amp=cfg.amp)
+    # Classes over ranks when there are enough of them (always for greedy: its walk is
+    # sequential), else the candidates of every class over ranks (class_dfm with dist).
+    by_class = not distributed or cfg.method == "greedy" or len(classes) >= dist.world_size
+    what = (f"the classes of the DFM search (method {cfg.method!r} splits classes only)" if cfg.method == "greedy"
+            else "the classes of the DFM search")
+    mine = shard(len(classes), dist, what) if by_class else range(len(classes))
     if centre is None:
         centre = input_centre(cfg.filter_centre, model, splits.train, channels=splits.image_shape[0], device=device)
-    x_test, y_test = _all_images(test, device)
-    with torch.inference_mode():
-        test_accuracy = float((predict_filtered(model, x_test, torch.ones(1, H, W, dtype=torch.bool), "pass", **kw)[0]
-                               == y_test.cpu()).float().mean())
-    adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device, variant=cfg.adcs, centre=centre)
+    if main:
+        x_test, y_test = _all_images(test, device)
+        with torch.inference_mode():
+            test_accuracy = float((predict_filtered(model, x_test, torch.ones(1, H, W, dtype=torch.bool), "pass",
+                                                    **kw)[0] == y_test.cpu()).float().mean())
+        adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device, variant=cfg.adcs,
+                                centre=centre)
 
+    suffix = rank_suffix(dist)
     entries: list[ClassDFM] = []
-    for c in classes:
-        done = store.load_json(f"class_{c}.json") if store is not None else None
+    for c in (classes[i] for i in mine):
+        done = store.load_json(f"class_{c}{suffix}.json") if store is not None else None
+        if not by_class:  # a class every rank works on: finished when any rank saved it
+            saved = [d for d in gather(done, dist) if d is not None]
+            done = saved[0] if saved else None
         if done is not None:
             entries.append(ClassDFM(**done))
             continue
@@ -865,13 +937,21 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
             total = len(freq.conjugate_pairs(H, W))
         else:
             total = len(Candidates.build(H, W, cfg.patch))
+        if not by_class and cfg.method == "loss":
+            total = len(shard(total, dist, f"the candidates of class {c}"))  # rank 0's share
         tick = progress_ticker(total, f"class {c} ({cfg.method})", progress)
-        entry = class_dfm(model, images, c, cfg, store=store, progress=tick, centre=centre)
+        progress_file = f"class_{c}.loss-progress{suffix}.json"
+        entry = class_dfm(model, images, c, cfg, store=store, progress=tick, centre=centre,
+                          dist=None if by_class else dist, progress_file=progress_file)
         tick(None)
         if store is not None:
-            store.save_json(f"class_{c}.json", entry)
-            store.discard(f"class_{c}.loss-progress.json")
+            store.save_json(f"class_{c}{suffix}.json", entry)
+            store.discard(progress_file)
         entries.append(entry)
+    if distributed and by_class:  # every rank's classes, in rank order = class order
+        entries = [e for part in gather(entries, dist) for e in part]
+    if not main:  # rank 0 computes the tables and hands every rank the whole result
+        return broadcast(None, dist)
 
     dfms = torch.stack([_dfm_mask(e, H, W) for e in entries]) if entries else None
     table = []
@@ -884,10 +964,11 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
         for name, dataset in ood_sets.items():
             xo, yo = _all_images(dataset, device)
             ood[name] = shortcut_table(model, xo, yo, dfms, [e.label for e in entries], centre=centre, **kw)
-    return FreqProbeResult(
+    result = FreqProbeResult(
         config={**cfg.__dict__, "centre": dataclasses.asdict(centre)}, image_shape=tuple(splits.image_shape), num_classes=num_classes,
         test_accuracy=test_accuracy, adcs=adcs_map.tolist(), classes=entries, shortcut=table, band_stop=band,
         ood=ood, seconds=time.perf_counter() - t0)
+    return broadcast(result, dist) if distributed else result
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,6 +47,19 @@ subsample, which is also the attribute probes' data (attribute independent of th
 
 Seeds: seed, seed+1, ... change the initialization and the batch order (data and shortcut
 stay those of `seed`); every number is reported as mean and standard deviation over seeds.
+
+Distribution (`run_localization(..., dist=)`, a distributed.DistContext with world_size W > 1,
+under torchrun): with at least W seeds the seeds are split over the ranks (contiguous,
+balanced shares; each rank trains its seeds' full stacked ensembles, so every number equals
+the one-process run exactly); with fewer seeds the (seed, variant) pairs, seed-major, are:
+each rank trains, for every seed it has a share of, its contiguous run of variants as its own
+stacked ensemble (same initialization and batches; a variant's training does not depend on
+which variants share its stack, up to float rounding of the differently grouped convolutions,
+see shortcut_fast.ensemble), and the V-information probes run where "clean" / "skew" are
+trained. The per-seed / per-variant records are gathered in seed and variant order on every
+rank, and every rank returns the whole result. Each rank keeps its partial results in
+store.sub("rank<r>") (seed_<s>.json with its variants, the ensemble's epochs), resumed after
+an elastic restart with the same world size.
 """
 from __future__ import annotations
 
@@ -59,6 +72,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from shortcut_fast.distributed import DistContext, check_same, gather, is_main, shard
 from shortcut_fast.ensemble import HEAD  # the group of parameters in no block
 from shortcut_fast.report import pyplot, save_figure
 
@@ -482,7 +496,7 @@ def _probe_split(ds, limit, seed, device):
 
 def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: LocalizationConfig, *, store=None,
                      device: torch.device | str = "cpu", backend: str = "auto",
-                     progress: bool = True) -> LocalizationResult:
+                     progress: bool = True, dist: DistContext | None = None) -> LocalizationResult:
     """Counterfactual localization over cfg.seeds seeds (module docstring).
 
     model_fn(seed) returns a freshly initialized model (on the CPU; moved to `device` here).
@@ -490,6 +504,12 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
     shortcut "none" splits' own attribute is used (localization_data). store: a run folder
     Store; each finished seed is saved there (seed_<s>.json) and reused when it is resuming,
     and the ensemble's per-epoch state goes to its sub-store seed_<s>/. backend: of the probes' op.
+
+    dist (a distributed.DistContext with world_size > 1, under torchrun): seeds, or with fewer
+    seeds than ranks (seed, variant) pairs, are split over the ranks (module docstring); the
+    settings are compared across ranks first, each rank's partial results go to
+    store.sub("rank<r>"), and every rank returns the whole result. A world size larger than
+    the (seed, variant) pairs is refused.
     """
     from shortcut_fast.ensemble import train_variants
 
@@ -497,23 +517,48 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
         raise TypeError(f"cfg must be a LocalizationConfig, got {type(cfg).__name__}")
     device = torch.device(device)
     t0 = time.perf_counter()
+    distributed = dist is not None and dist.world_size > 1
+    if distributed:
+        check_same({"config": dict(cfg.__dict__), "device": device.type, "backend": backend,
+                    "dtype": str(torch.get_default_dtype())}, dist, "localization settings")
+        if store is not None:
+            store = store.sub(f"rank{dist.rank}")
+    progress = progress and is_main(dist)
     data = localization_data(splits, cfg)
     tests = data.tests
     probes = {"attribute": _probe_split(data.attribute_probe, cfg.probe_images, cfg.seed, device),
               "label": _probe_split(data.label_probe, cfg.probe_images, cfg.seed, device)}
 
     per_seed, units, unit_blocks, localized, names = [], None, None, None, None
+    share = None  # this rank's range of seed indices, or of seed-major (seed, variant) pairs
     for i in range(cfg.seeds):
         seed = cfg.seed + i
-        model = model_fn(seed)
+        model = model_fn(seed)  # on every rank, for every seed: model_fn is called as in one process
         unit_blocks = model_units(model, cfg.granularity)
         units = [*unit_blocks, HEAD]
         localized = check_units(cfg.units, units, cfg.granularity)
         variants = make_variants(units, localized, cfg.interventions)
         names = variants.names
+        V = len(names)
+        if not distributed:
+            mine = range(V)
+        elif cfg.seeds >= dist.world_size:  # whole seeds
+            if share is None:
+                share = shard(cfg.seeds, dist, "the seeds of the localization")
+            mine = range(V) if i in share else range(0)
+        else:  # runs of variants of each seed
+            if share is None:
+                share = shard(cfg.seeds * V, dist, f"the (seed, variant) pairs of the localization ({cfg.seeds} "
+                                                   f"seed(s) x {V} variants)")
+            mine = range(max(share.start, i * V) - i * V, min(share.stop, (i + 1) * V) - i * V)
+        if len(mine) == 0:
+            continue
+        if len(mine) < V:
+            variants = variants.subset(list(mine))
+        mine_names = variants.names
         key = f"seed_{seed}.json"
         record = store.load_json(key) if store is not None else None
-        if record is not None and record.get("variants") == names:
+        if record is not None and record.get("variants") == mine_names:
             per_seed.append(record)
             continue
         model = model.to(device)
@@ -523,9 +568,9 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
         states = train_variants(model, variants, groups, batches, epochs=cfg.epochs, lr=cfg.lr,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, stacked=cfg.stacked,
                                 store=store.sub(f"seed_{seed}") if store is not None else None, progress=progress)
-        acc = variant_accuracies(model, states, names, tests, device)
+        acc = variant_accuracies(model, states, mine_names, tests, device)
         vinfo = {"attribute": {}, "label": {}}
-        for name, state in zip(names, states):
+        for name, state in zip(mine_names, states):
             if name in ("clean", "skew"):
                 model.load_state_dict(state)
                 for which, (x, y, a, tr, ho) in probes.items():
@@ -533,10 +578,21 @@ def run_localization(model_fn: Callable[[int], nn.Module], splits, cfg: Localiza
                     feats = _unit_features(model, x, unit_blocks)
                     vinfo[which][name] = {u: categorical_v_information(f[tr], target[tr], f[ho], target[ho],
                                                                        backend=backend) for u, f in feats.items()}
-        record = {"seed": seed, "variants": names, "accuracy": acc, "v_information": vinfo}
+        record = {"seed": seed, "variants": mine_names, "accuracy": acc, "v_information": vinfo}
         if store is not None:
             store.save_json(key, record)
         per_seed.append(record)
+    if distributed:  # every rank's records, in rank order = seed, then variant order; one record a seed
+        merged: dict[int, dict] = {}
+        for part in gather(per_seed, dist):
+            for rec in part:
+                m = merged.setdefault(rec["seed"], {"seed": rec["seed"], "variants": [], "accuracy": {},
+                                                    "v_information": {"attribute": {}, "label": {}}})
+                m["variants"] += rec["variants"]
+                m["accuracy"].update(rec["accuracy"])
+                for which, by_name in rec["v_information"].items():
+                    m["v_information"][which].update(by_name)
+        per_seed = [merged[s] for s in sorted(merged)]
 
     # Per-seed metrics, then mean and spread over seeds.
     metric_runs, corr_runs = [], []
