@@ -129,8 +129,8 @@ def test_complexity_nproc_2_equals_one_process(tmp_path):
 
 def test_memorization_nproc_2(tmp_path):
     """Exact counts with 2 processes once run_memorization takes dist=; a clear refusal before."""
-    args = ["memorization", "--data", "colored-digits", "--recipe", "quick", "--epochs", "1", "-M", "width=4",
-            "--layers", "layer1.0.conv1", "--max-samples", "64", "--batch-size", "64", "--quiet", "--device", "cpu"]
+    args = ["memorization", "--model", "mlp", "-M", "width=8", "--epochs", "1", "--layers", "fc1", "--max-samples", "64",
+            "--quiet", "--device", "cpu"]
     if not _accepts_dist("memorization"):
         r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "two"), "--nproc", "2"])
         assert r.exit_code == 1 and "memorization does not run distributed yet" in r.output, r.output
