@@ -440,8 +440,8 @@ def _launch(nproc: int, max_restarts: int) -> int:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 1
         if rank != 0 or failure.exitcode < 0:  # rank 0 printed its own error; say which other rank failed
-            click.echo(f"Error: rank {rank} of {nproc} failed ({failure.signal_name() if failure.exitcode < 0 else f'exit status {failure.exitcode}'}); "
-                       f"its messages are above", err=True)
+            how = failure.signal_name() if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+            click.echo(f"Error: rank {rank} of {nproc} failed ({how}); its messages are above", err=True)
         return code
     return 0
 
@@ -583,8 +583,8 @@ def _shared_model(params: dict, splits, run, resolved, train_cfg, ctx, **kwargs)
     box = [None]
     if ctx.is_main:
         try:
-            net, trained, cache = _trained_model(params, splits, run, resolved, train_cfg, run.sub(kwargs.pop("store_name")),
-                                                 **kwargs)
+            store = run.sub(kwargs.pop("store_name"))
+            net, trained, cache = _trained_model(params, splits, run, resolved, train_cfg, store, **kwargs)
         except BaseException as exc:
             box = [{"error": str(exc) or type(exc).__name__}]
             torch.distributed.broadcast_object_list(box, src=0, group=group)
