@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shortcut_fast.cli import _accepts_dist, main
+from shortcut_fast.cli import main
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -128,14 +128,9 @@ def test_complexity_nproc_2_equals_one_process(tmp_path):
 
 
 def test_memorization_nproc_2(tmp_path):
-    """Exact counts with 2 processes once run_memorization takes dist=; a clear refusal before."""
+    """The sweep's channels over 2 processes: the same counts, scores and top channels."""
     args = ["memorization", "--model", "mlp", "-M", "width=8", "--epochs", "1", "--layers", "fc1", "--max-samples", "64",
             "--quiet", "--device", "cpu"]
-    if not _accepts_dist("memorization"):
-        r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "two"), "--nproc", "2"])
-        assert r.exit_code == 1 and "memorization does not run distributed yet" in r.output, r.output
-        assert not (tmp_path / "two").exists()  # refused before any process started
-        return
     _one_process(*args, "--out", tmp_path / "one")
     proc = _shortcut_fast(*args, "--out", tmp_path / "two", "--nproc", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

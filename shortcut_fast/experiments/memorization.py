@@ -334,14 +334,14 @@ def _layer_scores(scores, layer: str) -> torch.Tensor | None:
 
 
 def _sweep(model, layers, data, cfg: MemorizationConfig, num_groups: int, *, channel_sets=None, rewind_to=None,
-           store=None, progress=False):
+           store=None, progress=False, dist=None):
     from shortcut_fast.surgery import channel_ablation_sweep
 
     return channel_ablation_sweep(model, layers, data, channel_sets=channel_sets, mode=cfg.mode, where=cfg.where,
                                   repeats=cfg.repeats, rewind_to=rewind_to, num_groups=num_groups,
                                   noise_kind=cfg.noise_kind, noise_std=cfg.noise_std,
                                   batch_size=cfg.batch_size, backend=cfg.backend, seed=cfg.seed,
-                                  progress=progress, store=store)
+                                  progress=progress, store=store, dist=dist)
 
 
 def _tensor(value) -> torch.Tensor:
@@ -350,8 +350,13 @@ def _tensor(value) -> torch.Tensor:
 
 def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = None, *,
                      store: Store | None = None, device="cpu", progress: bool = True,
-                     rewind_to=None) -> MemorizationResult:
+                     rewind_to=None, dist=None) -> MemorizationResult:
     """Per-group memorization gap, channel ablation sweep and top channels (see the module docstring).
+
+    dist (a distributed.DistContext with world_size > 1): every sweep splits its channels
+    (variants) over the ranks (surgery.sweep), each rank keeps its own finished-layer files
+    (layer_<name>.rank<r>.json), and a layer counts as finished only when every rank has it;
+    every rank returns the whole result, equal to one process (the counts are integers).
 
     rewind_to: the earlier model / state dict / checkpoint path for mode "rewind". store (a
     run_folder.Store, e.g. RunFolder(...).partial): each finished layer is saved there as
@@ -435,8 +440,11 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
 
     bar = progress_ticker(len(layers), "layers", progress)
     sweeps: list[LayerRanking] = []
+    suffix = sd.rank_suffix(dist)
     for layer in layers:
-        saved = store.load_json(f"layer_{layer}.json") if store is not None else None
+        saved = store.load_json(f"layer_{layer}{suffix}.json") if store is not None else None
+        if not all(sd.gather(saved is not None, dist)):  # resume a layer only where every rank finished it
+            saved = None
         if saved is not None:
             _check_record(saved.get("record"), record, store, layer)
             sweeps.append(LayerRanking(**saved["ranking"]))
@@ -444,7 +452,8 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
             continue
         t_layer = time.perf_counter()
         result = _sweep(model, [layer], data, cfg, 2 * G, rewind_to=rewind_to,
-                        store=store.sub(f"sweep_{layer}") if store is not None else None, progress=progress)
+                        store=store.sub(f"sweep_{layer}") if store is not None else None, progress=progress,
+                        dist=dist)
         entry = _layer_result(result, layer)
         correct = _tensor(entry.correct).double()  # (C, 2G)
         min_tr = _pooled(correct[:, :G], train_counts, minority)
@@ -470,8 +479,13 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
         k = min(cfg.top_k, sweep.channels)
         order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
         sets = [order[:i + 1] for i in range(k)]
-        cum = _sweep(model, [layer], data, cfg, 2 * G, channel_sets=sets, rewind_to=rewind_to,
-                     store=store.sub(f"cumulative_{layer}") if store is not None else None, progress=False)
+        # Few sets (top k): split them over the ranks when there are enough, else every rank runs
+        # them all, and only rank 0 keeps their partial state (the files would be the same).
+        split_sets = dist is not None and dist.world_size <= len(sets)
+        cum_store = store.sub(f"cumulative_{layer}") if store is not None and (split_sets or sd.is_main(dist)) \
+            else None
+        cum = _sweep(model, [layer], data, cfg, 2 * G, channel_sets=sets, rewind_to=rewind_to, store=cum_store,
+                     progress=False, dist=dist if split_sets else None)
         cum_correct = _tensor(_layer_result(cum, layer).correct).double()
         for i, channels in enumerate(sets):
             row = cum_correct[i]
@@ -485,7 +499,7 @@ def run_memorization(model: nn.Module, splits, cfg: MemorizationConfig | None = 
                 "test_accuracy": _accuracy(row[G:], test_counts)})
         sweep.seconds = time.perf_counter() - t_layer
         if store is not None:
-            store.save_json(f"layer_{layer}.json", {"record": record, "ranking": sweep})
+            store.save_json(f"layer_{layer}{suffix}.json", {"record": record, "ranking": sweep})
         sweeps.append(sweep)
         bar(1)
     bar(None)
