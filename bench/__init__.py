@@ -18,6 +18,7 @@ BENCHMARKS = {
     "denetdm": "shortcut_fast.bench.denetdm",
     "train": "shortcut_fast.bench.train",
     "dfm-cifar": "shortcut_fast.bench.dfm_cifar",
+    "distributed": "shortcut_fast.bench.distributed",
 }
 
 
