@@ -2,15 +2,17 @@
 
 Two workloads, each run as a worker script under torch.distributed.run (torchrun, c10d
 rendezvous on 127.0.0.1) with --nproc-per-node 1 and W:
-- sweep: channel_ablation_sweep(dist=) of a ResNet-18 w16 stage (layer4 block outputs, 256
-  variants) on a few hundred random images; the variants are split over the ranks.
+- sweep: channel_ablation_sweep(dist=) of a ResNet-18 w16 stage (layer3 block outputs, 128
+  variants) on 256 random images; the variants are split over the ranks, every rank runs
+  the prefix (stem to layer3) of every batch itself, so that part does not scale.
 - probe_stats: run_complexity(dist=), the V-information pass (directions pca:64 fit on rank
   0, then every block's probe statistics streamed over the ranks' shares of some thousand
   probe-train + held-out images and all-reduced, the probes fit on every rank).
 
 On the CPU (gloo): W = 2 with OMP_NUM_THREADS=1 per process (2 processes on 2 cores),
 against 1 process with OMP_NUM_THREADS=1 (the ratio and the parallel efficiency = ratio / 2)
-and 1 process with OMP_NUM_THREADS=2 (what a user without torchrun gets: the same 2 cores
+and 1 process with OMP_NUM_THREADS=2 (its row's ratio is against that; the efficiency stays
+the one against 1 process, 1 thread) (what a user without torchrun gets: the same 2 cores
 through intra-op threads). On CUDA with >= 2 GPUs: one process per GPU (nccl), for every
 device count 2..N against 1 GPU; with 1 GPU nothing is measured (a note says so).
 
@@ -173,12 +175,12 @@ def _params(device: str, quick: bool) -> dict:
         return {"sweep": dict(width=64, images=4096, stage="layer4", batch=1024, warmup=64, repeats=3),
                 "probe_stats": dict(width=64, images=20_000, heldout=10_000, directions="pca:256",
                                     direction_images=4096, batch=1024, warmup=512, repeats=3)}
-    return {"sweep": dict(width=16, images=256, stage="layer4", batch=128, warmup=16, repeats=2),
+    return {"sweep": dict(width=16, images=256, stage="layer3", batch=128, warmup=16, repeats=2),
             "probe_stats": dict(width=16, images=2000, heldout=1000, directions="pca:64", direction_images=500,
                                 batch=256, warmup=128, repeats=2)}
 
 
-SIZES_TEXT = {"sweep": "layer4 block outputs, 256 variants, 4 groups",
+SIZES_TEXT = {"sweep": "{stage} block outputs, every channel one variant, 4 groups",
               "probe_stats": "run_complexity: directions fit on rank 0, statistics of every block over ranks"}
 WORKLOADS = {"sweep": "distributed_ablation_sweep", "probe_stats": "distributed_probe_stats"}
 
@@ -212,10 +214,12 @@ def run(device: str = "cpu", quick: bool = False, echo=print) -> list[BenchRow]:
                 sizes = {k: v for k, v in params.items() if k not in ("warmup", "repeats", "batch")}
                 sizes.update(model=f"resnet18(width={params['width']})", processes=world,
                              threads_per_process=threads, repeats=params["repeats"])
+                speedup = reference["job_ms"] / many["job_ms"]  # against 1 process, 1 thread (or 1 GPU)
                 for label, one in ones.items():
                     ratio = one["job_ms"] / many["job_ms"]
                     achieved = {
-                        **equal, "parallel_efficiency": ratio / world, "processes": world,
+                        **equal, "speedup_vs_1_process_1_thread": speedup,
+                        "parallel_efficiency": speedup / world, "processes": world,
                         "baseline_threads": one["threads"], "times_ms": many["times_ms"],
                         "baseline_times_ms": one["times_ms"],
                         "launch_overhead_ms": {"startup": many["startup_ms"], "teardown": many["teardown_ms"],
@@ -225,7 +229,9 @@ def run(device: str = "cpu", quick: bool = False, echo=print) -> list[BenchRow]:
                         "launch_total_ms": many["launch_total_ms"],
                         "baseline_launch_total_ms": one["launch_total_ms"],
                         "load_avg_1min_before": {"run": many["load_before"], "baseline": one["load_before"]},
-                        "cpu_count": os.cpu_count(), "what": SIZES_TEXT[job]}
+                        "cpu_count": os.cpu_count(), "what": SIZES_TEXT[job].format(**params)}
+                    if one is not reference:  # 1 process with 2 threads against 1 thread
+                        achieved["baseline_speedup_vs_1_thread"] = reference["job_ms"] / one["job_ms"]
                     rows.append(record(BenchRow(
                         workload=WORKLOADS[job], sizes=sizes, dtype="float32", backend=many["backend"],
                         baseline=label, median_ms=many["job_ms"], p20_ms=min(many["times_ms"]),
