@@ -701,12 +701,19 @@ THROUGHPUT = [
      "dfm_search_cifar", _sizes(classes=1, images=32, candidates=32), None, ["per-candidate"]),
     ("DeNetDM stage 1 + 2", "12 members (4 ratios x 3 seeds), colored digits 3x32x32, MLP w100, 3 + 3 epochs",
      "denetdm_stage1_stage2", _sizes(members=12), None, ["published loop"]),
+    ("ablation sweep, 2 torchrun processes (gloo, 1 thread each)", "ResNet-18 w16 layer3 block outputs, 256 images, "
+     "128 variants, 2 cores", "distributed_ablation_sweep", _sizes(images=256, stage="layer3", processes=2), None,
+     ["1 process, 1 thread", "1 process, 2 threads"]),
+    ("complexity probe statistics, 2 torchrun processes (gloo, 1 thread each)", "ResNet-18 w16, 2,000 + 1,000 "
+     "held-out images, pca:64, every block, 2 cores", "distributed_probe_stats",
+     _sizes(images=2000, heldout=1000, processes=2), None, ["1 process, 1 thread", "1 process, 2 threads"]),
 ]
 BASELINE_NAMES = {"published loop": "one member at a time, DataLoader, separate evaluation passes",
                   "reference": "reference", "python loop": "FFT loop", "per-candidate": "per-candidate loop",
                   "sklearn RidgeCV": "scikit-learn RidgeCV(alpha_per_target)", "per (target, alpha)": "per-target Ridge loop",
                   "hooked": "hook loop", "captum": "captum", "himalaya": "himalaya RidgeCV (torch backend)",
-                  "DataLoader loop": "DataLoader loop (PIL, host transforms)"}
+                  "DataLoader loop": "DataLoader loop (PIL, host transforms)",
+                  "1 process, 1 thread": "1 process, 1 thread", "1 process, 2 threads": "1 process, 2 threads"}
 
 
 def bench_rows(path: Path = BENCH) -> list[dict]:
