@@ -38,7 +38,7 @@ demo: $(BUILT)
 test: $(BUILT)
 	SHORTCUT_FAST_EXPECT_EXT=1 $(BIN)/python -m pytest -q
 
-# Reruns every command of README.md's Results section (docs/results.py; ~12 min on a 2-core CPU,
+# Reruns every command of README.md's Results section (docs/results.py; ~19 min on a 2-core CPU,
 # `$(BIN)/python docs/results.py run --all` adds the long full-width training rows), writes
 # docs/results/*.json and docs/figures/, then rewrites the README's tables from them.
 results: $(BUILT)
