@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from shortcut_fast.validate import check_int
+from shortcut_fast.validate import check_int, nested_diff
 
 __all__ = ["DistContext", "context", "shard", "gather", "broadcast", "all_reduce_sum_", "barrier",
            "check_same", "is_main", "rank_suffix", "shutdown"]
@@ -255,21 +255,8 @@ def _canonical(v: Any) -> Any:
     return repr(v)
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key, "<unset>"), b.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff(x, y, name + ".")
-        elif x != y:
-            out.append(f"{name}: {_short(x)} on rank 0, {_short(y)}")
-    return out
-
-
-def _short(v: Any) -> str:
-    text = json.dumps(v) if not isinstance(v, str) else repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _diff(a: dict, b: dict) -> list[str]:
+    return nested_diff(a, b, "{key}: {old} on rank 0, {new}")
 
 
 def check_same(settings: dict, ctx: DistContext | None, what: str = "settings") -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from shortcut_fast.report import read_json, to_jsonable, write_json
+from shortcut_fast.validate import nested_diff
 
 RECORD = "run.json"
 LOCK = ".lock"
@@ -83,22 +84,9 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
-def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def settings_diff(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every (nested) setting that differs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_diff(a, b, name + ".")
-        elif a != b:
-            out.append(f"{name}: {_short(a)} -> {_short(b)}")
-    return out
-
-
-def _short(v: Any) -> str:
-    text = json.dumps(v) if not isinstance(v, str) else repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return nested_diff(old, new)
 
 
 # ---------------------------------------------------------------------------------------

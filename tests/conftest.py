@@ -58,3 +58,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- torchrun launches (the tests/test_distributed*.py files)
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a c10d rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(**extra) -> dict:
+    """The environment of a launched worker: one thread per process, this checkout importable."""
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def torchrun_command(script, *args, port: int | None = None, extra=(), nproc: int | None = 2) -> list[str]:
+    """`python -m torch.distributed.run` of `script ARGS` with a c10d rendezvous on 127.0.0.1
+    (a fresh port unless given; nproc None leaves --nproc-per-node to `extra`)."""
+    import sys
+
+    per_node = [] if nproc is None else ["--nproc-per-node", str(nproc)]
+    return [sys.executable, "-m", "torch.distributed.run", *per_node, "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{free_port() if port is None else port}", "--monitor-interval", "0.2",
+            *extra, str(script), *map(str, args)]

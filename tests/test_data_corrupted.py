@@ -3,7 +3,6 @@ corruption-biased datasets corrupted-digits and corrupted-cifar10 (on fake CIFAR
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 
 import numpy as np
@@ -264,22 +263,9 @@ def test_bad_options_name_the_argument(dataset, tmp_path):
 
 # --------------------------------------------------------------------------- corrupted-cifar10
 
-def _write_cifar(root, n_per_batch=20):
-    """Tiny fake cifar-10-batches-py/ (random images, balanced labels), as in test_data.py."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.permutation(np.arange(n_per_batch) % 10)]
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data}, f)
-        batches[name] = (data, labels)
-    return batches
-
-
 def test_corrupted_cifar10_on_fake_batches(tmp_path):
+    from test_data import _write_cifar
+
     batches = _write_cifar(tmp_path)
     s = load_dataset("corrupted-cifar10", root=tmp_path, val_size=10, conflict_ratio=0.2, seed=0)
     assert (len(s.train), len(s.val), len(s.test)) == (90, 10, 20)

@@ -6,14 +6,12 @@ launchers on 127.0.0.1) and a run whose rank 1 is killed mid-sweep under --max-r
 bad input (world size > work items, settings that differ across ranks) is refused with a
 message naming the cause. Plus the one-process helpers in this process."""
 import json
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port, torchrun_command, torchrun_env
 import torch
 
 import shortcut_fast.distributed as sd
@@ -108,27 +106,8 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _launcher(folder: Path, jobs: str, port: int, *extra: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--monitor-interval", "0.2", *extra,
-            str(folder / "job.py"), jobs, str(folder)]
-
-
 def _run(folder: Path, jobs: str, *extra: str) -> dict:
-    proc = subprocess.run(_launcher(folder, jobs, _free_port(), *extra), env=_env(), cwd=folder,
+    proc = subprocess.run(torchrun_command(folder / "job.py", jobs, folder, extra=extra), env=torchrun_env(), cwd=folder,
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(folder / "result.pt", weights_only=False)
@@ -261,10 +240,11 @@ def test_two_processes_give_the_one_process_sweep_complexity_and_denetdm(setup):
 
 def test_two_nodes_with_one_process_each_give_the_one_process_sweep(setup, tmp_path):
     folder = _copy(setup, tmp_path)
-    port = _free_port()
-    procs = [subprocess.Popen(_launcher(folder, "sweep", port, "--nnodes", "2", "--node-rank", str(node),
-                                        "--rdzv-conf", f"is_host={1 - node}", nproc=1),
-                              env=_env(), cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    procs = [subprocess.Popen(torchrun_command(folder / "job.py", "sweep", folder, port=port, nproc=1,
+                                               extra=("--nnodes", "2", "--node-rank", str(node),
+                                                      "--rdzv-conf", f"is_host={1 - node}")),
+                              env=torchrun_env(), cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]
     outs = [p.communicate(timeout=LAUNCH_TIMEOUT) for p in procs]
     for p, (out, err) in zip(procs, outs):

@@ -3,15 +3,13 @@ process group completes, and a node that never joins the launchers' rendezvous, 
 launch fail within a bounded time with torchrun's error summary naming the failed rank (or
 the rendezvous timeout), not hang. Plus bench/distributed.py's equality check (no launch:
 its quick end-to-end run takes about a minute of torchrun start-ups)."""
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_command, torchrun_env
 import torch
 
 pytestmark = pytest.mark.skipif(
@@ -35,28 +33,14 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _launch(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0", "--monitor-interval", "0.2",
-           "--rdzv-conf", "join_timeout=5,timeout=10", *args, str(script)]
+    cmd = torchrun_command(script, nproc=None,
+                           extra=("--max-restarts", "0", "--rdzv-conf", "join_timeout=5,timeout=10", *args))
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=BOUND)
+        proc = subprocess.run(cmd, env=torchrun_env(), cwd=tmp_path, capture_output=True, text=True, timeout=BOUND)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the launch hung for more than {BOUND} s: {exc.stdout!s:.2000} {exc.stderr!s:.4000}")
     return proc, time.perf_counter() - start

@@ -5,14 +5,13 @@ differs); only rank 0 writes run.json, result.json and the figures; settings tha
 across ranks, a world size larger than the work and --nproc under torchrun are refused with
 a clear message printed once. 2 gloo processes on the CPU, as tests/test_distributed.py."""
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_command, torchrun_env
 import torch
 from click.testing import CliRunner
 
@@ -53,22 +52,9 @@ WRAPPER = textwrap.dedent('''
 ''')
 
 
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shortcut_fast(*args, cwd):
     """`shortcut-fast ARGS` in a fresh process (as from a shell: --nproc re-launches it)."""
-    return subprocess.run([sys.executable, "-m", "shortcut_fast", *map(str, args)], env=_env(), cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "shortcut_fast", *map(str, args)], env=torchrun_env(), cwd=cwd,
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -76,9 +62,8 @@ def _torchrun(tmp_path, args, rank1_set=None, *extra, dies=False):
     """torchrun --nproc-per-node 2 (c10d rendezvous) of the wrapper around the command line."""
     job = tmp_path / "job.py"
     job.write_text(WRAPPER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.2", *extra, str(job), *map(str, args)]
-    env = _env(RANK1_SET=json.dumps(rank1_set or {}), **({"RANK1_DIES": "1"} if dies else {}))
+    cmd = torchrun_command(job, *args, extra=extra)
+    env = torchrun_env(RANK1_SET=json.dumps(rank1_set or {}), **({"RANK1_DIES": "1"} if dies else {}))
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
 
 

@@ -11,14 +11,12 @@ processes (gloo) launched by torch.distributed.run give the one-process result.
 The launch helper follows tests/test_distributed.py."""
 import dataclasses
 import json
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_command, torchrun_env
 import torch
 
 pytestmark = [
@@ -136,27 +134,8 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _launcher(folder: Path, jobs: str, port: int, *extra: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--monitor-interval", "0.2", *extra,
-            str(folder / "job.py"), jobs, str(folder)]
-
-
 def _run(folder: Path, jobs: str, *extra: str) -> dict:
-    proc = subprocess.run(_launcher(folder, jobs, _free_port(), *extra), env=_env(), cwd=folder,
+    proc = subprocess.run(torchrun_command(folder / "job.py", jobs, folder, extra=extra), env=torchrun_env(), cwd=folder,
                           capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(folder / "result.pt", weights_only=False)

@@ -11,14 +11,12 @@ Tolerances: the model computes in float64 (its input cast), so the reductions th
 from one process (gradient and BatchNorm sums over ranks) move the weights by ~1e-15; the
 tests allow rtol 1e-9 / atol 1e-10 for plain training. The mitigation objective computes its
 loss terms in float32 (as in one process): rtol 1e-5 / atol 1e-6. Counts are exact."""
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import torchrun_command, torchrun_env
 import torch
 
 pytestmark = [
@@ -116,25 +114,9 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _run(folder: Path, jobs: str, *extra: str) -> dict:
     (folder / "job.py").write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.2", *extra,
-           str(folder / "job.py"), jobs, str(folder)]
-    proc = subprocess.run(cmd, env=_env(), cwd=folder, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    proc = subprocess.run(torchrun_command(folder / "job.py", jobs, folder, extra=extra), env=torchrun_env(), cwd=folder, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return torch.load(folder / "result.pt", weights_only=False)
 
