@@ -20,7 +20,7 @@ $(DEPS): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q "setuptools>=70" wheel ninja pybind11
 	$(BIN)/pip install --disable-pip-version-check -q $(TORCH)
 	$(BIN)/pip install --disable-pip-version-check -q numpy click tqdm matplotlib scikit-learn scipy \
-		pytest hypothesis captum timm himalaya
+		pytest hypothesis captum timm himalaya mlxtend
 	touch $@
 
 # Builds shortcut_fast._C (C++, plus CUDA when a matching toolkit is found).

@@ -258,7 +258,7 @@ def check(device="cpu", *, ratios=(0.02, 0.1), seeds=1, epochs=(3, 3), width=32,
     and the selected epochs (lr 3e-3: noisy enough validation curves that an earlier epoch
     than the last gets selected, so selection and the restored stage-1 teacher are exercised)."""
     cfg = dn.DeNetDMConfig(ratios=ratios, seeds=seeds, stage1_epochs=epochs[0], stage2_epochs=epochs[1], width=width,
-                           batch_size=batch_size, stage1_lr=lr, stage2_lr=lr, baselines=())
+                           batch_size=batch_size, stage1_lr=lr, stage2_lr=lr, baselines=(), test_curves=False)
     load = _loader(image_size)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -300,8 +300,9 @@ def _run(device: str, quick: bool):
         ratios, seeds, width, side = (0.005, 0.01, 0.02, 0.05), 3, 100, 32
         epochs = (10, 10) if device == "cuda" else (3, 3)
         checked = check(device)
+    # No per-epoch test curves: the published loop evaluates only validation while it trains.
     cfg = dn.DeNetDMConfig(ratios=ratios, seeds=seeds, stage1_epochs=epochs[0], stage2_epochs=epochs[1], width=width,
-                           baselines=())
+                           baselines=(), test_curves=False)
     load = _loader(side)
     for r, s in cfg.members:  # data built before timing (both paths get the same in-memory splits)
         load(r, s)

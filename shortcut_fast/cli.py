@@ -1472,7 +1472,7 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
 
 @main.command()
 @click.option("--data", default="colored-digits", help="A dataset with a bias attribute per class: colored-digits, "
-              "colored-mnist, corrupted-digits, corrupted-cifar10.")
+              "colored-mnist-5k (real digits, offline), colored-mnist, corrupted-digits, corrupted-cifar10.")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Folder with dataset files (default: $SHORTCUT_FAST_DATA).")
 @click.option("--download", is_flag=True, help="Allow downloading a missing dataset (network).")
@@ -1499,6 +1499,11 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
 @click.option("--pretrained", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Weights file of --target (e.g. an ImageNet ResNet-18, as the public C-CIFAR10 code).")
 @click.option("--baselines", default="erm,lff", help="Comma-separated baselines (erm, lff), or none.")
+@click.option("--baselines-only", is_flag=True, help="Train the baselines only (no DeNetDM).")
+@click.option("--baseline-protocol", type=click.Choice(["ours", "lff"]), default="ours",
+              help="ours: ERM/LfF like the target (batch and epochs as DeNetDM's); lff: as in LfF's code, which "
+                   "DeNetDM's ERM/LfF figures come from (batch 256, 4-layer MLP, 100 epochs unless "
+                   "--baseline-epochs, inputs divided by 255 twice).")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Default 64 (mlp) or 256 (conv), as published.")
 @click.option("--stage1-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Adam, stage 1.")
 @click.option("--stage2-lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -1525,7 +1530,8 @@ def denetdm(**params):
         raise click.BadParameter(str(exc), param_hint="--data") from None
     if "conflict_ratio" not in options or "unbiased_val" not in options:
         raise click.BadParameter(f"{p['data']} has no bias attribute with a conflict ratio; use colored-digits, "
-                                 f"colored-mnist, corrupted-digits or corrupted-cifar10", param_hint="--data")
+                                 f"colored-mnist-5k, colored-mnist, corrupted-digits or corrupted-cifar10",
+                                 param_hint="--data")
     extra = _parse_options(p["data_option"], "--data-option")
     for key in ("conflict_ratio", "unbiased_val", "seed"):
         if key in extra:
@@ -1545,10 +1551,12 @@ def denetdm(**params):
         cfg = dn.DeNetDMConfig(
             ratios=tuple(p["ratios"]), seeds=p["seeds"], seed=p["seed"], depths=p["depths"], arch=arch,
             width=p["width"], target=p["target"], target_pretrained=str(p["pretrained"]) if p["pretrained"] else None,
-            stage1_epochs=stage1, stage2_epochs=stage2, baseline_epochs=p["baseline_epochs"],
+            stage1_epochs=stage1, stage2_epochs=stage2,
+            baseline_epochs=p["baseline_epochs"] or (100 if p["baseline_protocol"] == "lff" else None),
             batch_size=p["batch_size"] or (256 if arch == "conv" else 64), stage1_lr=p["stage1_lr"],
             stage2_lr=p["stage2_lr"] or (1e-4 if arch == "conv" else 1e-3),
             stage1_weight_decay=p["stage1_weight_decay"], baseline_lr=p["baseline_lr"],
+            **(dn.LFF_PROTOCOL if p["baseline_protocol"] == "lff" else {}), denetdm=not p["baselines_only"],
             temperature=p["temperature"], distill_weight=p["distill_weight"], baselines=baselines,
             augment=p["augment"] if p["augment"] != "auto" else ("flip-crop" if cifar else "none"),
             normalize=CIFAR_MEAN_STD if cifar else None)

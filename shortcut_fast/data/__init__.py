@@ -8,9 +8,9 @@ list_datasets().
 """
 from .colored import LFF_COLORS, assign_bias_attributes, colorize
 from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,
-                   default_data_root, stratified_split)
+                   MissingExtraError, default_data_root, stratified_split)
 from .corrupted import make_corrupted_splits
-from .loaders import read_idx
+from .loaders import read_idx, read_mnist_5k
 from .registry import dataset_options, list_datasets, load_dataset
 from .shortcuts import SHORTCUT_KINDS, Shortcut, inject_shortcut, make_shortcut
 from .synthetic import make_synthetic_freq
@@ -21,6 +21,8 @@ __all__ = [
     "DatasetSplits",
     "DatasetNotFoundError",
     "DataFormatError",
+    "MissingExtraError",
+    "read_mnist_5k",
     "load_dataset",
     "list_datasets",
     "dataset_options",

