@@ -1545,6 +1545,9 @@ def denetdm(**params):
         extra["image_size"] = 16
     if arch == "conv" and p["depths"] != ((3, 5),):
         raise click.BadParameter("applies to the mlp branches only; the conv branches are fixed", param_hint="--depths")
+    if p["baseline_protocol"] == "lff" and (arch != "mlp" or p["target"]):
+        raise click.BadParameter("lff is LfF's Colored MNIST protocol (MLP baselines): it needs the mlp branches "
+                                 "and no --target", param_hint="--baseline-protocol")
     stage1 = p["stage1_epochs"]
     stage2 = p["stage2_epochs"] or (200 if cifar else 100)
     try:

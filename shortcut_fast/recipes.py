@@ -9,7 +9,8 @@ Two names:
 
 Real, file-backed datasets (cifar10, colored-mnist, corrupted-cifar10, waterbirds, celeba)
 default to `paper`, the embedded ones (synthetic-freq, digits, colored-digits,
-corrupted-digits) to `quick`. A dataset without a paper recipe for a purpose falls back to
+corrupted-digits) and the packaged real digits (mnist-5k, colored-mnist-5k: the stand-ins'
+settings, so that real and stand-in results differ only in the images) to `quick`. A dataset without a paper recipe for a purpose falls back to
 `quick`, with a note saying so.
 
 Purposes are the commands that train one model: train, freq-probe, complexity,

@@ -13,7 +13,7 @@ from shortcut_fast.cli import main
 from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import complexity as cx
 from shortcut_fast.experiments.stats import spearman
-from shortcut_fast.models import Classifier, block_outputs, build_model, features_and_head
+from shortcut_fast.models import Classifier, block_outputs, build_model, features_and_head, model_blocks
 from shortcut_fast.ops.directions import Directions
 from shortcut_fast.ops.probe_stats import fit_probes
 from shortcut_fast.run_folder import RunFolder, Store
@@ -288,3 +288,38 @@ def test_gaussian_nats_form_is_the_log_of_the_r2_form(toy):
     assert bool((v_nats[~mid] > 3.0).all())  # conv3 decodes PCA codes almost exactly: several nats
     torch.testing.assert_close(torch.tensor(r.complexity, dtype=torch.float64), 1 - v_nats.mean(1))
     assert r.config["v_information"] == "gaussian-nats"
+
+
+# ---------------------------------------------------------------------------------------
+# The two named factors (label vs spurious attribute)
+
+
+def _factor_data(n=400, seed=0):
+    """Images whose mean colour is their attribute (drawn independently of the label) and whose
+    content says nothing about the label: the attribute is decodable, the label is not."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    a = torch.randint(0, 4, (n,), generator=g)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+    x = 0.2 * torch.rand(n, 3, 8, 8, generator=g) + colours[a][:, :, None, None]
+    return ImageDataset(x, y, a, num_classes=4, num_attributes=4)
+
+
+def test_factor_probes_tell_a_decodable_attribute_from_an_absent_label():
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=4, in_channels=3, image_size=8, depth=3, width=32).eval()
+    ds = _factor_data()
+    layers = model_blocks(model)
+    f = cx.factor_probes(model, ds, layers, batch_size=64)
+    for layer in layers:
+        assert f["decodability"]["attribute"][layer] > 0.5
+        assert f["decodability"]["label"][layer] < 0.1
+    assert f["complexity"]["attribute"] < f["complexity"]["label"]
+    # decision shares against a direct count
+    feats_fn, head = features_and_head(model)
+    with torch.no_grad():
+        pred = head(feats_fn(ds.images)).argmax(1)
+    other = ds.attributes != ds.labels
+    assert f["decision"]["images"] == int(other.sum())
+    assert f["decision"]["follows_label"] == pytest.approx(float((pred == ds.labels)[other].float().mean()))
+    assert f["decision"]["follows_attribute"] == pytest.approx(float((pred == ds.attributes)[other].float().mean()))

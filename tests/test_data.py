@@ -43,7 +43,8 @@ def _image_bytes(ds):
 def test_list_datasets_names():
     names = list_datasets()
     assert set(names) == {"synthetic-freq", "digits", "colored-digits", "cifar10", "colored-mnist",
-                          "corrupted-digits", "corrupted-cifar10", "waterbirds", "celeba"}
+                          "mnist-5k", "colored-mnist-5k", "corrupted-digits", "corrupted-cifar10", "waterbirds",
+                          "celeba"}
     assert all(isinstance(d, str) and d for d in names.values())
 
 

@@ -321,3 +321,50 @@ def test_corrupted_digits_runs_with_the_mlp_branches_and_conv_refuses_depths(tmp
     rec = json.loads((tmp_path / "o" / "result.json").read_text())
     assert rec["dataset"]["name"] == "corrupted-digits" and rec["dataset"]["image_shape"] == [3, 16, 16]
     _refused(_cli("--data", "corrupted-digits", "--depths", "4,8", "--out", tmp_path / "p"), 2, "--depths")
+
+
+# ---- epoch rules and the baselines' published protocol
+
+def test_test_curves_give_last_and_best_on_test_without_moving_selection():
+    load = _load()
+    res = dn.run_denetdm(load, _cfg(ratios=(0.05,), stage1_epochs=3, stage2_epochs=2, baseline_epochs=3,
+                                    baselines=("erm",)), progress=False)
+    quiet = dn.run_denetdm(load, _cfg(ratios=(0.05,), stage1_epochs=3, stage2_epochs=2, baseline_epochs=3,
+                                      baselines=("erm",), test_curves=False), progress=False)
+    for name, m in res["methods"].items():
+        # the curves are only recorded: the selected epochs and numbers are those of a run without them
+        assert m["by_ratio"] == quiet["methods"][name]["by_ratio"]
+        assert quiet["methods"][name]["by_protocol"] is None
+        rec = res["phases"][m["phase"]]
+        j = rec["heads"].index(m["head"])
+        curves = [[e["test_unbiased"][i][j] for e in rec["history"][0]] for i in range(2)]
+        p = m["by_protocol"]["0.05"]
+        assert p["last"]["values"] == [c[-1] for c in curves]
+        assert p["test-best"]["values"] == [max(c) for c in curves]
+        assert all(b >= v for b, v in zip(p["test-best"]["values"], p["val"]["values"]))
+        assert len(curves[0]) == rec["epochs"]
+
+
+def test_lff_protocol_baselines_use_their_own_batch_depth_and_input_scale():
+    cfg = _cfg(ratios=(0.05,), seeds=1, baselines=("erm", "lff"), denetdm=False, **dn.LFF_PROTOCOL)
+    assert cfg.baseline_batch_size == 256 and cfg.baseline_depth == 4 and cfg.batch_size == 128
+    res = dn.run_denetdm(_load(), cfg, progress=False)
+    assert set(res["methods"]) == {"erm", "lff"}  # no DeNetDM trained
+    n_train = res["dataset"]["sizes"]["train"]
+    # steps per epoch follow the baselines' batch: the loss is averaged over n_train // 256 steps
+    assert n_train // 256 >= 1
+    torch.manual_seed(0)
+    clf = dn._Classifier(_branch(4), 10, input_scale=1 / 255)
+    x = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(clf(x), clf.head(clf.branch(x / 255)))
+    depths = [m for m in dn._Factory(cfg, 3, 8, 10).baseline().body.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(depths) == 3  # 4 layers with the head: 3 hidden Linear layers in the body
+
+
+def test_baseline_protocol_bad_input():
+    with pytest.raises(ValueError, match="baseline_depth"):
+        _cfg(baseline_depth=1)
+    with pytest.raises(ValueError, match="at least one baseline"):
+        _cfg(denetdm=False, baselines=())
+    with pytest.raises(ValueError, match="baseline_input_scale"):
+        _cfg(baseline_input_scale=0.0)

