@@ -1053,6 +1053,8 @@ def freq_probe(**params):
     p = params
     splits, resolved, model_settings = _analysis_inputs(p, "freq-probe", {"epochs": p["epochs"]})
     dev, out = p["device"], p["out"]
+    # Band-stop (4 radial bands) runs on every dataset; the band-learning tracker needs a dataset
+    # whose bands carry the labels by construction (synthetic-freq).
     has_bands = splits.meta.get("band_edges") is not None
     probe, probe_note = fp.probe_defaults(p["data"], resolved.name, method=p["method"], patch=p["patch"],
                                           greedy_reference=p["greedy_reference"], greedy_order=p["greedy_order"],
@@ -1106,7 +1108,7 @@ def freq_probe(**params):
             if tracker is not None and cache and cache["reused"]:
                 run.save_json("model/learning-tracker.json", tracker.state_dict())
             result = fp.run_freq_probe(net, splits, cfg, store=run.partial, device=dev, ood_sets=ood_sets,
-                                       band_table=has_bands, progress=not p["quiet"], **_dist_kw())
+                                       band_table=True, progress=not p["quiet"], **_dist_kw())
         except (ValueError, FileNotFoundError) as exc:
             _fail(exc)
         if not _writes():

@@ -323,3 +323,10 @@ def test_factor_probes_tell_a_decodable_attribute_from_an_absent_label():
     assert f["decision"]["images"] == int(other.sum())
     assert f["decision"]["follows_label"] == pytest.approx(float((pred == ds.labels)[other].float().mean()))
     assert f["decision"]["follows_attribute"] == pytest.approx(float((pred == ds.attributes)[other].float().mean()))
+
+
+def test_factor_probes_only_where_the_attribute_names_a_class():
+    from shortcut_fast.data import load_dataset
+    assert cx._factor_split(load_dataset("colored-digits")) is not None
+    assert cx._factor_split(load_dataset("digits")) is None                      # no attribute
+    assert cx._factor_split(load_dataset("digits", shortcut="patch")) is None    # attribute "none" on test

@@ -94,6 +94,7 @@ def _write(path, rows):
 
 @pytest.mark.parametrize("damage,expect", [
     ("truncated-gzip", "truncated or corrupted"),
+    ("corrupted-deflate", "truncated or corrupted"),
     ("rows-missing", "expected 5000 rows, found 4999"),
     ("short-row", "line 17: expected 785 values"),
     ("not-a-number", "line 3: expected integers only"),
@@ -104,9 +105,13 @@ def _write(path, rows):
 def test_a_damaged_csv_is_refused_naming_file_and_row(tmp_path, table, damage, expect):
     path = tmp_path / "mnist_5k.csv.gz"
     rows = table.tolist()
-    if damage == "truncated-gzip":
-        raw = gzip.compress(("\n".join(",".join(map(str, r)) for r in rows)).encode())
-        path.write_bytes(raw[: len(raw) // 2])
+    if damage in ("truncated-gzip", "corrupted-deflate"):
+        raw = bytearray(gzip.compress(("\n".join(",".join(map(str, r)) for r in rows)).encode()))
+        if damage == "truncated-gzip":
+            raw = raw[: len(raw) // 2]
+        else:
+            raw[1000:1064] = bytes(64)  # zeroed bytes inside the compressed stream
+        path.write_bytes(bytes(raw))
     else:
         if damage == "rows-missing":
             rows = rows[:-1]
@@ -129,7 +134,7 @@ def test_a_damaged_csv_is_refused_naming_file_and_row(tmp_path, table, damage, e
 def test_a_damaged_csv_through_the_cli_is_one_line(tmp_path, monkeypatch):
     bad = tmp_path / "mnist_5k.csv.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
-    monkeypatch.setattr(loaders, "mnist_5k_path", lambda: bad)
+    monkeypatch.setattr(loaders, "mnist_5k_path", lambda dataset="mnist-5k": bad)
     result = CliRunner().invoke(main, ["train", "--data", "mnist-5k", "--out", str(tmp_path / "r")],
                                 catch_exceptions=False)
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

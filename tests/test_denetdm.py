@@ -368,3 +368,17 @@ def test_baseline_protocol_bad_input():
         _cfg(denetdm=False, baselines=())
     with pytest.raises(ValueError, match="baseline_input_scale"):
         _cfg(baseline_input_scale=0.0)
+
+
+def test_cli_baseline_protocol_and_baselines_only(tmp_path):
+    r = _cli(*TINY, "--baselines-only", "--baseline-protocol", "lff", "--baseline-epochs", "1",
+             "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert set(rec["methods"]) == {"erm", "lff"}
+    cfg = rec["config"]
+    assert (cfg["baseline_batch_size"], cfg["baseline_depth"], cfg["denetdm"]) == (256, 4, False)
+    assert cfg["baseline_input_scale"] == pytest.approx(1 / 255)
+    _refused(_cli("--data", "corrupted-digits", "--baseline-protocol", "lff", "--out", tmp_path / "p"), 2,
+             "--baseline-protocol")
+    _refused(_cli("--baselines-only", "--baselines", "none", "--out", tmp_path / "q"), 2, "--baselines")
