@@ -220,7 +220,9 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
 
     def flaky(*args, **kw):
         calls.append(1)
-        if len(calls) == 7:  # stage 1: 3 + 2 evaluations; stage 2: its second epoch's
+        # every epoch evaluates validation then test (the recorded test curve), and so does the end
+        # of a phase: stage 1 makes 3 x 2 + 2 calls, stage 2's first epoch 2; the 11th is its second epoch's
+        if len(calls) == 11:
             raise Stop
         return real(*args, **kw)
 

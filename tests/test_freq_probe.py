@@ -458,7 +458,8 @@ def test_cli_runs_on_cifar10_files(tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "out" / "result.json").read_text())["result"]
     assert result["image_shape"] == [3, 32, 32] and [c["label"] for c in result["classes"]] == [0, 1]
-    assert result["band_stop"] is None  # no radial-band structure to report on real data
+    # band-stop on any data: the four radial bands of equal width (the classes' reliance per band)
+    assert len(result["band_stop"]["delta"]) == 10 and len(result["band_stop"]["accuracy_band_stopped"]) == 4
     r = CliRunner().invoke(main, ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "nowhere"),
                                   "--out", str(tmp_path / "o2")])
     assert r.exit_code != 0 and "data_batch_1" in r.output
