@@ -437,6 +437,11 @@ def _launch(nproc: int, max_restarts: int) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
+        main_failure = (getattr(exc, "failures", None) or {}).get(0)
+        if main_failure is not None and main_failure.exitcode > 0:
+            # rank 0 failed with an exit status: it printed the one error line itself (the other
+            # ranks, refusing the same input, are quiet), whichever rank the launcher saw first
+            return main_failure.exitcode
         rank, failure = exc.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 1
         if rank != 0 or failure.exitcode < 0:  # rank 0 printed its own error; say which other rank failed
