@@ -721,6 +721,7 @@ def render_denetdm(recs) -> list[str]:
 
 
 RATIO_ORDER = ("0.005", "0.01", "0.02", "0.05")
+PROTOCOL_RULES = ("val", "last", "test-best")  # experiments.denetdm.PROTOCOLS (docs/results.py imports no package)
 PAPER_RATIO = dict(zip(RATIO_ORDER, range(4)))
 
 
@@ -812,13 +813,7 @@ def render_real_denetdm(recs) -> list[str]:
                   f"{cfg.get('baseline_batch_size')}, {cfg['baseline_epochs']} epochs, inputs scaled by "
                   f"{cfg.get('baseline_input_scale', 1.0):.5f} (pixels divided by 255 twice), on the same data and "
                   "seeds. Unbiased test accuracy, %:", ""]
-        rows = []
-        for m in ("erm", "lff"):
-            if m in pp:
-                for rule in ("val", "last", "test-best"):
-                    rows.append([f"`{m}` (LfF protocol), {rule}", *(_pm(pp[m][r][rule]) for r in ratios)])
-            rows.append([f"paper: {m}", *(f"{PAPER_CMNIST[m][PAPER_RATIO[r]]:.1f}" for r in ratios)])
-        lines += _table(["method, epoch rule", *(f"r = {100 * float(r):g} %" for r in ratios)], rows)
+        lines += _lff_protocol_table(pp, ratios)
     if small is not None:
         s = small["numbers"]
         sr = [r for r in ratios if r in s["methods"]["denetdm"]]
@@ -860,14 +855,19 @@ def render_real_denetdm(recs) -> list[str]:
         lines += ["", _ran(full_lffp), "", f"ERM and LfF on the full Colored MNIST under LfF's protocol (a "
                   f"{cfg.get('baseline_depth')}-layer MLP, batch {cfg.get('baseline_batch_size')}, inputs divided by 255 "
                   f"twice), {cfg['baseline_epochs']} epochs of the paper's 100. Unbiased test accuracy, %:", ""]
-        rows = []
-        for m in ("erm", "lff"):
-            if m in qp:
-                for rule in ("val", "last", "test-best"):
-                    rows.append([f"`{m}` (LfF protocol), {rule}", *(_pm(qp[m][r][rule]) for r in qr)])
-            rows.append([f"paper: {m}", *(f"{PAPER_CMNIST[m][PAPER_RATIO[r]]:.1f}" for r in qr)])
-        lines += _table(["method, epoch rule", *(f"r = {100 * float(r):g} %" for r in qr)], rows)
+        lines += _lff_protocol_table(qp, qr)
     return lines
+
+
+def _lff_protocol_table(protocols: dict, ratios: list[str]) -> list[str]:
+    """ERM and LfF under LfF's protocol, every epoch rule, with the paper's figure under each."""
+    rows = []
+    for m in ("erm", "lff"):
+        if m in protocols:
+            for rule in PROTOCOL_RULES:
+                rows.append([f"`{m}` (LfF protocol), {rule}", *(_pm(protocols[m][r][rule]) for r in ratios)])
+        rows.append([f"paper: {m}", *(f"{PAPER_CMNIST[m][PAPER_RATIO[r]]:.1f}" for r in ratios)])
+    return _table(["method, epoch rule", *(f"r = {100 * float(r):g} %" for r in ratios)], rows)
 
 
 def render_real_mitigate(seeds) -> list[str]:
