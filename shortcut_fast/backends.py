@@ -146,6 +146,14 @@ def backend_status(backend: str, device: torch.device | str) -> Status:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its `import torch._dynamo` (with triton,
+    seconds at import): in this torch the decorator only sets this flag, which the compiler
+    reads when it traces a call (tests/test_startup.py checks the two still agree)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Per-device order `auto` tries when an op does not give its own.
 DEFAULT_AUTO_ORDER: Mapping[str, Sequence[str]] = {
     "cuda": ("cuda", "triton", "torch"),
@@ -155,7 +163,7 @@ DEFAULT_AUTO_ORDER: Mapping[str, Sequence[str]] = {
 
 # The choice depends only on the build, the device and static facts about the inputs, so
 # torch.compile may treat it as a constant instead of tracing the discovery code.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def choose_backend(
     op: str,
     requested: str,
@@ -237,7 +245,7 @@ def compiled_op(name: str) -> Callable:
 
 # Importing a kernel module defines its triton ops. Run eagerly even under torch.compile
 # (dynamo cannot trace importlib); the True it returns is all the trace keeps.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _import_kernels(module: str) -> bool:
     importlib.import_module(f"shortcut_fast.kernels.{module}")
     return True
