@@ -44,11 +44,15 @@ def cache_root() -> Path:
 
 
 def model_identity(*, data: dict, model: str, model_options: dict, train: dict, seed: int,
-                   pretrained: str | None = None) -> dict:
-    """What a cached model is keyed by (see the module docstring); `train` is a TrainConfig as a dict."""
-    return to_jsonable({"data": data, "model": model, "model_options": model_options,
-                        "train": {k: v for k, v in train.items() if k not in EXECUTION_FIELDS},
-                        "seed": seed, "pretrained": pretrained})
+                   pretrained: str | None = None, weights: str | None = None) -> dict:
+    """What a cached model is keyed by (see the module docstring); `train` is a TrainConfig as a
+    dict; pretrained / weights: digests of the files the training starts from."""
+    identity = {"data": data, "model": model, "model_options": model_options,
+                "train": {k: v for k, v in train.items() if k not in EXECUTION_FIELDS},
+                "seed": seed, "pretrained": pretrained}
+    if weights is not None:  # absent otherwise: the keys of models cached before --weights stay valid
+        identity["weights"] = weights
+    return to_jsonable(identity)
 
 
 def model_key(identity: dict) -> str:

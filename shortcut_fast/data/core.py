@@ -472,6 +472,9 @@ class FileImageDataset(_GroupMixin, Dataset):
 _LOCATION_KEYS = ("root", "folder")  # meta keys that say where the data lives, not what it is
 
 
+SPLIT_NAMES = ("train", "val", "test")  # the splits every DatasetSplits has
+
+
 @dataclass
 class DatasetSplits:
     """train / val / test plus named extra evaluation sets, and a JSON-able description (meta).

@@ -48,6 +48,7 @@ from shortcut_fast.data import DatasetSplits
 from shortcut_fast.data.core import make_generator
 from shortcut_fast.distributed import DistContext, check_same, gather, is_main, shard
 from shortcut_fast.ensemble import StackedModules
+from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.models import build_model
 from shortcut_fast.ops import group_outcomes
 from shortcut_fast.report import Progress, format_table, plot_curves, pyplot, save_figure, write_json
@@ -55,11 +56,14 @@ from shortcut_fast.run_folder import Store
 from shortcut_fast.train import augment_batch
 from shortcut_fast.validate import check_int
 
-__all__ = ["DeNetDMConfig", "ProductOfExperts", "DistilledTarget", "FeatureBranch", "run_denetdm", "summary",
+__all__ = ["Config", "Result", "run", "DeNetDMConfig", "DeNetDMResult", "ProductOfExperts", "DistilledTarget", "FeatureBranch", "run_denetdm", "summary",
            "write_outputs", "BASELINES", "STAGE1_HEADS", "STAGE2_HEADS"]
 
 BASELINES = ("erm", "lff")
 ARCHS = ("mlp", "conv")
+AUGMENTATIONS = ("none", "flip-crop", "crop")
+# Baselines trained like the target (ours) or as LfF's code trained them (LFF_PROTOCOL).
+BASELINE_PROTOCOLS = ("ours", "lff")
 STAGE1_HEADS = ("poe", "deep", "shallow")          # f(b + d), f(b), f(d)
 STAGE2_HEADS = ("target+deep", "target", "teacher")  # f_t(b + t), f_t(t), f(d) (frozen)
 ERM_HEADS = ("erm",)
@@ -194,8 +198,8 @@ class DeNetDMConfig:
             raise ValueError(f"baselines: unknown {unknown}; valid: {', '.join(BASELINES)}")
         if not self.denetdm and not self.baselines:
             raise ValueError("baselines: with DeNetDM skipped (denetdm=False) at least one baseline must run")
-        if self.augment not in ("none", "flip-crop", "crop"):
-            raise ValueError(f"augment must be none, flip-crop or crop, got {self.augment!r}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
 
     @property
     def members(self) -> list[tuple[float, int]]:
@@ -928,3 +932,110 @@ def write_outputs(result: dict, out: Path, meta: dict) -> None:
             curves[f"{name}:{h}"] = [sum(row[j] for row in e["val_unbiased"]) / len(e["val_unbiased"]) for e in hist]
     plot_curves(curves, out / "curves.png", xlabel="epoch", ylabel="validation unbiased accuracy",
                 title="DeNetDM branches and baselines (mean over members)")
+
+
+# ---------------------------------------------------------------------------------------
+# The Python API (docs/api.md): Config, Result, run
+
+Config = DeNetDMConfig
+
+
+@dataclass
+class DeNetDMResult(ApiResult):
+    """What `run` returns: `result`, the dict of run_denetdm (config, members, dataset, methods,
+    phases, seconds, device), with summary() and write(folder). result["methods"][name]
+    ["by_ratio"][str(ratio)][metric] holds {"mean", "std", "values"} of the test accuracy."""
+
+    result: dict
+
+    _command = "denetdm"
+
+    def __getitem__(self, key: str):
+        return self.result[key]
+
+    @property
+    def methods(self) -> dict:
+        return self.result["methods"]
+
+    def _summary(self, data: str, out: Path | None) -> str:
+        return summary(self.result, data, out)
+
+    def _write(self, out: Path, record: dict) -> None:
+        write_outputs(self.result, out, {k: record[k] for k in ("command", "data", "dataset_meta") if k in record})
+
+
+Result = DeNetDMResult
+
+
+def _member_loader(data, cfg: DeNetDMConfig, data_options: dict | None) -> Callable[[float, int], DatasetSplits]:
+    """load(ratio, seed) for run: from a dataset name, a function, or one DatasetSplits."""
+    if isinstance(data, DatasetSplits):
+        if data_options:
+            raise TypeError("data_options apply only to a dataset name")
+        if len(cfg.ratios) != 1:
+            raise ValueError(f"data: one DatasetSplits serves every member, so config.ratios must hold a single "
+                             f"conflict ratio (its own), got {list(cfg.ratios)}")
+        return lambda ratio, seed: data
+    if isinstance(data, str):
+        from shortcut_fast.data import dataset_options, load_dataset
+
+        options = dataset_options(data)
+        if "conflict_ratio" not in options or "unbiased_val" not in options:
+            raise ValueError(f"data: {data!r} has no bias attribute with a conflict ratio; use colored-digits, "
+                             f"colored-mnist-5k, colored-mnist, corrupted-digits or corrupted-cifar10")
+        extra = dict(data_options or {})
+        for key in ("conflict_ratio", "unbiased_val", "seed"):
+            if key in extra:
+                raise ValueError(f"data_options: {key} is set by denetdm itself (config.ratios, config.seed)")
+        if cfg.arch == "mlp" and "image_size" in options and "image_size" not in extra:
+            extra["image_size"] = 16  # as the command line: 16 x 16 digits keep every pixel for the MLP branches
+        cache: dict = {}
+
+        def load(ratio: float, seed: int) -> DatasetSplits:
+            if (ratio, seed) not in cache:
+                cache[(ratio, seed)] = load_dataset(data, seed=seed, conflict_ratio=ratio, unbiased_val=True, **extra)
+            return cache[(ratio, seed)]
+
+        return load
+    if callable(data):
+        if data_options:
+            raise TypeError("data_options apply only to a dataset name")
+        return data
+    raise TypeError(f"data must be a dataset name (e.g. 'colored-digits'), a function (ratio, seed) -> DatasetSplits "
+                    f"or one DatasetSplits (shortcut_fast.data.as_splits builds one from uint8 tensors), got "
+                    f"{type(data).__name__}")
+
+
+def run(model, data, config: DeNetDMConfig | None = None, *, progress: bool = False,
+        data_options: dict | None = None, **kw) -> DeNetDMResult:
+    """DeNetDM against ERM and LfF on every (conflict ratio, seed) member of config.
+
+    model: must be None: DeNetDM trains its own pair of branches (config.arch, depths,
+    width; config.target for the stage-2 target and the baselines). data: a dataset name
+    with a conflict ratio (loaded per ratio and seed, with an unbiased validation split;
+    data_options: its other options), a function (ratio, seed) -> DatasetSplits, or one
+    DatasetSplits used for every member (then config.ratios holds one ratio). Images must be
+    uint8, the attribute aligned with the labels. kw: run_denetdm's own options (device,
+    store). Returns a Result: summary(), write(folder) (result.json and the figures).
+    """
+    from shortcut_fast.experiments import _api
+
+    if model is not None:
+        raise ValueError(f"model must be None for DeNetDM: it trains its own branch pair (the published "
+                         f"architectures, chosen by config.arch / depths / width / target), got "
+                         f"{type(model).__name__}")
+    cfg = _api.check_config(config, DeNetDMConfig, "denetdm.Config")
+    load = _member_loader(data, cfg, data_options)
+    first: list[DatasetSplits] = []
+
+    def remembered(ratio: float, seed: int) -> DatasetSplits:
+        splits = load(ratio, seed)
+        if not first and isinstance(splits, DatasetSplits):
+            first.append(splits)  # its metadata goes into result.json, as the command line's first member
+        return splits
+
+    out = run_denetdm(remembered, cfg, progress=progress, **kw)
+    result = DeNetDMResult(out)
+    name = data if isinstance(data, str) else (first[0].name if first else "data")
+    _api.attach(result, "denetdm", name, first[0] if first else None, None)
+    return result

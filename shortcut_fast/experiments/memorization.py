@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast import distributed as sd
+from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops.ablation import group_outcomes
 from shortcut_fast.report import progress_ticker, to_jsonable
@@ -69,6 +70,9 @@ WEIGHT_NORM_RANKINGS = ("global", "layer")
 CONTRASTIVE_FORMS = ("sum-2n", "half-mean")
 PRUNE_LAYERS = ("conv", "conv-linear")
 GROUPINGS = ("auto", "group", "alignment")
+MITIGATION_SCHEDULES = ("plateau", "constant")
+MITIGATION_AUGMENTATIONS = ("resized-crop-flip", "flip-crop", "crop", "none")
+MITIGATION_SELECT = ("last", "accuracy", "worst_group_accuracy")
 MAX_DATASET_GROUPS = 16  # above this, "auto" groups by alignment (e.g. 10 x 10 colored digits)
 
 
@@ -276,7 +280,9 @@ class LayerRanking:
 
 
 @dataclass
-class MemorizationResult:
+class MemorizationResult(ApiResult):
+    """What run_memorization / run return; summary() and write(folder) as in the module's `run`."""
+
     config: dict
     grouping: dict  # kind, names, minority, majority, train/test counts
     baseline: dict  # per split: per-group accuracy ...; gap: per-group train - test
@@ -288,6 +294,14 @@ class MemorizationResult:
     weight_norm_top: list[dict] = field(default_factory=list)
     gradient_norm_top: dict[str, list[dict]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    _command = "memorization"
+
+    def _summary(self, data: str, out: Path | None) -> str:
+        return summary(self, data, out)
+
+    def _write(self, out: Path, record: dict) -> None:
+        write_outputs(self, out, record)
 
 
 def default_layers(model: nn.Module, count: int = 4, *, where: str = "output", stem: bool = False) -> list[str]:
@@ -671,6 +685,37 @@ def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
+def summary(result: MemorizationResult, data: str, out: Path | None = None) -> str:
+    """The terminal report: per-group train / test accuracy and gap, then the top channels
+    (and, with `out`, where the files were written)."""
+    from shortcut_fast.report import format_table
+
+    g = result.grouping
+    lines = [f"\nmemorization on {data} ({g['kind']} groups; minority: {', '.join(g['minority'])}), "
+             f"{result.seconds:.1f} s"]
+    base = result.baseline
+    rows = [[name, _num(base["train"]["group_accuracy"].get(name)), _num(base["test"]["group_accuracy"].get(name)),
+             _num(gap), g["train_counts"][g["names"].index(name)]] for name, gap in result.memorization_gap.items()]
+    lines.append(format_table(rows, ["group", "train acc", "test acc", "gap", "train n"]))
+    rows, headers = memorization_table(result)
+    lines.append(f"\ntop channels ({result.config['mode']}, {result.config['where']}; score = minority drop - "
+                 f"majority drop on train):")
+    lines.append(format_table(rows, headers))
+    if out is not None:
+        lines.append(f"\nwrote {Path(out) / 'result.json'} and figures in {out}")
+    return "\n".join(lines)
+
+
+def write_outputs(result: MemorizationResult, out_dir, record: dict | None = None) -> list[Path]:
+    """result.json (the result inside `record` when given), top_channels.csv and the figures."""
+    from shortcut_fast.report import write_csv, write_json
+
+    out = Path(out_dir)
+    write_json(result if record is None else {**record, "result": result}, out / "result.json")
+    write_csv(top_channel_rows(result), out / "top_channels.csv")
+    return [out / "result.json", out / "top_channels.csv", *plot_memorization(result, out)]
+
+
 # ---------------------------------------------------------------------------------------
 # Mitigation: global magnitude mask, NT-Xent between pruned and dense outputs
 
@@ -878,8 +923,10 @@ class MitigationConfig:
             raise ValueError(f"contrastive_form must be one of {CONTRASTIVE_FORMS}, got {self.contrastive_form!r}")
         if self.prune_layers not in PRUNE_LAYERS:
             raise ValueError(f"prune_layers must be one of {PRUNE_LAYERS}, got {self.prune_layers!r}")
-        if self.schedule not in ("plateau", "constant"):
-            raise ValueError(f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
+        if self.schedule not in MITIGATION_SCHEDULES:
+            raise ValueError(f"schedule must be one of {MITIGATION_SCHEDULES}, got {self.schedule!r}")
+        if self.augment not in MITIGATION_AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {MITIGATION_AUGMENTATIONS}, got {self.augment!r}")
         if not isinstance(self.double_softmax, bool):
             raise ValueError(f"double_softmax must be a bool, got {self.double_softmax!r}")
         self.train_config()  # augment and the rest are checked by the trainer's config
@@ -895,7 +942,9 @@ class MitigationConfig:
 
 
 @dataclass
-class MitigationResult:
+class MitigationResult(ApiResult):
+    """What run_mitigation / mitigate return; summary() and write(folder) as in the module's `mitigate`."""
+
     config: dict
     grouping: dict
     before: dict  # per split: accuracy, group_accuracy, worst_group_accuracy, minority/majority accuracy
@@ -905,6 +954,14 @@ class MitigationResult:
     checkpoint: str | None
     pruned_tensors: list[str] = field(default_factory=list)  # the weights the magnitude mask acts on
     seconds: float = 0.0
+
+    _command = "mitigate"
+
+    def _summary(self, data: str, out: Path | None) -> str:
+        return mitigation_summary(self, data, out)
+
+    def _write(self, out: Path, record: dict) -> None:
+        write_mitigation_outputs(self, out, record)
 
 
 LOG = "mitigation_log.json"
@@ -995,6 +1052,30 @@ def mitigation_table(result: MitigationResult) -> tuple[list[list], list[str]]:
     return rows, ["split", "model", "accuracy", "worst-group", "minority", "majority"]
 
 
+def mitigation_summary(result: MitigationResult, data: str, out: Path | None = None) -> str:
+    """The terminal report: accuracy, worst-group, minority and majority accuracy before and
+    after (and, with `out`, where the files were written)."""
+    from shortcut_fast.report import format_table
+
+    lines = [f"\nmitigate on {data} ({result.grouping['kind']} groups; minority: "
+             f"{', '.join(result.grouping['minority'])}), {len(result.history)} epochs, {result.seconds:.1f} s"]
+    rows, headers = mitigation_table(result)
+    lines.append(format_table(rows, headers))
+    if out is not None:
+        where = f", checkpoint {result.checkpoint}" if result.checkpoint else " and figures in " + str(out)
+        lines.append(f"\nwrote {Path(out) / 'result.json'}{where}")
+    return "\n".join(lines)
+
+
+def write_mitigation_outputs(result: MitigationResult, out_dir, record: dict | None = None) -> list[Path]:
+    """result.json (the result inside `record` when given) and the figures."""
+    from shortcut_fast.report import write_json
+
+    out = Path(out_dir)
+    write_json(result if record is None else {**record, "result": result}, out / "result.json")
+    return [out / "result.json", *plot_mitigation(result, out)]
+
+
 def plot_mitigation(result: MitigationResult, out_dir: str | Path) -> list[Path]:
     """group_accuracy.png (before / after per group, test) and mitigation_curves.png (loss terms)."""
     from shortcut_fast.report import plot_bars, plot_curves
@@ -1017,3 +1098,50 @@ def plot_mitigation(result: MitigationResult, out_dir: str | Path) -> list[Path]
             out / "mitigation_curves.png", x=[h["epoch"] for h in result.history], xlabel="epoch",
             ylabel="mean loss", title="mitigation loss terms"))
     return paths
+
+
+# ---------------------------------------------------------------------------------------
+# The Python API (docs/api.md): Config, Result, run; MitigationConfig, mitigate
+
+Config = MemorizationConfig
+Result = MemorizationResult
+
+
+def run(model: nn.Module, data, config: MemorizationConfig | None = None, *, progress: bool = False,
+        **kw) -> MemorizationResult:
+    """Spurious memorization in a trained classifier: per-group gap, channel ablation, top channels.
+
+    model: a trained nn.Module (evaluated; its channels are ablated one at a time, then
+    restored). data: anything shortcut_fast.data.as_splits accepts, with a spurious attribute
+    (tuples (images, labels, attributes), or a dataset such as "colored-digits"): groups are
+    built from it. kw: run_memorization's own options (device, rewind_to, store). Returns a
+    Result: summary(), write(folder) (result.json, top_channels.csv and the figures).
+    """
+    from shortcut_fast.experiments import _api
+
+    _api.check_model(model, "memorization")
+    cfg = _api.check_config(config, MemorizationConfig, "memorization.Config")
+    splits, name = _api.splits_of(data)
+    result = run_memorization(model, splits, cfg, progress=progress, **kw)
+    _api.attach(result, "memorization", name, splits, model)
+    return result
+
+
+def mitigate(model: nn.Module, data, config: MitigationConfig | None = None, *, progress: bool = False,
+             **kw) -> MitigationResult:
+    """Train `model` (a trained ERM model; changed in place) with the pruned/dense contrastive
+    objective and report per-group accuracy before and after (MitigationConfig).
+
+    data: as for run (with a spurious attribute; its val split is evaluated every epoch).
+    kw: run_mitigation's own options (store: where checkpoints go; without one, the mitigated
+    weights are only those of `model`). Returns a MitigationResult: summary(), write(folder)
+    (result.json and the figures, as the command line writes them).
+    """
+    from shortcut_fast.experiments import _api
+
+    _api.check_model(model, "memorization")
+    cfg = _api.check_config(config, MitigationConfig, "memorization.MitigationConfig")
+    splits, name = _api.splits_of(data)
+    result = run_mitigation(model, splits, cfg, progress=progress, **kw)
+    _api.attach(result, "mitigate", name, splits, model)
+    return result

@@ -22,7 +22,7 @@ from .base import Classifier
 from .bridges import BridgedModel, discover_blocks
 from .introspect import block_outputs, features_and_head, get_submodule, model_blocks
 from .registry import build_model, check_model_fits, list_models, model_from_checkpoint, model_option_names
-from .weights import load_pretrained
+from .weights import load_pretrained, load_weights
 
 __all__ = [
     "Classifier",
@@ -37,5 +37,6 @@ __all__ = [
     "features_and_head",
     "get_submodule",
     "load_pretrained",
+    "load_weights",
     "discover_blocks",
 ]

@@ -77,17 +77,18 @@ def _fmt(keys, limit: int = 10) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load the local state-dict file `path` into `model` in place and return `model`."""
+def _read_state(path, what: str) -> dict[str, torch.Tensor]:
+    """The state dict in the local file `path` (read with weights_only=True); `what` names the
+    setting in errors."""
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise TypeError(
-            f"pretrained must be the path of a local weights file, got {path!r} "
+            f"{what} must be the path of a local weights file, got {path!r} "
             "(shortcut-fast never downloads weights)"
         )
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"pretrained weights file not found: {path!r} (weights are never downloaded; "
+            f"{what} weights file not found: {path!r} (weights are never downloaded; "
             "save a state dict there first)"
         )
     try:
@@ -95,8 +96,36 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Modul
     except Exception as exc:  # unpickling errors come in many types
         raise ValueError(
             f"could not read {path!r} with torch.load(weights_only=True): {exc}") from exc
+    return _unwrap(obj, path)
+
+
+def load_weights(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load the local weights file `path` into `model` in place, strictly: every key of the
+    model must be in the file with its shape and the file must hold no other key (wrapper
+    prefixes such as "module." are reconciled). For a user's own trained model (--weights);
+    load_pretrained is the loose variant for fine-tuning from another task."""
     own = model.state_dict()
-    state = _align_prefixes(_unwrap(obj, path), own.keys())
+    state = _align_prefixes(_read_state(path, "weights"), own.keys())
+    path = os.fspath(path)
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        parts = [f"{name}: {_fmt(keys)}" for name, keys in (("shape mismatch in", mismatched),
+                                                            ("missing keys", missing),
+                                                            ("unexpected keys", unexpected)) if keys]
+        raise ValueError(f"{path!r} does not fit the model (another architecture or options?): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load the local state-dict file `path` into `model` in place and return `model`."""
+    obj = _read_state(path, "pretrained")
+    path = os.fspath(path)
+    own = model.state_dict()
+    state = _align_prefixes(obj, own.keys())
     head = _head_prefix(model)
 
     def is_head(key: str) -> bool:
