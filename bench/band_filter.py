@@ -1,6 +1,6 @@
 """Batched spectral filtering: B images x K masks -> K*B filtered images.
 
-Baseline (PERFORMANCE.md): a Python loop over masks, each a torch.fft round trip of the
+Baseline (docs/performance.md#baselines): a Python loop over masks, each a torch.fft round trip of the
 batch. The floor is the output write, K*B*C*H*W float32 values.
 """
 from __future__ import annotations

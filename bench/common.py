@@ -1,4 +1,4 @@
-"""Timing and recording shared by the benchmarks (see PERFORMANCE.md, "How to measure")."""
+"""Timing and recording shared by the benchmarks (see docs/performance.md#how-the-benchmarks-measure)."""
 from __future__ import annotations
 
 import datetime
@@ -76,7 +76,7 @@ def time_cuda(fn: Callable[[], object]) -> Timing:
     return Timing(med, p20, p80)
 
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # PERFORMANCE.md ceilings
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # vendor peak HBM bandwidth (docs/performance.md#gpu-goals)
 
 
 def hbm_fraction(bytes_moved: int, median_ms: float, device: str) -> float | None:

@@ -1,7 +1,7 @@
 """DeNetDM stage 1 + stage 2 on colored digits: all (ratio, seed) members as one stack against
 the published loop, one member at a time.
 
-Workload (PERFORMANCE.md, "DeNetDM stage 1 + 2 on Colored MNIST"; colored-digits is its
+Workload (DeNetDM stage 1 + 2 on Colored MNIST, docs/performance.md#baselines; colored-digits is its
 offline stand-in): the MLP product of experts (deep + shallow branch, one linear head) for
 stage1_epochs, then the distilled target branch for stage2_epochs, on every member
 (conflict ratio x seed), with per-epoch validation of every head and selection of the best

@@ -1,8 +1,8 @@
 """DFM search at CIFAR-10 scale: the exact loss-based DFMs of 10 classes x 1,000 images over
 every conjugate frequency pair of a 32x32 spectrum (514 candidates), full ResNet-18.
 
-Workload (PERFORMANCE.md, the headline: "exact loss DFMs of all 10 classes, 1,000 images
-each, every frequency pair, full ResNet-18 ... under 60 s on one H100/H200"): random
+Workload (the headline goal, docs/performance.md#gpu-goals: the exact loss DFMs of all 10 classes, 1,000
+images each, every frequency pair, full ResNet-18, under 60 s on one H100/H200): random
 CIFAR-shaped images (uint8 -> [0, 1]) and a randomly initialized models.resnet18 (width 64;
 the search costs the same for any weights), 5,140,000 model forwards in all.
 - fast path: experiments.freq_probe.class_dfm(method "loss") per class, i.e.

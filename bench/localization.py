@@ -1,9 +1,9 @@
 """Counterfactual localization: the 2L + 2 variants trained as one stacked ensemble against
 the same variants trained one after another.
 
-Workload (EXPERIMENTS.md section 4): ResNet-20 on 32x32 images, L = its 10 blocks + the
-head, the variants of experiments.localization.make_variants (clean, skew, skew@l, clean@l
-for every block l: 2L + 2 = 24 trainings), SGD with momentum and weight decay, the same
+Workload (docs/experiments.md#layer-wise-localization): ResNet-20 on 32x32 images, L = its
+10 blocks + the head, the variants of experiments.localization.make_variants (clean, skew,
+skew@l, clean@l for every block l: 2L + 2 = 24 trainings), SGD with momentum and weight decay, the same
 batches (clean images and a copy with a label-aligned patch) for every variant.
 - fast path: ensemble.train_variants(stacked=True): one vmap(functional_call) forward and
   backward for all variants per step, BN buffers stacked, foreach SGD.

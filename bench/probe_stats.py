@@ -1,7 +1,7 @@
 """V-information of 10,000 targets from one layer: fused statistics + closed-form ridge vs
 scikit-learn.
 
-Task (EXPERIMENTS.md section 2): for every target k, ridge probes x -> z_k with intercept for
+Task (docs/experiments.md#feature-complexity): for every target k, ridge probes x -> z_k with intercept for
 every alpha of one grid, alpha chosen per target by held-out error, held-out R^2 reported.
 - fast path: ops.probe_stats.accumulate_probe_stats on the train and held-out splits (one GEMM
   pass each) + fit_linear_probes (one eigendecomposition for every alpha and target).
@@ -21,7 +21,7 @@ every alpha of one grid, alpha chosen per target by held-out error, held-out R^2
   row says so. Skipped with a note in the other rows when himalaya is not installed
   (`pip install himalaya`; the GPU machines have no registry).
 GPU extra: TFLOP/s of the statistics phase (2 N D (D + K) flops per split) against the tf32
-tensor-core ceiling (PERFORMANCE.md: 495 TFLOP/s); float32 data, torch's default matmul
+tensor-core ceiling (495 TFLOP/s, docs/performance.md#gpu-goals); float32 data, torch's default matmul
 precision unless the row says tf32.
 """
 from __future__ import annotations

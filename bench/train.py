@@ -1,6 +1,6 @@
 """Training the CIFAR ResNet-18: the trainer's step path against a plain DataLoader loop.
 
-Workload (PERFORMANCE.md, "training the CIFAR ResNet-18"): models.resnet18 (width 64 on a
+Workload (training the CIFAR ResNet-18, docs/performance.md#baselines): models.resnet18 (width 64 on a
 GPU, 16 on the CPU, 8 with --quick) behind a CIFAR-10 mean/std normalization, on random
 uint8 3x32x32 images with random labels (10 classes), cross-entropy, SGD (lr 0.05, momentum
 0.9, Nesterov, weight decay 5e-4, constant schedule), random crop (pad 4, reflect) +
@@ -49,7 +49,7 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 LR, SEED, EPOCHS = 0.05, 0, 2
 CHECK_STEPS = 4
 LOSS_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}  # max |loss difference| over the checked steps (float32)
-GOAL_IMAGES_PER_S = 25_000  # PERFORMANCE.md, on one H100/H200
+GOAL_IMAGES_PER_S = 25_000  # the goal on one H100/H200 (docs/performance.md#gpu-goals)
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s
 # CPU timing on one intra-op thread (as bench/denetdm.py): on the shared, oversubscribed
 # 2-core machine two threads spin-wait on each other and inflate wall times erratically.

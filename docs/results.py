@@ -1,19 +1,23 @@
-"""The numbers of README.md's Results section: rerun them, and render the README from them.
+"""The numbers of the docs: rerun them, and render the docs from them.
 
-    python docs/results.py run [NAME ...]   rerun the README's commands (default: every entry
+The rendered blocks live in README.md (the claims table), docs/results.md (every command on
+the embedded data), docs/performance.md (the backends verified and the CPU throughput) and
+docs/real-digits.md (the real digits); DOCS lists them.
+
+    python docs/results.py run [NAME ...]   rerun the docs' commands (default: every entry
                                             that is not optional), write docs/results/NAME.json
                                             and copy the embedded figures to docs/figures/
     python docs/results.py run --all        also the optional (long) entries
-    python docs/results.py render           rewrite every block of README.md and docs/real-digits.md between
+    python docs/results.py render           rewrite every block of the DOCS files between
                                             <!-- results:BLOCK --> and <!-- /results:BLOCK -->
                                             from docs/results/*.json (and the CPU throughput rows
                                             of bench/results/cpu-x86-64.jsonl)
     python docs/results.py list             the entries, their commands and result files
 
-Each entry runs its command exactly as the README prints it, plus
-`--out runs/readme/NAME --overwrite --quiet`, and keeps only the numbers the README shows
+Each entry runs its command exactly as the docs print it, plus
+`--out runs/readme/NAME --overwrite --quiet`, and keeps only the numbers the docs show
 (read from `<out>/result.json`), the command line, the wall time and the machine.
-tests/test_readme.py checks that README.md holds what `render` would write.
+tests/test_readme.py checks that the docs hold what `render` would write.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ MEM_CHECKPOINT = f"{RUNS.as_posix()}/memorization/model/last.pt"
 
 
 # ---------------------------------------------------------------------------------------
-# The entries: command (as the README prints it), numbers kept, figures copied
+# The entries: command (as the docs print it), numbers kept, figures copied
 
 
 def _rows(rows):
@@ -1420,7 +1424,7 @@ BLOCKS: dict[str, tuple[list[str], callable]] = {
     "real-freq-probe": (["real-freq-probe"], render_demo),
 }
 # The files holding results blocks (each block in exactly one of them).
-DOCS = (README, ROOT / "docs" / "real-digits.md")
+DOCS = (README, ROOT / "docs" / "results.md", ROOT / "docs" / "performance.md", ROOT / "docs" / "real-digits.md")
 MARKER = re.compile(r"<!-- results:([\w-]+) -->\n(.*?)<!-- /results:\1 -->", re.S)
 
 
@@ -1463,7 +1467,7 @@ def render_text(text: str) -> str:
     def sub(m):
         block = m.group(1)
         if block not in BLOCKS:
-            raise SystemExit(f"README.md: unknown results block {block!r} (known: {', '.join(BLOCKS)})")
+            raise SystemExit(f"unknown results block {block!r} (known: {', '.join(BLOCKS)})")
         body = render_block(block)
         return f"<!-- results:{block} -->\n{body if body is not None else PLACEHOLDER}<!-- /results:{block} -->"
 
@@ -1489,7 +1493,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="rerun entries and write docs/results/NAME.json")
     r.add_argument("names", nargs="*", help=f"entries (default: all but the optional); of {', '.join(ENTRIES)}")
     r.add_argument("--all", action="store_true", help="also the optional (long) entries")
-    sub.add_parser("render", help="rewrite README.md's results blocks from docs/results/")
+    sub.add_parser("render", help="rewrite the docs' results blocks from docs/results/")
     sub.add_parser("list", help="the entries and their commands")
     args = ap.parse_args(argv)
     if args.mode == "list":

@@ -1,4 +1,4 @@
-"""The import graph has no arrow from a lower layer to a higher one (ARCHITECTURE.md)."""
+"""The import graph has no arrow from a lower layer to a higher one (the layers of LAYERS below)."""
 import ast
 from pathlib import Path
 

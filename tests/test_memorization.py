@@ -295,7 +295,7 @@ def test_groupings_and_minority(tiny_splits):
     counts = torch.bincount(g, minlength=2).tolist()
     assert mem.minority_groups(counts) == [1]
     assert mem.Grouping.build(splits, "group").num_groups == 100
-    # Waterbirds and CelebA train counts (EXPERIMENTS.md).
+    # Waterbirds and CelebA train counts per group (the standard splits of Sagawa et al. 2020).
     assert mem.minority_groups([3498, 184, 56, 1057]) == [1, 2]
     assert mem.minority_groups([71629, 66874, 22880, 1387]) == [3]
     assert mem.minority_groups([10, 9, 0, 9]) == [1, 3]  # nothing below half the mean: the smallest

@@ -1,5 +1,7 @@
-"""README.md's Results section tells the truth: every results block equals what
-`python docs/results.py render` writes from docs/results/*.json (and the bench rows it names).
+"""The docs tell the truth: every results block (README.md's claims table, docs/results.md,
+docs/performance.md's measured tables, docs/real-digits.md) equals what
+`python docs/results.py render` writes from docs/results/*.json (and the bench rows it names),
+and the README stays short.
 
 No experiment runs here. A block whose result file is absent is skipped (it shows the
 "not measured yet" placeholder until `make results` writes the file).
@@ -17,13 +19,40 @@ _spec.loader.exec_module(results)
 
 README_TEXT = (ROOT / "README.md").read_text()
 DOC_TEXTS = {doc: doc.read_text() for doc in results.DOCS}
-BLOCKS_IN_README = results.doc_blocks()  # README.md's and docs/real-digits.md's
+BLOCKS_IN_DOCS = results.doc_blocks()  # every DOCS file's blocks
+RESULTS_MD = ROOT / "docs" / "results.md"
+PERFORMANCE_MD = ROOT / "docs" / "performance.md"
+REAL_DIGITS_MD = ROOT / "docs" / "real-digits.md"
+README_MAX_LINES = 260
 
 
-def _results_section() -> str:
-    start = README_TEXT.index("\n## Results\n")
-    end = README_TEXT.index("\n## ", start + 1)
-    return README_TEXT[start:end]
+def _doc_of(block: str) -> Path:
+    """Where each block belongs: the claims table in the README, the hardware tables in
+    docs/performance.md, the real-digit tables in docs/real-digits.md, the rest in docs/results.md."""
+    if block == "claims":
+        return results.README
+    if block in ("verified", "throughput"):
+        return PERFORMANCE_MD
+    if block.startswith("real-"):
+        return REAL_DIGITS_MD
+    return RESULTS_MD
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n{heading}\n")
+    level = heading.split(" ", 1)[0]
+    nxt = re.search(rf"\n#{{1,{len(level)}}} ", text[start + 1:])
+    return text[start:start + 1 + nxt.start()] if nxt else text[start:]
+
+
+def _rel(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
+
+
+def test_docs_hold_every_results_file():
+    assert set(results.DOCS) == {results.README, RESULTS_MD, PERFORMANCE_MD, REAL_DIGITS_MD}
+    for doc in results.DOCS:
+        assert doc.exists(), f"{_rel(doc)} is missing"
 
 
 def test_every_block_has_markers_once_and_a_renderer():
@@ -31,15 +60,31 @@ def test_every_block_has_markers_once_and_a_renderer():
     for doc, text in DOC_TEXTS.items():
         opened = re.findall(r"<!-- results:([\w-]+) -->", text)
         closed = re.findall(r"<!-- /results:([\w-]+) -->", text)
-        assert sorted(opened) == sorted(closed), f"unpaired results markers in {doc.name}"
-        assert sorted(opened) == sorted(results.readme_blocks(text)), "a results marker pair does not enclose its block"
+        assert sorted(opened) == sorted(closed), f"unpaired results markers in {_rel(doc)}"
+        assert sorted(opened) == sorted(results.readme_blocks(text)), (
+            f"{_rel(doc)}: a results marker pair does not enclose its block")
+        for block in opened:
+            assert _doc_of(block) == doc, f"block {block} is in {_rel(doc)}, it belongs in {_rel(_doc_of(block))}"
         opened_all += opened
-        if doc == results.README:
-            for block in opened:
-                assert block in _results_section(), f"block {block} is outside the Results section"
     assert len(opened_all) == len(set(opened_all)), "a results block appears twice"
     assert set(opened_all) == set(results.BLOCKS), (
         f"the docs' blocks {sorted(opened_all)} differ from docs/results.py's {sorted(results.BLOCKS)}")
+
+
+def test_readme_claims_block_is_in_its_section():
+    assert "claims" in _section(README_TEXT, "## Paper claims on real digits")
+
+
+def test_performance_blocks_are_in_their_sections():
+    text = DOC_TEXTS[PERFORMANCE_MD]
+    assert "<!-- results:verified -->" in _section(text, "## Backends verified")
+    assert "<!-- results:throughput -->" in _section(text, "## Throughput on the CPU")
+
+
+def test_readme_is_short():
+    lines = README_TEXT.count("\n") + (not README_TEXT.endswith("\n"))
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move the detail into docs/")
 
 
 def test_every_result_file_belongs_to_an_entry():
@@ -64,19 +109,20 @@ def test_block_matches_its_result_files(block):
     assert not missing, (f"{', '.join(f'docs/results/{n}.json' for n in missing)} absent: run "
                          f"`python docs/results.py run {' '.join(missing)}` and commit the files")
     expected = results.render_block(block)
-    assert BLOCKS_IN_README.get(block) == expected, (
-        f"README.md's {block} block is stale: run `python docs/results.py render`")
+    assert BLOCKS_IN_DOCS.get(block) == expected, (
+        f"{_rel(_doc_of(block))}'s {block} block is stale: run `python docs/results.py render`")
 
 
 def test_render_is_idempotent_on_the_docs():
     for doc, text in DOC_TEXTS.items():
-        assert results.render_text(text) == text, f"{doc.name}: run `python docs/results.py render`"
+        assert results.render_text(text) == text, f"{_rel(doc)}: run `python docs/results.py render`"
 
 
-def test_results_prose_outside_blocks_has_no_measured_numbers():
+@pytest.mark.parametrize("doc", [results.README, RESULTS_MD, PERFORMANCE_MD, REAL_DIGITS_MD], ids=_rel)
+def test_prose_outside_blocks_has_no_measured_numbers(doc):
     """Numbers outside the rendered blocks would be hand-typed: only settings may appear there."""
-    text = results.MARKER.sub("", _results_section() + DOC_TEXTS[results.DOCS[1]])
+    text = results.MARKER.sub("", DOC_TEXTS[doc])
     text = re.sub(r"`[^`]*`", "", text)  # commands and option values
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)  # figures
     suspicious = re.findall(r"\d+\.\d+\s*(?:%|x|s\b)|\d+(?:\.\d+)?x\b|\d+ min|\bTPR \d", text)
-    assert not suspicious, f"hand-typed measurements outside the results blocks: {suspicious}"
+    assert not suspicious, f"{_rel(doc)}: hand-typed measurements outside the results blocks: {suspicious}"

@@ -1,4 +1,4 @@
-"""Feature complexity by V-information (EXPERIMENTS.md section 2; Fel et al., NeurIPS 2024).
+"""Feature complexity by V-information (docs/experiments.md#feature-complexity; Fel et al., NeurIPS 2024).
 
 Features are directions in the penultimate layer (default: an NMF dictionary of the
 post-ReLU penultimate activations, fit on a sample of probe-train images); a sample's
@@ -10,8 +10,9 @@ spatially average-pooled):
   (ops.probe_stats: one streaming pass of sufficient statistics per layer, every feature and
   every ridge alpha solved at once, alpha chosen per feature). That is the fixed-variance
   form (`v_information="r2"`, default), which the paper's definition matches as far as it
-  can be told (EXPERIMENTS.md section 2); `v_information="gaussian-nats"` learns the
-  variance too: -1/2 log(1 - R^2) nats, unbounded above.
+  can be told (docs/experiments.md#published-definitions-and-ours);
+  `v_information="gaussian-nats"` learns the variance too: -1/2 log(1 - R^2) nats, unbounded
+  above.
 - complexity K(z) = 1 - mean over layers of I_V: near 0 simple (decodable at the first
   block already), near 1 complex. With "gaussian-nats" the same formula is reported, but
   it is no longer confined to [0, 1] (a feature decodable beyond 1 nat goes negative).

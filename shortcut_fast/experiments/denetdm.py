@@ -13,9 +13,9 @@ architecture, cross-entropy) and LfF (Nam et al. 2020: a biased model trained wi
 generalized cross-entropy, q = 0.7, and a debiased one with per-sample weights
 W = L_b / (L_b + L_d) from per-sample loss EMAs (alpha 0.7) normalized by their class maximum).
 
-Protocol (where we differ from the public code, see the README): every model is selected per
-member on the validation split (unbiased accuracy: the mean over label x bias cells), never on
-the test split; `seed` is honoured; stage 2 trains.
+Protocol (where we differ from the public code, see docs/experiments.md#denetdm): every model
+is selected per member on the validation split (unbiased accuracy: the mean over label x bias
+cells), never on the test split; `seed` is honoured; stage 2 trains.
 
 Speed: every (conflict ratio, seed) pair is a *member*; all members of one architecture train
 as one `ensemble.StackedModules` (one vmap-ed forward and backward per step, Adam on the

@@ -1,4 +1,4 @@
-"""Frequency shortcuts (EXPERIMENTS.md section 1; Wang et al., ICCV 2023).
+"""Frequency shortcuts (docs/experiments.md#frequency-shortcuts; Wang et al., ICCV 2023).
 
 Per class c of a frozen classifier:
 - ADCS_c: where class c has more spectral energy than the other classes.
@@ -501,7 +501,7 @@ def predict_filtered(model: nn.Module, images: torch.Tensor, masks: torch.Tensor
 
 def shortcut_table(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dfms: torch.Tensor,
                    classes: Sequence[int] | None = None, *, centre: InputCentre | None = None, **kwargs) -> list[dict]:
-    """TPR_c and FPR_c of every class's DFM over ALL images (EXPERIMENTS.md section 1),
+    """TPR_c and FPR_c of every class's DFM over ALL images (docs/experiments.md#frequency-shortcuts),
     filtered around `centre`.
 
     dfms[i] is the DFM of class classes[i] (default: class i), so a subset such as

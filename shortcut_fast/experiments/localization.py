@@ -1,4 +1,4 @@
-"""Layer-wise shortcut localization by counterfactual training (EXPERIMENTS.md section 4).
+"""Layer-wise shortcut localization by counterfactual training (docs/experiments.md#layer-wise-localization).
 
 Tsoy & Konstantinov ("On Measuring Localization of Shortcuts in Deep Networks", arXiv
 2510.26560) publish no code and no protocol beyond their abstract; the protocol here is ours.

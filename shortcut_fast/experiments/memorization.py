@@ -1,4 +1,5 @@
-"""Spurious memorization in a few channels (EXPERIMENTS.md section 3; You et al., arXiv 2501.00961).
+"""Spurious memorization in a few channels (You et al., arXiv 2501.00961;
+docs/experiments.md#spurious-memorization).
 
 `run_memorization` asks whether a model's minority-group gap comes from a few channels that
 memorize the minority training samples:

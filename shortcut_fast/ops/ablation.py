@@ -1,5 +1,5 @@
 """Masked channel ablation: many modified copies of one cached activation, and per-group
-outcomes of the resulting logits in one reduction (EXPERIMENTS.md section 3).
+outcomes of the resulting logits in one reduction (docs/experiments.md#spurious-memorization).
 
 channel_ablate(act, mask, replacement)[v] is act with every channel c where mask[v, c] is
 True replaced: by replacement[c] (one value per channel: "zero" / "mean" modes) or by

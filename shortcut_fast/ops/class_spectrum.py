@@ -1,4 +1,4 @@
-"""Class-wise amplitude spectra (EXPERIMENTS.md section 1).
+"""Class-wise amplitude spectra (docs/experiments.md#frequency-shortcuts).
 
 E_c(u, v) = mean over images of class c of |fft2(x)(u, v)|, per channel, on the unshifted
 torch.fft.fft2 grid. `class_spectrum_sum` is the streaming reduction behind it (sums, so

@@ -1,4 +1,4 @@
-"""Feature directions in a layer's activation space (EXPERIMENTS.md section 2).
+"""Feature directions in a layer's activation space (docs/experiments.md#feature-complexity).
 
 A feature is a direction d_i in the (penultimate) activation space and a sample's feature
 value z_i its coefficient along it:

@@ -1,8 +1,8 @@
 """Linear probes for thousands of targets from streaming sufficient statistics.
 
-Feature complexity by V-information (EXPERIMENTS.md section 2) needs, per layer, one ridge
-probe from the layer's activations x (N, D) to each of K feature values z (N, K), scored
-on held-out data. With the linear-Gaussian family these collapse to one multi-target
+Feature complexity by V-information (docs/experiments.md#feature-complexity) needs, per
+layer, one ridge probe from the layer's activations x (N, D) to each of K feature values
+z (N, K), scored on held-out data. With the linear-Gaussian family these collapse to one multi-target
 least-squares problem:
 
   probe_stats(x, z)        one chunk's (x^T x, x^T z, sum x, sum z, sum z^2)
@@ -19,7 +19,7 @@ V-information of a target from the held-out R^2 of its probe (V_INFORMATION_FORM
   "r2"             Gaussian predictors of FIXED variance with a linear mean: H_V is the mean
                    squared error up to constants, so I_V = Var(z) * R^2, i.e. R^2 for a
                    standardized z (clipped at 0). This is the paper's definition as far as it
-                   can be told (EXPERIMENTS.md section 2: Fel et al. 2024 describe the
+                   can be told (docs/experiments.md#feature-complexity: Fel et al. 2024 describe the
                    fixed-variance linear-Gaussian family on standardized features and publish
                    no code), and our default.
   "gaussian-nats"  Gaussian predictors whose variance is LEARNED too: the best variance is the

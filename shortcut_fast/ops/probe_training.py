@@ -1,5 +1,5 @@
 """Fused minibatch training of K linear probes at once, for probe families without a
-closed form (EXPERIMENTS.md section 2: the gradient path of the V-information probes).
+closed form (docs/experiments.md#feature-complexity: the gradient path of the V-information probes).
 
 Every probe reads the same features x (N, D) and predicts its own target column:
   softmax   targets[:, k] int64 in [0, C): weight (K, D, C), bias (K, C), cross-entropy.

@@ -1,4 +1,4 @@
-"""Exact channel-ablation sweeps with per-group outcomes (EXPERIMENTS.md section 3).
+"""Exact channel-ablation sweeps with per-group outcomes (docs/experiments.md#spurious-memorization).
 
 For each layer and each channel (or channel set), modify that channel at the ablation point
 and count per-group correct predictions and summed cross-entropy over a data set.
@@ -826,7 +826,7 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
 
 
 # ---------------------------------------------------------------------------------------
-# Cheaper importance scores (EXPERIMENTS.md section 3 (a), (b))
+# Cheaper importance scores: weight norm and gradient norm (docs/experiments.md#spurious-memorization)
 
 
 def _score_module(model: nn.Module, name: str) -> Optional[str]:
