@@ -38,11 +38,11 @@ demo: $(BUILT)
 test: $(BUILT)
 	SHORTCUT_FAST_EXPECT_EXT=1 $(BIN)/python -m pytest -q
 
-# Reruns every command of README.md's Results section and docs/real-digits.md (docs/results.py;
+# Reruns every command behind the rendered tables of README.md and docs/ (docs/results.py;
 # about 1 h 20 min on a 2-core CPU, the real-digit DeNetDM table 21 min of it;
 # `$(BIN)/python docs/results.py run --all` adds the long full-width training rows and the full
 # Colored MNIST, which needs the MNIST idx files under $$SHORTCUT_FAST_DATA), writes
-# docs/results/*.json and docs/figures/, then rewrites the README's tables from them.
+# docs/results/*.json and docs/figures/, then rewrites the tables in README.md and docs/ from them.
 results: $(BUILT)
 	$(BIN)/python docs/results.py run
 	$(BIN)/python docs/results.py render

@@ -139,6 +139,8 @@ def analysis_inputs(settings: dict, purpose: str, train: dict | None = None):
                                       "--weights (weights of --model), not both")
     resolved = resolve_recipe(settings, purpose, train)
     splits = load_data(settings, resolved.data_options)
+    if settings.get("weights"):  # refused before any run folder opens: nothing is written for a file that cannot fit
+        given_model_of(settings, splits, resolved)
     return splits, resolved, (None if settings.get("checkpoint") else resolved.model_options)
 
 

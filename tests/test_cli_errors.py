@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from shortcut_fast.cli import main
 from shortcut_fast.run_folder import RunFolder
+from cli_runner import assert_refused, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,25 +28,15 @@ TINY = {
 }
 
 
-def _run(*args):
-    # catch_exceptions=False: an exception that escapes the CLI (a traceback) fails the test.
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _refused(result, status: int, *names: str):
-    """Exit `status` with the last line naming each of `names`, and no traceback."""
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == status, result.output
-    assert "Traceback" not in result.output
-    for name in names:
-        assert name in lines[-1], f"{name!r} not in {lines[-1]!r}"
 
 
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
     """A 10-class MLP trained on digits (for the foreign-checkpoint cases)."""
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    assert _run(*TINY["train"], "--out", out, "--quiet").exit_code == 0
+    assert run_cli(*TINY["train"], "--out", out, "--quiet").exit_code == 0
     return out / "last.pt"
 
 
@@ -76,25 +65,25 @@ def digits_checkpoint(tmp_path_factory):
     ("mitigate", "--conflict-ratio", "0"),
 ])
 def test_bad_sizes_and_lists_are_usage_errors(tmp_path, command, option, value):
-    r = _run(*TINY[command], option, value, "--out", tmp_path / "out")
-    _refused(r, 2, option)
+    r = run_cli(*TINY[command], option, value, "--out", tmp_path / "out")
+    assert_refused(r, 2, option)
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("command", list(TINY))
 def test_device_must_be_a_device(tmp_path, command):
-    _refused(_run(*TINY[command], "--device", "gpu0", "--out", tmp_path), 2, "--device")
+    assert_refused(run_cli(*TINY[command], "--device", "gpu0", "--out", tmp_path), 2, "--device")
 
 
 def test_bench_cuda_without_gpu_and_unknown_benchmark():
     if not torch.cuda.is_available():
-        _refused(_run("bench", "--device", "cuda"), 2, "--device")
-    _refused(_run("bench", "nonsense"), 2, "NAME", )
+        assert_refused(run_cli("bench", "--device", "cuda"), 2, "--device")
+    assert_refused(run_cli("bench", "nonsense"), 2, "NAME", )
 
 
 def test_bad_model_option_and_model_name(tmp_path):
-    _refused(_run(*TINY["train"], "-M", "depth", "--out", tmp_path / "a"), 2, "--model-option")
-    _refused(_run(*TINY["freq-probe"][:-4], "--model", "resnet9000", "--out", tmp_path / "b"), 2, "--model")
+    assert_refused(run_cli(*TINY["train"], "-M", "depth", "--out", tmp_path / "a"), 2, "--model-option")
+    assert_refused(run_cli(*TINY["freq-probe"][:-4], "--model", "resnet9000", "--out", tmp_path / "b"), 2, "--model")
 
 
 # ---- files given as arguments (runtime errors, status 1)
@@ -103,37 +92,37 @@ def test_text_file_as_checkpoint(tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
     for command in ("freq-probe", "complexity", "memorization", "mitigate"):
-        r = _run(*TINY[command], "--checkpoint", bad, "--out", tmp_path / command)
-        _refused(r, 1, "--checkpoint", "notes.pt")
+        r = run_cli(*TINY[command], "--checkpoint", bad, "--out", tmp_path / command)
+        assert_refused(r, 1, "--checkpoint", "notes.pt")
 
 
 def test_other_kinds_of_torch_file_as_checkpoint(tmp_path):
     weights = tmp_path / "weights.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, weights)  # a bare state dict: not a train checkpoint
-    _refused(_run(*TINY["memorization"], "--checkpoint", weights, "--out", tmp_path / "a"), 1, "weights.pt",
+    assert_refused(run_cli(*TINY["memorization"], "--checkpoint", weights, "--out", tmp_path / "a"), 1, "weights.pt",
              "model_config")
 
 
 def test_checkpoint_of_other_data_is_refused(tmp_path, digits_checkpoint):
     # A 10-class digits model on 4-class synthetic data would report accuracy near 0 without a word.
-    r = _run(*TINY["freq-probe"], "--checkpoint", digits_checkpoint, "--out", tmp_path / "fp")
-    _refused(r, 1, "--checkpoint", "num_classes 10 (the data has 4)")
-    r = _run(*TINY["complexity"], *SYN, "--checkpoint", digits_checkpoint, "--out", tmp_path / "cx")
-    _refused(r, 1, "num_classes 10")
+    r = run_cli(*TINY["freq-probe"], "--checkpoint", digits_checkpoint, "--out", tmp_path / "fp")
+    assert_refused(r, 1, "--checkpoint", "num_classes 10 (the data has 4)")
+    r = run_cli(*TINY["complexity"], *SYN, "--checkpoint", digits_checkpoint, "--out", tmp_path / "cx")
+    assert_refused(r, 1, "num_classes 10")
 
 
 def test_text_file_as_directions(tmp_path, digits_checkpoint):
     bad = tmp_path / "dirs.npy"
     bad.write_text("hello")
-    r = _run("complexity", "--data", "digits", "--checkpoint", digits_checkpoint, "--directions", bad,
+    r = run_cli("complexity", "--data", "digits", "--checkpoint", digits_checkpoint, "--directions", bad,
              "--layers", "fc1", "--max-images", "64", "--max-heldout", "32", "--out", tmp_path / "cx")
-    _refused(r, 1, "dirs.npy")
+    assert_refused(r, 1, "dirs.npy")
 
 
 def test_rewind_with_checkpoint_needs_rewind_to(tmp_path, digits_checkpoint):
-    r = _run("memorization", "--data", "digits", "--checkpoint", digits_checkpoint, "--mode", "rewind",
+    r = run_cli("memorization", "--data", "digits", "--checkpoint", digits_checkpoint, "--mode", "rewind",
              "--out", tmp_path / "m")
-    _refused(r, 2, "--rewind-to")
+    assert_refused(r, 2, "--rewind-to")
 
 
 # ---- the run folder: no stale resume, no leftovers, no two runs in one folder
@@ -154,16 +143,16 @@ def test_rewind_with_checkpoint_needs_rewind_to(tmp_path, digits_checkpoint):
 ])
 def test_resume_with_a_changed_setting_is_refused(tmp_path, command, change):
     out = tmp_path / "run"
-    first = _run(*TINY[command], "--out", out, "--quiet")
+    first = run_cli(*TINY[command], "--out", out, "--quiet")
     assert first.exit_code == 0, first.output
     before = (out / "run.json").read_text()
-    r = _run(*TINY[command], *change, "--out", out, "--resume", "--quiet")
+    r = run_cli(*TINY[command], *change, "--out", out, "--resume", "--quiet")
     option = change[0].lstrip("-").replace("-", "_")
     option = {"M": "model_option", "data": "data"}.get(option, option)
-    _refused(r, 1, "--resume", "settings differ", option)
+    assert_refused(r, 1, "--resume", "settings differ", option)
     assert json.loads((out / "run.json").read_text())["fingerprint"] == json.loads(before)["fingerprint"]
     # The same settings resume, and give the same result as the first run.
-    again = _run(*TINY[command], "--out", out, "--resume", "--quiet")
+    again = run_cli(*TINY[command], "--out", out, "--resume", "--quiet")
     assert again.exit_code == 0, again.output
 
 
@@ -174,18 +163,18 @@ def test_freq_probe_resume_with_the_checkpoint_changed_is_refused(tmp_path, digi
     torch.save(state, other)
     args = ["freq-probe", "--data", "digits", "--patch", "8", "--max-images-per-class", "4", "--quiet"]
     out = tmp_path / "m"
-    assert _run(*args, "--checkpoint", digits_checkpoint, "--out", out).exit_code == 0
-    _refused(_run(*args, "--checkpoint", other, "--out", out, "--resume"), 1, "checkpoint: 'sha256:")
+    assert run_cli(*args, "--checkpoint", digits_checkpoint, "--out", out).exit_code == 0
+    assert_refused(run_cli(*args, "--checkpoint", other, "--out", out, "--resume"), 1, "checkpoint: 'sha256:")
 
 
 def test_reused_out_is_refused_and_overwrite_clears_leftovers(tmp_path):
     out = tmp_path / "cx"
     args = [*TINY["complexity"], "--dynamics", "--out", out, "--quiet"]
-    assert _run(*args).exit_code == 0
+    assert run_cli(*args).exit_code == 0
     leftover = out / "model" / "epoch_003.pt"  # e.g. from an earlier, longer run
     leftover.write_bytes((out / "model" / "epoch_001.pt").read_bytes())
-    _refused(_run(*args), 1, "already holds a 'complexity' run", "--overwrite")
-    r = _run(*args, "--overwrite")
+    assert_refused(run_cli(*args), 1, "already holds a 'complexity' run", "--overwrite")
+    r = run_cli(*args, "--overwrite")
     assert r.exit_code == 0, r.output
     assert not leftover.exists()
     result = json.loads((out / "result.json").read_text())
@@ -196,12 +185,12 @@ def test_reused_out_is_refused_and_overwrite_clears_leftovers(tmp_path):
 def test_a_folder_in_use_is_refused(tmp_path):
     out = tmp_path / "busy"
     with RunFolder(out, "train", {}):
-        _refused(_run(*TINY["train"], "--out", out, "--resume"), 1, "in use by another run")
+        assert_refused(run_cli(*TINY["train"], "--out", out, "--resume"), 1, "in use by another run")
 
 
 def test_model_option_keeps_the_default_width(tmp_path):
     out = tmp_path / "mem"
-    r = _run("memorization", "--model", "small-cnn", "-M", "padding=2", "--epochs", "1", "--layers", "conv3",
+    r = run_cli("memorization", "--model", "small-cnn", "-M", "padding=2", "--epochs", "1", "--layers", "conv3",
              "--max-samples", "32", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     settings = json.loads((out / "run.json").read_text())["settings"]
@@ -210,10 +199,10 @@ def test_model_option_keeps_the_default_width(tmp_path):
 
 def test_no_progress_bars_when_not_a_terminal(tmp_path):
     """Under a pipe (CliRunner is not a tty) progress comes as lines, one per epoch."""
-    r = _run(*TINY["train"], "--epochs", "2", "--out", tmp_path)
+    r = run_cli(*TINY["train"], "--epochs", "2", "--out", tmp_path)
     assert r.exit_code == 0
     assert "\r" not in r.output
     assert sum(line.startswith("epoch 1/2") for line in r.output.splitlines()) == 1
     assert sum(line.startswith("epoch 2/2") for line in r.output.splitlines()) == 1
-    quiet = _run(*TINY["train"], "--epochs", "2", "--out", tmp_path / "q", "--quiet")
+    quiet = run_cli(*TINY["train"], "--epochs", "2", "--out", tmp_path / "q", "--quiet")
     assert not any(line.startswith("epoch ") for line in quiet.output.splitlines())

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from shortcut_fast.cli import main
 from shortcut_fast.data import load_dataset
 from shortcut_fast.data.core import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import denetdm as dn
 from shortcut_fast.models import build_model
 from shortcut_fast.run_folder import RunFolder
+from cli_runner import assert_refused, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,19 +241,13 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
 # ---- the command
 
 def _cli(*args):
-    return CliRunner().invoke(main, ["denetdm", *[str(a) for a in args]], catch_exceptions=False)
+    return run_cli("denetdm", *args)
 
 
 TINY = ("--conflict-ratio", "0.05,0.1", "--seeds", "1", "--stage1-epochs", "1", "--stage2-epochs", "1",
         "--baseline-epochs", "1", "--width", "16", "-D", "image_size=16", "--batch-size", "128", "--quiet")
 
 
-def _refused(result, status, *names):
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == status, result.output
-    assert "Traceback" not in result.output
-    for name in names:
-        assert name in lines[-1], f"{name!r} not in {lines[-1]!r}"
 
 
 def test_command_end_to_end_table_figures_and_resume(tmp_path):
@@ -272,7 +265,7 @@ def test_command_end_to_end_table_figures_and_resume(tmp_path):
     again = _cli(*TINY, "--out", out, "--resume")
     assert again.exit_code == 0, again.output
     assert json.loads((out / "result.json").read_text())["methods"] == rec["methods"]
-    _refused(_cli(*TINY[:-1], "--temperature", "3", "--out", out, "--resume"), 1, "temperature: 2.0 -> 3.0")
+    assert_refused(_cli(*TINY[:-1], "--temperature", "3", "--out", out, "--resume"), 1, "temperature: 2.0 -> 3.0")
 
 
 def test_depth_ablation_reports_one_denetdm_per_pair(tmp_path):
@@ -284,26 +277,26 @@ def test_depth_ablation_reports_one_denetdm_per_pair(tmp_path):
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.1", "0.1,abc"])
 def test_ratio_outside_the_open_unit_interval(tmp_path, ratio):
-    _refused(_cli("--conflict-ratio", ratio, "--out", tmp_path / "o"), 2, "--conflict-ratio")
+    assert_refused(_cli("--conflict-ratio", ratio, "--out", tmp_path / "o"), 2, "--conflict-ratio")
 
 
 @pytest.mark.parametrize("depths", ["5,3", "4,4", "0,3", "3", "a,b"])
 def test_bad_depths(tmp_path, depths):
-    _refused(_cli("--depths", depths, "--out", tmp_path / "o"), 2, "--depths")
+    assert_refused(_cli("--depths", depths, "--out", tmp_path / "o"), 2, "--depths")
 
 
 def test_mlp_depth_below_two_is_refused(tmp_path):
-    _refused(_cli("--depths", "1,3", "--out", tmp_path / "o"), 2, "--depths", ">= 2")
+    assert_refused(_cli("--depths", "1,3", "--out", tmp_path / "o"), 2, "--depths", ">= 2")
 
 
 @pytest.mark.parametrize("data", ["digits", "synthetic-freq"])
 def test_dataset_without_bias_attributes(tmp_path, data):
-    _refused(_cli("--data", data, "--out", tmp_path / "o"), 2, "--data", "bias attribute")
+    assert_refused(_cli("--data", data, "--out", tmp_path / "o"), 2, "--data", "bias attribute")
 
 
 def test_unknown_baseline_and_reserved_data_options(tmp_path):
-    _refused(_cli("--baselines", "erm,jtt", "--out", tmp_path / "o"), 2, "--baselines", "jtt")
-    _refused(_cli("-D", "conflict_ratio=0.2", "--out", tmp_path / "o"), 2, "--data-option", "--conflict-ratio")
+    assert_refused(_cli("--baselines", "erm,jtt", "--out", tmp_path / "o"), 2, "--baselines", "jtt")
+    assert_refused(_cli("-D", "conflict_ratio=0.2", "--out", tmp_path / "o"), 2, "--data-option", "--conflict-ratio")
 
 
 def test_api_config_errors_name_the_argument():
@@ -322,7 +315,7 @@ def test_corrupted_digits_runs_with_the_mlp_branches_and_conv_refuses_depths(tmp
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "o" / "result.json").read_text())
     assert rec["dataset"]["name"] == "corrupted-digits" and rec["dataset"]["image_shape"] == [3, 16, 16]
-    _refused(_cli("--data", "corrupted-digits", "--depths", "4,8", "--out", tmp_path / "p"), 2, "--depths")
+    assert_refused(_cli("--data", "corrupted-digits", "--depths", "4,8", "--out", tmp_path / "p"), 2, "--depths")
 
 
 # ---- epoch rules and the baselines' published protocol
@@ -381,6 +374,6 @@ def test_cli_baseline_protocol_and_baselines_only(tmp_path):
     cfg = rec["config"]
     assert (cfg["baseline_batch_size"], cfg["baseline_depth"], cfg["denetdm"]) == (256, 4, False)
     assert cfg["baseline_input_scale"] == pytest.approx(1 / 255)
-    _refused(_cli("--data", "corrupted-digits", "--baseline-protocol", "lff", "--out", tmp_path / "p"), 2,
+    assert_refused(_cli("--data", "corrupted-digits", "--baseline-protocol", "lff", "--out", tmp_path / "p"), 2,
              "--baseline-protocol")
-    _refused(_cli("--baselines-only", "--baselines", "none", "--out", tmp_path / "q"), 2, "--baselines")
+    assert_refused(_cli("--baselines-only", "--baselines", "none", "--out", tmp_path / "q"), 2, "--baselines")

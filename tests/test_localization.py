@@ -4,11 +4,10 @@ import json
 import math
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from shortcut_fast.cli import main
 from shortcut_fast.experiments import localization as loc
+from cli_runner import assert_refused, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,21 +178,13 @@ TINY = ["localize", "--model", "small-cnn", "-M", "width=4", "-M", "padding=2", 
         "--batch-size", "256", "--probe-images", "64"]
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _refused(result, status, *names):
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert result.exit_code == status, result.output
-    assert "Traceback" not in result.output
-    for name in names:
-        assert name in lines[-1], f"{name!r} not in {lines[-1]!r}"
 
 
 def test_localize_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
-    r = _run(*TINY, "--interventions", "--blocks", "conv1,head", "--out", out, "--quiet")
+    r = run_cli(*TINY, "--interventions", "--blocks", "conv1,head", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     rec = json.loads((out / "result.json").read_text())
     res = rec["result"]
@@ -216,42 +207,42 @@ def test_localize_end_to_end_and_resume(tmp_path):
     assert (out / "partial" / "seed_1.json").exists()
 
     # Resume with the same settings: every seed is read back, not retrained (same numbers).
-    r = _run(*TINY, "--interventions", "--blocks", "conv1,head", "--out", out, "--quiet", "--resume")
+    r = run_cli(*TINY, "--interventions", "--blocks", "conv1,head", "--out", out, "--quiet", "--resume")
     assert r.exit_code == 0, r.output
     again = json.loads((out / "result.json").read_text())["result"]
     assert again["per_seed"] == res["per_seed"]
 
     # A changed setting is refused, naming it.
-    r = _run(*TINY, "--interventions", "--blocks", "conv1,head", "--rho", "0.8", "--out", out, "--quiet", "--resume")
-    _refused(r, 1, "rho: 0.9 -> 0.8")
+    r = run_cli(*TINY, "--interventions", "--blocks", "conv1,head", "--rho", "0.8", "--out", out, "--quiet", "--resume")
+    assert_refused(r, 1, "rho: 0.9 -> 0.8")
 
 
 # ---- bad input (usage errors: status 2, one line naming the option and the valid choices)
 
 @pytest.mark.parametrize("rho", ["0", "1.5", "-0.2"])
 def test_rho_outside_the_unit_interval(tmp_path, rho):
-    _refused(_run(*TINY, "--rho", rho, "--out", tmp_path / "o"), 2, "--rho", "0<x<=1")
+    assert_refused(run_cli(*TINY, "--rho", rho, "--out", tmp_path / "o"), 2, "--rho", "0<x<=1")
 
 
 def test_unknown_block_name(tmp_path):
-    _refused(_run(*TINY, "--blocks", "conv1,layer9", "--out", tmp_path / "o"), 2, "--blocks", "'layer9'",
+    assert_refused(run_cli(*TINY, "--blocks", "conv1,layer9", "--out", tmp_path / "o"), 2, "--blocks", "'layer9'",
              "conv1, conv2, conv3, head")
-    _refused(_run(*TINY, "--granularity", "block", "--blocks", "stem", "--out", tmp_path / "o"), 2, "--blocks",
+    assert_refused(run_cli(*TINY, "--granularity", "block", "--blocks", "stem", "--out", tmp_path / "o"), 2, "--blocks",
              "conv1")
 
 
 def test_dataset_without_attributes_and_no_shortcut(tmp_path):
-    _refused(_run(*TINY, "--shortcut", "none", "--out", tmp_path / "o"), 2, "--shortcut", "patch, tint or freq")
-    _refused(_run(*TINY, "-D", "shortcut=tint", "--out", tmp_path / "o"), 2, "--data-option", "--shortcut")
+    assert_refused(run_cli(*TINY, "--shortcut", "none", "--out", tmp_path / "o"), 2, "--shortcut", "patch, tint or freq")
+    assert_refused(run_cli(*TINY, "-D", "shortcut=tint", "--out", tmp_path / "o"), 2, "--data-option", "--shortcut")
 
 
 def test_dataset_with_its_own_attribute(tmp_path):
     # colored-digits: every (digit, color) group needs training images for a group-balanced clean set;
     # at conflict_ratio 0.05 some are empty, which is refused naming the group.
-    _refused(_run(*TINY, "--data", "colored-digits", "--shortcut", "none", "--out", tmp_path / "o"), 1,
+    assert_refused(run_cli(*TINY, "--data", "colored-digits", "--shortcut", "none", "--out", tmp_path / "o"), 1,
              "no image of group", "shortcut=patch|tint|freq")
     out = tmp_path / "own"
-    r = _run(*TINY, "--seeds", "1", "--data", "colored-digits", "--conflict-ratio", "0.9", "--shortcut", "none",
+    r = run_cli(*TINY, "--seeds", "1", "--data", "colored-digits", "--conflict-ratio", "0.9", "--shortcut", "none",
              "--blocks", "head", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "result.json").read_text())["result"]
@@ -290,4 +281,4 @@ def test_model_whose_blocks_cannot_be_listed(tmp_path, monkeypatch):
     import shortcut_fast.models
 
     monkeypatch.setattr(shortcut_fast.models, "model_blocks", lambda model: [])
-    _refused(_run(*TINY, "--out", tmp_path / "o"), 2, "--model", "cannot be listed", "resnet20")
+    assert_refused(run_cli(*TINY, "--out", tmp_path / "o"), 2, "--model", "cannot be listed", "resnet20")

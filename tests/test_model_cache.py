@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from shortcut_fast.cli import main
 from shortcut_fast.model_cache import ENTRY, ModelCache, cache_root, model_identity, model_key
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,8 +16,6 @@ TRAIN = ["train", "--data", "digits", "--model", "mlp", "-M", "width=8", "--epoc
          "2", "--quiet"]
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def _result(out):
@@ -117,10 +114,10 @@ def test_concurrent_stores_of_one_key_leave_one_complete_entry(tmp_path):
 
 def test_train_then_freq_probe_reuses_the_model(tmp_path, cifar):
     """On CIFAR-10 every command trains by the same paper recipe: one model serves them all."""
-    r = _run("train", *cifar, "--out", tmp_path / "t")
+    r = run_cli("train", *cifar, "--out", tmp_path / "t")
     assert r.exit_code == 0, r.output
     key = _result(tmp_path / "t")["model_cache"]["key"]
-    r = _run("freq-probe", *cifar, "--patch", "8", "--classes", "0", "--out", tmp_path / "f")
+    r = run_cli("freq-probe", *cifar, "--patch", "8", "--classes", "0", "--out", tmp_path / "f")
     assert r.exit_code == 0, r.output
     assert f"reusing cached model {key} (trained by shortcut-fast train" in r.output
     result = _result(tmp_path / "f")
@@ -132,9 +129,9 @@ def test_train_then_freq_probe_reuses_the_model(tmp_path, cifar):
 
 def test_freq_probe_then_memorization_share_the_model(tmp_path, cifar):
     shortcut = ["-D", "shortcut=patch"]  # CIFAR-10 with a planted attribute: memorization needs groups
-    assert _run("freq-probe", *cifar, *shortcut, "--patch", "8", "--classes", "0",
+    assert run_cli("freq-probe", *cifar, *shortcut, "--patch", "8", "--classes", "0",
                 "--out", tmp_path / "f").exit_code == 0
-    r = _run("memorization", *cifar, *shortcut, "--layers", "fc1", "--max-samples", "32", "--out", tmp_path / "m")
+    r = run_cli("memorization", *cifar, *shortcut, "--layers", "fc1", "--max-samples", "32", "--out", tmp_path / "m")
     assert r.exit_code == 0, r.output
     assert _reused(tmp_path / "m") and "reusing cached model" in r.output
 
@@ -142,28 +139,28 @@ def test_freq_probe_then_memorization_share_the_model(tmp_path, cifar):
 @pytest.mark.parametrize("change", [["--epochs", "2"], ["--seed", "1"], ["-M", "width=16"], ["-D", "val_fraction=0.2"],
                                     ["--lr", "0.01"], ["--no-cache"]])
 def test_a_changed_setting_trains_anew(tmp_path, change):
-    assert _run(*TRAIN, "--out", tmp_path / "a").exit_code == 0
+    assert run_cli(*TRAIN, "--out", tmp_path / "a").exit_code == 0
     assert not _reused(tmp_path / "a")
-    assert _run(*TRAIN, "--out", tmp_path / "same").exit_code == 0
+    assert run_cli(*TRAIN, "--out", tmp_path / "same").exit_code == 0
     assert _reused(tmp_path / "same")
-    r = _run(*TRAIN, *change, "--out", tmp_path / "b")
+    r = run_cli(*TRAIN, *change, "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     assert not _reused(tmp_path / "b") and "reusing" not in r.output
 
 
 def test_another_recipe_trains_anew(tmp_path, cifar):
-    assert _run("train", *cifar, "--out", tmp_path / "paper").exit_code == 0
-    r = _run("train", *cifar, "--recipe", "quick", "--out", tmp_path / "quick")
+    assert run_cli("train", *cifar, "--out", tmp_path / "paper").exit_code == 0
+    r = run_cli("train", *cifar, "--recipe", "quick", "--out", tmp_path / "quick")
     assert r.exit_code == 0 and not _reused(tmp_path / "quick")
-    assert _run("train", *cifar, "--recipe", "paper", "--out", tmp_path / "again").exit_code == 0
+    assert run_cli("train", *cifar, "--recipe", "paper", "--out", tmp_path / "again").exit_code == 0
     assert _reused(tmp_path / "again")  # the default recipe of cifar10 is paper: the same model
     # a paper recipe that falls back to quick (embedded data) trains the quick model: reused
-    assert _run(*TRAIN, "--out", tmp_path / "d").exit_code == 0
-    assert _run(*TRAIN, "--recipe", "paper", "--out", tmp_path / "d2").exit_code == 0 and _reused(tmp_path / "d2")
+    assert run_cli(*TRAIN, "--out", tmp_path / "d").exit_code == 0
+    assert run_cli(*TRAIN, "--recipe", "paper", "--out", tmp_path / "d2").exit_code == 0 and _reused(tmp_path / "d2")
 
 
 def test_no_cache_neither_reads_nor_writes(tmp_path, model_cache_folder):
-    assert _run(*TRAIN, "--no-cache", "--out", tmp_path / "a").exit_code == 0
+    assert run_cli(*TRAIN, "--no-cache", "--out", tmp_path / "a").exit_code == 0
     assert list(model_cache_folder.iterdir()) == []
     assert _result(tmp_path / "a")["model_cache"] == {"key": None, "reused": False, "folder": None}
 
@@ -184,8 +181,8 @@ def test_reused_model_gives_the_same_results(tmp_path):
     }
     for name, args in runs.items():
         ModelCache().clear()  # memorization and mitigate train the same ERM model: each trains it once here
-        assert _run(*args, "--out", tmp_path / f"{name}-trained").exit_code == 0
-        r = _run(*args, "--out", tmp_path / f"{name}-reused")
+        assert run_cli(*args, "--out", tmp_path / f"{name}-trained").exit_code == 0
+        r = run_cli(*args, "--out", tmp_path / f"{name}-reused")
         assert r.exit_code == 0 and "reusing cached model" in r.output, (name, r.output)
         trained, reused = _result(tmp_path / f"{name}-trained"), _result(tmp_path / f"{name}-reused")
         assert (trained["model_cache"]["reused"], reused["model_cache"]["reused"]) == (False, True)
@@ -209,38 +206,38 @@ def test_what_a_command_needs_from_the_training_is_added_to_the_entry(tmp_path):
     # freq-probe's band-learning snapshots depend on --track-every: another value trains again
     syn = ["freq-probe", "--data", "synthetic-freq", "-D", "n_train=64", "-D", "n_val=16", "-D", "n_test=16",
            "-D", "image_size=16", "--model", "mlp", "-M", "width=8", "--epochs", "1", "--no-dfm", "--quiet"]
-    assert _run(*syn, "--track-every", "2", "--out", tmp_path / "a").exit_code == 0
-    r = _run(*syn, "--track-every", "3", "--out", tmp_path / "b")
+    assert run_cli(*syn, "--track-every", "2", "--out", tmp_path / "a").exit_code == 0
+    r = run_cli(*syn, "--track-every", "3", "--out", tmp_path / "b")
     assert "lacks band-learning-" in r.output and not _reused(tmp_path / "b")
     for every, out in (("2", "c"), ("3", "d")):  # both sets of snapshots are cached now
-        assert _run(*syn, "--track-every", every, "--out", tmp_path / out).exit_code == 0 and _reused(tmp_path / out)
+        assert run_cli(*syn, "--track-every", every, "--out", tmp_path / out).exit_code == 0 and _reused(tmp_path / out)
     assert _result(tmp_path / "d")["result"]["learning"]["steps"] == _result(tmp_path / "b")["result"]["learning"][
         "steps"]
     # complexity --dynamics needs every epoch's checkpoint; the model cached without them is trained again
     cx = ["complexity", "--model", "mlp", "-M", "width=8", "--epochs", "2", "--directions", "pca:4", "--max-images",
           "64", "--max-heldout", "32", "--layers", "fc1", "--quiet"]
-    assert _run(*cx, "--out", tmp_path / "cx").exit_code == 0
+    assert run_cli(*cx, "--out", tmp_path / "cx").exit_code == 0
     assert not (tmp_path / "cx" / "model" / "epoch_001.pt").exists()
-    r = _run(*cx, "--dynamics", "--out", tmp_path / "cx-dyn")
+    r = run_cli(*cx, "--dynamics", "--out", tmp_path / "cx-dyn")
     assert "lacks the epoch checkpoints" in r.output and not _reused(tmp_path / "cx-dyn")
-    assert _run(*cx, "--dynamics", "--out", tmp_path / "cx-dyn2").exit_code == 0 and _reused(tmp_path / "cx-dyn2")
+    assert run_cli(*cx, "--dynamics", "--out", tmp_path / "cx-dyn2").exit_code == 0 and _reused(tmp_path / "cx-dyn2")
     assert (tmp_path / "cx-dyn2" / "model" / "epoch_002.pt").exists()
     assert _result(tmp_path / "cx-dyn2")["result"]["dynamics"]["epochs"] == [1, 2]
 
 
 def test_cache_list_and_clear(tmp_path, model_cache_folder):
-    r = _run("cache", "list")
+    r = run_cli("cache", "list")
     assert r.exit_code == 0 and "0 model(s)" in r.output
-    assert _run(*TRAIN, "--out", tmp_path / "a").exit_code == 0
+    assert run_cli(*TRAIN, "--out", tmp_path / "a").exit_code == 0
     key = _result(tmp_path / "a")["model_cache"]["key"]
-    r = _run("cache", "list")
+    r = run_cli("cache", "list")
     assert r.exit_code == 0 and str(model_cache_folder) in r.output
     row = next(line for line in r.output.splitlines() if line.startswith(key))
     for text in ("digits", "mlp (width=8)", "quick", "shortcut-fast train", "kB"):
         assert text in row, text
-    r = _run("cache", "clear")
+    r = run_cli("cache", "clear")
     assert r.exit_code == 2 and "--yes" in r.output.strip().splitlines()[-1] and "1 cached model" in r.output
     assert ModelCache().lookup(key) is not None  # nothing deleted without --yes
-    r = _run("cache", "clear", "--yes")
+    r = run_cli("cache", "clear", "--yes")
     assert r.exit_code == 0 and "deleted 1 cached model" in r.output
     assert ModelCache().entries() == [] and os.listdir(model_cache_folder) == []

@@ -4,12 +4,11 @@ import dataclasses
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from shortcut_fast import recipes
-from shortcut_fast.cli import main
 from shortcut_fast.models import build_model, model_option_names
 from shortcut_fast.train import TrainConfig
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,8 +16,6 @@ FILE_BACKED = ("cifar10", "colored-mnist", "corrupted-cifar10", "waterbirds", "c
 EMBEDDED = ("synthetic-freq", "digits", "colored-digits", "corrupted-digits", "mnist-5k", "colored-mnist-5k")
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture
@@ -145,7 +142,7 @@ def test_expected_cpu_duration():
 
 def test_cifar10_trains_by_the_paper_recipe_with_overrides(tmp_path, cifar):
     out = tmp_path / "t"
-    r = _run("train", *cifar, "--model", "mlp", "-M", "width=8", "--epochs", "1", "--out", out, "--quiet")
+    r = run_cli("train", *cifar, "--model", "mlp", "-M", "width=8", "--epochs", "1", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     first = r.output.splitlines()[0]
     assert first.startswith("recipe paper (cifar10, train): mlp (width=8), 1 epoch, batch 8, sgd lr 0.001")
@@ -164,7 +161,7 @@ def test_cifar10_trains_by_the_paper_recipe_with_overrides(tmp_path, cifar):
 
 def test_recipe_quick_on_cifar10_and_explicit_epochs(tmp_path, cifar):
     out = tmp_path / "q"
-    r = _run("train", *cifar, "--recipe", "quick", "--model", "mlp", "-M", "width=8", "--epochs", "1",
+    r = run_cli("train", *cifar, "--recipe", "quick", "--model", "mlp", "-M", "width=8", "--epochs", "1",
              "--max-steps-per-epoch", "2", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     assert r.output.startswith("recipe quick (cifar10, train): mlp (width=8), 1 epoch, batch 128, sgd lr 0.05")
@@ -172,7 +169,7 @@ def test_recipe_quick_on_cifar10_and_explicit_epochs(tmp_path, cifar):
     result = json.loads((out / "result.json").read_text())
     assert result["recipe"]["name"] == "quick" and result["result"]["config"]["schedule"] == "cosine"
     # --epochs over a recipe, on the embedded data too
-    r = _run("train", "--data", "digits", "--model", "mlp", "-M", "width=8", "--epochs", "2", "--batch-size", "256",
+    r = run_cli("train", "--data", "digits", "--model", "mlp", "-M", "width=8", "--epochs", "2", "--batch-size", "256",
              "--max-steps-per-epoch", "1", "--out", tmp_path / "d", "--quiet")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "d" / "result.json").read_text())
@@ -182,7 +179,7 @@ def test_recipe_quick_on_cifar10_and_explicit_epochs(tmp_path, cifar):
 
 
 def test_paper_on_a_cpu_prints_the_expected_duration(tmp_path, cifar):
-    r = _run("train", *cifar, "--epochs", "1", "--max-steps-per-epoch", "1", "--out", tmp_path / "o", "--quiet")
+    r = run_cli("train", *cifar, "--epochs", "1", "--max-steps-per-epoch", "1", "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     line = next(s for s in r.output.splitlines() if "expected training time" in s)
     assert "about" in line and line.endswith("use --recipe quick for a CPU-minutes run")
@@ -190,16 +187,16 @@ def test_paper_on_a_cpu_prints_the_expected_duration(tmp_path, cifar):
 
 def test_paper_recipe_of_waterbirds_needs_pretrained(tmp_path):
     for command in (["train"], ["freq-probe"], ["memorization"], ["mitigate"]):
-        r = _run(*command, "--data", "waterbirds", "--data-root", tmp_path, "--out", tmp_path / "o")
+        r = run_cli(*command, "--data", "waterbirds", "--data-root", tmp_path, "--out", tmp_path / "o")
         assert r.exit_code == 2 and "--pretrained" in r.output.strip().splitlines()[-1], r.output
         assert "ImageNet ResNet-50" in r.output
     # quick needs no weights (and then fails on the missing data files, naming them)
-    r = _run("train", "--data", "waterbirds", "--recipe", "quick", "--data-root", tmp_path, "--out", tmp_path / "o")
+    r = run_cli("train", "--data", "waterbirds", "--recipe", "quick", "--data-root", tmp_path, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "metadata.csv" in r.output
 
 
 def test_paper_on_embedded_data_falls_back_with_a_note(tmp_path):
-    r = _run("train", "--data", "digits", "--recipe", "paper", "--model", "mlp", "-M", "width=8", "--epochs", "1",
+    r = run_cli("train", "--data", "digits", "--recipe", "paper", "--model", "mlp", "-M", "width=8", "--epochs", "1",
              "--max-steps-per-epoch", "1", "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     assert r.output.startswith("recipe quick (digits, train)") and "note: digits has no paper recipe" in r.output

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import conftest
 from shortcut_fast import selftest
 from shortcut_fast.backends import backend_status
-from shortcut_fast.cli import main
 from shortcut_fast.ops import ablation, band_filter, probe_training
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,8 +18,6 @@ DEVICE = "cuda" if conftest.HAS_GPU else "cpu"
 EXPECTED = ("cuda", "triton") if conftest.HAS_GPU else ("cpp", "triton")
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def _last_line(result):
@@ -91,7 +88,7 @@ def test_fails_naming_op_and_backend_when_a_backend_is_off_by_1e_2(monkeypatch, 
     assert all(r.max_abs_error == pytest.approx(1e-2, rel=1e-3) for r in failed if r.max_abs_error)
     assert all(r.status == "pass" for r in rows if r.op == "channel_ablate")  # the others still pass
 
-    result = _run("selftest", "--device", DEVICE, "--quick", "--seed", "3")
+    result = run_cli("selftest", "--device", DEVICE, "--quick", "--seed", "3")
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     assert f"{op} on {backend}" in _last_line(result)
@@ -117,7 +114,7 @@ def test_wrong_shape_is_a_failure(monkeypatch):
 
 
 def test_cli_passes_and_prints_the_table():
-    result = _run("selftest", "--device", DEVICE, "--quick", "--seed", "0")
+    result = run_cli("selftest", "--device", DEVICE, "--quick", "--seed", "0")
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[1]
     for column in ("op", "backend", "dtype", "shape", "max abs error", "tolerance", "result"):
@@ -133,7 +130,7 @@ def test_cli_passes_and_prints_the_table():
     (["--seed", "-1"], "--seed"),
 ])
 def test_cli_bad_options_name_the_option(args, name):
-    result = _run("selftest", *args)
+    result = run_cli("selftest", *args)
     assert result.exit_code == 2
     assert name in _last_line(result)
 
@@ -152,7 +149,7 @@ def test_record_then_info_reports_what_was_verified_where(tmp_path, monkeypatch)
 
     path = tmp_path / "verified.jsonl"
     monkeypatch.setattr(common, "VERIFIED_FILE", path)
-    result = _run("selftest", "--device", "cpu", "--quick", "--seed", "0", "--record")
+    result = run_cli("selftest", "--device", "cpu", "--quick", "--seed", "0", "--record")
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     cpp = [x for x in lines if x["backend"] == "cpp"]
@@ -164,7 +161,7 @@ def test_record_then_info_reports_what_was_verified_where(tmp_path, monkeypatch)
         f.write(json.dumps(bad) + "\n")
     latest = common.verified_backends(path)[("cpp", "compiled")]
     assert len(latest) == 1 and latest[0]["failed"] == 2
-    info = _run("info")
+    info = run_cli("info")
     assert info.exit_code == 0, info.output
     assert "cpp     (compiled) FAILED 2 of" in info.output
     assert "cuda    never verified on a GPU" in info.output

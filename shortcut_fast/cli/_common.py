@@ -19,6 +19,8 @@ def message(exc: BaseException) -> str:
 
 
 def fail(exc: Exception) -> None:
+    if isinstance(exc, SettingError):
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.setting}") from None
     raise click.ClickException(message(exc)) from exc
 
 

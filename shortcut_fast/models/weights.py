@@ -93,9 +93,11 @@ def _read_state(path, what: str) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
+    except Exception as exc:  # unpickling errors come in many types; torch's message spans many lines
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(
-            f"could not read {path!r} with torch.load(weights_only=True): {exc}") from exc
+            f"could not read {path!r} with torch.load(weights_only=True), which loads tensors only (save "
+            f"model.state_dict(), not the model): {first}") from exc
     return _unwrap(obj, path)
 
 
