@@ -1,4 +1,4 @@
-"""Planted shortcuts (EXPERIMENTS.md section 4): a class-specific patch, color tint or frequency.
+"""Planted shortcuts (docs/experiments.md#layer-wise-localization): a class-specific patch, color tint or frequency.
 
 Protocol of inject_shortcut. Shortcut attribute a in 0..C-1 means "carries the shortcut of
 class a"; a = C (= num_classes) means "no shortcut", so num_attributes = C + 1 and an image is

@@ -1,4 +1,4 @@
-"""Frequency-biased synthetic images (EXPERIMENTS.md section 1; our generator, the paper's was not released).
+"""Frequency-biased synthetic images (docs/experiments.md#frequency-shortcuts; our generator, the paper's was not released).
 
 Radial bands B1 (low) .. B4 (high) are those of shortcut_fast.ops.freq.radial_band_index:
 equal width on the normalized radius, band 0 = B1 holds DC.
