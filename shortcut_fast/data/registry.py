@@ -1,9 +1,11 @@
 """load_dataset / list_datasets: one entry point for every dataset name the CLI accepts."""
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 
+from . import files
 from .core import DatasetSplits
 from .loaders import BUILDERS
 from .shortcuts import inject_shortcut
@@ -17,20 +19,32 @@ _SHORTCUT_OPTIONS = ("shortcut", "rho", "shortcut_strength")
 def _canonical(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
+    spec = files.parse_spec(name)  # imagefolder:PATH / csv:FILE: the path keeps its case
+    if spec is not None:
+        return f"{spec[0]}:{spec[1]}"
     key = name.strip().lower().replace("_", "-")
     if key not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(BUILDERS)}")
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(BUILDERS)}; or your own images as "
+                         f"{' or '.join(files.FORMS.values())}")
     return key
 
 
+def _builder(key: str):
+    """The builder of a canonical name; for imagefolder:PATH / csv:FILE with the path bound."""
+    spec = files.parse_spec(key)
+    if spec is not None:
+        return functools.partial(files.BUILDERS[spec[0]], spec[1])
+    return BUILDERS[key][0]
+
+
 def list_datasets() -> dict[str, str]:
-    """Dataset name -> one-line description."""
-    return {name: desc for name, (_, desc) in BUILDERS.items()}
+    """Dataset name -> one-line description (the last entries are the forms of users' own images)."""
+    return {**{name: desc for name, (_, desc) in BUILDERS.items()}, **files.DESCRIPTIONS}
 
 
 def dataset_options(name: str) -> dict[str, object]:
     """The dataset-specific options of `name` and their defaults (shortcut options excluded)."""
-    builder = BUILDERS[_canonical(name)][0]
+    builder = _builder(_canonical(name))
     return {p.name: p.default for p in inspect.signature(builder).parameters.values() if p.name not in _COMMON}
 
 
@@ -68,13 +82,15 @@ def _check_option_type(dataset: str, option: str, value, default) -> None:
 def load_dataset(name: str, *, root=None, download: bool = False, seed: int = 0, **options) -> DatasetSplits:
     """Load dataset `name` (see list_datasets()) as DatasetSplits; deterministic in `seed`.
 
+    `name` may also be imagefolder:PATH or csv:FILE, users' own images (shortcut_fast.data.files).
+
     root: data folder (default $SHORTCUT_FAST_DATA); download: let torchvision fetch missing
     files (cifar10, colored-mnist, celeba). options: the dataset's own (dataset_options(name))
     plus shortcut="patch"|"tint"|"freq", rho (default 0.9), shortcut_strength, which apply
     inject_shortcut after loading.
     """
     key = _canonical(name)
-    builder = BUILDERS[key][0]
+    builder = _builder(key)
     shortcut = options.pop("shortcut", None)
     rho = options.pop("rho", None)
     strength = options.pop("shortcut_strength", None)
@@ -98,7 +114,10 @@ def load_dataset(name: str, *, root=None, download: bool = False, seed: int = 0,
     resolved = {**valid, **options}
     if shortcut is not None:
         resolved.update(shortcut=shortcut, rho=rho, shortcut_strength=strength)
-    meta = {"dataset": key, "name": splits.name, "seed": seed, "options": resolved,
+    # imagefolder:/x records "imagefolder" here and the path in meta["folder"] (a location, not
+    # part of the identity): a moved folder keeps its identity.
+    spec = files.parse_spec(key)
+    meta = {"dataset": spec[0] if spec else key, "name": splits.name, "seed": seed, "options": resolved,
             "root": str(root) if root is not None and "root" in params else None,
             "num_classes": splits.num_classes, "num_attributes": splits.num_attributes,
             "image_shape": list(splits.image_shape), "bias_aligned_attribute": splits.bias_aligned_attribute,
