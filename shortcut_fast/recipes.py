@@ -82,7 +82,7 @@ def _train(**kw) -> dict:
 # ---------------------------------------------------------------------------------------
 # quick: each command's defaults before recipes (dataset "*": any dataset)
 
-_QUICK_MEASURED = ("on the embedded data: the README's results (docs/results/*.json, the project's 2-core CPU); "
+_QUICK_MEASURED = ("on the embedded data: the results in docs/results.md (docs/results/*.json, the project's 2-core CPU); "
                    "not measured on the real datasets")
 _QUICK_SOURCE = "this project's CPU-minutes default (not a paper's recipe)"
 

@@ -180,7 +180,7 @@ def bench(name, device, quick):
 @click.option("--quick", is_flag=True, help="float32 and three awkward shapes per op only (a few seconds).")
 @click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of the random inputs (default: a fresh one).")
 @click.option("--record", is_flag=True, help="Append what ran to bench/results/verified.jsonl (what `info` and the "
-              "README report as verified).")
+              "docs report as verified).")
 def selftest(device, quick, seed, record):
     """Check every op on every backend usable on --device against its PyTorch reference."""
     import random

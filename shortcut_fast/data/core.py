@@ -1,6 +1,6 @@
 """Dataset containers shared by every loader: in-memory and file-backed images, splits, errors.
 
-Data model (see EXPERIMENTS.md): a sample is (image, label, attribute), where `attribute` is
+Data model (see docs/experiments.md#datasets): a sample is (image, label, attribute), where `attribute` is
 the spurious/bias attribute or -1 when unknown, and `group = label * num_attributes + attribute`.
 """
 from __future__ import annotations
