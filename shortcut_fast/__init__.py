@@ -28,4 +28,31 @@ __all__ = [
     "fit_probes",
     "train_probes",
     "channel_ablation_sweep",
+    "data",
+    "freq_probe",
+    "complexity",
+    "memorization",
+    "localization",
+    "denetdm",
 ]
+
+# The Python API (docs/api.md): sf.data and one module per analysis, each imported on first
+# access so that `import shortcut_fast` stays light.
+_LAZY_MODULES = {
+    "data": "shortcut_fast.data",
+    "freq_probe": "shortcut_fast.experiments.freq_probe",
+    "complexity": "shortcut_fast.experiments.complexity",
+    "memorization": "shortcut_fast.experiments.memorization",
+    "localization": "shortcut_fast.experiments.localization",
+    "denetdm": "shortcut_fast.experiments.denetdm",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        module = importlib.import_module(_LAZY_MODULES[name])
+        globals()[name] = module  # later accesses skip this function
+        return module
+    raise AttributeError(f"module 'shortcut_fast' has no attribute {name!r}")

@@ -6,6 +6,7 @@ Every loader returns DatasetSplits (train / val / test / extra) of datasets yiel
 and group = label * num_attributes + attribute. Start with load_dataset(name, ...) and
 list_datasets().
 """
+from .adapt import as_splits
 from .colored import LFF_COLORS, assign_bias_attributes, colorize
 from .core import (DataFormatError, DatasetNotFoundError, DatasetSplits, FileImageDataset, ImageDataset,
                    MissingExtraError, default_data_root, stratified_split)
@@ -16,6 +17,7 @@ from .shortcuts import SHORTCUT_KINDS, Shortcut, inject_shortcut, make_shortcut
 from .synthetic import make_synthetic_freq
 
 __all__ = [
+    "as_splits",
     "ImageDataset",
     "FileImageDataset",
     "DatasetSplits",

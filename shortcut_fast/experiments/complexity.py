@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from shortcut_fast.distributed import DistContext, all_reduce_sum_, broadcast, check_same, gather, is_main, shard
+from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
@@ -133,7 +134,9 @@ class ComplexityConfig:
 
 
 @dataclass
-class ComplexityResult:
+class ComplexityResult(ApiResult):
+    """What run_complexity / run return; summary() and write(folder) as in the module's `run`."""
+
     config: dict
     layers: list[str]
     layer_dims: list[int]
@@ -154,6 +157,14 @@ class ComplexityResult:
     dynamics: dict | None = None
     factors: dict | None = None  # label vs spurious attribute (factor_probes), where the data has one
     seconds: float = 0.0
+
+    _command = "complexity"
+
+    def _summary(self, data: str, out: Path | None) -> str:
+        return summary(self, data, out)
+
+    def _write(self, out: Path, record: dict) -> None:
+        write_outputs(self, out, {**record, "trained": None})
 
     def feature_rows(self) -> list[dict]:
         """One row per feature: complexity, importance, V-information per layer (and dynamics)."""
@@ -742,8 +753,9 @@ def _dynamics(per_ckpt: list[dict], final_v: torch.Tensor, fraction: float) -> d
 # Outputs
 
 
-def summary(result: ComplexityResult, data: str, out: Path, top: int = 5) -> str:
-    """The terminal report: per-layer decodability, least/most complex features, dynamics."""
+def summary(result: ComplexityResult, data: str, out: Path | None = None, top: int = 5) -> str:
+    """The terminal report: per-layer decodability, least/most complex features, dynamics (and,
+    with `out`, where the files were written)."""
     from shortcut_fast.report import format_table
 
     lines = []
@@ -784,7 +796,9 @@ def summary(result: ComplexityResult, data: str, out: Path, top: int = 5) -> str
         dec = f["decision"]
         lines.append(f"on the {dec['images']} test images whose attribute names another class, the model predicts the "
                      f"label for {dec['follows_label']:.3f}, the attribute's class for {dec['follows_attribute']:.3f}")
-    lines.append(f"\nwrote {out / 'result.json'}, {out / 'features.csv'} and figures in {out}")
+    if out is not None:
+        out = Path(out)
+        lines.append(f"\nwrote {out / 'result.json'}, {out / 'features.csv'} and figures in {out}")
     return "\n".join(lines)
 
 
@@ -857,3 +871,31 @@ def write_figures(result: ComplexityResult, out_dir) -> list[Path]:
         save_figure(fig, out / "dynamics.png", tight=True)
         paths.append(out / "dynamics.png")
     return paths
+
+
+# ---------------------------------------------------------------------------------------
+# The Python API (docs/api.md): Config, Result, run
+
+Config = ComplexityConfig
+Result = ComplexityResult
+
+
+def run(model: nn.Module, data, config: ComplexityConfig | None = None, *, progress: bool = False,
+        **kw) -> ComplexityResult:
+    """Feature complexity of a trained classifier: per-layer decodability, importance, complexity.
+
+    model: an nn.Module whose last nn.Linear is its head (the penultimate features are that
+    layer's input) and whose blocks can be named (config.layers, default: its blocks, e.g.
+    a torchvision ResNet's layer1.0 ...). data: anything shortcut_fast.data.as_splits
+    accepts; probes train on its train split, are measured on config.heldout_split.
+    kw: run_complexity's own options (device, checkpoints, store). Returns a Result:
+    summary(), write(folder) (result.json, features.csv and the figures, as the command line).
+    """
+    from shortcut_fast.experiments import _api
+
+    _api.check_model(model, "complexity")
+    cfg = _api.check_config(config, ComplexityConfig, "complexity.Config")
+    splits, name = _api.splits_of(data)
+    result = run_complexity(model, splits, cfg, progress=progress, **kw)
+    _api.attach(result, "complexity", name, splits, model)
+    return result

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast.distributed import DistContext, broadcast, check_same, gather, is_main, rank_suffix, shard
+from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.ops import freq
 from shortcut_fast.ops.band_filter import (band_filter, band_filter_chunks, remove_frequencies,
@@ -626,7 +627,9 @@ class ClassDFM:
 
 
 @dataclass
-class FreqProbeResult:
+class FreqProbeResult(ApiResult):
+    """What run_freq_probe / run return; summary() and write(folder) as in the module's `run`."""
+
     config: dict
     image_shape: tuple
     num_classes: int
@@ -639,6 +642,17 @@ class FreqProbeResult:
     learning: dict | None = None  # BandLearningTracker.summary() when the model was trained here
     seconds: float = 0.0
     released_dfm_sizes: list[int] | None = None  # the published DFM sizes of this dataset, to compare with
+
+    _command = "freq-probe"
+
+    def _summary(self, data: str, out: Path | None) -> str:
+        return summary(self, data, out)
+
+    def _write(self, out: Path, record: dict) -> None:
+        from shortcut_fast.report import write_json
+
+        write_json({**record, "result": self}, out / "result.json")
+        write_figures(self, out)
 
 
 # The sizes of the released CIFAR-10 DFMs of classes 0..9 (nis-research/dfmX-augmentation DFMs/resnet18.pkl:
@@ -1013,8 +1027,9 @@ def write_figures(result: FreqProbeResult, out: Path) -> None:
                     ylabel="val accuracy", title="band-pass (B only) and band-stop (B removed)")
 
 
-def summary(result: FreqProbeResult, data: str, out: Path) -> str:
-    """The terminal report: DFM sizes with TPR/FPR, band-stop, learning order, OOD."""
+def summary(result: FreqProbeResult, data: str, out: Path | None = None) -> str:
+    """The terminal report: DFM sizes with TPR/FPR, band-stop, learning order, OOD (and, with
+    `out`, where result.json was written)."""
     from shortcut_fast.report import format_table
 
     lines = []
@@ -1050,7 +1065,8 @@ def summary(result: FreqProbeResult, data: str, out: Path) -> str:
     for name, rows in (result.ood or {}).items():
         lines.append(f"\nOOD {name}:")
         lines.append(format_table([[r["class"], r["tpr"], r["fpr"]] for r in rows], ["class", "TPR", "FPR"]))
-    lines.append(f"\nwrote {out / 'result.json'} and figures in {out}")
+    if out is not None:
+        lines.append(f"\nwrote {Path(out) / 'result.json'} and figures in {out}")
     return "\n".join(lines)
 
 
@@ -1117,3 +1133,34 @@ class BandLearningTracker:
                 "clean_accuracy": self.clean, "threshold": threshold,
                 "first_step_above_threshold": None if first is None else self.steps[first],
                 "learned_first_band": by_pass, "learned_first_band_by_band_stop": by_stop}
+
+
+# ---------------------------------------------------------------------------------------
+# The Python API (docs/api.md): Config, Result, run
+
+Config = FreqProbeConfig
+Result = FreqProbeResult
+
+
+def run(model: nn.Module, data, config: FreqProbeConfig | None = None, *, progress: bool = False,
+        **kw) -> FreqProbeResult:
+    """Probe a trained classifier for frequency shortcuts: ADCS, DFMs, TPR/FPR, band-stop.
+
+    model: any nn.Module mapping (N, C, H, W) images to logits, already trained (it is only
+    evaluated). data: anything shortcut_fast.data.as_splits accepts (a dataset name, a
+    DatasetSplits, ...); the DFMs and tables are measured on its test split. config: a
+    Config (default Config()). kw: run_freq_probe's own options (device, ood_sets, band_table
+    (default True, as the command line), centre, store). Returns a Result: summary(),
+    write(folder) (result.json and the figures, as the command line writes them).
+    """
+    from shortcut_fast.experiments import _api
+
+    _api.check_model(model, "freq_probe")
+    cfg = _api.check_config(config, FreqProbeConfig, "freq_probe.Config")
+    splits, name = _api.splits_of(data)
+    kw.setdefault("band_table", True)
+    result = run_freq_probe(model, splits, cfg, progress=progress, **kw)
+    if isinstance(data, str):
+        result.released_dfm_sizes = released_dfm_sizes(data)
+    _api.attach(result, "freq-probe", name, splits, model)
+    return result

@@ -74,6 +74,7 @@ from torch import nn
 
 from shortcut_fast.distributed import DistContext, check_same, gather, is_main, shard
 from shortcut_fast.ensemble import HEAD  # the group of parameters in no block
+from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.report import pyplot, save_figure
 
 GRANULARITIES = ("stage", "block")
@@ -122,7 +123,9 @@ class LocalizationConfig:
 
 
 @dataclass
-class LocalizationResult:
+class LocalizationResult(ApiResult):
+    """What run_localization / run return; summary() and write(folder) as in the module's `run`."""
+
     units: list[str]  # from the stem to the head
     unit_blocks: dict[str, list[str]]  # unit -> model blocks in it ([] for the head)
     localized: list[str]  # the units with skew@u / clean@u variants
@@ -136,6 +139,14 @@ class LocalizationResult:
     seconds: float
     per_seed: list[dict] = field(default_factory=list)
     data: str = ""  # what the skewed and the clean training sets are
+
+    _command = "localize"
+
+    def _summary(self, data: str, out: Path | None) -> str:
+        return summary(self, data, out)
+
+    def _write(self, out: Path, record: dict) -> None:
+        write_outputs(self, out, {k: v for k, v in record.items() if k not in ("recipe", "model_cache")})
 
 
 # ---------------------------------------------------------------------------------------
@@ -734,3 +745,64 @@ def write_outputs(result: LocalizationResult, out_dir, record: dict | None = Non
     out = Path(out_dir)
     write_json(result if record is None else {**record, "result": result}, out / "result.json")
     return [out / "result.json", *write_figures(result, out)]
+
+
+# ---------------------------------------------------------------------------------------
+# The Python API (docs/api.md): Config, Result, run
+
+Config = LocalizationConfig
+Result = LocalizationResult
+
+
+def fresh_copies(template: nn.Module) -> Callable[[int], nn.Module]:
+    """seed -> a deep copy of `template` re-initialized under torch.manual_seed(seed) (every
+    submodule's reset_parameters(); BatchNorm statistics too), without touching the global
+    random state. A parameter of a module without reset_parameters could not be
+    re-initialized, so such a template is refused."""
+    import copy
+
+    fixed = [name or type(template).__name__ for name, m in template.named_modules()
+             if any(True for _ in m.parameters(recurse=False)) and not callable(getattr(m, "reset_parameters", None))]
+    if fixed:
+        raise ValueError(f"model: {', '.join(fixed[:5])} {'has' if len(fixed) == 1 else 'have'} parameters but no "
+                         f"reset_parameters(), so copies of the model cannot be re-initialized per seed; pass a "
+                         f"function seed -> freshly initialized model instead")
+
+    def build(seed: int) -> nn.Module:
+        net = copy.deepcopy(template)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for m in net.modules():
+                if callable(getattr(m, "reset_parameters", None)):
+                    m.reset_parameters()
+        return net
+
+    return build
+
+
+def run(model, data, config: LocalizationConfig | None = None, *, progress: bool = False,
+        **kw) -> LocalizationResult:
+    """Where in the network is a shortcut learned? Counterfactual training of every unit.
+
+    model: an nn.Module used as a template (every training run of every seed gets a fresh,
+    re-initialized copy: fresh_copies) or a function seed -> freshly initialized nn.Module.
+    Its blocks must be discoverable (a torchvision ResNet's layer1.0 ..., a `features`
+    container, or a `block_names` attribute). data: the CLEAN data (anything
+    shortcut_fast.data.as_splits accepts); config.shortcut plants the shortcut (or "none":
+    the data's own attribute). kw: run_localization's own options (device, backend, store).
+    Returns a Result: summary(), write(folder) (result.json and the figures).
+    """
+    from shortcut_fast.experiments import _api
+
+    if isinstance(model, nn.Module):
+        model_fn = fresh_copies(model)
+    elif callable(model):
+        model_fn = model
+    else:
+        raise TypeError(f"model must be an nn.Module (a template, copied and re-initialized per seed) or a function "
+                        f"seed -> nn.Module, got {type(model).__name__}")
+    cfg = _api.check_config(config, LocalizationConfig, "localization.Config")
+    splits, name = _api.splits_of(data)
+    result = run_localization(model_fn, splits, cfg, progress=progress, **kw)
+    _api.attach(result, "localize", name, splits, model)
+    return result
