@@ -33,6 +33,7 @@ ENTRY = "entry.json"
 ARTIFACTS = "artifacts"
 MODEL_FILES = ("best.pt", "last.pt", "history.json")
 # TrainConfig fields that decide where and how fast training runs, not the weights it gives.
+DATA_FOLDER = "data"  # decoded images of imagefolder:/csv: data (shortcut_fast.data.files), not a model
 EXECUTION_FIELDS = ("device", "num_workers", "eval_batch_size", "keep_every", "channels_last", "compile")
 _STALE_SECONDS = 24 * 3600  # a temporary folder older than this belongs to a process that died
 
@@ -199,6 +200,8 @@ class ModelCache:
         now = time.time()
         for path in self.root.iterdir():
             if not path.is_dir():
+                continue
+            if path.name == DATA_FOLDER:
                 continue
             if path.name.startswith("."):
                 if now - path.stat().st_mtime > _STALE_SECONDS or path.name.startswith(".trash-"):

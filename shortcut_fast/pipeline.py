@@ -81,6 +81,32 @@ def load_data(settings: dict, defaults: dict | None = None):
                         seed=settings.get("seed", 0), **data_options(settings, defaults))
 
 
+def own_conflict_ratio(splits) -> float:
+    """The share of bias-conflicting training samples (attribute != label) of data that comes
+    with its own bias attribute (csv: with an attribute column), for DeNetDM on such data."""
+    if splits.num_attributes != splits.num_classes or not splits.bias_aligned_attribute:
+        raise SettingError("data", f"{splits.name} has no bias attribute aligned with its labels (one attribute value "
+                                   f"per class, as a csv: attribute column can give); DeNetDM needs one")
+    train = splits.train
+    ratio = float((train.attributes != train.labels).float().mean())
+    if not 0 < ratio < 1:
+        raise SettingError("data", f"{splits.name}: {ratio:.0%} of the training samples conflict with the bias "
+                                   f"attribute; DeNetDM needs some aligned and some conflicting ones")
+    return ratio
+
+
+def member_splits(settings: dict, members, options: dict, own_ratio: bool) -> dict:
+    """(ratio, seed) -> DatasetSplits of every DeNetDM member: the dataset drawn at that conflict
+    ratio with an unbiased validation split, or (own_ratio) the data as it comes, every seed."""
+    from shortcut_fast.data import load_dataset
+
+    drawn = {} if own_ratio else {"unbiased_val": True}
+    return {(ratio, seed): load_dataset(settings["data"], root=settings.get("data_root"),
+                                        download=settings.get("download", False), seed=seed,
+                                        **({} if own_ratio else {"conflict_ratio": ratio}), **drawn, **options)
+            for ratio, seed in members}
+
+
 class MemberSplits:
     """The data of several (ratio, seed) members under one identity, for a run's fingerprint."""
 

@@ -216,7 +216,9 @@ PAPER: dict[tuple[str, str], Recipe] = {
 
 
 def _canonical(dataset: str) -> str:
-    return str(dataset).strip().lower().replace("_", "-")
+    """The dataset's name as the registry spells it; the path of imagefolder:PATH / csv:FILE as given."""
+    name, colon, path = str(dataset).strip().partition(":")
+    return name.lower().replace("_", "-") + colon + path
 
 
 def file_backed(dataset: str) -> bool:

@@ -1,10 +1,9 @@
 """The dispatch mechanism shared by every op."""
 import pytest
 import torch
-from click.testing import CliRunner
 
 from shortcut_fast.backends import BackendUnavailable, backend_status, choose_backend, compiled_has_kernel, dispatch, info
-from shortcut_fast.cli import main
+from cli_runner import run_cli
 
 
 def test_unknown_backend_lists_valid_ones():
@@ -78,7 +77,7 @@ def test_info_reports_every_backend_with_a_reason():
 
 
 def test_info_command_names_usable_backends():
-    result = CliRunner().invoke(main, ["info"])
+    result = run_cli("info")
     assert result.exit_code == 0, result.output
     assert "backends on cpu:" in result.output
     assert "torch   yes" in result.output

@@ -6,10 +6,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 
-from shortcut_fast.cli import main
 from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import complexity as cx
 from shortcut_fast.experiments.stats import spearman
@@ -18,6 +16,7 @@ from shortcut_fast.ops.directions import Directions
 from shortcut_fast.ops.probe_stats import fit_probes
 from shortcut_fast.run_folder import RunFolder, Store
 from shortcut_fast.train import TrainConfig, train
+from cli_runner import run_cli
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest)
@@ -255,7 +254,7 @@ def test_cli_trains_and_runs_with_nmf_and_dynamics(tmp_path):
     args = ["complexity", "--data", "synthetic-freq", "-D", "n_train=120", "-D", "n_val=60", "-D", "n_test=60",
             "-D", "image_size=16", "--model", "small-cnn", "-M", "width=4", "-M", "padding=2", "--epochs", "2",
             "--directions", "nmf:6", "--dynamics", "--layers", "conv1,conv3", "--quiet", "--out", str(out)]
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
     assert "mean V-information" in result.output and "dynamics" in result.output
     record = json.loads((out / "result.json").read_text())
@@ -264,11 +263,11 @@ def test_cli_trains_and_runs_with_nmf_and_dynamics(tmp_path):
     assert r["layers"] == ["conv1", "conv3"] and r["directions"]["kind"] == "nmf"
     assert len(r["complexity"]) == 6 and r["dynamics"]["epochs"] == [1, 2]
     assert all(i >= 0 for i in r["importance"])
-    bad = CliRunner().invoke(main, args[:-2] + ["--directions", "svd:3", "--out", str(tmp_path / "bad")])
+    bad = run_cli(*args[:-2] + ["--directions", "svd:3", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "directions" in bad.output
     # The V-information form and the NMF solver are result settings: a resume with another refuses.
     for option, value in (("--v-information", "gaussian-nats"), ("--nmf-solver", "mu")):
-        other = CliRunner().invoke(main, args + [option, value, "--resume"])
+        other = run_cli(*args + [option, value, "--resume"])
         assert other.exit_code != 0 and option.lstrip("-").replace("-", "_") in other.output, other.output
 
 

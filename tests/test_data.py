@@ -44,7 +44,7 @@ def test_list_datasets_names():
     names = list_datasets()
     assert set(names) == {"synthetic-freq", "digits", "colored-digits", "cifar10", "colored-mnist",
                           "mnist-5k", "colored-mnist-5k", "corrupted-digits", "corrupted-cifar10", "waterbirds",
-                          "celeba"}
+                          "celeba", "imagefolder:PATH", "csv:FILE"}
     assert all(isinstance(d, str) and d for d in names.values())
 
 

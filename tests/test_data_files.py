@@ -8,12 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from shortcut_fast.cli import main
 from shortcut_fast.data import DataFormatError, DatasetNotFoundError, list_datasets, load_dataset
 from shortcut_fast.data import files
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -359,14 +358,10 @@ def test_registry_lists_the_forms_and_refuses_unknown_names():
 
 # --------------------------------------------------------------------------- command line
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def test_cli_trains_on_an_image_folder(tmp_path):
     root = _tree(tmp_path / "imgs", {"cat": 10, "dog": 10})
     out = tmp_path / "run"
-    r = _run("train", "--data", f"imagefolder:{root}", "-D", "image_size=16", "--model", "small-cnn",
+    r = run_cli("train", "--data", f"imagefolder:{root}", "-D", "image_size=16", "--model", "small-cnn",
              "-M", "padding=2", "--recipe", "quick", "--epochs", "1", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     record = json.loads((out / "result.json").read_text())
@@ -384,7 +379,7 @@ def test_cli_refuses_bad_data_in_one_line_and_leaves_no_run_folder(tmp_path):
     for data, named in ((f"imagefolder:{root}", "cat2.png"), (f"csv:{tmp_path / 'none.csv'}", "none.csv"),
                         (f"csv:{table}", "t.csv, line 3, column 'split'")):
         out = tmp_path / "run"
-        r = _run("train", "--data", data, "-D", "image_size=16", "--model", "small-cnn", "--epochs", "1",
+        r = run_cli("train", "--data", data, "-D", "image_size=16", "--model", "small-cnn", "--epochs", "1",
                  "--out", out)
         lines = [line for line in r.output.strip().splitlines() if line.strip()]
         assert r.exit_code == 1 and "Traceback" not in r.output
@@ -401,7 +396,7 @@ def test_cli_memorization_groups_come_from_the_csv_attribute(tmp_path):
         rows.append([f"img/{i}.png", y, a])
     table = _csv(tmp_path / "meta.csv", ["path", "label", "attribute"], rows)
     out = tmp_path / "run"
-    r = _run("memorization", "--data", f"csv:{table}", "--model", "mlp", "-M", "width=8", "--epochs", "1",
+    r = run_cli("memorization", "--data", f"csv:{table}", "--model", "mlp", "-M", "width=8", "--epochs", "1",
              "--layers", "fc1", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     grouping = json.loads((out / "result.json").read_text())["result"]["grouping"]

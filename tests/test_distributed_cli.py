@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import torchrun_command, torchrun_env
 import torch
-from click.testing import CliRunner
 
-from shortcut_fast.cli import main
+from cli_runner import run_cli
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -68,7 +67,7 @@ def _torchrun(tmp_path, args, rank1_set=None, *extra, dies=False):
 
 
 def _one_process(*args):
-    r = CliRunner().invoke(main, list(map(str, args)), catch_exceptions=False)
+    r = run_cli(*list(map(str, args)))
     assert r.exit_code == 0, r.output
     return r
 
@@ -145,11 +144,11 @@ def test_world_size_larger_than_the_work_is_refused(tmp_path):
 
 
 def test_nproc_and_max_restarts_refused_where_they_do_not_apply(tmp_path, monkeypatch):
-    r = CliRunner().invoke(main, [*DENETDM, "--out", str(tmp_path / "a"), "--max-restarts", "1"])
+    r = run_cli(*DENETDM, "--out", str(tmp_path / "a"), "--max-restarts", "1")
     assert r.exit_code == 2 and "--max-restarts" in r.output and "--nproc N" in r.output, r.output
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    r = CliRunner().invoke(main, [*DENETDM, "--out", str(tmp_path / "b"), "--nproc", "2"])
+    r = run_cli(*DENETDM, "--out", str(tmp_path / "b"), "--nproc", "2")
     assert r.exit_code == 2 and "already runs under torchrun" in r.output, r.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -157,13 +156,13 @@ def test_nproc_and_max_restarts_refused_where_they_do_not_apply(tmp_path, monkey
 def test_info_shows_the_distributed_setting(monkeypatch):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    r = CliRunner().invoke(main, ["info"])
+    r = run_cli("info")
     assert r.exit_code == 0, r.output
     line = next(line for line in r.output.splitlines() if line.startswith("distributed:"))
     assert "gloo yes" in line and "not under torchrun" in line
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    r = CliRunner().invoke(main, ["info", "--json"])
+    r = run_cli("info", "--json")
     data = json.loads(r.output)["distributed"]
     assert data["under_torchrun"] and (data["rank"], data["world_size"], data["local_rank"]) == ("3", "4", "1")

@@ -17,6 +17,7 @@ from shortcut_fast.ops import freq
 from shortcut_fast.ops.band_filter import band_filter, remove_frequencies
 from shortcut_fast.run_folder import RunFolder
 from shortcut_fast.train import TrainConfig, train
+from cli_runner import run_cli
 
 PLANTED = (3, 5)
 
@@ -437,9 +438,9 @@ def test_cli_end_to_end_with_checkpoint_and_ood(tmp_path):
 
 
 def test_cli_no_dfm_gives_band_tables_only(tmp_path):
-    r = CliRunner().invoke(main, ["freq-probe", "--data", "synthetic-freq", "-D", "n_train=120", "-D", "n_val=40",
+    r = run_cli("freq-probe", "--data", "synthetic-freq", "-D", "n_train=120", "-D", "n_val=40",
                                   "-D", "n_test=40", "-D", "image_size=16", "--model", "mlp", "--epochs", "1",
-                                  "--no-dfm", "--out", str(tmp_path), "--quiet"], catch_exceptions=False)
+                                  "--no-dfm", "--out", str(tmp_path), "--quiet")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "result.json").read_text())["result"]
     assert result["classes"] == [] and result["shortcut"] == [] and len(result["band_stop"]["delta"]) == 4
@@ -451,17 +452,17 @@ def test_cli_runs_on_cifar10_files(tmp_path):
     from test_data import _write_cifar
 
     _write_cifar(tmp_path / "data", n_per_batch=20)
-    r = CliRunner().invoke(main, ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
+    r = run_cli("freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "data"),
                                   "-D", "val_size=20", "--model", "mlp", "-M", "width=16", "--epochs", "1",
                                   "--patch", "8", "--max-images-per-class", "2", "--classes", "0,1",
-                                  "--out", str(tmp_path / "out"), "--quiet"], catch_exceptions=False)
+                                  "--out", str(tmp_path / "out"), "--quiet")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "out" / "result.json").read_text())["result"]
     assert result["image_shape"] == [3, 32, 32] and [c["label"] for c in result["classes"]] == [0, 1]
     # band-stop on any data: the four radial bands of equal width (the classes' reliance per band)
     assert len(result["band_stop"]["delta"]) == 10 and len(result["band_stop"]["accuracy_band_stopped"]) == 4
-    r = CliRunner().invoke(main, ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "nowhere"),
-                                  "--out", str(tmp_path / "o2")])
+    r = run_cli("freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "nowhere"),
+                                  "--out", str(tmp_path / "o2"))
     assert r.exit_code != 0 and "data_batch_1" in r.output
 
 
@@ -474,7 +475,7 @@ def test_cli_cifar10_defaults_are_the_published_search(tmp_path):
     _write_cifar(tmp_path / "data", n_per_batch=20)
     args = ["freq-probe", "--data", "cifar10", "--data-root", str(tmp_path / "data"), "-D", "val_size=10",
             "--model", "mlp", "-M", "width=8", "--epochs", "1", "--classes", "0", "--quiet"]
-    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "paper")], catch_exceptions=False)
+    r = run_cli(*args, "--out", str(tmp_path / "paper"))
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "paper" / "result.json").read_text())
     result, cfg = record["result"], record["result"]["config"]
@@ -488,15 +489,13 @@ def test_cli_cifar10_defaults_are_the_published_search(tmp_path):
     assert row[:3] == ["0", str(result["shortcut"][0]["dfm_size"]), "459"]  # ours next to the released size
     assert "released DFM size" in r.output
     # explicit options override the published defaults
-    r = CliRunner().invoke(main, [*args, "--method", "greedy", "--greedy-order", "ours", "--greedy-reference", "base",
-                                  "--max-images-per-class", "1", "--out", str(tmp_path / "explicit")],
-                           catch_exceptions=False)
+    r = run_cli(*args, "--method", "greedy", "--greedy-order", "ours", "--greedy-reference", "base",
+                                  "--max-images-per-class", "1", "--out", str(tmp_path / "explicit"))
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "explicit" / "result.json").read_text())["result"]["config"]
     assert (cfg["greedy_order"], cfg["greedy_reference"], cfg["max_images_per_class"]) == ("ours", "base", 1)
     # the quick recipe keeps our CPU-minutes search; the released sizes are still there to compare with
-    r = CliRunner().invoke(main, [*args, "--recipe", "quick", "--patch", "8", "--out", str(tmp_path / "quick")],
-                           catch_exceptions=False)
+    r = run_cli(*args, "--recipe", "quick", "--patch", "8", "--out", str(tmp_path / "quick"))
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "quick" / "result.json").read_text())["result"]
     cfg = result["config"]

@@ -10,14 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 
-from shortcut_fast.cli import main
 from shortcut_fast.data import load_dataset
 from shortcut_fast.experiments import memorization as mem
 from shortcut_fast.models import build_model
 from shortcut_fast.report import to_jsonable
 from shortcut_fast.run_folder import RunFolder, Store, load_state_file
+from cli_runner import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +313,7 @@ _DATA = ["--data", "colored-digits", "-D", "image_size=16", "-D", "conflict_rati
 
 
 def _invoke(args):
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    result = run_cli(*args)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -537,6 +536,6 @@ def test_memorization_config_noise_modes(tmp_path):
         mem.MemorizationConfig(mode="zero", noise_std=0.1)
     cfg = mem.MemorizationConfig(mode="weight-noise", noise_std=0.01, noise_kind="add", repeats=3)
     assert cfg.where == "pre-bn" and cfg.stem and cfg.weight_norm_ranking == "global"
-    result = CliRunner().invoke(main, ["memorization", *_DATA, "--mode", "noise", "--out", str(tmp_path / "m"),
-                                       "--quiet"])
+    result = run_cli("memorization", *_DATA, "--mode", "noise", "--out", str(tmp_path / "m"),
+                                       "--quiet")
     assert result.exit_code != 0 and "activation-noise" in result.output and "weight-noise" in result.output

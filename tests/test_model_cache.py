@@ -238,6 +238,8 @@ def test_cache_list_and_clear(tmp_path, model_cache_folder):
     r = run_cli("cache", "clear")
     assert r.exit_code == 2 and "--yes" in r.output.strip().splitlines()[-1] and "1 cached model" in r.output
     assert ModelCache().lookup(key) is not None  # nothing deleted without --yes
+    (model_cache_folder / "data").mkdir()  # decoded images of imagefolder:/csv: data: not a model
+    (model_cache_folder / "data" / "k.pt").write_bytes(b"x")
     r = run_cli("cache", "clear", "--yes")
     assert r.exit_code == 0 and "deleted 1 cached model" in r.output
-    assert ModelCache().entries() == [] and os.listdir(model_cache_folder) == []
+    assert ModelCache().entries() == [] and os.listdir(model_cache_folder) == ["data"]

@@ -7,7 +7,8 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (LibraryChoice, POSITIVE, device_option, fail, float_list, main, name_list, pairs, run_options)
+from ._common import (POSITIVE, LibraryChoice, data_root_option, device_option, download_option, fail, float_list,
+                      image_size_option, main, name_list, pairs, run_options)
 from ._distributed import dist_kw, distributed_command
 
 
@@ -50,10 +51,11 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
 
 @main.command()
 @click.option("--data", default="colored-digits", help="A dataset with a bias attribute per class: colored-digits, "
-              "colored-mnist-5k (real digits, offline), colored-mnist, corrupted-digits, corrupted-cifar10.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="Folder with dataset files (default: $SHORTCUT_FAST_DATA).")
-@click.option("--download", is_flag=True, help="Allow downloading a missing dataset (network).")
+              "colored-mnist-5k (real digits, offline), colored-mnist, corrupted-digits, corrupted-cifar10, or your "
+              "own csv:FILE with an attribute column (its own conflict ratio; every seed sees the same data).")
+@data_root_option
+@download_option
+@image_size_option
 @click.option("--data-option", "-D", "data_option", multiple=True, metavar="KEY=VALUE",
               help="Any other dataset option (the embedded digits default to -D image_size=16 with the mlp "
                    "branches).")
@@ -99,6 +101,7 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
 def denetdm(dist=None, **params):
     """DeNetDM (depth-modulated debiasing) against ERM and LfF on every conflict ratio and seed."""
     from shortcut_fast.data import dataset_options, load_dataset
+    from shortcut_fast.data.files import parse_spec
     from shortcut_fast.experiments import denetdm as dn
 
     p = params
@@ -106,11 +109,21 @@ def denetdm(dist=None, **params):
         options = dataset_options(p["data"])
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--data") from None
-    if "conflict_ratio" not in options or "unbiased_val" not in options:
+    # Your own data (csv: with an attribute column) comes with its own conflict ratio: one ratio, as it is.
+    own_ratio = parse_spec(p["data"]) is not None
+    if not own_ratio and ("conflict_ratio" not in options or "unbiased_val" not in options):
         raise click.BadParameter(f"{p['data']} has no bias attribute with a conflict ratio; use colored-digits, "
-                                 f"colored-mnist-5k, colored-mnist, corrupted-digits or corrupted-cifar10",
-                                 param_hint="--data")
+                                 f"colored-mnist-5k, colored-mnist, corrupted-digits, corrupted-cifar10, or your own "
+                                 f"csv:FILE with an attribute column", param_hint="--data")
     extra = pairs(p["data_option"], "data-option")
+    if p["image_size"] is not None:
+        extra["image_size"] = p["image_size"]
+    if own_ratio:
+        if click.get_current_context().get_parameter_source("ratios").name != "DEFAULT":
+            raise click.BadParameter(f"{p['data']} comes with its own conflict ratio (its attribute column); "
+                                     f"drop --conflict-ratio", param_hint="--conflict-ratio")
+        p["ratios"] = [round(pipeline.own_conflict_ratio(
+            load_dataset(p["data"], root=p["data_root"], download=p["download"], seed=p["seed"], **extra)), 6)]
     for key in ("conflict_ratio", "unbiased_val", "seed"):
         if key in extra:
             raise click.BadParameter(f"{key} is set by denetdm itself (use --conflict-ratio / --seed)",
@@ -144,13 +157,7 @@ def denetdm(dist=None, **params):
     except ValueError as exc:
         param = str(exc).split(" ")[0].split(":")[0].replace("_", "-")
         raise click.BadParameter(str(exc), param_hint=f"--{param}") from None
-    splits = {}
-    for ratio, seed in cfg.members:
-        try:
-            splits[(ratio, seed)] = load_dataset(p["data"], root=p["data_root"], download=p["download"], seed=seed,
-                                                 conflict_ratio=ratio, unbiased_val=True, **extra)
-        except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
-            fail(exc)
+    splits = pipeline.member_splits(p, cfg.members, extra, own_ratio)
     resolved = {**{k: v for k, v in vars(cfg).items() if k not in ("stacked", "eval_batch_size", "checkpoint_seconds")}}
     out = p["out"]
     with pipeline.open_run("denetdm", {**p, "resolved": resolved}, pipeline.MemberSplits(splits), dist=dist) as run:

@@ -87,9 +87,9 @@ def parse_spec(name) -> tuple[str, str] | None:
 
 def cache_folder() -> Path:
     """Where decoded images are cached: cache_root()/data."""
-    from shortcut_fast.model_cache import cache_root  # lazy: keeps `import shortcut_fast.data` light
+    from shortcut_fast.model_cache import DATA_FOLDER, cache_root  # lazy: keeps `import shortcut_fast.data` light
 
-    return cache_root() / "data"
+    return cache_root() / DATA_FOLDER
 
 
 # --------------------------------------------------------------------------- listings
