@@ -193,6 +193,16 @@ def test_freq_probe_round_trip(small, tmp_path):
     for name in ("adcs.png", "dfm.png", "tpr_fpr.png", "band_stop.png"):
         assert (tmp_path / "fp" / name).stat().st_size > 0
     assert f"wrote {tmp_path / 'fp' / 'result.json'}" in result.summary()
+    # the command line's own record entries replace what run noted; summary() follows them
+    result.write(tmp_path / "cli", record={"data": "cli-name", "model_options": {"width": 4}})
+    rec = _record(tmp_path / "cli")
+    assert rec["data"] == "cli-name" and rec["model_options"] == {"width": 4} and rec["command"] == "freq-probe"
+    assert result.summary().startswith("freq-probe on cli-name")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"folder: .*file exists and is not a folder"):
+        result.write(tmp_path / "file")
+    with pytest.raises(TypeError, match=r"record must be a dict"):
+        result.write(tmp_path / "x", record=["data"])
     with pytest.raises(TypeError, match=r"config must be a shortcut_fast.freq_probe.Config"):
         sf.freq_probe.run(model, data, sf.complexity.Config())
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):

@@ -96,11 +96,17 @@ class ApiResult:
         """The report the command line prints (after write(): with the folder written)."""
         return self._summary(self._data_name(), info(self)["out"]).strip("\n")
 
-    def write(self, folder_path) -> Path:
+    def write(self, folder_path, *, record: dict | None = None) -> Path:
         """Create `folder_path` and write result.json and the figures there, as the command line does;
-        returns the folder."""
+        returns the folder. record: entries of result.json beside the result that replace those
+        `run` noted (the command line's own: data, model, model_options, recipe, model_cache);
+        summary() then names record["data"]."""
+        if record is not None and not isinstance(record, dict):
+            raise TypeError(f"record must be a dict, got {type(record).__name__}")
         out = folder(folder_path)
-        self._write(out, self._record())
         state = info(self)
-        setattr(self, _INFO, {**state, "out": out})
+        merged = {**state["record"], **(record or {})}
+        setattr(self, _INFO, {"record": merged, "out": None})
+        self._write(out, self._record())
+        setattr(self, _INFO, {"record": merged, "out": out})
         return out
