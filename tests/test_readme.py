@@ -126,3 +126,24 @@ def test_prose_outside_blocks_has_no_measured_numbers(doc):
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", text)  # figures
     suspicious = re.findall(r"\d+\.\d+\s*(?:%|x|s\b)|\d+(?:\.\d+)?x\b|\d+ min|\bTPR \d", text)
     assert not suspicious, f"{_rel(doc)}: hand-typed measurements outside the results blocks: {suspicious}"
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The README's Python example, as printed, runs and writes what it says (about 30 s on a CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", README_TEXT, re.S)
+    assert len(blocks) == 1, "the README holds one Python example"
+    assert len(blocks[0].strip().splitlines()) <= 12
+    (tmp_path / "example.py").write_text(blocks[0])
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "runs" / "my-probe" / "result.json").read_text())
+    assert record["command"] == "freq-probe" and record["result"]["num_classes"] == 10
+    assert len(record["result"]["classes"]) == 10  # a DFM per class
+    assert "band-stop" in proc.stdout
