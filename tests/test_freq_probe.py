@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from shortcut_fast.cli import main
 from shortcut_fast.data import DatasetSplits, ImageDataset
 from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.experiments.stats import spearman
@@ -405,13 +403,11 @@ def test_config_errors():
 
 
 def test_cli_end_to_end_with_checkpoint_and_ood(tmp_path):
-    runner = CliRunner()
     data = ["--data", "synthetic-freq", "-D", "n_train=200", "-D", "n_val=40", "-D", "n_test=80",
             "-D", "image_size=16", "-D", "channels=1"]
-    r = runner.invoke(main, ["freq-probe", *data, "--model", "mlp", "-M", "width=32", "--epochs", "2",
-                             "--patch", "4", "--max-images-per-class", "8", "--track-every", "2",
-                             "--ood", "gaussian-noise:2", "--out", str(tmp_path / "fp"), "--quiet"],
-                      catch_exceptions=False)
+    r = run_cli("freq-probe", *data, "--model", "mlp", "-M", "width=32", "--epochs", "2", "--patch", "4",
+                "--max-images-per-class", "8", "--track-every", "2", "--ood", "gaussian-noise:2",
+                "--out", tmp_path / "fp", "--quiet")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "fp" / "result.json").read_text())["result"]
     assert len(result["classes"]) == 4 and len(result["shortcut"]) == 4
@@ -425,11 +421,10 @@ def test_cli_end_to_end_with_checkpoint_and_ood(tmp_path):
         assert (tmp_path / "fp" / png).exists(), png
     assert "band-stop Delta" in r.output and "TPR" in r.output
     # a checkpoint written by the run is reusable
-    r = runner.invoke(main, ["freq-probe", *data, "--checkpoint", str(tmp_path / "fp" / "model" / "best.pt"),
-                             "--method", "greedy", "--patch", "1", "--classes", "0", "--max-images-per-class", "8",
-                             "--greedy-order", "published", "--greedy-reference", "base", "--adcs", "published",
-                             "--filter-centre", "zero", "--out", str(tmp_path / "fp2"), "--quiet"],
-                      catch_exceptions=False)
+    r = run_cli("freq-probe", *data, "--checkpoint", tmp_path / "fp" / "model" / "best.pt", "--method", "greedy",
+                "--patch", "1", "--classes", "0", "--max-images-per-class", "8", "--greedy-order", "published",
+                "--greedy-reference", "base", "--adcs", "published", "--filter-centre", "zero",
+                "--out", tmp_path / "fp2", "--quiet")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "fp2" / "result.json").read_text())["result"]
     assert result["classes"][0]["method"] == "greedy" and result["classes"][0]["details"]["order"] == "published"
