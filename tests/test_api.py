@@ -108,6 +108,10 @@ def test_a_name_loads_the_dataset_and_a_datasetsplits_is_returned_as_is():
     expected = load_dataset("digits", seed=1, image_size=8)
     assert splits.image_shape == (3, 8, 8) and torch.equal(splits.val.labels, expected.val.labels)
     assert sf.data.as_splits(splits) is splits
+    wider = sf.data.as_splits("digits", seed=1, image_size=8, val_fraction=0.2)  # the dataset's own option
+    assert len(wider.val) == len(load_dataset("digits", seed=1, image_size=8, val_fraction=0.2).val) > len(splits.val)
+    with pytest.raises(TypeError, match=r"val_fraction: dataset options apply only to a dataset name"):
+        sf.data.as_splits(splits, val_fraction=0.2)
 
 
 class _PilImages(Dataset):
@@ -329,3 +333,11 @@ def test_import_stays_light_and_the_modules_load_on_first_access():
     assert done.returncode == 0, done.stderr
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         sf.nope  # noqa: B018
+
+
+def test_run_computes_where_the_model_is_unless_told():
+    from shortcut_fast.experiments._api import default_device
+
+    assert default_device(nn.Linear(2, 2)) == torch.device("cpu")
+    assert default_device(nn.ReLU()) == default_device(None)  # no parameters: as --device auto
+    assert default_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -99,7 +99,7 @@ def _raw(arg: str, value, batch_size: int):
                     f"got {_describe(value)}")
 
 
-def as_splits(data, *, test=None, val=None, seed: int = 0, val_fraction: float = 0.1, name: str | None = None,
+def as_splits(data, *, test=None, val=None, seed: int = 0, val_fraction: float | None = None, name: str | None = None,
               attributes: int | None = None, num_classes: int | None = None, bias_aligned: bool | None = None,
               batch_size: int = 256, **options) -> DatasetSplits:
     """`data` as DatasetSplits (train / val / test), the form every analysis takes.
@@ -111,7 +111,8 @@ def as_splits(data, *, test=None, val=None, seed: int = 0, val_fraction: float =
     (kept as they are) or uint8 in [0, 255] (divided by 255 when read). Attributes: the
     spurious attribute per image, -1 where unknown.
     test, val: the same forms as `data` (tuples or Datasets). test is required with tensors or
-    a Dataset; without val, a seeded, class-stratified val_fraction of `data` is held out.
+    a Dataset; without val, a seeded, class-stratified val_fraction (default 0.1) of `data` is
+    held out. With a dataset name, val_fraction is passed on as the dataset's own option.
     attributes: how many values the attribute takes (default: the largest seen + 1; 0 without
     attributes). num_classes: default the largest label + 1. bias_aligned: whether the
     attribute's values are class indices ("aligned" = attribute == label, as colored digits;
@@ -126,17 +127,22 @@ def as_splits(data, *, test=None, val=None, seed: int = 0, val_fraction: float =
             raise ValueError(f"{', '.join(given)}: not accepted with {what} as data (it brings its own splits "
                              f"and metadata)")
         if isinstance(data, DatasetSplits):
+            if val_fraction is not None:
+                options["val_fraction"] = val_fraction
             if options:
                 raise TypeError(f"{', '.join(sorted(options))}: dataset options apply only to a dataset name")
             return data
         from .registry import load_dataset  # lazy: the registry pulls every loader
 
+        if val_fraction is not None:  # the dataset's own option of that name (refused where it has none)
+            options["val_fraction"] = val_fraction
         return load_dataset(data, seed=seed, **options)
     if options:
         raise TypeError(f"{', '.join(sorted(options))}: dataset options apply only to a dataset name, "
                         f"not to {_describe(data)}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    val_fraction = 0.1 if val_fraction is None else val_fraction
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
     if test is None:

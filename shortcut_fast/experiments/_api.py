@@ -43,6 +43,19 @@ def check_config(config, cls, public: str):
     return config
 
 
+def default_device(model=None):
+    """Where `run` computes unless told (device=...): where the model's parameters are, so a
+    model is never moved off its device; without a model (or parameters), a GPU when there
+    is one, as the command line's --device auto."""
+    import torch
+
+    if isinstance(model, nn.Module):
+        first = next(model.parameters(), None)
+        if first is not None:
+            return first.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def check_model(model, module: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module taking (N, C, H, W) images (shortcut_fast.{module}.run), "

@@ -896,6 +896,7 @@ def run(model: nn.Module, data, config: ComplexityConfig | None = None, *, progr
     _api.check_model(model, "complexity")
     cfg = _api.check_config(config, ComplexityConfig, "complexity.Config")
     splits, name = _api.splits_of(data)
+    kw.setdefault("device", _api.default_device(model))
     result = run_complexity(model, splits, cfg, progress=progress, **kw)
     _api.attach(result, "complexity", name, splits, model)
     return result

@@ -1034,6 +1034,7 @@ def run(model, data, config: DeNetDMConfig | None = None, *, progress: bool = Fa
             first.append(splits)  # its metadata goes into result.json, as the command line's first member
         return splits
 
+    kw.setdefault("device", _api.default_device(None))
     out = run_denetdm(remembered, cfg, progress=progress, **kw)
     result = DeNetDMResult(out)
     name = data if isinstance(data, str) else (first[0].name if first else "data")

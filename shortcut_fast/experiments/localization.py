@@ -803,6 +803,7 @@ def run(model, data, config: LocalizationConfig | None = None, *, progress: bool
                         f"seed -> nn.Module, got {type(model).__name__}")
     cfg = _api.check_config(config, LocalizationConfig, "localization.Config")
     splits, name = _api.splits_of(data)
+    kw.setdefault("device", _api.default_device(model))
     result = run_localization(model_fn, splits, cfg, progress=progress, **kw)
     _api.attach(result, "localize", name, splits, model)
     return result
