@@ -26,10 +26,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", "venv", "build", "dist", "runs", "node_modules", "__pycache__"}
 CODE_SUFFIXES = {".py", ".cpp", ".cu", ".h", ".sh"}
-# Targets being written elsewhere at the time this test was written; tolerated while absent.
-# Remove an entry once its target is in the repository.
-PENDING = {"docs/api.md", "examples"}
-
 FENCE = re.compile(r"^\s*(```|~~~)")
 ATX = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^()\s<>]*(?:\([^()\s]*\)[^()\s<>]*)*)>?(?:\s+[\"'(][^)]*)?\)")
@@ -163,15 +159,6 @@ def _resolve(name: str, base: Path, *, root_too: bool) -> Path | None:
     return None
 
 
-def _pending(name: str, base: Path) -> bool:
-    for c in (base / name, ROOT / name):
-        try:
-            rel = c.resolve().relative_to(ROOT).as_posix().rstrip("/")
-        except ValueError:
-            continue
-        if rel in PENDING and not c.exists():
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,8 +199,6 @@ def _check_link(target: str, md: Path) -> list[str]:
         return [f"link {target} is absolute; use a path relative to {_rel(md)}"]
     found = _resolve(file_part, md.parent, root_too=False)
     if found is None:
-        if _pending(file_part, md.parent):
-            return []
         outside = not _inside(md.parent / file_part)
         return [f"link target {target} " + ("is outside the repository" if outside else "does not exist")]
     if anchor and found.suffix == ".md" and anchor not in _anchors_of(found):
@@ -225,8 +210,6 @@ def _check_cited(name: str, anchor: str | None, base_file: Path, *, root_too: bo
                  quoted: str | None = None, number: str | None = None) -> list[str]:
     found = _resolve(name, base_file.parent, root_too=root_too)
     if found is None:
-        if _pending(name, base_file.parent):
-            return []
         return [f"cites {name}, which is not a file of the repository"]
     if not found.is_file():
         return [f"cites {name}, which is not a file"]
