@@ -1,8 +1,8 @@
 """Frequency shortcuts: which frequencies does a classifier read each class from?
 
-A small CNN (torchvision conv-BN-ReLU blocks) is trained for a few steps on synthetic images whose only label
-signal is a planted shortcut: one spatial frequency per class (a faint grating). The probe
-then finds, per class, the dominant frequency map (DFM: the frequencies whose removal hurts
+A small CNN (torchvision conv-BN-ReLU blocks) is trained for a few steps on synthetic images
+whose only label signal is a planted shortcut: one spatial frequency per class (a faint
+grating). The probe then finds, per class, the dominant frequency map (DFM: the frequencies whose removal hurts
 that class most) and checks it is a shortcut (TPR/FPR of test images filtered to the DFM).
 The planted frequency of each class should lie in its DFM.
 
@@ -10,7 +10,6 @@ The planted frequency of each class should lie in its DFM.
 """
 import sys
 import tempfile
-
 from collections import OrderedDict
 
 import torch
@@ -28,7 +27,7 @@ def make_images(n: int, generator: torch.Generator):
     """Smooth random images plus a faint grating at the label's frequency (the shortcut)."""
     y = torch.randint(0, CLASSES, (n,), generator=generator)
     noise = torch.rand(n, 3, SIZE // 4, SIZE // 4, generator=generator)
-    x = 0.3 + 0.4 * torch.nn.functional.interpolate(noise, size=SIZE, mode="bilinear")  # low frequencies only
+    x = 0.3 + 0.4 * nn.functional.interpolate(noise, size=SIZE, mode="bilinear")  # low frequencies only
     rows, cols = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     for c, (u, v) in enumerate(PLANTED):
         grating = torch.cos(2 * torch.pi * (u * rows + v * cols) / SIZE)
@@ -49,13 +48,13 @@ optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 model.train()
 for step in range(60):
     index = torch.randint(0, len(x_train), (64,), generator=g)
-    loss = torch.nn.functional.cross_entropy(model(x_train[index]), y_train[index])
+    loss = nn.functional.cross_entropy(model(x_train[index]), y_train[index])
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 model.eval()
 
-# The analysis: tensors in (val is held out of the training tensors), a result out.
+# The analysis: tensors in (as_splits holds 10 % of the training tensors out as val), a result out.
 data = sf.data.as_splits((x_train, y_train), test=(x_test, y_test), name="planted-frequencies")
 config = sf.freq_probe.Config(patch=4, max_images_per_class=50)
 result = sf.freq_probe.run(model, data, config)
