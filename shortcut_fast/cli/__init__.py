@@ -6,6 +6,7 @@ Usage errors exit with status 2, refusals with 1, each as one line naming the op
 (see _common.reported).
 """
 from ._common import main
-from . import complexity, denetdm, frequency, localize, memorization, tools, train  # noqa: F401,E402  (registers the commands)
+# the command modules register their commands on main
+from . import complexity, denetdm, frequency, localize, memorization, tools, train  # noqa: F401,E402
 
 __all__ = ["main"]

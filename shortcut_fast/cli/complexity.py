@@ -7,7 +7,7 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (LibraryChoice, POSITIVE, backend_and_device, data_options_with, fail, float_list, main,
+from ._common import (POSITIVE, backend_and_device, data_options_with, fail, float_list, LibraryChoice, main,
                       model_name, model_options, name_list, run_options)
 from ._distributed import dist_kw, distributed_command
 
@@ -28,7 +28,8 @@ from ._distributed import dist_kw, distributed_command
 @click.option("--dynamics", is_flag=True, help="When training here, also analyse every epoch's checkpoint.")
 @click.option("--max-images", type=POSITIVE, default=2000, help="Probe-train images (from the train split).")
 @click.option("--max-heldout", type=POSITIVE, default=1000, help="Held-out images.")
-@click.option("--heldout-split", type=LibraryChoice("shortcut_fast.experiments.complexity:HELDOUT_SPLITS"), default="val")
+@click.option("--heldout-split",
+              type=LibraryChoice("shortcut_fast.experiments.complexity:HELDOUT_SPLITS"), default="val")
 @click.option("--alphas", default=None, callback=float_list,
               help="Comma-separated ridge alphas (default: a grid scaled to each layer).")
 @click.option("--batch-size", type=POSITIVE, default=256, help="Images per forward chunk.")
@@ -71,8 +72,7 @@ def complexity(dist=None, **params):
             fail(exc)
         if not pipeline.writes(dist):
             return
-        record = {"command": "complexity", "data": p["data"], "dataset_meta": splits.meta,
-                  "model": model_name(p, resolved), "model_options": model_settings, "trained": trained,
-                  "recipe": resolved.record() if trains else None, "model_cache": cache}
-        cx.write_outputs(result, out, record)
-    click.echo(cx.summary(result, p["data"], out))
+        result.write(out, record={"data": p["data"], "dataset_meta": splits.meta, "model": model_name(p, resolved),
+                                  "model_options": model_settings, "trained": trained,
+                                  "recipe": resolved.record() if trains else None, "model_cache": cache})
+    click.echo(result.summary())

@@ -7,8 +7,8 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (POSITIVE, LibraryChoice, data_root_option, device_option, download_option, fail, float_list,
-                      image_size_option, main, name_list, pairs, run_options)
+from ._common import (POSITIVE, data_root_option, device_option, download_option, fail, float_list, image_size_option,
+                      LibraryChoice, main, name_list, pairs, run_options)
 from ._distributed import dist_kw, distributed_command
 
 
@@ -80,7 +80,8 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
               help="Weights file of --target (e.g. an ImageNet ResNet-18, as the public C-CIFAR10 code).")
 @click.option("--baselines", default="erm,lff", help="Comma-separated baselines (erm, lff), or none.")
 @click.option("--baselines-only", is_flag=True, help="Train the baselines only (no DeNetDM).")
-@click.option("--baseline-protocol", type=LibraryChoice("shortcut_fast.experiments.denetdm:BASELINE_PROTOCOLS"), default="ours",
+@click.option("--baseline-protocol",
+              type=LibraryChoice("shortcut_fast.experiments.denetdm:BASELINE_PROTOCOLS"), default="ours",
               help="ours: ERM/LfF like the target (batch and epochs as DeNetDM's); lff: as in LfF's code, which "
                    "DeNetDM's ERM/LfF figures come from (batch 256, 4-layer MLP, 100 epochs unless "
                    "--baseline-epochs, inputs divided by 255 twice).")
@@ -93,7 +94,8 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, help="Distillation T.")
 @click.option("--distill-weight", type=click.FloatRange(min=0), default=1.0,
               help="Stage-2 lambda (the paper uses 0 on BFFHQ).")
-@click.option("--augment", type=LibraryChoice("shortcut_fast.experiments.denetdm:AUGMENTATIONS", before=("auto",)), default="auto",
+@click.option("--augment",
+              type=LibraryChoice("shortcut_fast.experiments.denetdm:AUGMENTATIONS", before=("auto",)), default="auto",
               help="auto: flip-crop for the CIFAR sets (as published), none otherwise.")
 @device_option
 @run_options("runs/denetdm", "Continue the run in --out: finished phases and epochs are reused (same settings only).")
@@ -169,5 +171,6 @@ def denetdm(dist=None, **params):
         if not pipeline.writes(dist):
             return
         first = next(iter(splits.values()))
-        dn.write_outputs(result, out, {"command": "denetdm", "data": p["data"], "dataset_meta": first.meta})
-    click.echo(dn.summary(result, p["data"], out))
+        result = dn.DeNetDMResult(result)
+        result.write(out, record={"data": p["data"], "dataset_meta": first.meta})
+    click.echo(result.summary())

@@ -5,7 +5,7 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (LibraryChoice, NON_NEGATIVE, POSITIVE, backend_and_device, data_options, fail, int_list, main,
+from ._common import (NON_NEGATIVE, POSITIVE, backend_and_device, data_options, fail, int_list, LibraryChoice, main,
                       model_name, model_options, run_options)
 from ._distributed import dist_kw, distributed_command
 
@@ -62,16 +62,19 @@ def spectrum(**params):
 @click.option("--top-percent", type=click.FloatRange(0, 100, min_open=True), default=5.0,
               help="DFM size in % of all frequencies.")
 @click.option("--tolerance", type=NON_NEGATIVE, default=6, help="greedy: correct-count drop allowed per removal.")
-@click.option("--greedy-reference", type=LibraryChoice("shortcut_fast.experiments.freq_probe:GREEDY_REFERENCES"), default=None,
+@click.option("--greedy-reference",
+              type=LibraryChoice("shortcut_fast.experiments.freq_probe:GREEDY_REFERENCES"), default=None,
               help="greedy: drop measured from the count after the last kept removal (published, the default) or "
                    "from the original count (ours).")
 @click.option("--greedy-order", type=LibraryChoice("shortcut_fast.experiments.freq_probe:GREEDY_ORDERS"), default=None,
               help="greedy: conjugate pairs from DC outwards (ours) or the published spiral (even square images; "
                    "default: published on cifar10 under the paper recipe, else ours).")
-@click.option("--filter-centre", type=LibraryChoice("shortcut_fast.experiments.freq_probe:FILTER_CENTRES"), default="dataset-mean",
+@click.option("--filter-centre",
+              type=LibraryChoice("shortcut_fast.experiments.freq_probe:FILTER_CENTRES"), default="dataset-mean",
               help="Filter x - mu and add mu back: mu = the model's normalization, else the train split's "
                    "mean colour (published: normalized input); zero: raw pixels.")
-@click.option("--adcs", "adcs_variant", type=LibraryChoice("shortcut_fast.experiments.freq_probe:ADCS_VARIANTS"), default="ours",
+@click.option("--adcs", "adcs_variant",
+              type=LibraryChoice("shortcut_fast.experiments.freq_probe:ADCS_VARIANTS"), default="ours",
               help="ADCS: class means, channel average (ours) or class sums, luminance weights and the published "
                    "comparison loop (every map shifted by -1, a published bug).")
 @click.option("--classes", default=None, callback=int_list, help="Comma-separated classes (default all).")
@@ -95,7 +98,6 @@ def freq_probe(dist=None, **params):
 
     from shortcut_fast.data.corruptions import corrupted_dataset
     from shortcut_fast.experiments import freq_probe as fp
-    from shortcut_fast.report import write_json
     from shortcut_fast.run_folder import fingerprint
 
     p = params
@@ -165,9 +167,7 @@ def freq_probe(dist=None, **params):
         if trained is not None:
             result.learning = {**(tracker.summary() if tracker else {}), "train": trained}
         result.released_dfm_sizes = fp.released_dfm_sizes(p["data"])
-        write_json({"command": "freq-probe", "data": p["data"], "dataset_meta": splits.meta,
-                    "model": model_name(p, resolved), "model_options": model_settings,
-                    "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
-                   out / "result.json")
-        fp.write_figures(result, out)
-    click.echo(fp.summary(result, p["data"], out))
+        result.write(out, record={"data": p["data"], "dataset_meta": splits.meta, "model": model_name(p, resolved),
+                                  "model_options": model_settings, "recipe": resolved.record() if trains else None,
+                                  "model_cache": cache})
+    click.echo(result.summary())

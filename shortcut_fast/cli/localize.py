@@ -5,7 +5,8 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (POSITIVE, backend_and_device, data_options_with, fail, LibraryChoice, main, name_list, run_options, weights_option)
+from ._common import (POSITIVE, backend_and_device, data_options_with, fail, LibraryChoice, main, name_list,
+                      run_options, weights_option)
 from ._distributed import dist_kw, distributed_command
 
 
@@ -14,7 +15,8 @@ from ._distributed import dist_kw, distributed_command
 @click.option("--model", default="small-cnn", help="Architecture (see `shortcut-fast models`), or timm:NAME.")
 @click.option("--model-option", "-M", multiple=True, metavar="KEY=VALUE",
               help="Model option (default width=8 where the model has a width: minutes on a CPU).")
-@click.option("--shortcut", type=LibraryChoice("shortcut_fast.experiments.localization:SHORTCUT_KINDS"), default="patch",
+@click.option("--shortcut",
+              type=LibraryChoice("shortcut_fast.experiments.localization:SHORTCUT_KINDS"), default="patch",
               help="Shortcut planted into a fraction --rho of each class's training images (none: the "
                    "dataset's own attribute, e.g. waterbirds: skewed = its training set, clean = its group-balanced "
                    "subsample).")
@@ -22,7 +24,8 @@ from ._distributed import dist_kw, distributed_command
               help="Fraction of each class's training images with the shortcut, in (0, 1].")
 @click.option("--shortcut-strength", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Patch opacity in (0, 1] or tint/freq amplitude (default: the shortcut's own).")
-@click.option("--granularity", type=LibraryChoice("shortcut_fast.experiments.localization:GRANULARITIES"), default="stage",
+@click.option("--granularity",
+              type=LibraryChoice("shortcut_fast.experiments.localization:GRANULARITIES"), default="stage",
               help="Localize per stage (layer1, layer2, ...) or per block (layer1.0, ...).")
 @click.option("--blocks", default=None, callback=name_list,
               help="Comma-separated units to localize (stage or block names, or head; default all).")
@@ -81,6 +84,6 @@ def localize(dist=None, **params):
             fail(exc)
         if not pipeline.writes(dist):
             return
-        loc.write_outputs(result, out, {"command": "localize", "data": p["data"], "dataset_meta": splits.meta,
-                                        "model": p["model"], "model_options": model_settings})
-    click.echo(loc.summary(result, p["data"], out))
+        result.write(out, record={"data": p["data"], "dataset_meta": splits.meta, "model": p["model"],
+                                  "model_options": model_settings})
+    click.echo(result.summary())

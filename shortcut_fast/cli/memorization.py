@@ -7,7 +7,9 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (FRACTION, POSITIVE, backend_and_device, data_options_with, device_option, fail, LibraryChoice, main, model_name, model_options, name_list, num_or_nan, pretrained_option, recipe_options, run_options, weights_option)
+from ._common import (FRACTION, POSITIVE, backend_and_device, data_options_with, device_option, fail, LibraryChoice,
+                      main, model_name, model_options, name_list, pretrained_option, recipe_options, run_options,
+                      weights_option)
 from ._distributed import dist_kw, distributed_command
 
 
@@ -29,7 +31,8 @@ from ._distributed import dist_kw, distributed_command
               help="weight-noise: replace the channel's weights with N(0, std^2), or add it.")
 @click.option("--noise-std", type=click.FloatRange(min=0, min_open=True), default=None,
               help="weight-noise: the noise std (required there).")
-@click.option("--weight-norm-ranking", type=LibraryChoice("shortcut_fast.experiments.memorization:WEIGHT_NORM_RANKINGS"), default="global",
+@click.option("--weight-norm-ranking",
+              type=LibraryChoice("shortcut_fast.experiments.memorization:WEIGHT_NORM_RANKINGS"), default="global",
               help="Weight-norm ranks over every conv but downsample (published) or within the layer.")
 @click.option("--rewind-to", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="rewind: the earlier checkpoint (default: epoch 1 of the model trained here).")
@@ -44,13 +47,13 @@ from ._distributed import dist_kw, distributed_command
 def memorization(dist=None, **params):
     """Spurious memorization: per-group gap, channel ablation sweep, critical channels."""
     from shortcut_fast.experiments import memorization as mem
-    from shortcut_fast.report import format_table, write_csv, write_json
 
     p = params
     splits, resolved, model_settings = pipeline.analysis_inputs(p, "memorization", {"epochs": p["epochs"]})
     dev, out, mode = p["device"], p["out"], p["mode"]
     if mode == "rewind" and pipeline.given_model(p) and not p["rewind_to"]:
-        raise click.BadParameter("--mode rewind with --checkpoint or --weights needs --rewind-to (the earlier checkpoint)",
+        raise click.BadParameter("--mode rewind with --checkpoint or --weights needs --rewind-to (the earlier "
+                                 "checkpoint)",
                                  param_hint="--rewind-to")
     try:
         cfg = mem.MemorizationConfig(layers=p["layers"], mode=mode, where=p["where"], repeats=p["repeats"],
@@ -78,23 +81,10 @@ def memorization(dist=None, **params):
             fail(exc)
         if not pipeline.writes(dist):
             return
-        write_json({"command": "memorization", "data": p["data"], "dataset_meta": splits.meta,
-                    "model": model_name(p, resolved), "model_options": model_settings,
-                    "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
-                   out / "result.json")
-        write_csv(mem.top_channel_rows(result), out / "top_channels.csv")
-        mem.plot_memorization(result, out)
-    g = result.grouping
-    click.echo(f"\nmemorization on {p['data']} ({g['kind']} groups; minority: {', '.join(g['minority'])}), "
-               f"{result.seconds:.1f} s")
-    rows = [[name, num_or_nan(result.baseline["train"]["group_accuracy"].get(name)),
-             num_or_nan(result.baseline["test"]["group_accuracy"].get(name)), num_or_nan(gap),
-             g["train_counts"][g["names"].index(name)]] for name, gap in result.memorization_gap.items()]
-    click.echo(format_table(rows, ["group", "train acc", "test acc", "gap", "train n"]))
-    rows, headers = mem.memorization_table(result)
-    click.echo(f"\ntop channels ({mode}, {p['where']}; score = minority drop - majority drop on train):")
-    click.echo(format_table(rows, headers))
-    click.echo(f"\nwrote {out / 'result.json'} and figures in {out}")
+        result.write(out, record={"data": p["data"], "dataset_meta": splits.meta, "model": model_name(p, resolved),
+                                  "model_options": model_settings, "recipe": resolved.record() if trains else None,
+                                  "model_cache": cache})
+    click.echo("\n" + result.summary())
 
 
 @main.command()
@@ -117,12 +107,15 @@ def memorization(dist=None, **params):
               help="Weight of the cross-entropy on the dense output.")
 @click.option("--contrastive-weight", type=click.FloatRange(min=0), default=1.0,
               help="Weight of the NT-Xent term (0: CE-only control run with the same optimizer).")
-@click.option("--contrastive-form", type=LibraryChoice("shortcut_fast.experiments.memorization:CONTRASTIVE_FORMS"), default="sum-2n",
+@click.option("--contrastive-form",
+              type=LibraryChoice("shortcut_fast.experiments.memorization:CONTRASTIVE_FORMS"), default="sum-2n",
               help="sum-2n: NT(sg(dense), pruned) + NT(dense, sg(pruned)), 2N anchors each (published); "
                    "half-mean: half of that value (ours before).")
-@click.option("--prune-layers", type=LibraryChoice("shortcut_fast.experiments.memorization:PRUNE_LAYERS"), default="conv",
+@click.option("--prune-layers",
+              type=LibraryChoice("shortcut_fast.experiments.memorization:PRUNE_LAYERS"), default="conv",
               help="Weights the magnitude mask prunes: convs (published) or convs and linear layers.")
-@click.option("--schedule", type=LibraryChoice("shortcut_fast.experiments.memorization:MITIGATION_SCHEDULES"), default="plateau",
+@click.option("--schedule",
+              type=LibraryChoice("shortcut_fast.experiments.memorization:MITIGATION_SCHEDULES"), default="plateau",
               help="plateau: ReduceLROnPlateau(0.5, patience 1) on the training loss (published).")
 @click.option("--augment", type=LibraryChoice("shortcut_fast.experiments.memorization:MITIGATION_AUGMENTATIONS"),
               default="resized-crop-flip", help="Training augmentation (published: RandomResizedCrop 0.7-1 + flip).")
@@ -132,7 +125,8 @@ def memorization(dist=None, **params):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, help="Adam learning rate.")
 @click.option("--batch-size", type=POSITIVE, default=100)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
-@click.option("--select", type=LibraryChoice("shortcut_fast.experiments.memorization:MITIGATION_SELECT"), default="last",
+@click.option("--select",
+              type=LibraryChoice("shortcut_fast.experiments.memorization:MITIGATION_SELECT"), default="last",
               help="Which epoch's weights are reported and saved as best.pt.")
 @click.option("--grouping", type=LibraryChoice("shortcut_fast.experiments.memorization:GROUPINGS"), default="auto")
 @click.option("--max-steps-per-epoch", type=POSITIVE, default=None)
@@ -142,7 +136,6 @@ def memorization(dist=None, **params):
 def mitigate(dist=None, **params):
     """Mitigate spurious memorization: pruned/dense NT-Xent + CE training from the ERM model."""
     from shortcut_fast.experiments import memorization as mem
-    from shortcut_fast.report import format_table, write_json
 
     p = params
     splits, resolved, model_settings = pipeline.analysis_inputs(p, "mitigate", {"epochs": p["erm_epochs"]})
@@ -160,7 +153,8 @@ def mitigate(dist=None, **params):
     trains = not pipeline.given_model(p)
     if trains:
         pipeline.announce_recipe(resolved, splits, dev)
-    with pipeline.open_run("mitigate", p, splits, model_settings=model_settings, recipe=resolved if trains else None, dist=dist) as run:
+    with pipeline.open_run("mitigate", p, splits, model_settings=model_settings, recipe=resolved if trains else None,
+                           dist=dist) as run:
         try:
             tcfg = pipeline.train_config(resolved, p, dev)
             net, _, cache = pipeline.analysed_model(p, splits, run, resolved, tcfg, store_name="erm", dist=dist)
@@ -169,13 +163,8 @@ def mitigate(dist=None, **params):
             fail(exc)
         if not pipeline.writes(dist):
             return
-        write_json({"command": "mitigate", "data": p["data"], "dataset_meta": splits.meta,
-                    "model": str(p["checkpoint"] or p["weights"] or out / "erm" / "last.pt"), "model_options": model_settings,
-                    "recipe": resolved.record() if trains else None, "model_cache": cache, "result": result},
-                   out / "result.json")
-        mem.plot_mitigation(result, out)
-    click.echo(f"\nmitigate on {p['data']} ({result.grouping['kind']} groups; minority: "
-               f"{', '.join(result.grouping['minority'])}), {len(result.history)} epochs, {result.seconds:.1f} s")
-    rows, headers = mem.mitigation_table(result)
-    click.echo(format_table(rows, headers))
-    click.echo(f"\nwrote {out / 'result.json'}, checkpoint {result.checkpoint}")
+        result.write(out, record={"data": p["data"], "dataset_meta": splits.meta,
+                                  "model": str(p["checkpoint"] or p["weights"] or out / "erm" / "last.pt"),
+                                  "model_options": model_settings, "recipe": resolved.record() if trains else None,
+                                  "model_cache": cache})
+    click.echo("\n" + result.summary())

@@ -161,12 +161,20 @@ def cache_clear(yes):
 @click.argument("name", required=False)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--quick", is_flag=True, help="Small sizes (a smoke run, not a measurement).")
-def bench(name, device, quick):
+@click.option("--roofline", is_flag=True, help="Run nothing: print the H100 roofline of every kernel at the GPU "
+                                                "benchmark sizes and write bench/results/roofline_h100.json.")
+def bench(name, device, quick, roofline):
     """Run the throughput benchmarks (all, or NAME); results go to bench/results/."""
     import torch
 
     from shortcut_fast.bench import BENCHMARKS, run_benchmarks
 
+    if roofline:
+        from shortcut_fast.bench.roofline import RESULTS, format_table, write_table
+
+        click.echo(format_table(write_table()))
+        click.echo(f"written to {RESULTS}")
+        return
     if name is not None and name not in BENCHMARKS:
         raise click.BadParameter(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}",
                                  param_hint="NAME")

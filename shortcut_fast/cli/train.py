@@ -5,7 +5,7 @@ import click
 
 from shortcut_fast import pipeline
 
-from ._common import (EVAL_HEADERS, NON_NEGATIVE, POSITIVE, LibraryChoice, data_options, device_option, eval_rows,
+from ._common import (EVAL_HEADERS, NON_NEGATIVE, POSITIVE, data_options, device_option, eval_rows, LibraryChoice,
                       main, pretrained_option, recipe_options, run_options, weights_option)
 from ._distributed import dist_kw, distributed_command
 

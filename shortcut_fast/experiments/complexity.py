@@ -67,6 +67,7 @@ from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
+from shortcut_fast.ops._checks import nonfinite_count, raise_nonfinite
 from shortcut_fast.ops.directions import NMF_SOLVERS, Directions, fit_directions
 from shortcut_fast.ops.probe_stats import V_INFORMATION_FORMS, ProbeStats, fit_linear_probes
 from shortcut_fast.report import Progress, pyplot, save_figure, write_csv, write_json
@@ -164,7 +165,7 @@ class ComplexityResult(ApiResult):
         return summary(self, data, out)
 
     def _write(self, out: Path, record: dict) -> None:
-        write_outputs(self, out, {**record, "trained": None})
+        write_outputs(self, out, {"trained": None, **record})  # trained: the CLI's training summary, if any
 
     def feature_rows(self) -> list[dict]:
         """One row per feature: complexity, importance, V-information per layer (and dynamics)."""
@@ -357,6 +358,9 @@ class _Pass:
         self.importance_signed = torch.zeros(k, dtype=torch.float64)
         self.correct = 0
         self.count = 0
+        # Per-batch sums stay on the device (no host sync per batch); finish() reads them once.
+        self._sums = torch.zeros(2 * k + 1, dtype=torch.float64, device=device)  # importance, signed, correct
+        self._nonfinite = torch.zeros(2, dtype=torch.int64, device=device)  # NaN/Inf in activations, targets
         self.dims: dict[str, int] = {}
         self.labels: torch.Tensor | None = None  # labels of the current held-out chunk
 
@@ -368,7 +372,7 @@ class _Pass:
                 f = feats
             else:
                 f = source["features_fn"](x)
-            raw = directions.encode(f.float())
+            raw = directions._encode(f)  # NaN/Inf reach z, which update() counts
             if j == 0:
                 own_raw = raw
             zs.append(_standardize(raw.float(), mean, std))
@@ -378,12 +382,14 @@ class _Pass:
         outs, feats = capture(self.model, x, self.layers, self.features_fn)
         z, raw = self._targets(x, feats)
         bank = self.stats[split]
+        self._nonfinite[1] += nonfinite_count(z).to(self.device)
         for name, o in outs.items():
             if name not in bank:
                 self.dims[name] = int(o.shape[1])
                 bank[name] = ProbeStats(o.shape[1], z.shape[1], dtype=self.dtype, device=self.device,
                                         backend=self.backend)
-            bank[name].update(o.to(self.dtype), z.to(self.dtype))
+            self._nonfinite[0] += nonfinite_count(o).to(self.device)
+            bank[name]._add(o.to(self.dtype), z.to(self.dtype))  # shapes right by construction
         if split == "heldout":
             directions = self.target_sets[0][0]
             logits = self.head(feats)
@@ -391,11 +397,24 @@ class _Pass:
             d = directions.components.to(feats.device, torch.float32)  # (k, F)
             proj = self.head.weight.float()[pred] @ d.T  # (n, k): <d_i, w_c(x)>
             contribution = (raw.float() * proj).double()
-            self.importance += contribution.abs().sum(0).cpu()
-            self.importance_signed += contribution.sum(0).cpu()
+            k = self.importance.numel()
+            self._sums[:k] += contribution.abs().sum(0).to(self.device)
+            self._sums[k:2 * k] += contribution.sum(0).to(self.device)
             self.count += x.shape[0]
             if self.labels is not None:
-                self.correct += int((pred == self.labels).sum())
+                self._sums[2 * k] += (pred == self.labels).sum().to(self.device)
+
+    def finish(self) -> None:
+        """After the last batch: the device-side sums to the host, and NaN/Inf activations or
+        targets refused as ProbeStats.update refuses them, once for the whole pass."""
+        raise_nonfinite("x", int(self._nonfinite[0]))
+        raise_nonfinite("z", int(self._nonfinite[1]))
+        k = self.importance.numel()
+        sums = self._sums.cpu()
+        self.importance += sums[:k]
+        self.importance_signed += sums[k:2 * k]
+        self.correct += int(sums[2 * k])
+        self._sums.zero_()
 
     def all_reduce(self, dist: DistContext | None) -> None:
         """Sum every rank's statistics (each streamed its share of the images): afterwards every
@@ -436,6 +455,7 @@ def _stream(p: _Pass, splits_data, batch_size, device, progress, desc, dist: Dis
                 p.update(split, x)
                 bar.update(len(idx))
     bar.close()
+    p.finish()
 
 
 def _images_and_labels(dataset, index, device):
