@@ -42,12 +42,17 @@ def _captum(model, layer_module, x, y, channels, k, batch_size):
     return torch.cat(out)
 
 
-def run(device: str = "cpu", quick: bool = False, stages=None):
+def settings(device: str, quick: bool) -> dict:
+    """Model width, images and stages swept (bench/roofline.py reads them too)."""
     if quick:
-        width, n = 8, 96
-    else:
-        width, n = (16, 256) if device == "cpu" else (64, 10_000)
-    stages = stages or (("layer2",) if quick else ("layer2", "layer4"))
+        return dict(width=8, images=96, stages=("layer2",))
+    return dict(width=16 if device == "cpu" else 64, images=256 if device == "cpu" else 10_000,
+                stages=("layer2", "layer4"))
+
+
+def run(device: str = "cpu", quick: bool = False, stages=None):
+    s = settings(device, quick)
+    width, n, stages = s["width"], s["images"], stages or s["stages"]
     batch = 128 if device == "cpu" else 1024  # 128: the CPU's best forward batch (README)
     k = 8 if device == "cpu" else 16
     torch.manual_seed(0)

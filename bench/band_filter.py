@@ -20,16 +20,19 @@ def _loop_baseline(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def run(device: str = "cpu", quick: bool = False):
+def cases(device: str, quick: bool) -> list[tuple[int, int, int, int, int]]:
+    """(B, C, H, W, K) of each timed case (bench/roofline.py reads them too)."""
     if quick:
-        cases = [(32, 3, 32, 32, 16)]
-    elif device == "cpu":
-        cases = [(128, 3, 32, 32, 64), (16, 3, 64, 64, 16)]
-    else:
-        cases = [(256, 3, 32, 32, 512), (64, 3, 224, 224, 16)]
+        return [(32, 3, 32, 32, 16)]
+    if device == "cpu":
+        return [(128, 3, 32, 32, 64), (16, 3, 64, 64, 16)]
+    return [(256, 3, 32, 32, 512), (64, 3, 224, 224, 16)]
+
+
+def run(device: str = "cpu", quick: bool = False):
     backends = ["cpp", "torch"] if device == "cpu" else ["cuda", "triton", "torch"]
     rows = []
-    for B, C, H, W, K in cases:
+    for B, C, H, W, K in cases(device, quick):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(B, C, H, W, generator=g).to(device)
         pairs = freq.conjugate_pairs(H, W)[torch.randperm(len(freq.conjugate_pairs(H, W)), generator=g)[:K]]

@@ -12,13 +12,18 @@ from shortcut_fast.backends import backend_status
 from shortcut_fast.bench.common import BenchRow, hbm_fraction, record, time_fn
 from shortcut_fast.ops import class_spectrum_sum, class_spectrum_sum_reference
 
+def cases(device: str, quick: bool) -> list[tuple[int, int, int, int, int]]:
+    """(B, C, H, W, K) of each timed case (bench/roofline.py reads them too)."""
+    if quick:
+        return [(256, 3, 32, 32, 10)]
+    return [(2048, 3, 32, 32, 10), (64, 3, 224, 224, 10)] if device == "cpu" else [(4096, 3, 32, 32, 10),
+                                                                                 (256, 3, 224, 224, 10)]
+
+
 def run(device: str = "cpu", quick: bool = False):
-    cases = [(256, 3, 32, 32, 10)] if quick else [(4096, 3, 32, 32, 10), (256, 3, 224, 224, 10)]
-    if device == "cpu" and not quick:
-        cases = [(2048, 3, 32, 32, 10), (64, 3, 224, 224, 10)]
     backends = ["cpp"] if device == "cpu" else ["cuda", "triton"]
     rows = []
-    for B, C, H, W, K in cases:
+    for B, C, H, W, K in cases(device, quick):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(B, C, H, W, generator=g).to(device)
         labels = torch.randint(0, K, (B,), generator=g).to(device)

@@ -76,15 +76,13 @@ def time_cuda(fn: Callable[[], object]) -> Timing:
     return Timing(med, p20, p80)
 
 
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # vendor peak HBM bandwidth (docs/performance.md#gpu-goals)
-
-
 def hbm_fraction(bytes_moved: int, median_ms: float, device: str) -> float | None:
-    """Achieved bandwidth as a fraction of the GPU's HBM peak (None on the CPU)."""
+    """Achieved bandwidth as a fraction of the GPU's HBM peak (None on the CPU or an unknown GPU)."""
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    peak = next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
+    from shortcut_fast.bench.roofline import peak_bandwidth
+
+    peak = peak_bandwidth(torch.cuda.get_device_name())
     return bytes_moved / (median_ms * 1e-3) / peak if peak else None
 
 
@@ -122,11 +120,31 @@ class BenchRow:
     commit: str | None = None
     date: str = ""
     quick: bool = False
+    # bench/roofline.py: bytes, flops, precision; on a GPU of known peaks bound, best_ms and
+    # fraction (best / measured). None for workloads without one.
+    roofline: dict | None = None
 
     def summary(self) -> str:
         extra = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.achieved.items())
-        return (f"{self.workload:<20} {self.backend:<7} {self.median_ms:9.3f} ms  vs {self.baseline} {self.baseline_ms:9.3f} ms  "
+        line = (f"{self.workload:<20} {self.backend:<7} {self.median_ms:9.3f} ms  vs {self.baseline} {self.baseline_ms:9.3f} ms  "
                 f"x{self.ratio:.2f}  {extra}")
+        if self.roofline and "error" in self.roofline:
+            return line + f"\n      roofline failed: {self.roofline['error']}"
+        if self.roofline:
+            from shortcut_fast.bench.roofline import summary
+
+            return line + f"\n      {summary(self.roofline)}"
+        return line
+
+
+def _roofline(row: BenchRow, device: str) -> dict | None:
+    """The row's roofline; a failure is recorded in the row rather than losing the measurement."""
+    from shortcut_fast.bench.roofline import row_roofline
+
+    try:
+        return row_roofline(row.workload, row.sizes, row.dtype, row.backend, row.median_ms, device)
+    except Exception as exc:  # noqa: BLE001 - the timing is already paid for
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def record(row: BenchRow, device: str) -> BenchRow:
@@ -137,6 +155,7 @@ def record(row: BenchRow, device: str) -> BenchRow:
     except ImportError:
         pass
     row.device = device_name(device)
+    row.roofline = _roofline(row, device)
     row.commit = _git_commit()
     row.date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     path = record_path(device)

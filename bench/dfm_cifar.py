@@ -33,14 +33,15 @@ import os
 import torch
 
 from shortcut_fast.bench.common import BenchRow, record, wall_ms
+from shortcut_fast.bench.roofline import peak_flops
 from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.experiments.stats import spearman
 from shortcut_fast.models import build_model
 
 FULL = dict(classes=10, images=1000, candidates=514)
+WIDTH = 64  # the full-width ResNet-18
 GOAL_S = 60.0
 CHECK_IMAGES = 64
-BF16_PEAK = {"H100": 989e12, "H200": 989e12}
 CPU_THREADS = 1  # as bench/denetdm.py: stable wall times on the shared 2-core machine
 
 
@@ -96,7 +97,7 @@ def _model(width: int, device: str) -> torch.nn.Module:
 
 
 def _run_cpu(quick: bool):
-    width, n, k = (8, 4, 8) if quick else (64, 32, 32)
+    width, n, k = (8, 4, 8) if quick else (WIDTH, 32, 32)
     model = _model(width, "cpu")
     candidates = fp.Candidates.build(32, 32, 1)
     index = torch.linspace(0, len(candidates) - 1, k).round().long()  # evenly over the radius order
@@ -137,7 +138,7 @@ def _run_cpu(quick: bool):
 
 def _run_full(quick: bool, device: str = "cuda"):
     """The full size on a GPU (callable on the CPU with quick=True as a smoke run of this code)."""
-    classes, n, width = (2, 16, 8) if quick else (FULL["classes"], FULL["images"], 64)
+    classes, n, width = (2, 16, 8) if quick else (FULL["classes"], FULL["images"], WIDTH)
     model = _model(width, device)
     candidates = fp.Candidates.build(32, 32, 1)
     every = torch.arange(len(candidates))
@@ -163,8 +164,7 @@ def _run_full(quick: bool, device: str = "cuda"):
     fast0 = torch.tensor(entries[0].scores)
     forwards = classes * n * len(candidates)
     flops = _forward_flops(model, device)
-    name = torch.cuda.get_device_name() if device == "cuda" else ""
-    peak = next((v for key, v in BF16_PEAK.items() if key in name), None)
+    peak = peak_flops(torch.cuda.get_device_name(), "bf16") if device == "cuda" else None
     seconds = fast_ms / 1e3
     row = BenchRow(
         workload="dfm_search_cifar",

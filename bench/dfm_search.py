@@ -16,9 +16,14 @@ from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.models import build_model
 
 
+def settings(device: str, quick: bool) -> tuple[int, int]:
+    """(model width, images) (bench/roofline.py reads them too). The CPU can afford a narrow
+    ResNet-18 and few images; the GPU runs the real one."""
+    return (8, 8) if quick else ((16, 32) if device == "cpu" else (64, 500))
+
+
 def run(device: str = "cpu", quick: bool = False):
-    # The CPU can afford a narrow ResNet-18 and few images; the GPU runs the real one.
-    width, images_per_class = (8, 8) if quick else ((16, 32) if device == "cpu" else (64, 500))
+    width, images_per_class = settings(device, quick)
     batch = fp.default_batch_size(device)
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10, width=width).to(device).eval()

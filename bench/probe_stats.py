@@ -21,7 +21,7 @@ every alpha of one grid, alpha chosen per target by held-out error, held-out R^2
   row says so. Skipped with a note in the other rows when himalaya is not installed
   (`pip install himalaya`; the GPU machines have no registry).
 GPU extra: TFLOP/s of the statistics phase (2 N D (D + K) flops per split) against the tf32
-tensor-core ceiling (495 TFLOP/s, docs/performance.md#gpu-goals); float32 data, torch's default matmul
+tensor-core peak of the GPU (bench/roofline.py PEAKS; None for an unknown one); float32 data, torch's default matmul
 precision unless the row says tf32.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from shortcut_fast.bench.common import BenchRow, record, time_cpu, time_cuda
+from shortcut_fast.bench.roofline import peak_flops
 from shortcut_fast.ops.probe_stats import accumulate_probe_stats, fit_linear_probes
 
-TF32_PEAK = 495e12
 ALPHA_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times N: one grid for every method
 
 
@@ -116,16 +116,21 @@ def _himalaya(x_tr, z_tr, x_he, z_he, alphas: np.ndarray, device: str):
     return timed, chosen, scores
 
 
+def settings(device: str, quick: bool) -> tuple[int, int, int, int, int]:
+    """(n_train, n_heldout, D, K, loop_targets) (bench/roofline.py reads them too)."""
+    if quick:
+        return 2000, 1000, 64, 500, 20
+    if device == "cuda":
+        return 50_000, 10_000, 2048, 10_000, 4
+    # CPU sizes scaled down from the GPU's (N = 50,000, D = 2048); RidgeCV keeps several
+    # float64 (N, K) arrays alive (about 5 GB here), which bounds N on a 24 GB machine.
+    return 10_000, 2_500, 512, 10_000, 25
+
+
 def run(device: str = "cpu", quick: bool = False):
     from sklearn.linear_model import RidgeCV
 
-    if quick:
-        n_train, n_heldout, D, K, loop_targets = 2000, 1000, 64, 500, 20
-    elif device == "cuda":
-        n_train, n_heldout, D, K, loop_targets = 50_000, 10_000, 2048, 10_000, 4
-    else:  # CPU sizes scaled down from the GPU's (N = 50,000, D = 2048); RidgeCV keeps several
-        # float64 (N, K) arrays alive (about 5 GB here), which bounds N on a 24 GB machine.
-        n_train, n_heldout, D, K, loop_targets = 10_000, 2_500, 512, 10_000, 25
+    n_train, n_heldout, D, K, loop_targets = settings(device, quick)
     chunk = 8192
     x_tr, z_tr, x_he, z_he = _data(n_train, n_heldout, D, K, device)
     alphas = torch.tensor(ALPHA_FACTORS, dtype=torch.float64) * n_train
@@ -177,6 +182,7 @@ def run(device: str = "cpu", quick: bool = False):
         achieved["max_r2_diff_vs_himalaya"] = him_diff
     if device == "cuda":
         flops = 2 * (n_train + n_heldout) * D * (D + K)
+        peak = peak_flops(torch.cuda.get_device_name(), "tf32")
         for tf32 in (False, True):
             previous = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -188,7 +194,8 @@ def run(device: str = "cpu", quick: bool = False):
             key = "tf32" if tf32 else "fp32"
             achieved[f"stats_ms_{key}"] = stats.median_ms
             achieved[f"stats_TFLOP/s_{key}"] = flops / stats.median_ms / 1e9
-            achieved[f"stats_fraction_of_tf32_peak_{key}"] = flops / (stats.median_ms * 1e-3) / TF32_PEAK
+            achieved[f"stats_fraction_of_tf32_peak_{key}"] = (flops / (stats.median_ms * 1e-3) / peak
+                                                                  if peak else None)
     common = dict(workload="vinfo_probes", sizes=sizes, dtype="float32", backend="auto",
                   median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, quick=quick)
     rows = [

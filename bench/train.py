@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shortcut_fast.bench.common import BenchRow, record
+from shortcut_fast.bench.roofline import peak_flops
 from shortcut_fast.data import ImageDataset
 from shortcut_fast.models import build_model
 from shortcut_fast.models.bridges import Normalize
@@ -50,7 +51,6 @@ LR, SEED, EPOCHS = 0.05, 0, 2
 CHECK_STEPS = 4
 LOSS_TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}  # max |loss difference| over the checked steps (float32)
 GOAL_IMAGES_PER_S = 25_000  # the goal on one H100/H200 (docs/performance.md#gpu-goals)
-BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s
 # CPU timing on one intra-op thread (as bench/denetdm.py): on the shared, oversubscribed
 # 2-core machine two threads spin-wait on each other and inflate wall times erratically.
 CPU_THREADS = 1
@@ -270,10 +270,7 @@ def _run(device: str, quick: bool):
     checked = check(device, width=width, batch=min(batch, 64))
     fast_model, _ = _models(width)
     flops = _train_flops_per_image(fast_model, device)
-    peak = None
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    peak = peak_flops(torch.cuda.get_device_name(), "bf16") if device == "cuda" else None
     variants = (False, True) if device == "cuda" and not quick else (False,)
     # On the shared CPU the paths are timed in alternating rounds and each keeps its best
     # round (a burst of load from elsewhere hits one round, not both paths' best).

@@ -1,7 +1,7 @@
 """The numbers of the docs: rerun them, and render the docs from them.
 
 The rendered blocks live in README.md (the claims table), docs/results.md (every command on
-the embedded data), docs/performance.md (the backends verified and the CPU throughput) and
+the embedded data), docs/performance.md (the backends verified, the CPU throughput and the H100 roofline) and
 docs/real-digits.md (the real digits); DOCS lists them.
 
     python docs/results.py run [NAME ...]   rerun the docs' commands (default: every entry
@@ -1402,6 +1402,28 @@ def render_verified(_recs) -> list[str]:
     return lines
 
 
+ROOFLINE = ROOT / "bench" / "results" / "roofline_h100.json"
+
+
+def render_roofline(_recs) -> list[str]:
+    """The H100 roofline of every kernel at the GPU benchmark sizes (`shortcut-fast bench --roofline`)."""
+    from shortcut_fast.bench.roofline import _si, ms_text
+
+    t = json.loads(ROOFLINE.read_text())
+    p = t["peaks"]
+    rows = [[r["label"], r["text"], _si(r["bytes"], "B"), _si(r["flops"], "FLOP"), r["precision"], r["bound"],
+             ms_text(r["best_ms"]),
+             f"{_si(r['triton_flops'], 'FLOP')}, {ms_text(r['triton_best_ms'])}" if "triton_flops" in r else ""]
+            for r in t["rows"]]
+    lines = [f"From `shortcut-fast bench --roofline` (`{ROOFLINE.relative_to(ROOT).as_posix()}`): an {t['device']} "
+             f"at {t['bandwidth'] / 1e12:.3g} TB/s and, in TFLOP/s, fp64 {p['fp64'] / 1e12:.3g} (tensor cores), fp32 "
+             f"{p['fp32'] / 1e12:.3g}, tf32 {p['tf32'] / 1e12:.4g}, bf16 {p['bf16'] / 1e12:.4g} (dense); best = "
+             "max(bytes / bandwidth, FLOPs / peak) summed over a workload's phases.", ""]
+    lines += _table(["workload", "sizes", "bytes", "FLOPs", "precision", "bound", "best time",
+                     "Triton DFT kernel: FLOPs, floor"], rows)
+    return lines
+
+
 # block -> (result files, renderer); a None file name means "optional, may be absent"
 BLOCKS: dict[str, tuple[list[str], callable]] = {
     "demo": (["demo"], render_demo),
@@ -1414,6 +1436,7 @@ BLOCKS: dict[str, tuple[list[str], callable]] = {
     "localize": (["localize"], None),
     "denetdm": (["denetdm"], None),
     "verified": ([], render_verified),
+    "roofline": ([], render_roofline),
     "claims": (["real-denetdm"], render_claims),
     "real-denetdm": (["real-denetdm"], None),
     "real-denetdm-depths": (["real-denetdm-depths"], render_real_depths),

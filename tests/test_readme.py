@@ -31,7 +31,7 @@ def _doc_of(block: str) -> Path:
     docs/performance.md, the real-digit tables in docs/real-digits.md, the rest in docs/results.md."""
     if block == "claims":
         return results.README
-    if block in ("verified", "throughput"):
+    if block in ("verified", "throughput", "roofline"):
         return PERFORMANCE_MD
     if block.startswith("real-"):
         return REAL_DIGITS_MD
@@ -79,6 +79,7 @@ def test_performance_blocks_are_in_their_sections():
     text = DOC_TEXTS[PERFORMANCE_MD]
     assert "<!-- results:verified -->" in _section(text, "## Backends verified")
     assert "<!-- results:throughput -->" in _section(text, "## Throughput on the CPU")
+    assert "<!-- results:roofline -->" in _section(text, "## Roofline")
 
 
 def test_readme_is_short():
