@@ -46,9 +46,6 @@ class _MemberSplits:
         return {f"ratio={r},seed={s}": sp.identity() for (r, s), sp in self.splits.items()}
 
 
-CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the public C-CIFAR10 normalization
-
-
 @main.command()
 @click.option("--data", default="colored-digits", help="A dataset with a bias attribute per class: colored-digits, "
               "colored-mnist-5k (real digits, offline), colored-mnist, corrupted-digits, corrupted-cifar10, or your "
@@ -102,63 +99,38 @@ CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the pub
 @distributed_command("denetdm")
 def denetdm(dist=None, **params):
     """DeNetDM (depth-modulated debiasing) against ERM and LfF on every conflict ratio and seed."""
-    from shortcut_fast.data import dataset_options, load_dataset
+    from shortcut_fast.data import load_dataset
     from shortcut_fast.data.files import parse_spec
     from shortcut_fast.experiments import denetdm as dn
 
     p = params
-    try:
-        options = dataset_options(p["data"])
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--data") from None
-    # Your own data (csv: with an attribute column) comes with its own conflict ratio: one ratio, as it is.
-    own_ratio = parse_spec(p["data"]) is not None
-    if not own_ratio and ("conflict_ratio" not in options or "unbiased_val" not in options):
-        raise click.BadParameter(f"{p['data']} has no bias attribute with a conflict ratio; use colored-digits, "
-                                 f"colored-mnist-5k, colored-mnist, corrupted-digits, corrupted-cifar10, or your own "
-                                 f"csv:FILE with an attribute column", param_hint="--data")
     extra = pairs(p["data_option"], "data-option")
     if p["image_size"] is not None:
         extra["image_size"] = p["image_size"]
+    # Your own data (csv: with an attribute column) comes with its own conflict ratio: one ratio, as it is.
+    own_ratio = parse_spec(p["data"]) is not None
     if own_ratio:
         if click.get_current_context().get_parameter_source("ratios").name != "DEFAULT":
             raise click.BadParameter(f"{p['data']} comes with its own conflict ratio (its attribute column); "
                                      f"drop --conflict-ratio", param_hint="--conflict-ratio")
         p["ratios"] = [round(pipeline.own_conflict_ratio(
             load_dataset(p["data"], root=p["data_root"], download=p["download"], seed=p["seed"], **extra)), 6)]
-    for key in ("conflict_ratio", "unbiased_val", "seed"):
-        if key in extra:
-            raise click.BadParameter(f"{key} is set by denetdm itself (use --conflict-ratio / --seed)",
-                                     param_hint="--data-option")
     baselines = () if p["baselines"].strip() == "none" else tuple(name_list(None, None, p["baselines"]) or ())
-    cifar = "cifar" in p["data"]
-    arch = p["arch"] if p["arch"] != "auto" else ("conv" if p["data"].startswith("corrupted") else "mlp")
-    if arch == "mlp" and "image_size" in options and "image_size" not in extra:
-        # The embedded digits are 8x8: 16x16 keeps every pixel and makes the MLPs' first layer 4x cheaper.
-        extra["image_size"] = 16
-    if arch == "conv" and p["depths"] != ((3, 5),):
-        raise click.BadParameter("applies to the mlp branches only; the conv branches are fixed", param_hint="--depths")
-    if p["baseline_protocol"] == "lff" and (arch != "mlp" or p["target"]):
-        raise click.BadParameter("lff is LfF's Colored MNIST protocol (MLP baselines): it needs the mlp branches "
-                                 "and no --target", param_hint="--baseline-protocol")
-    stage1 = p["stage1_epochs"]
-    stage2 = p["stage2_epochs"] or (200 if cifar else 100)
     try:
-        cfg = dn.DeNetDMConfig(
-            ratios=tuple(p["ratios"]), seeds=p["seeds"], seed=p["seed"], depths=p["depths"], arch=arch,
+        cfg = dn.config_for(
+            p["data"], arch=p["arch"], stage2_epochs=p["stage2_epochs"], baseline_epochs=p["baseline_epochs"],
+            baseline_protocol=p["baseline_protocol"], batch_size=p["batch_size"], stage2_lr=p["stage2_lr"],
+            augment=p["augment"], ratios=tuple(p["ratios"]), seeds=p["seeds"], seed=p["seed"], depths=p["depths"],
             width=p["width"], target=p["target"], target_pretrained=str(p["pretrained"]) if p["pretrained"] else None,
-            stage1_epochs=stage1, stage2_epochs=stage2,
-            baseline_epochs=p["baseline_epochs"] or (100 if p["baseline_protocol"] == "lff" else None),
-            batch_size=p["batch_size"] or (256 if arch == "conv" else 64), stage1_lr=p["stage1_lr"],
-            stage2_lr=p["stage2_lr"] or (1e-4 if arch == "conv" else 1e-3),
-            stage1_weight_decay=p["stage1_weight_decay"], baseline_lr=p["baseline_lr"],
-            **(dn.LFF_PROTOCOL if p["baseline_protocol"] == "lff" else {}), denetdm=not p["baselines_only"],
-            temperature=p["temperature"], distill_weight=p["distill_weight"], baselines=baselines,
-            augment=p["augment"] if p["augment"] != "auto" else ("flip-crop" if cifar else "none"),
-            normalize=CIFAR_MEAN_STD if cifar else None)
+            stage1_epochs=p["stage1_epochs"], stage1_lr=p["stage1_lr"], stage1_weight_decay=p["stage1_weight_decay"],
+            baseline_lr=p["baseline_lr"], denetdm=not p["baselines_only"], temperature=p["temperature"],
+            distill_weight=p["distill_weight"], baselines=baselines)
+        if not own_ratio:
+            extra = dn.member_options(p["data"], cfg, extra)
     except ValueError as exc:
-        param = str(exc).split(" ")[0].split(":")[0].replace("_", "-")
-        raise click.BadParameter(str(exc), param_hint=f"--{param}") from None
+        setting = str(exc).split(" ")[0].split(":")[0].replace("_", "-")
+        raise click.BadParameter(str(exc).removeprefix(setting.replace("-", "_") + ": "),
+                                 param_hint="--data-option" if setting == "data-options" else f"--{setting}") from None
     splits = pipeline.member_splits(p, cfg.members, extra, own_ratio)
     resolved = {**{k: v for k, v in vars(cfg).items() if k not in ("stacked", "eval_batch_size", "checkpoint_seconds")}}
     out = p["out"]

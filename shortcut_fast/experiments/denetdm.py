@@ -50,7 +50,8 @@ from shortcut_fast.distributed import DistContext, check_same, gather, is_main, 
 from shortcut_fast.ensemble import StackedModules
 from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.models import build_model
-from shortcut_fast.ops import group_outcomes
+from shortcut_fast.ops._checks import all_true, check_labels, in_range, nonfinite_count, raise_nonfinite
+from shortcut_fast.ops.ablation import _group_outcomes_unchecked
 from shortcut_fast.report import Progress, format_table, plot_curves, pyplot, save_figure, write_json
 from shortcut_fast.run_folder import Store
 from shortcut_fast.train import augment_batch
@@ -436,13 +437,23 @@ def _evaluate(stack: StackedModules, pipe: _Pipeline, split: _Split, num_heads: 
     G = k * k
     correct = torch.zeros(M, num_heads, G, dtype=torch.int64, device=split.y.device)
     cell = split.y * k + split.a
+    if not all_true(in_range(split.y, k), in_range(split.a, k)):
+        for name, t in (("labels", split.y), ("bias labels", split.a)):
+            check_labels(name, t.flatten(), t.numel(), k, t.device)
     counts = torch.zeros(M, G, dtype=torch.int64, device=split.y.device).scatter_add_(
         1, cell, torch.ones_like(cell))
+    # One reduction per batch for every member: member m's cells become groups m*G..m*G+G-1 of
+    # one (H, M*b) problem. Inputs are checked above, once; NaN/Inf logits are counted on the
+    # device and read once after the pass.
+    member_cells = cell + torch.arange(M, device=cell.device)[:, None] * G
+    nonfinite = torch.zeros((), dtype=torch.int64, device=split.y.device)
     for i in range(0, n, batch_size):
         logits = stack(pipe.images(split.x[:, i:i + batch_size]))  # (M, H, b, C)
-        for m in range(M):
-            c, _ = group_outcomes(logits[m], split.y[m, i:i + batch_size], cell[m, i:i + batch_size], G)
-            correct[m] += c
+        nonfinite += nonfinite_count(logits)
+        c, _ = _group_outcomes_unchecked(logits.transpose(0, 1).flatten(1, 2), split.y[:, i:i + batch_size].flatten(),
+                                         member_cells[:, i:i + batch_size].flatten(), M * G)
+        correct += c.view(num_heads, M, G).transpose(0, 1)
+    raise_nonfinite("logits", int(nonfinite))
     aligned = torch.zeros(G, dtype=torch.bool, device=cell.device)
     aligned[torch.arange(k, device=cell.device) * (k + 1)] = True
     counts_h = counts[:, None, :].expand_as(correct)
@@ -762,6 +773,60 @@ def _stats(vals: list[float]) -> dict:
 # config.py batch 256, module/mlp.py 3 hidden layers of 100 + head, whose forward divides the
 # already [0, 1] pixels by 255 again); its 100 epochs are the CLI's default under this protocol.
 LFF_PROTOCOL = {"baseline_batch_size": 256, "baseline_depth": 4, "baseline_input_scale": 1 / 255}
+CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))  # the public C-CIFAR10 normalization
+
+
+def config_for(data: str, *, arch: str = "auto", stage2_epochs: int | None = None, baseline_epochs: int | None = None,
+               baseline_protocol: str = "ours", batch_size: int | None = None, stage2_lr: float | None = None,
+               augment: str = "auto", **fields) -> DeNetDMConfig:
+    """The DeNetDMConfig for dataset `data` with the published defaults of what is not given:
+    arch "auto" (conv on corrupted-*, else mlp), stage-2 epochs (200 on the CIFAR sets, else
+    100), batch (256 conv, 64 mlp), stage-2 learning rate (1e-4 conv, 1e-3 mlp), augment
+    "auto" (flip-crop on the CIFAR sets, else none), the C-CIFAR10 normalization on the CIFAR
+    sets; baseline_protocol "lff" applies LFF_PROTOCOL (and 100 baseline epochs unless given).
+    fields: the other DeNetDMConfig fields. Errors start with the field's name."""
+    if baseline_protocol not in BASELINE_PROTOCOLS:
+        raise ValueError(f"baseline_protocol: must be one of {', '.join(BASELINE_PROTOCOLS)}, got {baseline_protocol!r}")
+    cifar = "cifar" in data
+    if arch == "auto":
+        arch = "conv" if data.startswith("corrupted") else "mlp"
+    if arch == "conv" and tuple(map(tuple, fields.get("depths", ((3, 5),)))) != ((3, 5),):
+        raise ValueError("depths: applies to the mlp branches only; the conv branches are fixed")
+    if baseline_protocol == "lff" and (arch != "mlp" or fields.get("target")):
+        raise ValueError("baseline_protocol: lff is LfF's Colored MNIST protocol (MLP baselines): it needs the mlp "
+                         "branches and no target")
+    lff = baseline_protocol == "lff"
+    return DeNetDMConfig(
+        arch=arch, stage2_epochs=stage2_epochs or (200 if cifar else 100),
+        baseline_epochs=baseline_epochs or (100 if lff else None),
+        batch_size=batch_size or (256 if arch == "conv" else 64),
+        stage2_lr=stage2_lr or (1e-4 if arch == "conv" else 1e-3),
+        augment=augment if augment != "auto" else ("flip-crop" if cifar else "none"),
+        normalize=CIFAR_MEAN_STD if cifar else None, **(LFF_PROTOCOL if lff else {}), **fields)
+
+
+def member_options(data: str, cfg: DeNetDMConfig, data_options: dict | None = None) -> dict:
+    """The dataset options of every member of a run on the built-in dataset `data` (each member
+    adds its conflict ratio, seed and an unbiased validation split): the embedded 8x8 digits
+    go to 16x16 for the MLP branches (every pixel kept, the first layer 4x cheaper than at 32)."""
+    from shortcut_fast.data import dataset_options
+
+    try:
+        options = dataset_options(data)
+    except ValueError as exc:
+        raise ValueError(f"data: {exc}") from None
+    if "conflict_ratio" not in options or "unbiased_val" not in options:
+        raise ValueError(f"data: {data!r} has no bias attribute with a conflict ratio; use colored-digits, "
+                         f"colored-mnist-5k, colored-mnist, corrupted-digits, corrupted-cifar10, or your own "
+                         f"csv:FILE with an attribute column")
+    extra = dict(data_options or {})
+    for key in ("conflict_ratio", "unbiased_val", "seed"):
+        if key in extra:
+            raise ValueError(f"data_options: {key} is set by denetdm itself (--conflict-ratio / config.ratios, "
+                             f"--seed / config.seed)")
+    if cfg.arch == "mlp" and "image_size" in options and "image_size" not in extra:
+        extra["image_size"] = 16
+    return extra
 
 # How a reported number picks its epoch: ours (validation), and the two the published figures may use.
 PROTOCOLS = ("val", "last", "test-best")
@@ -977,18 +1042,9 @@ def _member_loader(data, cfg: DeNetDMConfig, data_options: dict | None) -> Calla
                              f"conflict ratio (its own), got {list(cfg.ratios)}")
         return lambda ratio, seed: data
     if isinstance(data, str):
-        from shortcut_fast.data import dataset_options, load_dataset
+        from shortcut_fast.data import load_dataset
 
-        options = dataset_options(data)
-        if "conflict_ratio" not in options or "unbiased_val" not in options:
-            raise ValueError(f"data: {data!r} has no bias attribute with a conflict ratio; use colored-digits, "
-                             f"colored-mnist-5k, colored-mnist, corrupted-digits or corrupted-cifar10")
-        extra = dict(data_options or {})
-        for key in ("conflict_ratio", "unbiased_val", "seed"):
-            if key in extra:
-                raise ValueError(f"data_options: {key} is set by denetdm itself (config.ratios, config.seed)")
-        if cfg.arch == "mlp" and "image_size" in options and "image_size" not in extra:
-            extra["image_size"] = 16  # as the command line: 16 x 16 digits keep every pixel for the MLP branches
+        extra = member_options(data, cfg, data_options)
         cache: dict = {}
 
         def load(ratio: float, seed: int) -> DatasetSplits:
