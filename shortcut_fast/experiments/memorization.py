@@ -58,7 +58,8 @@ from torch import nn
 from shortcut_fast import distributed as sd
 from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.experiments.stats import spearman
-from shortcut_fast.ops.ablation import group_outcomes
+from shortcut_fast.ops._checks import check_labels
+from shortcut_fast.ops.ablation import _check_groups, _group_outcomes_unchecked
 from shortcut_fast.report import progress_ticker, to_jsonable
 from shortcut_fast.run_folder import file_digest, settings_diff, tensor_digest
 from shortcut_fast.surgery.split import WHERE
@@ -153,16 +154,19 @@ def group_outcomes_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, g: tor
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = torch.zeros(num_groups, dtype=torch.int64)
+    correct = torch.zeros(num_groups, dtype=torch.int64, device=device)  # read once, after the loop
     for start in range(0, x.shape[0], batch_size):
         xb = x[start:start + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(xb).float()
         sl = slice(start, start + batch_size)
-        correct += group_outcomes(logits, y[sl].to(device), g[sl].to(device), num_groups,
-                                  allow_nonfinite=True)[0][0].cpu()
+        if start == 0:  # labels and groups checked once for every batch (NaN/Inf logits are accepted)
+            check_labels("labels", y, y.shape[0], logits.shape[-1], y.device)
+            _check_groups(g, g.shape[0], num_groups, g.device)
+        c, _ = _group_outcomes_unchecked(logits[None], y[sl].to(device), g[sl].to(device), num_groups)
+        correct += c[0]
     model.train(was_training)
-    return correct, torch.bincount(g, minlength=num_groups)
+    return correct.cpu(), torch.bincount(g, minlength=num_groups)
 
 
 def _accuracy(correct, counts) -> list[float | None]:

@@ -46,15 +46,53 @@ def check_finite(name: str, value: torch.Tensor) -> None:
     if _tracing():
         return
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        bad = int((~torch.isfinite(value)).sum())
+        raise_nonfinite(name, int((~torch.isfinite(value)).sum()))
+
+
+def raise_nonfinite(name: str, bad: int) -> None:
+    """check_finite's error, for checks that counted on the device (nonfinite_count)."""
+    if bad:
         raise ValueError(f"{name} contains {bad} NaN/Inf values (pass allow_nonfinite=True to accept them)")
 
 
-def check_labels(name: str, labels: torch.Tensor, length: int, num_classes: int, device: torch.device) -> None:
+# Device-side conditions: 0-d tensors, no host sync. A caller checking several inputs stacks
+# them and reads them once (all_true); a loop adds counts up and reads them after the loop.
+
+def is_finite(value: torch.Tensor) -> torch.Tensor:
+    """0-d bool: value holds no NaN/Inf (True for integer tensors)."""
+    if not value.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=value.device)
+    return torch.isfinite(value).all()
+
+
+def nonfinite_count(value: torch.Tensor) -> torch.Tensor:
+    """0-d int64: how many NaN/Inf values `value` holds."""
+    if not value.is_floating_point():
+        return torch.zeros((), dtype=torch.int64, device=value.device)
+    return (~torch.isfinite(value)).sum()
+
+
+def in_range(values: torch.Tensor, high: int) -> torch.Tensor:
+    """0-d bool: every value lies in [0, high) (True when empty)."""
+    return ((values >= 0) & (values < high)).all()
+
+
+def all_true(*conditions: torch.Tensor) -> bool:
+    """Every 0-d bool condition holds, read with one host sync. True under compilation,
+    where data-dependent checks are skipped."""
+    if _tracing() or not conditions:
+        return True
+    return bool(torch.stack([c.to(conditions[0].device) for c in conditions]).all())
+
+
+def check_labels(name: str, labels: torch.Tensor, length: int, num_classes: int, device: torch.device, *,
+                 values: bool = True) -> None:
+    """Shape, dtype and device of labels and, with values=True, their range (a host sync;
+    callers checking several inputs pass values=False and fold in_range into all_true)."""
     check_tensor(name, labels, ndim=1, shape_doc=f"({length},)", dtypes=(torch.int64,), device=device)
     if labels.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got shape {tuple(labels.shape)}")
-    if labels.numel() and not _tracing():
+    if values and labels.numel() and not _tracing():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}) (num_classes={num_classes}), got values in [{lo}, {hi}]")

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
-from shortcut_fast.ops._checks import (FLOAT_DTYPES, check_finite, check_int, check_labels, check_output_fits,
-                                       check_tensor)
+from shortcut_fast.ops._checks import (FLOAT_DTYPES, all_true, check_finite, check_int, check_labels,
+                                       check_output_fits, check_tensor, in_range, is_finite)
 
 __all__ = ["channel_ablate", "channel_ablate_reference", "channel_masks", "group_outcomes",
            "group_outcomes_reference"]
@@ -145,11 +145,11 @@ def _prepare_ablation(act, mask, replacement, channel_axis):
     return act.reshape(P, C, S).contiguous(), mask, replacement
 
 
-def _check_groups(groups, length: int, num_groups: int, device) -> None:
+def _check_groups(groups, length: int, num_groups: int, device, *, values: bool = True) -> None:
     check_tensor("groups", groups, ndim=1, shape_doc=f"({length},)", dtypes=(torch.int64,), device=device)
     if groups.shape[0] != length:
         raise ValueError(f"groups must have shape ({length},) like labels, got shape {tuple(groups.shape)}")
-    if groups.numel() and not torch.compiler.is_compiling():
+    if values and groups.numel() and not torch.compiler.is_compiling():
         lo, hi = int(groups.min()), int(groups.max())
         if lo < 0 or hi >= num_groups:
             raise ValueError(f"groups must lie in [0, {num_groups}) (num_groups={num_groups}), got values in "
@@ -212,10 +212,24 @@ def group_outcomes(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Ten
         raise ValueError(f"logits must have shape (V, B, L) or (B, L) with L >= 1, got shape {tuple(logits.shape)}")
     check_int("num_groups", num_groups)
     V, B, L = logits.shape
-    check_labels("labels", labels, B, L, logits.device)
-    _check_groups(groups, B, num_groups, logits.device)
-    if not allow_nonfinite:
-        check_finite("logits", logits)
+    check_labels("labels", labels, B, L, logits.device, values=False)
+    _check_groups(groups, B, num_groups, logits.device, values=False)
+    # The value checks in one reduction and one host sync; the detailed checks (and their
+    # messages) run only when it fails.
+    ok = [in_range(labels, L), in_range(groups, num_groups)] + ([] if allow_nonfinite else [is_finite(logits)])
+    if not all_true(*ok):
+        check_labels("labels", labels, B, L, logits.device)
+        _check_groups(groups, B, num_groups, logits.device)
+        if not allow_nonfinite:
+            check_finite("logits", logits)
+    return _group_outcomes_unchecked(logits, labels, groups, num_groups, backend=backend)
+
+
+def _group_outcomes_unchecked(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, num_groups: int, *,
+                              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """group_outcomes without its input checks (no host sync), for loops whose caller checked
+    labels and groups once up front and counts NaN/Inf logits on the device (nonfinite_count)
+    to read them once at the end. logits must be (V, B, L)."""
     run = dispatch("group_outcomes", backend, logits.device, _GROUP_OUTCOMES, unsupported=_unsupported(logits))
     return run(logits.contiguous(), labels.contiguous(), groups.contiguous(), num_groups)
 

@@ -418,6 +418,12 @@ class Directions:
         A = _activations("A", A)
         if A.shape[1] != self.dim:
             raise ValueError(f"A must have {self.dim} columns to match the directions, got shape {tuple(A.shape)}")
+        return self._encode(A)
+
+    def _encode(self, A: torch.Tensor) -> torch.Tensor:
+        """encode without its checks (no host sync for pca and file directions), for passes over
+        many batches that count NaN/Inf on the device and read the count once at the end."""
+        A = A.float()
         comps = self.components.to(A.device, torch.float32)
         if self.kind == "nmf":
             return nnls_codes(A, comps, iters=self.nnls_iters)

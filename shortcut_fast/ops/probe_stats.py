@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
-from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_tensor
+from shortcut_fast.ops._checks import FLOAT_DTYPES, all_true, check_finite, check_int, check_tensor, is_finite
 
 __all__ = ["DEFAULT_ALPHA_FACTORS", "V_INFORMATION_FORMS", "LinearProbes", "ProbeStats", "accumulate_probe_stats", "fit_linear_probes",
            "fit_probes", "probe_stats", "probe_stats_reference", "v_information_from_r2"]
@@ -71,7 +71,7 @@ def _check_pair(x, z, allow_nonfinite: bool, x_name: str = "x", z_name: str = "z
     check_tensor(z_name, z, ndim=2, shape_doc="(N, K)", dtypes=FLOAT_DTYPES, device=x.device)
     if z.shape[0] != x.shape[0]:
         raise ValueError(f"{z_name} must have as many rows as {x_name} ({x.shape[0]}), got shape {tuple(z.shape)}")
-    if not allow_nonfinite:
+    if not allow_nonfinite and not all_true(is_finite(x), is_finite(z)):  # one sync for both
         check_finite(x_name, x)
         check_finite(z_name, z)
 
@@ -164,6 +164,12 @@ class ProbeStats:
         if z.shape[1] != self.num_targets:
             raise ValueError(f"z must have shape (n, {self.num_targets}) (num_targets={self.num_targets}), "
                              f"got shape {tuple(z.shape)}")
+        return self._add(x, z)
+
+    def _add(self, x: torch.Tensor, z: torch.Tensor) -> "ProbeStats":
+        """update without its checks (no host sync), for passes over many batches whose shapes
+        are right by construction and which count NaN/Inf on the device (nonfinite_count) to
+        read once at the end."""
         if x.shape[0] == 0:
             return self
         x = x.to(device=self.device, dtype=self.dtype)

@@ -42,7 +42,7 @@ import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -234,13 +234,16 @@ class SplitModel:
         return Prefix(act=act, live_ins=live, base=base, rewound=rewound)
 
     def run_variants(self, pre: Prefix, masks: torch.Tensor, replacement=0.0, *,
-                     backend: str = "auto") -> torch.Tensor:
-        """Logits (V, B, L) of the V variants masks (V, C) bool describe (see module doc)."""
+                     backend: str = "auto", channels: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+        """Logits (V, B, L) of the V variants masks (V, C) bool describe (see module doc).
+        channels: the masks' rows as channel lists, when the caller has them: the linearity
+        path then reads which channels are used from them, not from the masks on the device
+        (two host syncs per call)."""
         V = masks.shape[0]
         B = pre.act.shape[0]
         with torch.no_grad(), no_inplace(self.model):
             if self.linear is not None:
-                first = self._linear_variants(pre, masks, replacement)
+                first = self._linear_variants(pre, masks, replacement, channels)
             else:
                 first = channel_ablate(pre.act, masks, replacement, channel_axis=self.channel_axis,
                                        backend=backend).flatten(0, 1)
@@ -254,7 +257,7 @@ class SplitModel:
     def baseline(self, pre: Prefix) -> torch.Tensor:
         """Logits (B, L) of the unmodified model."""
         masks = torch.zeros(1, self.num_channels, dtype=torch.bool, device=pre.act.device)
-        return self.run_variants(pre, masks, 0.0, backend="torch")[0]
+        return self.run_variants(pre, masks, 0.0, backend="torch", channels=[[]])[0]
 
     def per_variant_bytes(self, batch: int) -> int:
         """Rough peak memory of one variant of `batch` images in the suffix."""
@@ -266,7 +269,7 @@ class SplitModel:
             ref = self.model(x)
         pre = self.prefix(x)
         masks = torch.zeros(2, self.num_channels, dtype=torch.bool, device=x.device)
-        got = self.run_variants(pre, masks, 0.0, backend="torch")
+        got = self.run_variants(pre, masks, 0.0, backend="torch", channels=[[], []])
         scale = float(ref.abs().max()) if ref.numel() else 1.0
         tol = (1e-3 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4) * max(1.0, scale)
         err = float((got - ref[None]).abs().max()) if ref.numel() else 0.0
@@ -279,10 +282,15 @@ class SplitModel:
                 f"see; try method='hook'")
 
     # -- linearity ----------------------------------------------------------------------
-    def _linear_variants(self, pre: Prefix, masks: torch.Tensor, replacement) -> torch.Tensor:
+    def _linear_variants(self, pre: Prefix, masks: torch.Tensor, replacement, channels=None) -> torch.Tensor:
         act, base, layer = pre.act, pre.base, self.linear
         V, B = masks.shape[0], act.shape[0]
-        used = masks.any(0).nonzero().flatten()
+        if channels is not None:
+            used = torch.tensor(sorted({int(c) for v in channels for c in v}), dtype=torch.long, device=masks.device)
+            one_hot = all(len(set(v)) <= 1 for v in channels)
+        else:
+            used = masks.any(0).nonzero().flatten()
+            one_hot = None
         if used.numel() == 0:
             return _repeat(base, V, 0)
         axis = self.channel_axis
@@ -298,7 +306,8 @@ class SplitModel:
         delta = rep - sub                               # (B, S, ...) channel-axis subset
         S = used.numel()
         sub_masks = masks[:, used]                       # (V, S)
-        one_hot = bool((sub_masks.sum(1) <= 1).all())
+        if one_hot is None:
+            one_hot = bool((sub_masks.sum(1) <= 1).all())
         if isinstance(layer, nn.Linear):
             w = layer.weight[:, used].to(act.dtype)      # (Cout, S)
             if one_hot:

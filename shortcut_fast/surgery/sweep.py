@@ -57,7 +57,8 @@ from shortcut_fast.data import FileImageDataset, ImageDataset
 from shortcut_fast.distributed import DistContext, check_same, gather, is_main, rank_suffix, shard
 from shortcut_fast.models.introspect import get_submodule
 from shortcut_fast.validate import check_int
-from shortcut_fast.ops.ablation import channel_masks, group_outcomes, group_outcomes_reference
+from shortcut_fast.ops._checks import check_labels, nonfinite_count, raise_nonfinite
+from shortcut_fast.ops.ablation import _group_outcomes_unchecked, channel_masks, group_outcomes_reference
 from shortcut_fast.report import Progress
 from shortcut_fast.run_folder import fingerprint, load_state_file, settings_diff, tensor_digest
 from shortcut_fast.surgery.split import (
@@ -202,6 +203,7 @@ class _Data:
     groups: torch.Tensor
     num_groups: int
     source: Any
+    checked: bool = False  # check_images ran: batches are not checked one by one
 
     def images(self, index: torch.Tensor, device) -> torch.Tensor:
         """Float images of `index` on `device`, from a dataset or a tensor of images."""
@@ -211,8 +213,23 @@ class _Data:
                 x = x.float().div_(255)
         else:
             x, _, _ = self.source.get_batch(index, device=device)
-        _check_finite(x, index)
+        if not self.checked:
+            _check_finite(x, index)
         return x
+
+    def check_images(self, batch_size: int) -> None:
+        """NaN/Inf images, checked once for the whole data set (one host sync, not one per
+        batch); on failure the first bad batch of `batch_size` is named as images() names it.
+        Integer images (uint8 tensors, decoded files) cannot hold NaN/Inf."""
+        stored = self.source.images if isinstance(self.source, ImageDataset) else self.source
+        if isinstance(stored, torch.Tensor) and stored.is_floating_point():
+            bad = torch.cat([~torch.isfinite(stored[s:s + batch_size].flatten(1)).all(1)
+                             for s in range(0, self.n, batch_size)])
+            if bool(bad.any()):
+                start = int(bad.nonzero()[0, 0]) // batch_size * batch_size
+                index = torch.arange(start, min(start + batch_size, self.n))
+                _check_finite(self.images(index, stored.device), index)
+        self.checked = True
 
     def batch(self, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stop = min(start + size, self.n)
@@ -444,7 +461,8 @@ def _to_cpu(v):
 def _restore_current(cur: dict, device) -> dict:
     """Accumulators of a half-done layer, back on the sweep's device (outputs stay on the CPU)."""
     acc = dict(cur)
-    for k in ("correct", "loss", "base_correct", "base_loss"):
+    acc.setdefault("nonfinite", torch.zeros((), dtype=torch.int64))  # states saved before it was kept
+    for k in ("correct", "loss", "base_correct", "base_loss", "nonfinite"):
         acc[k] = acc[k].to(device)
     if acc.get("stats") is not None:
         acc["stats"] = tuple(s.to(device) for s in acc["stats"])
@@ -484,6 +502,7 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind, noise_std)
     layers = _check_layers(model, layers)
     d = _as_data(data, num_groups)
+    d.check_images(batch_size)
     device = _device(model)
     if max_bytes is None:
         max_bytes = (16 << 20) if device.type == "cpu" else (1 << 30)
@@ -595,6 +614,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
                    loss=torch.zeros(R, V, G, dtype=torch.float64, device=device),
                    base_correct=torch.zeros(G, dtype=torch.int64, device=device),
                    base_loss=torch.zeros(G, dtype=torch.float64, device=device),
+                   nonfinite=torch.zeros((), dtype=torch.int64, device=device),
                    outputs=None, base_outputs=None)
     stats = acc["stats"]
     if stats is not None:
@@ -602,12 +622,19 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
 
     chunk = max(1, min(V, int(max_bytes // sm.per_variant_bytes(min(batch_size, d.n)))))
     bar = Progress((len(starts) - acc["next_batch"]) * R * -(-V // chunk), f"sweep {layer}", progress)
-    for bi in range(acc["next_batch"], len(starts)):
+    first = acc["next_batch"]
+    for bi in range(first, len(starts)):
         start = starts[bi]
         x, y, g = d.batch(start, batch_size, device)
         pre = sm.prefix(x)
         base = sm.baseline(pre)
-        bc, bl = group_outcomes(base, y, g, G, backend=backend)
+        if bi == first:
+            # Labels and groups are checked once, not per call (groups in _as_data): the
+            # per-chunk reduction below runs unchecked, and NaN/Inf logits are counted on the
+            # device and read once after the layer.
+            check_labels("labels", d.labels, d.n, base.shape[-1], d.labels.device)
+        acc["nonfinite"] += nonfinite_count(base)
+        bc, bl = _group_outcomes_unchecked(base[None], y, g, G, backend=backend)
         acc["base_correct"] += bc[0]
         acc["base_loss"] += bl[0].double()
         if return_outputs:
@@ -630,8 +657,10 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
             else:
                 rep = pre.rewound
             for c0 in range(0, V, chunk):
-                logits = sm.run_variants(pre, masks[c0:c0 + chunk], rep, backend=backend)
-                cc, cl = group_outcomes(logits, y, g, G, backend=backend)
+                logits = sm.run_variants(pre, masks[c0:c0 + chunk], rep, backend=backend,
+                                         channels=variants[c0:c0 + chunk])
+                acc["nonfinite"] += nonfinite_count(logits)
+                cc, cl = _group_outcomes_unchecked(logits, y, g, G, backend=backend)
                 acc["correct"][r, c0:c0 + chunk] += cc
                 acc["loss"][r, c0:c0 + chunk] += cl.double()
                 if return_outputs:
@@ -642,6 +671,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
             state["current"] = {k: _to_cpu(v) for k, v in acc.items()}
             store.save_state(state_file, state)
     bar.close()
+    raise_nonfinite("logits", int(acc["nonfinite"]))
 
     correct = acc["correct"][0].cpu() if R == 1 else acc["correct"].double().mean(0).cpu()
     outputs = acc["outputs"]
@@ -734,6 +764,7 @@ def channel_ablation_reference(model: nn.Module, layers, data, *, channels=None,
     _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind, noise_std)
     layers = _check_layers(model, layers)
     d = _as_data(data, num_groups)
+    d.check_images(batch_size)
     device = _device(model)
     rewind_state = _rewind_weights(rewind_to) if mode == "rewind" else None
     G, R = d.num_groups, repeats
