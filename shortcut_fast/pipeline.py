@@ -341,6 +341,34 @@ class Artifact:
         self.name, self.state_dict, self.load_state_dict = name, state_dict, load_state_dict
 
 
+def band_learning(splits, cfg, run, *, every: int, until: int, device, backend: str = "auto"):
+    """freq-probe's band-learning tracker (on data whose bands carry the labels by construction,
+    synthetic-freq): the band-stop accuracy of up to 200 validation images every `every`
+    training steps until `until`. Returns (tracker, training hooks that feed it and keep its
+    snapshots in <run>/model/learning-tracker.json for a resume, the Artifact that caches
+    them with the model, so that a reused model comes with its snapshots)."""
+    import torch
+
+    from shortcut_fast.experiments import freq_probe as fp
+    from shortcut_fast.run_folder import fingerprint
+
+    n_eval = min(len(splits.val), 200)
+    x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
+    tracker = fp.BandLearningTracker(x_val.to(device), y_val.to(device), splits.num_classes, every, until=until,
+                                     batch_size=cfg.resolved(device).batch_size, backend=backend,
+                                     centre=lambda net: fp.input_centre(cfg.filter_centre, net, splits.train,
+                                                                        channels=splits.image_shape[0],
+                                                                        device=device))
+    saved = run.load_json("model/learning-tracker.json")
+    if saved is not None:  # snapshots of the epochs already trained
+        tracker.load_state_dict(saved)
+    hooks = {"on_step_end": tracker,
+             "on_epoch_end": lambda *_: run.save_json("model/learning-tracker.json", tracker.state_dict())}
+    what = {"every": every, "until": until, "images": n_eval, "filter_centre": cfg.filter_centre}
+    artifact = Artifact(f"band-learning-{fingerprint(what)}.json", tracker.state_dict, tracker.load_state_dict)
+    return tracker, hooks, (artifact,)
+
+
 def train_here(net, splits, cfg, store, *, quiet: bool, **hooks):
     """Train `net` into `store` (e.g. run.sub("model")); a resuming run continues from its last.pt."""
     from shortcut_fast.train import train

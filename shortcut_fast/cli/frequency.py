@@ -94,11 +94,8 @@ def spectrum(**params):
 @distributed_command("freq-probe")
 def freq_probe(dist=None, **params):
     """Frequency shortcuts: ADCS, dominant frequency maps, TPR/FPR, band-stop, OOD transfer."""
-    import torch
-
     from shortcut_fast.data.corruptions import corrupted_dataset
     from shortcut_fast.experiments import freq_probe as fp
-    from shortcut_fast.run_folder import fingerprint
 
     p = params
     splits, resolved, model_settings = pipeline.analysis_inputs(p, "freq-probe", {"epochs": p["epochs"]})
@@ -133,25 +130,11 @@ def freq_probe(dist=None, **params):
         click.echo(probe_note)
     with pipeline.open_run("freq-probe", p, splits, model_settings=model_settings, not_fingerprinted=("batch_size",),
                            recipe=resolved if trains else None, dist=dist) as run:
-        hooks, tracker, artifacts = {}, None, ()
+        tracker, hooks, artifacts = None, {}, ()
         if trains and has_bands and p["track_every"] > 0:
-            n_eval = min(len(splits.val), 200)
-            x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
-            tracker = fp.BandLearningTracker(x_val.to(dev), y_val.to(dev), splits.num_classes, p["track_every"],
-                                             until=p["track_until"], batch_size=cfg.resolved(dev).batch_size,
-                                             backend=p["backend"], centre=lambda net: fp.input_centre(
-                                                 cfg.filter_centre, net, splits.train,
-                                                 channels=splits.image_shape[0], device=dev))
-            saved = run.load_json("model/learning-tracker.json")
-            if saved is not None:  # snapshots of the epochs already trained
-                tracker.load_state_dict(saved)
-            hooks = {"on_step_end": tracker,
-                     "on_epoch_end": lambda *_: run.save_json("model/learning-tracker.json", tracker.state_dict())}
-            # the snapshots come from the training itself: a cached model is reused only with them
-            what = {"every": p["track_every"], "until": p["track_until"], "images": n_eval,
-                    "filter_centre": cfg.filter_centre}
-            artifacts = (pipeline.Artifact(f"band-learning-{fingerprint(what)}.json", tracker.state_dict,
-                                   tracker.load_state_dict),)
+            tracker, hooks, artifacts = pipeline.band_learning(splits, cfg, run, every=p["track_every"],
+                                                               until=p["track_until"], device=dev,
+                                                               backend=p["backend"])
         try:
             tcfg = pipeline.train_config(resolved, p, dev)
             net, trained, cache = pipeline.analysed_model(p, splits, run, resolved, tcfg, artifacts=artifacts, dist=dist,
