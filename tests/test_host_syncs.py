@@ -158,12 +158,12 @@ def test_accumulate_probe_stats_syncs_do_not_grow_with_chunks(syncs):
     _same([syncs(lambda: accumulate_probe_stats(x, z, chunk_size=c)) for c in (16, 8)])
 
 
-def _complexity_pass(n):
+def _complexity_pass(n, directions="pca:3"):
     torch.manual_seed(0)
     model = build_model("small-cnn", num_classes=3, image_size=8, width=4, padding=2).eval()
     g = torch.Generator().manual_seed(0)
     data = ImageDataset(torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g), num_classes=3)
-    cfg = cx.ComplexityConfig(directions="pca:3", batch_size=8)
+    cfg = cx.ComplexityConfig(directions=directions, batch_size=8)
     index = torch.arange(n)
     directions, mean, std = cx._fit_directions(model, data, index, cfg, "cpu")
     layers = list(cx.model_blocks(model))
@@ -171,9 +171,10 @@ def _complexity_pass(n):
     return p, lambda: cx._stream(p, [("train", data, index), ("heldout", data, index)], 8, "cpu", False, "")
 
 
-def test_probe_statistics_pass_syncs_do_not_grow_with_batches(syncs):
-    _complexity_pass(16)[1]()
-    _same([syncs(_complexity_pass(16)[1]), syncs(_complexity_pass(32)[1])])
+@pytest.mark.parametrize("directions", ["pca:3", "nmf:3"])
+def test_probe_statistics_pass_syncs_do_not_grow_with_batches(syncs, directions):
+    _complexity_pass(16, directions)[1]()
+    _same([syncs(_complexity_pass(16, directions)[1]), syncs(_complexity_pass(32, directions)[1])])
 
 
 def test_probe_statistics_pass_refuses_nonfinite_activations_once():

@@ -263,16 +263,31 @@ def nnls_codes(A: torch.Tensor, dictionary: torch.Tensor, *, iters: int = 200, s
     check_int("chunk_size", chunk_size, minimum=1)
     if solver not in NNLS_SOLVERS:
         raise ValueError(f"solver must be one of {NNLS_SOLVERS}, got {solver!r}")
-    Dm = dictionary.to(device=A.device, dtype=torch.float32)
+    return _nnls_solve(A, _nnls_setup(dictionary, A.device), iters=iters, solver=solver, chunk_size=chunk_size)
+
+
+def _nnls_setup(dictionary: torch.Tensor, device) -> tuple:
+    """What nnls_codes derives from the dictionary alone: (float32 dictionary, Gram matrix,
+    step bound, Cholesky factor or None). Its step bound is a host sync, so callers encoding
+    many batches with one dictionary (Directions) compute it once."""
+    Dm = dictionary.to(device=device, dtype=torch.float32)
     G = Dm @ Dm.T  # (k, k)
     lipschitz = _largest_eigenvalue(G)
-    if lipschitz <= 0:
-        return A.new_zeros(A.shape[0], Dm.shape[0])
     k, D = Dm.shape
     solve = None
-    if k <= D:  # (barely ridge-regularized) normal equations, factored once for every chunk
+    if lipschitz > 0 and k <= D:  # (barely ridge-regularized) normal equations, factored once for every chunk
         eye = torch.eye(k, device=G.device, dtype=torch.float64)
         solve = torch.linalg.cholesky(G.double() + 1e-6 * lipschitz * eye)
+    return Dm, G, lipschitz, solve
+
+
+def _nnls_solve(A: torch.Tensor, setup: tuple, *, iters: int, solver: str = "fista",
+                chunk_size: int = 4096) -> torch.Tensor:
+    """nnls_codes of float32 A (N, D) on an _nnls_setup, without checks."""
+    Dm, G, lipschitz, solve = setup
+    if lipschitz <= 0:
+        return A.new_zeros(A.shape[0], Dm.shape[0])
+    k = Dm.shape[0]
     out = A.new_empty(A.shape[0], k)
     step = 1.0 / lipschitz
     for rows in _chunks(A.shape[0], chunk_size):
@@ -390,6 +405,8 @@ class Directions:
     mean: torch.Tensor | None = None  # (D,) for pca
     explained_variance: torch.Tensor | None = None  # (k,) for pca
     nnls_iters: int = 200
+    # nmf: _nnls_setup per device, so encoding batch after batch costs no host sync
+    _nnls: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -424,9 +441,12 @@ class Directions:
         """encode without its checks (no host sync for pca and file directions), for passes over
         many batches that count NaN/Inf on the device and read the count once at the end."""
         A = A.float()
-        comps = self.components.to(A.device, torch.float32)
         if self.kind == "nmf":
-            return nnls_codes(A, comps, iters=self.nnls_iters)
+            key = str(A.device)
+            if key not in self._nnls:
+                self._nnls[key] = _nnls_setup(self.components, A.device)
+            return _nnls_solve(A, self._nnls[key], iters=self.nnls_iters)
+        comps = self.components.to(A.device, torch.float32)
         if self.kind == "pca":
             return (A - self.mean.to(A.device, torch.float32)) @ comps.T
         return A @ comps.T
