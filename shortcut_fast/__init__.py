@@ -34,6 +34,7 @@ __all__ = [
     "memorization",
     "localization",
     "denetdm",
+    "pipeline",
 ]
 
 # The Python API (docs/api.md): sf.data and one module per analysis, each imported on first
@@ -45,6 +46,7 @@ _LAZY_MODULES = {
     "memorization": "shortcut_fast.experiments.memorization",
     "localization": "shortcut_fast.experiments.localization",
     "denetdm": "shortcut_fast.experiments.denetdm",
+    "pipeline": "shortcut_fast.pipeline",  # prepare(): a dataset and its recipe's model, as the commands get them
 }
 
 

@@ -516,3 +516,35 @@ def analysed_model(settings: dict, splits, run, resolved, train_cfg, *, store_na
                                            need_epochs=need_epochs, artifacts=artifacts, **hooks)
     return net, {"epochs": result.epochs_run, "test_accuracy": result.final["test"].accuracy,
                  "model_dir": str(run.root / store_name)}, cache
+
+
+def prepare(data: str, purpose: str = "train", *, folder, model: str | None = None, model_options: dict | None = None,
+            recipe: str | None = None, epochs: int | None = None, weights=None, checkpoint=None, seed: int = 0,
+            data_options: dict | None = None, device="cpu", resume: bool = True, cache: bool = True,
+            quiet: bool = True):
+    """(DatasetSplits, model) the way a command gets them, for the Python API: the dataset
+    `data` (a name, imagefolder:PATH or csv:FILE) and the model of its recipe for `purpose`
+    (train, freq-probe, complexity, memorization, mitigate) trained in `folder` (a run folder:
+    resumable, refused when it holds other settings) or taken from the model cache; or the
+    model of `checkpoint`, or `model` with your `weights`. E.g.
+
+        splits, net = sf.pipeline.prepare("mnist-5k", "freq-probe", folder="runs/model")
+        result = sf.freq_probe.run(net, splits, sf.freq_probe.Config())
+    """
+    from pathlib import Path
+
+    from shortcut_fast.train import resolve_device
+
+    device = resolve_device(device)
+    settings = {"data": data, "data_option": [f"{k}={json.dumps(v)}" for k, v in (data_options or {}).items()],
+                "seed": seed, "model": model,
+                "model_option": [f"{k}={json.dumps(v)}" for k, v in (model_options or {}).items()],
+                "recipe": recipe, "epochs": epochs, "checkpoint": Path(checkpoint) if checkpoint else None,
+                "weights": Path(weights) if weights else None, "pretrained": None, "no_cache": not cache,
+                "quiet": quiet, "out": Path(folder), "resume": resume, "overwrite": False, "device": str(device)}
+    splits, resolved, model_settings = analysis_inputs(settings, purpose, {"epochs": epochs})
+    trains = not given_model(settings)
+    with open_run(f"prepare {purpose}", settings, splits, model_settings=model_settings,
+                  recipe=resolved if trains else None) as run:
+        net, _, _ = analysed_model(settings, splits, run, resolved, train_config(resolved, settings, device))
+    return splits, net
