@@ -37,9 +37,11 @@ remove_frequencies_op(x, freqs)[k, b, c] = x[b, c] minus one conjugate pair
     a_y = 2 pi ((u_k y) mod H) / H,  b_x = 2 pi ((v_k x) mod W) / W,
 with c_k = 1 for a self-conjugate frequency, else 2. F(u, v) for every (k, b, c) is
 gathered from one rfft2 outside the kernel; a single elementwise kernel writes all
-K*B*C outputs. The phase is separable, so each program evaluates BLOCK_Y + BLOCK_X
-sin/cos pairs per k and two multiply-adds per pixel: the kernel is bound by its output
-writes. Each program loads its x tile once and writes it for K_GROUP frequencies.
+K*B*C outputs. The phase is separable, so each program gathers BLOCK_Y + BLOCK_X cos/sin
+pairs per k from tables of cos/sin(2 pi j / n) (exact, and no sin/cos in the kernel, whose
+slow path for large arguments spilled registers) and does two multiply-adds per pixel: the
+kernel is bound by its output writes. Each program loads its x tile once and writes it for
+K_GROUP frequencies.
 """
 from __future__ import annotations
 
@@ -215,6 +217,8 @@ def _remove_frequencies_kernel(
     x_ptr,  # (BC, H, W) images, any float dtype, contiguous
     coef_ptr,  # (K, BC, 2) float32: c_k F(u_k, v_k) / HW, real and imaginary part
     freq_ptr,  # (K, 2) int64 (u, v)
+    cos_h_ptr, sin_h_ptr,  # (H,) cos/sin(2 pi j / H)
+    cos_w_ptr, sin_w_ptr,  # (W,) cos/sin(2 pi j / W)
     out_ptr,  # (K, BC, H, W) float32
     K, BC, H, W, TILES_X, N_TILES, N_KGROUPS,
     K_GROUP: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
@@ -223,8 +227,6 @@ def _remove_frequencies_kernel(
     ok = (y < H)[:, None] & (x < W)[None, :]
     offsets = y[:, None] * W + x[None, :]
     pixels = tl.load(x_ptr + bc.to(tl.int64) * H * W + offsets, mask=ok, other=0.0).to(tl.float32)
-    two_pi_h = 6.283185307179586 / H
-    two_pi_w = 6.283185307179586 / W
     for i in range(0, K_GROUP):
         k = k0 + i
         if k < K:
@@ -233,14 +235,17 @@ def _remove_frequencies_kernel(
             kbc = k.to(tl.int64) * BC + bc
             a_re = tl.load(coef_ptr + kbc * 2)
             a_im = tl.load(coef_ptr + kbc * 2 + 1)
-            # Exact integer phase reduction, then one sin/cos per row and per column.
-            row = ((u * y) % H).to(tl.float32) * two_pi_h
-            col = ((v * x) % W).to(tl.float32) * two_pi_w
-            cos_r = tl.cos(row)
-            sin_r = tl.sin(row)
+            # Exact integer phase reduction, then one table entry per row and per column (the
+            # index is in range for the padding rows and columns too).
+            row = (u * y) % H
+            col = (v * x) % W
+            cos_r = tl.load(cos_h_ptr + row)
+            sin_r = tl.load(sin_h_ptr + row)
             p_re = a_re * cos_r - a_im * sin_r  # A e^{i a_y}
             p_im = a_re * sin_r + a_im * cos_r
-            wave = p_re[:, None] * tl.cos(col)[None, :] - p_im[:, None] * tl.sin(col)[None, :]
+            cos_c = tl.load(cos_w_ptr + col)
+            sin_c = tl.load(sin_w_ptr + col)
+            wave = p_re[:, None] * cos_c[None, :] - p_im[:, None] * sin_c[None, :]
             tl.store(out_ptr + kbc * H * W + offsets, pixels - wave, mask=ok)
 
 
@@ -277,15 +282,16 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _band_blocks(H: int, W: int) -> tuple[int, int, int, int]:
+def _band_blocks(H: int, W: int, precision: str) -> tuple[int, int, int, int]:
     # tl.dot needs every dimension >= 16. The output tile spans up to 128 columns, so images
     # up to 128 wide run stage 1 once per strip of 32 rows (no recomputation across x tiles);
     # the fp32 accumulator is at most 32 x 128 (16 registers a thread with 8 warps). Wider
-    # images tile x and recompute stage 1 per x tile (W / 128 times).
+    # images tile x and recompute stage 1 per x tile (W / 128 times). "tf32x3" splits every
+    # operand in two: its column blocks are 16 wide (32 spilled 92-280 bytes on sm_80/sm_90).
     block_x = _pow2(W, 16, 128)
     block_y = _pow2(H, 16, 32)
     block_u = _pow2(H, 16, 32)
-    block_v = _pow2((W + 1) // 2, 16, 32)
+    block_v = _pow2((W + 1) // 2, 16, 16 if precision == "tf32x3" else 32)
     return block_y, block_x, block_u, block_v
 
 
@@ -322,7 +328,7 @@ def band_filter_op(x: torch.Tensor, weights: torch.Tensor, precision: str = "iee
     WR, WP = W // 2 + 1, (W + 1) // 2
     spectrum = torch.view_as_real(torch.fft.rfft2(x.to(torch.float32))).contiguous()  # (B, C, H, WR, 2)
     weights = weights.to(torch.float32).contiguous()
-    block_y, block_x, block_u, block_v = _band_blocks(H, W)
+    block_y, block_x, block_u, block_v = _band_blocks(H, W, precision)
     nz_uv, nz_v = _block_flags(weights, W, block_u, block_v)
     cos_h, sin_h, cos_w, sin_w = _tables(H, W, x)
     nub, nvb = triton.cdiv(H, block_u), triton.cdiv(WP, block_v)
@@ -364,6 +370,16 @@ def _pair_coefficients(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(coef.contiguous()).reshape(freqs.shape[0], B * C, 2).contiguous()
 
 
+def _phase_tables(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2 pi j / n, j < n, as (n,) float32, evaluated in float64."""
+
+    def build(device):
+        angle = (2 * math.pi / n) * torch.arange(n, dtype=torch.float64, device=device)
+        return torch.cos(angle).to(torch.float32), torch.sin(angle).to(torch.float32)
+
+    return cached(("phase", n), like, build)
+
+
 def _remove_blocks(H: int, W: int) -> tuple[int, int]:
     block_x = _pow2(W, 16, 128)
     block_y = _pow2(H, 1, max(1, 4096 // block_x))
@@ -388,11 +404,15 @@ def remove_frequencies_op(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     tiles_x = triton.cdiv(W, block_x)
     n_tiles = triton.cdiv(H, block_y) * tiles_x
     grid = (BC * n_kgroups * n_tiles,)
+    cos_h, sin_h = _phase_tables(H, x)
+    cos_w, sin_w = _phase_tables(W, x)
     torch.library.wrap_triton(_remove_frequencies_kernel)[grid](
-        x, coef, freqs, out,
+        x, coef, freqs, cos_h, sin_h, cos_w, sin_w, out,
         K, BC, H, W, tiles_x, n_tiles, n_kgroups,
         K_GROUP=k_group, BLOCK_Y=block_y, BLOCK_X=block_x,
-        num_warps=8 if block_y * block_x >= 4096 else 4,
+        # 8 pixels a thread: 4 warps for a 32 x 32 tile, 16 for 4096 pixels (8 warps
+        # spilled on sm_90 there with 8 frequencies a program).
+        num_warps=max(4, min(16, block_y * block_x // 256)),
     )
     return out
 

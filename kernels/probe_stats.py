@@ -73,13 +73,16 @@ def _probe_stats_kernel(
             tl.store(sq_ptr + cols, sq, mask=cols < D + K)
 
 
-def _blocks(D: int, K: int) -> tuple[int, int, int, int]:
+def _blocks(D: int, K: int, precision: str) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_J, BLOCK_N, num_warps). tl.dot needs every dimension >= 16; the
-    interpreter pays per program, so it gets fewer, larger tiles."""
+    interpreter pays per program, so it gets fewer, larger tiles. BLOCK_N is the K of the
+    product: "ieee" runs on FMAs holding whole K-slices of both operands in registers and
+    "tf32x3" splits each operand in two, so both take 16 (32 spilled 128-672 bytes on
+    sm_80/sm_90); plain "tf32" keeps 32."""
     if INTERPRET:
         return 64, 64, 64, 4
     block = 128 if D + K >= 1024 else 64
-    return block, block, 32, 8 if block == 128 else 4
+    return block, block, 32 if precision == "tf32" else 16, 8 if block == 128 else 4
 
 
 @torch.library.triton_op("shortcut_fast::probe_stats_triton", mutates_args=())
@@ -99,7 +102,7 @@ def probe_stats_op(x: torch.Tensor, z: torch.Tensor, precision: str = "ieee") ->
     g = torch.zeros((D + 1, D + K), device=x.device, dtype=torch.float32)
     sq = torch.zeros((D + K,), device=x.device, dtype=torch.float32)
     if N > 0 and D + K > 0:
-        block_m, block_j, block_n, warps = _blocks(D, K)
+        block_m, block_j, block_n, warps = _blocks(D, K, precision)
         grid = (triton.cdiv(D + 1, block_m), triton.cdiv(D + K, block_j))
         torch.library.wrap_triton(_probe_stats_kernel)[grid](
             x, z, g, sq, N, D, K,

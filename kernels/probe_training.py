@@ -15,7 +15,8 @@ and the three families differ only in the epilogue that turns Z into (loss, R):
 Grid: (column blocks, D blocks). A column block holds BLOCK_P whole probes (BLOCK_P *
 BLOCK_C columns, classes padded to a power of two) so the softmax over classes stays in
 registers. Each program loops over the minibatch in BLOCK_N rows: it recomputes the
-(BLOCK_N, BLOCK_P*BLOCK_C) logits tile over all of D, applies the epilogue and adds
+(BLOCK_N, BLOCK_P*BLOCK_C) logits tile over all of D (BLOCK_K features at a time), applies
+the epilogue and adds
 x[rows, d_block]^T R to its (BLOCK_D, BLOCK_P*BLOCK_C) gradient tile. Recomputing the
 logits per D block costs (D / BLOCK_D) extra forward passes but needs no N x K*C buffer
 and no atomics: every output element has exactly one writer (loss, db and dlog_var are
@@ -28,6 +29,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from shortcut_fast.kernels import INTERPRET
 
 FAMILY_CODES = {"softmax": 0, "logistic": 1, "gaussian": 2}
 # A column block holds whole probes, so C (padded to a power of two) columns must fit one
@@ -44,7 +47,7 @@ def _probe_step_kernel(
     stride_xn, stride_xd, stride_tn, stride_tk,
     stride_wk, stride_wd, stride_wc, stride_bk, stride_bc,
     inv_n, log_2pi,
-    FAMILY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FAMILY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     BLOCK_J: tl.constexpr = BLOCK_P * BLOCK_C
@@ -76,8 +79,8 @@ def _probe_step_kernel(
         rows_ok = rows < N
         # Logits of this column block for these rows, over all of D.
         z = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_K):
+            d = d0 + tl.arange(0, BLOCK_K)
             d_ok = d < D
             xt = tl.load(x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd,
                          mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -129,12 +132,20 @@ def _probe_step_kernel(
         tl.store(glv_ptr + probes, grad_lv * inv_n, mask=probe_ok)
 
 
-def _blocks(K: int, D: int, C: int) -> tuple[int, int, int, int]:
+def _blocks(K: int, D: int, C: int) -> dict:
+    """Constexprs and warps of a launch. tl.dot needs every dimension >= 16; ~64 columns
+    (whole probes) per program keep registers in check. The float32 ("ieee") tl.dot runs on
+    FMAs that hold whole K-slices of both operands in registers, so on a GPU the K of both
+    products (BLOCK_K of the logits, BLOCK_N of the gradient) is 16 and 8 warps share the
+    tiles: with 64 the softmax kernel spilled 2-5 KB on sm_90 from 100 classes on and
+    ptxas fell to 32 registers and a 5-16 KB stack on sm_80. The interpreter pays per loop
+    step, so it takes 64."""
     block_c = triton.next_power_of_2(C)
-    # tl.dot needs every dimension >= 16; ~64 columns per program keeps registers in check.
     block_p = max(min(triton.next_power_of_2(K), max(1, 64 // block_c)), -(-16 // block_c))
     block_d = max(16, min(64, triton.next_power_of_2(D)))
-    return 64, block_d, block_p, block_c
+    step = 64 if INTERPRET else 16
+    return dict(BLOCK_N=step, BLOCK_D=block_d, BLOCK_K=min(step, block_d), BLOCK_P=block_p, BLOCK_C=block_c,
+                num_warps=4 if INTERPRET else 8)
 
 
 # Registered as a torch.library op so it composes with torch.compile (fake below).
@@ -152,8 +163,8 @@ def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
     grad_lv = torch.zeros((K,), device=x.device, dtype=torch.float32)
     if N == 0 or K == 0:
         return loss, grad_w, grad_b, grad_lv
-    block_n, block_d, block_p, block_c = _blocks(K, D, C)
-    grid = (triton.cdiv(K, block_p), max(1, triton.cdiv(D, block_d)))
+    blocks = _blocks(K, D, C)
+    grid = (triton.cdiv(K, blocks["BLOCK_P"]), max(1, triton.cdiv(D, blocks["BLOCK_D"])))
     torch.library.wrap_triton(_probe_step_kernel)[grid](
         x, targets, weight, bias, log_var,
         loss, grad_w, grad_b, grad_lv,
@@ -161,7 +172,7 @@ def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
         x.stride(0), x.stride(1), targets.stride(0), targets.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0), bias.stride(1),
         1.0 / N, _LOG_2PI,
-        FAMILY=family, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_P=block_p, BLOCK_C=block_c,
+        FAMILY=family, **blocks,
     )
     return loss, grad_w, grad_b, grad_lv
 
