@@ -43,17 +43,18 @@ def _captum(model, layer_module, x, y, channels, k, batch_size):
 
 
 def settings(device: str, quick: bool) -> dict:
-    """Model width, images and stages swept (bench/roofline.py reads them too)."""
+    """Model width, images, stages swept and images per batch (bench/roofline.py and
+    bench/occupancy.py read them too)."""
+    batch = 128 if device == "cpu" else 1024  # 128: the CPU's best forward batch (README)
     if quick:
-        return dict(width=8, images=96, stages=("layer2",))
+        return dict(width=8, images=96, stages=("layer2",), batch=batch)
     return dict(width=16 if device == "cpu" else 64, images=256 if device == "cpu" else 10_000,
-                stages=("layer2", "layer4"))
+                stages=("layer2", "layer4"), batch=batch)
 
 
 def run(device: str = "cpu", quick: bool = False, stages=None):
     s = settings(device, quick)
-    width, n, stages = s["width"], s["images"], stages or s["stages"]
-    batch = 128 if device == "cpu" else 1024  # 128: the CPU's best forward batch (README)
+    width, n, stages, batch = s["width"], s["images"], stages or s["stages"], s["batch"]
     k = 8 if device == "cpu" else 16
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10, width=width).to(device).eval()

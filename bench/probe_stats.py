@@ -36,6 +36,7 @@ from shortcut_fast.bench.roofline import peak_flops
 from shortcut_fast.ops.probe_stats import accumulate_probe_stats, fit_linear_probes
 
 ALPHA_FACTORS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times N: one grid for every method
+CHUNK = 8192  # rows per statistics call (bench/occupancy.py reads it too)
 
 
 def _data(n_train: int, n_heldout: int, D: int, K: int, device: str, seed: int = 0):
@@ -131,7 +132,7 @@ def run(device: str = "cpu", quick: bool = False):
     from sklearn.linear_model import RidgeCV
 
     n_train, n_heldout, D, K, loop_targets = settings(device, quick)
-    chunk = 8192
+    chunk = CHUNK
     x_tr, z_tr, x_he, z_he = _data(n_train, n_heldout, D, K, device)
     alphas = torch.tensor(ALPHA_FACTORS, dtype=torch.float64) * n_train
     sizes = dict(n_train=n_train, n_heldout=n_heldout, D=D, K=K, alphas=len(alphas))

@@ -169,6 +169,18 @@ def probe_step(N: int, D: int, K: int, C: int) -> list[Phase]:
                   4 * N * D * K * C + 5 * N * K * C, "fp32")]
 
 
+def channel_ablate(V: int, P: int, C: int, S: int) -> list[Phase]:
+    """V masked copies of a float32 activation (P, C, S) with a (V, C) bool mask and a (C,)
+    replacement: reads the activation once, writes every copy."""
+    return [Phase("channel ablate", P * C * S * 4 + V * C + C * 4 + V * P * C * S * 4, 0, "fp32")]
+
+
+def group_outcomes(V: int, B: int, L: int, G: int) -> list[Phase]:
+    """Per-(variant, group) outcomes of float32 logits (V, B, L) with int64 labels and groups
+    (B,) -> (V, G) int64 counts and float32 losses: a max, an exponential and a sum per logit."""
+    return [Phase("group outcomes", V * B * L * 4 + B * 16 + V * G * 12, 3 * V * B * L, "fp32")]
+
+
 # ---------------------------------------------------------------------------------------
 # Model workloads: ablation sweeps and DFM searches are bound by the ResNet forwards they run
 

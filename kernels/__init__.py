@@ -8,6 +8,11 @@ first imported for the kernels to run on CPU tensors (that is how CI tests them)
 import os
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The fewest programs a GPU launch should have where the work is not too small to matter:
+# two per SM of an H100 (132 SMs), so no SM idles while another runs a second program.
+# tests/test_occupancy.py checks every benchmark size against it. The interpreter pays per
+# program, so the launch code asks it for as few as possible.
+MIN_PROGRAMS = 2 * 132
 
 try:
     import triton  # noqa: F401

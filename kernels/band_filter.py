@@ -308,6 +308,24 @@ def _block_flags(weights: torch.Tensor, W: int, block_u: int, block_v: int):
     return nz_uv.to(torch.int32).contiguous(), nz_uv.any(1).to(torch.int32).contiguous()
 
 
+def _band_layout(H: int, W: int, K: int, precision: str) -> tuple[int, ...]:
+    """(BLOCK_Y, BLOCK_X, BLOCK_U, BLOCK_V, u blocks, v blocks, x tiles, output tiles, single
+    tile, K_GROUP, k groups) of a band_filter launch: shapes only."""
+    block_y, block_x, block_u, block_v = _band_blocks(H, W, precision)
+    nub, nvb = triton.cdiv(H, block_u), triton.cdiv((W + 1) // 2, block_v)
+    tiles_x = triton.cdiv(W, block_x)
+    n_tiles = triton.cdiv(H, block_y) * tiles_x
+    single = nub == 1 and nvb == 1 and n_tiles == 1
+    k_group = min(_BAND_K_GROUP, triton.next_power_of_2(K)) if single else 1
+    return block_y, block_x, block_u, block_v, nub, nvb, tiles_x, n_tiles, single, k_group, triton.cdiv(K, k_group)
+
+
+def band_filter_grid(B: int, C: int, H: int, W: int, K: int, precision: str = "ieee") -> tuple[int]:
+    """The launch grid: one program per (image-channel, group of masks, output tile)."""
+    *_, n_tiles, _, _, n_kgroups = _band_layout(H, W, K, precision)
+    return (B * C * n_kgroups * n_tiles,)
+
+
 # Registered as torch.library ops so they compose with torch.compile (fakes below).
 @torch.library.triton_op("shortcut_fast::band_filter_triton", mutates_args=())
 def band_filter_op(x: torch.Tensor, weights: torch.Tensor, precision: str = "ieee") -> torch.Tensor:
@@ -328,17 +346,11 @@ def band_filter_op(x: torch.Tensor, weights: torch.Tensor, precision: str = "iee
     WR, WP = W // 2 + 1, (W + 1) // 2
     spectrum = torch.view_as_real(torch.fft.rfft2(x.to(torch.float32))).contiguous()  # (B, C, H, WR, 2)
     weights = weights.to(torch.float32).contiguous()
-    block_y, block_x, block_u, block_v = _band_blocks(H, W, precision)
+    (block_y, block_x, block_u, block_v, nub, nvb, tiles_x, n_tiles, single, k_group,
+     n_kgroups) = _band_layout(H, W, K, precision)
     nz_uv, nz_v = _block_flags(weights, W, block_u, block_v)
     cos_h, sin_h, cos_w, sin_w = _tables(H, W, x)
-    nub, nvb = triton.cdiv(H, block_u), triton.cdiv(WP, block_v)
-    tiles_x = triton.cdiv(W, block_x)
-    n_tiles = triton.cdiv(H, block_y) * tiles_x
-    single = nub == 1 and nvb == 1 and n_tiles == 1
-    k_group = min(_BAND_K_GROUP, triton.next_power_of_2(K)) if single else 1
-    n_kgroups = triton.cdiv(K, k_group)
-    grid = (BC * n_kgroups * n_tiles,)
-    torch.library.wrap_triton(_band_filter_kernel)[grid](
+    torch.library.wrap_triton(_band_filter_kernel)[band_filter_grid(B, C, H, W, K, precision)](
         spectrum, weights, nz_uv, nz_v, out, cos_h, sin_h, cos_w, sin_w,
         K, BC, H, W, WR, WP, nub, nvb, tiles_x, n_tiles, n_kgroups,
         HAS_NYQ=W % 2 == 0, SINGLE_TILE=single, K_GROUP=k_group,
@@ -386,6 +398,21 @@ def _remove_blocks(H: int, W: int) -> tuple[int, int]:
     return block_y, block_x
 
 
+def _remove_layout(H: int, W: int, K: int) -> tuple[int, ...]:
+    """(BLOCK_Y, BLOCK_X, K_GROUP, k groups, x tiles, output tiles) of a remove_frequencies
+    launch: shapes only."""
+    block_y, block_x = _remove_blocks(H, W)
+    k_group = min(8, triton.next_power_of_2(K))
+    tiles_x = triton.cdiv(W, block_x)
+    return block_y, block_x, k_group, triton.cdiv(K, k_group), tiles_x, triton.cdiv(H, block_y) * tiles_x
+
+
+def remove_frequencies_grid(B: int, C: int, H: int, W: int, K: int) -> tuple[int]:
+    """The launch grid: one program per (image-channel, group of frequencies, output tile)."""
+    *_, n_kgroups, _, n_tiles = _remove_layout(H, W, K)
+    return (B * C * n_kgroups * n_tiles,)
+
+
 @torch.library.triton_op("shortcut_fast::remove_frequencies_triton", mutates_args=())
 def remove_frequencies_op(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) float32/16/bf16 contiguous, freqs (K, 2) int64 (u, v) on the unshifted
@@ -398,15 +425,10 @@ def remove_frequencies_op(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     BC = B * C
     freqs = freqs.to(device=x.device, dtype=torch.int64).contiguous()
     coef = _pair_coefficients(x, freqs)
-    block_y, block_x = _remove_blocks(H, W)
-    k_group = min(8, triton.next_power_of_2(K))
-    n_kgroups = triton.cdiv(K, k_group)
-    tiles_x = triton.cdiv(W, block_x)
-    n_tiles = triton.cdiv(H, block_y) * tiles_x
-    grid = (BC * n_kgroups * n_tiles,)
+    block_y, block_x, k_group, n_kgroups, tiles_x, n_tiles = _remove_layout(H, W, K)
     cos_h, sin_h = _phase_tables(H, x)
     cos_w, sin_w = _phase_tables(W, x)
-    torch.library.wrap_triton(_remove_frequencies_kernel)[grid](
+    torch.library.wrap_triton(_remove_frequencies_kernel)[remove_frequencies_grid(B, C, H, W, K)](
         x, coef, freqs, cos_h, sin_h, cos_w, sin_w, out,
         K, BC, H, W, tiles_x, n_tiles, n_kgroups,
         K_GROUP=k_group, BLOCK_Y=block_y, BLOCK_X=block_x,

@@ -100,6 +100,12 @@ def _blocks(H: int, W: int) -> dict:
                 num_warps=8 if block_u * block_v >= 2048 else 4)
 
 
+def class_spectrum_grid(B: int, C: int, H: int, W: int) -> tuple[int, int]:
+    """The launch grid: (image-channels, output tiles of one spectrum)."""
+    blocks = _blocks(H, W)
+    return B * C, triton.cdiv(H, blocks["BLOCK_U"]) * triton.cdiv(W, blocks["BLOCK_V"])
+
+
 # Registered as a torch.library op so it composes with torch.compile (fake below).
 @torch.library.triton_op("shortcut_fast::class_spectrum_sum_triton", mutates_args=())
 def class_spectrum_sum_op(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -110,8 +116,7 @@ def class_spectrum_sum_op(x: torch.Tensor, labels: torch.Tensor, num_classes: in
     cos_h, sin_h = _dft_tables(H, x)
     cos_w, sin_w = _dft_tables(W, x)
     blocks = _blocks(H, W)
-    grid = (B * C, triton.cdiv(H, blocks["BLOCK_U"]) * triton.cdiv(W, blocks["BLOCK_V"]))
-    torch.library.wrap_triton(_class_spectrum_kernel)[grid](
+    torch.library.wrap_triton(_class_spectrum_kernel)[class_spectrum_grid(B, C, H, W)](
         x, labels, out, cos_h, sin_h, cos_w, sin_w,
         C, H, W, num_classes,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),

@@ -139,7 +139,8 @@ def test_channel_ablate_triton_variant_groups(monkeypatch):
     _check_backend("triton", "cpu")
     from shortcut_fast.kernels import ablation as kernels
 
-    monkeypatch.setattr(kernels, "_ablate_grid", lambda N, V, block: (triton_cdiv(N, block), 3, 2))
+    # 3 groups of 2 variants for V = 5
+    monkeypatch.setattr(kernels, "channel_ablate_grid", lambda P, C, S, V: (triton_cdiv(P * C * S, 1024), 3))
     act = _randn((2, 3, 5), seed=6)
     mask = _random_mask(5, 3, seed=6, p=0.5)
     for rep in (_randn((3,), seed=7), _randn((2, 3, 5), seed=8)):

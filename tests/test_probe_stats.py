@@ -56,6 +56,22 @@ def test_probe_stats_matches_reference(backend, device, shape):
     _assert_stats_close(got, want, rtol=1e-5, atol=TOLERANCES[torch.float32]["atol"] * max(1, shape[0]) ** 0.5)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in FAST_BACKENDS if p.values[0] == "triton"])
+def test_probe_stats_split_over_samples_matches_reference(backend, device, monkeypatch):
+    """Few features and targets: the GPU launch splits the samples (probe_stats_grid); here
+    the interpreter runs those GPU launch sizes."""
+    _check_backend(backend, device)
+    from shortcut_fast.kernels import probe_stats as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    N, D, K = 300, 70, 5
+    assert kernels.probe_stats_grid(N, D, K)[2] > 1
+    x, z = _data(N, D, K, dtype=torch.float32, seed=3, offset=1.0)
+    got = probe_stats(x.to(device), z.to(device), backend=backend)
+    want = probe_stats_reference(x.double(), z.double())
+    _assert_stats_close(got, want, rtol=1e-5, atol=TOLERANCES[torch.float32]["atol"] * N ** 0.5)
+
+
 @pytest.mark.parametrize("backend,device", [pytest.param("torch", "cpu", id="torch")] + FAST_BACKENDS)
 def test_probe_stats_float64(backend, device):
     if backend != "torch":

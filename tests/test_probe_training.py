@@ -69,6 +69,26 @@ def test_step_kernel_matches_reference(backend, device, family, shape):
 
 
 @pytest.mark.parametrize("backend,device", STEP_BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_kernel_split_over_rows_matches_reference(backend, device, family, monkeypatch):
+    """A few probes: the GPU launch splits the minibatch (probe_step_grid); here the
+    interpreter runs those GPU launch sizes."""
+    _check_backend(backend, device)
+    from shortcut_fast.kernels import probe_training as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    N, D, K = 300, 20, 3
+    assert kernels.probe_step_grid(N, D, K, 3 if family == "softmax" else 1)[2] > 1
+    x, t, w, b, lv = _problem(family, N, D, K, C=3, seed=5, device=device)
+    got = probe_step(x, t, w, b, lv, family=family, backend=backend)
+    want = probe_step_reference(x.cpu().double(), t.cpu(), w.cpu().double(), b.cpu().double(),
+                                None if lv is None else lv.cpu().double(), family)
+    for name, a, e in zip(got._fields, got, want):
+        if e is not None:
+            torch.testing.assert_close(a.cpu().double(), e, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", STEP_BACKENDS)
 def test_step_kernel_many_classes_and_non_contiguous(backend, device):
     _check_backend(backend, device)
     x, t, w, b, _ = _problem("softmax", 50, 9, 3, C=17, seed=5, device=device)

@@ -505,7 +505,7 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     d.check_images(batch_size)
     device = _device(model)
     if max_bytes is None:
-        max_bytes = (16 << 20) if device.type == "cpu" else (1 << 30)
+        max_bytes = default_max_bytes(device)
     check_int("max_bytes", max_bytes, 1)
     rewind_state = _rewind_weights(rewind_to) if mode == "rewind" else None
     G, R = d.num_groups, repeats
@@ -545,6 +545,16 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     if distributed:  # every rank holds its share of each layer's variants: concatenate them in rank order
         results = {layer: _gather_layer(results[layer], dist) for layer in layers}
     return SweepResult(layers=results, mode=mode, where=where, num_groups=G, num_samples=d.n, repeats=R, seed=seed)
+
+
+def default_max_bytes(device: torch.device) -> int:
+    """The sweep's default max_bytes (see channel_ablation_sweep)."""
+    return (16 << 20) if device.type == "cpu" else (1 << 30)
+
+
+def variants_per_chunk(sm, num_variants: int, batch: int, max_bytes: int) -> int:
+    """Variants the sweep stacks per suffix run: as many as fit max_bytes (at least one)."""
+    return max(1, min(num_variants, int(max_bytes // sm.per_variant_bytes(batch))))
 
 
 def _gather_layer(part: LayerSweep, dist: DistContext) -> LayerSweep:
@@ -620,7 +630,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
     if stats is not None:
         stats = tuple(s.to(device) for s in stats)
 
-    chunk = max(1, min(V, int(max_bytes // sm.per_variant_bytes(min(batch_size, d.n)))))
+    chunk = variants_per_chunk(sm, V, min(batch_size, d.n), max_bytes)
     bar = Progress((len(starts) - acc["next_batch"]) * R * -(-V // chunk), f"sweep {layer}", progress)
     first = acc["next_batch"]
     for bi in range(first, len(starts)):
