@@ -30,6 +30,7 @@ that shares the longest dotted name prefix with it (its own BatchNorm's weight w
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -477,6 +478,45 @@ def predict_variants(model: nn.Module, states: Sequence[dict], x: torch.Tensor, 
 # Members with their own initialization and data (DeNetDM's seeds x ratios)
 
 
+class _StackedLinear(torch.autograd.Function):
+    """y[m] = x[m] @ weight[m].T + bias[m] for every member m, as one batched matmul each way.
+
+    Its own backward so that the weight gradient is g^T @ x, born in the weights' (M, out,
+    in) layout: autograd through baddbmm(bias, x, weight.mT) makes x^T @ g, (M, in, out), and
+    then copies it into the parameter's layout (a strided transpose as slow as the matmul at
+    DeNetDM's 3072-input layer). Gradients only for the inputs that need one (the first
+    layer's images need none)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        if bias is None:
+            return torch.bmm(x, weight.mT)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.mT)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        dx = torch.bmm(g, weight) if ctx.needs_input_grad[0] else None
+        dw = torch.bmm(g.mT, x) if ctx.needs_input_grad[1] else None
+        db = g.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Every member's nn.Linear at once: x (M, B, in), weight (M, out, in) (the stacked layout
+    of StackedModules), bias (M, out) or None -> (M, B, out)."""
+    if x.dim() != 3 or weight.dim() != 3 or x.shape[0] != weight.shape[0] or x.shape[2] != weight.shape[2]:
+        raise ValueError(f"stacked_linear: x (M, B, in) and weight (M, out, in) do not fit: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    return _StackedLinear.apply(x, weight, bias)
+
+
 class StackedModules:
     """M modules of one architecture, each with its own weights, as one vmap-ed module.
 
@@ -487,11 +527,17 @@ class StackedModules:
     `trainable` (default all) are leaf tensors with requires_grad; any torch optimizer whose
     update is elementwise (Adam, SGD) then trains every member exactly as it would alone.
 
+    forward: optionally, a function (skeleton, params, buffers, x) -> the same outputs as the
+    vmap pass, written for the stack (e.g. MLPs as `stacked_linear` batched matmuls); it
+    replaces the vmap pass, whose per-member linears become batched matmuls in a slower form
+    (and a transposing copy of every weight gradient). Only for modules without randomness.
+
     Unlike `train_variants` (one initialization, per-block gradient routing between a clean
     and a skewed batch), members here differ in their initial weights and their data.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], trainable: Iterable[str] | None = None):
+    def __init__(self, modules: Sequence[nn.Module], trainable: Iterable[str] | None = None,
+                 forward: Callable | None = None):
         modules = list(modules)
         if not modules:
             raise ValueError("modules must hold at least one module")
@@ -513,7 +559,8 @@ class StackedModules:
         def call(p, b, x, *args):
             return functional_call(self.skeleton, (p, b), (x, *args))
 
-        self._run = vmap(call, in_dims=(0, 0, 0), randomness="different")
+        self._run = vmap(call, in_dims=(0, 0, 0), randomness="different") if forward is None else \
+            functools.partial(forward, self.skeleton)
 
     @property
     def num_members(self) -> int:
@@ -562,4 +609,5 @@ class StackedModules:
         return m
 
 
-__all__ = ["Variants", "block_parameter_groups", "train_variants", "predict_variants", "StackedModules", "HEAD"]
+__all__ = ["Variants", "block_parameter_groups", "train_variants", "predict_variants", "StackedModules",
+           "stacked_linear", "HEAD"]

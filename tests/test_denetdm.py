@@ -69,6 +69,49 @@ def test_stage2_target_head_starts_as_the_stage1_head():
     torch.testing.assert_close(out[2], poe(x)[2])  # the teacher is the stage-1 shallow branch alone
 
 
+def _members(kind, M=2):
+    """M members of one DeNetDM model kind (float64), as the experiment builds them."""
+    out = []
+    for i in range(M):
+        torch.manual_seed(i)
+        poe = dn.ProductOfExperts(_branch(5), _branch(3), 10)
+        if kind == "stage1":
+            out.append(poe)
+        elif kind == "stage2":
+            out.append(dn.DistilledTarget(poe, _branch(5)))
+        elif kind == "erm":
+            out.append(dn._Heads(dn._Classifier(_branch(4), 10, 1 / 255)))
+        else:  # lff: two classifiers, one with a projection to another width
+            out.append(dn._Heads(dn._Classifier(_branch(4), 10), dn._Classifier(dn.FeatureBranch(
+                build_model("mlp", num_classes=10, in_channels=3, image_size=8, depth=3, width=16), 12), 10)))
+    return [m.double() for m in out]
+
+
+@pytest.mark.parametrize("kind", ["stage1", "stage2", "erm", "lff"])
+def test_stacked_matmuls_equal_the_vmap_pass_outputs_and_gradients(kind):
+    from shortcut_fast.ensemble import StackedModules
+
+    members = _members(kind)
+    program = dn._stacked_program(members[0])
+    assert program is not None
+    trainable = None if kind != "stage2" else [n for n, _ in members[0].named_parameters()
+                                               if n not in set(members[0].frozen())]
+    fast, slow = (StackedModules(members, trainable, forward=f) for f in (program, None))
+    x = torch.rand(2, 6, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got, want = fast(x), slow(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(want)
+    g_fast = torch.autograd.grad((got * upstream).sum(), fast.trainable_parameters())
+    g_slow = torch.autograd.grad((want * upstream).sum(), slow.trainable_parameters())
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_branches_keep_the_vmap_pass():
+    conv = dn._Factory(dn.DeNetDMConfig(arch="conv"), 3, 32, 10)
+    assert dn._stacked_program(dn.ProductOfExperts(conv.branch("deep"), conv.branch("shallow"), 10)) is None
+
+
 # ---- the LfF loss on a hand-made case
 
 def test_gce_matches_its_closed_form_gradient():

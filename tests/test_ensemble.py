@@ -290,3 +290,38 @@ def test_stacked_equals_alone_on_the_issue_architectures(name):
         for key in fast[v]:
             torch.testing.assert_close(fast[v][key], slow[v][key], atol=1e-10, rtol=1e-10,
                                        msg=lambda m: f"{name} {vname} {key}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# stacked_linear: every member's nn.Linear as one batched matmul, with its own backward
+
+
+@pytest.mark.parametrize("bias,x_grad", [(True, True), (False, True), (True, False)])
+def test_stacked_linear_equals_each_members_linear_and_its_gradients(bias, x_grad):
+    from shortcut_fast.ensemble import stacked_linear
+
+    g = torch.Generator().manual_seed(0)
+    M, B, n_in, n_out = 3, 5, 7, 4
+    x = torch.randn(M, B, n_in, dtype=torch.float64, generator=g).requires_grad_(x_grad)
+    w = torch.randn(M, n_out, n_in, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(M, n_out, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    upstream = torch.randn(M, B, n_out, dtype=torch.float64, generator=g)
+    got = stacked_linear(x, w, b)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    want = torch.stack([torch.nn.functional.linear(x[m], w[m], None if b is None else b[m]) for m in range(M)])
+    want_grads = torch.autograd.grad((want * upstream).sum(), inputs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, want_grads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    # the weight gradient comes in the weights' own layout (no transposing copy on its way to .grad)
+    assert grads[1 if x_grad else 0].is_contiguous()
+
+
+def test_stacked_linear_refuses_shapes_that_do_not_fit():
+    from shortcut_fast.ensemble import stacked_linear
+
+    with pytest.raises(ValueError, match="stacked_linear"):
+        stacked_linear(torch.zeros(2, 3, 5), torch.zeros(2, 4, 6))
+    with pytest.raises(ValueError, match="stacked_linear"):
+        stacked_linear(torch.zeros(2, 3, 5), torch.zeros(3, 4, 5))

@@ -18,8 +18,10 @@ is selected per member on the validation split (unbiased accuracy: the mean over
 cells), never on the test split; `seed` is honoured; stage 2 trains.
 
 Speed: every (conflict ratio, seed) pair is a *member*; all members of one architecture train
-as one `ensemble.StackedModules` (one vmap-ed forward and backward per step, Adam on the
-stacked tensors, which is elementwise and so the same as one Adam per member). Data live on
+as one `ensemble.StackedModules`: MLP branches as batched matmuls over the stacked weights
+(each module's `stacked_forward`), conv branches as one vmap-ed forward and backward per
+step; fused Adam on the stacked tensors, which is elementwise and so the same as one Adam
+per member. Data live on
 the device as uint8 (members x images), batches are gathered, normalized and augmented there,
 all heads of a model are evaluated in one pass, and per-cell counts stay on the device.
 
@@ -47,9 +49,10 @@ from torch import nn
 from shortcut_fast.data import DatasetSplits
 from shortcut_fast.data.core import make_generator
 from shortcut_fast.distributed import DistContext, check_same, gather, is_main, shard
-from shortcut_fast.ensemble import StackedModules
+from shortcut_fast.ensemble import StackedModules, stacked_linear
 from shortcut_fast.experiments._api import ApiResult
 from shortcut_fast.models import build_model
+from shortcut_fast.models.small import MLP
 from shortcut_fast.ops._checks import all_true, check_labels, in_range, nonfinite_count, raise_nonfinite
 from shortcut_fast.ops.ablation import _group_outcomes_unchecked
 from shortcut_fast.report import Progress, format_table, plot_curves, pyplot, save_figure, write_json
@@ -228,6 +231,14 @@ class FeatureBranch(nn.Module):
         z = self.body.features(x)
         return z if self.proj is None else self.proj(z)
 
+    def stacked_forward(self, p: dict, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        """forward of every member at once (an MLP body): p the stacked parameters by full
+        name, x (M, B, C, H, W) -> (M, B, F)."""
+        z = x.flatten(2)
+        for name in self.body.block_names:  # LinearAct: Linear -> ReLU
+            z = torch.relu(_linear(p, f"{prefix}body.{name}.linear", z))
+        return z if self.proj is None else _linear(p, f"{prefix}proj", z)
+
 
 class ProductOfExperts(nn.Module):
     """Stage 1: forward(x) -> (3, N, C) logits f(b + d), f(b), f(d) (STAGE1_HEADS)."""
@@ -241,6 +252,11 @@ class ProductOfExperts(nn.Module):
         b, d = self.deep(x), self.shallow(x)
         # f is linear: f(b) = W b + bias is exactly f applied with d zeroed (the public code's branch-alone form).
         return torch.stack([self.head(b + d), self.head(b), self.head(d)])
+
+    def stacked_forward(self, p, x, prefix=""):
+        b = self.deep.stacked_forward(p, x, prefix + "deep.")
+        d = self.shallow.stacked_forward(p, x, prefix + "shallow.")
+        return torch.stack([_linear(p, prefix + "head", z) for z in (b + d, b, d)], dim=1)
 
 
 class DistilledTarget(nn.Module):
@@ -263,6 +279,12 @@ class DistilledTarget(nn.Module):
         b, t, d = self.deep(x), self.target(x), self.shallow(x)
         return torch.stack([self.target_head(b + t), self.target_head(t), self.head(d)])
 
+    def stacked_forward(self, p, x, prefix=""):
+        b, t = self.deep.stacked_forward(p, x, prefix + "deep."), self.target.stacked_forward(p, x, prefix + "target.")
+        d = self.shallow.stacked_forward(p, x, prefix + "shallow.")
+        return torch.stack([_linear(p, prefix + "target_head", b + t), _linear(p, prefix + "target_head", t),
+                            _linear(p, prefix + "head", d)], dim=1)
+
 
 class _Heads(nn.Module):
     """Baselines: forward(x) -> (H, N, C), one classifier (ERM) or two (LfF: debiased, biased)."""
@@ -274,6 +296,9 @@ class _Heads(nn.Module):
     def forward(self, x):
         return torch.stack([m(x) for m in self.models])
 
+    def stacked_forward(self, p, x, prefix=""):
+        return torch.stack([m.stacked_forward(p, x, f"{prefix}models.{i}.") for i, m in enumerate(self.models)], dim=1)
+
 
 class _Classifier(nn.Module):
     def __init__(self, branch: FeatureBranch, num_classes: int, input_scale: float = 1.0):
@@ -283,6 +308,33 @@ class _Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.branch(x if self.input_scale == 1.0 else x * self.input_scale))
+
+    def stacked_forward(self, p, x, prefix=""):
+        z = self.branch.stacked_forward(p, x if self.input_scale == 1.0 else x * self.input_scale, prefix + "branch.")
+        return _linear(p, prefix + "head", z)
+
+
+def _linear(p: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return stacked_linear(x, p[f"{name}.weight"], p[f"{name}.bias"])
+
+
+def _stacked_program(model: nn.Module) -> Callable | None:
+    """The members' forward as batched matmuls (StackedModules' `forward`) when every branch of
+    `model` is an MLP of plain Linear -> ReLU blocks (arch mlp); None otherwise (conv branches:
+    the vmap pass). Each stacked_forward mirrors its module's forward (tests/test_denetdm.py
+    compares the two)."""
+    branches = [m for m in model.modules() if isinstance(m, FeatureBranch)]
+    if not branches or not hasattr(model, "stacked_forward"):
+        return None
+    for br in branches:
+        if type(br.body) is not MLP or any(
+                [type(c) for c in getattr(br.body, n).children()] != [nn.Linear, nn.ReLU] for n in br.body.block_names):
+            return None
+    return _stacked_call
+
+
+def _stacked_call(skeleton, params, buffers, x):
+    return skeleton.stacked_forward(params, x)
 
 
 def _seeded(seed: int, *salt: int):
@@ -513,7 +565,11 @@ def _fit(stack: StackedModules, pipe: _Pipeline, phase: _Phase, *, store: Store 
     steps = N // B  # drop_last, as the public code
     if steps == 0:
         raise ValueError(f"batch_size {B} is larger than the {N} training images")
-    opt = torch.optim.Adam(stack.trainable_parameters(), lr=phase.lr, weight_decay=phase.weight_decay)
+    params = stack.trainable_parameters()
+    # Fused: one pass over each stacked tensor per step instead of ~10 elementwise ops (the
+    # stacked tensors outgrow the caches, so each pass is a trip to memory); the same update.
+    fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in params)
+    opt = torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay, fused=fused or None)
     sel = phase.heads.index(phase.select)
     best_score = torch.full((M,), -1.0, dtype=torch.float64, device=device)
     best_epoch = [0] * M
@@ -678,7 +734,7 @@ def _stack_of(build: Callable[[int], nn.Module], seeds: Sequence[int], salt: int
     for i, seed in enumerate(seeds):
         _seeded(seed, salt)
         modules.append(build(i).to(device))
-    return StackedModules(modules, trainable=trainable)
+    return StackedModules(modules, trainable=trainable, forward=_stacked_program(modules[0]))
 
 
 def _run_group(cfg: DeNetDMConfig, data: _MemberData, *, store: Store | None, progress: bool, device) -> dict:
