@@ -7,9 +7,10 @@ CIFAR-shaped images (uint8 -> [0, 1]) and a randomly initialized models.resnet18
 the search costs the same for any weights), 5,140,000 model forwards in all.
 - fast path: experiments.freq_probe.class_dfm(method "loss") per class, i.e.
   candidate_losses: one FFT per image, each pair removed by a rank-one update, the variants
-  streamed into the model in large batches (its device defaults: batch 1024 and 1 GiB of
-  variants on a GPU, 128 and 32 MiB on the CPU); on a GPU bf16 autocast and a channels_last
-  model.
+  streamed into the search's inference copy of the model (BatchNorms folded, channels_last)
+  in batches (its device defaults: batch 1024 and 1 GiB of variants on a GPU; on the CPU
+  32 MiB and the batch sized from the model's largest activation, 32 at full width); on a
+  GPU bf16 autocast and a channels_last model.
 - baseline: the per-(class, candidate) loop dfm_losses_reference (one FFT round trip of the
   class's images per candidate, then the forward), with the same model and precision (run
   under the same autocast on a GPU).
@@ -23,12 +24,18 @@ losses).
 - CPU: the full size would take days. A subset is timed on both paths (1 class x 32 images x
   32 of the 514 pairs, spread evenly over the radius order, the full-width ResNet-18) and
   the full size extrapolated from the time per forward (the achieved fields named
-  "extrapolated_*"). The fast path runs at its CPU default batch (128 variants per forward)
-  and, as extra fields, at the baseline's forward batch (the class's 32 images).
+  "extrapolated_*"). Both paths are given the CPU default batch sized from the model
+  (default_batch_size: 32 images per forward at full width, the class's 32 images for the
+  loop). Both run the same 1,024 forwards, so the row also records the ceiling: the loop's
+  time outside its forwards (its FFT round trips, timed alone: baseline_nonforward_ms), the
+  speedup of the fast path's inference copy per forward (inference_model against the model
+  as built, forward_speedup, timed interleaved on the same batch) and the ratio they allow
+  (ratio_ceiling = forward_speedup x baseline / (baseline - nonforward)).
 """
 from __future__ import annotations
 
 import os
+import statistics
 
 import torch
 
@@ -56,6 +63,30 @@ def _forward_flops(model: torch.nn.Module, device: str) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(torch.rand(2, 3, 32, 32, device=device))
     return counter.get_total_flops() / 2
+
+
+def _nonforward_ms(images: torch.Tensor, candidates: fp.Candidates) -> float:
+    """The reference loop's work outside its forwards: its per-candidate FFT round trips."""
+    def loop():
+        for k in range(len(candidates)):
+            keep = (~candidates.masks[k]).to(images.device, torch.float32)
+            torch.fft.ifft2(torch.fft.fft2(images.float()) * keep).real.contiguous()
+
+    loop()
+    return min(wall_ms(loop, images.device.type)[1] for _ in range(3))
+
+
+def _forward_speedup(model, images: torch.Tensor, batch: int, repeats: int = 5) -> float:
+    """Per-forward time of the model as built over that of the search's inference copy,
+    interleaved on the same batch (medians of `repeats`)."""
+    fast = fp.inference_model(model, images[:1])
+    x = images[:batch]
+    times: dict[str, list[float]] = {"model": [], "fast": []}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, net in (("model", model), ("fast", fast)):
+                times[name].append(wall_ms(lambda: net(x), images.device.type)[1])
+    return statistics.median(times["model"][1:]) / statistics.median(times["fast"][1:])
 
 
 def _subset(candidates: fp.Candidates, index: torch.Tensor) -> fp.Candidates:
@@ -102,14 +133,21 @@ def _run_cpu(quick: bool):
     candidates = fp.Candidates.build(32, 32, 1)
     index = torch.linspace(0, len(candidates) - 1, k).round().long()  # evenly over the radius order
     images = _images(1, n, "cpu")[0]
-    batch, max_bytes = fp.default_batch_size("cpu"), fp.default_max_bytes("cpu")
+    batch, max_bytes = fp.default_batch_size("cpu", model, images[:1]), fp.default_max_bytes("cpu")
     fp.candidate_losses(model, images[:2], 0, candidates, index[:1], batch_size=batch, max_bytes=max_bytes)  # warm-up
     got = _check(model, images, candidates, index, batch, max_bytes)  # the timed runs are the checked ones
-    # The baseline's forwards hold the class's n images; the fast path's hold `batch` variants.
-    # On this CPU smaller batches run faster per image at full width (cache), so the fast path
-    # is also timed with forward batches of n (reported alongside, not as the row's figure).
-    _, same_batch_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index, batch_size=n,
-                                                           max_bytes=max_bytes), "cpu")
+    # The baseline's forwards hold min(n, batch) images; the fast path's hold `batch` variants.
+    # Where they differ the fast path is also timed with forward batches of n (alongside).
+    extra = {}
+    if batch != n:
+        _, same_batch_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index, batch_size=n,
+                                                               max_bytes=max_bytes), "cpu")
+        extra = {"fast_ms_at_baseline_batch": same_batch_ms, "ratio_at_baseline_batch": got["slow_ms"] / same_batch_ms}
+    # The ceiling: both paths run the same forwards, so the fast path gains only the loop's
+    # time outside them and what its inference copy saves per forward.
+    nonforward_ms = _nonforward_ms(images, _subset(candidates, index))
+    forward_speedup = _forward_speedup(model, images, min(batch, n))
+    same_forwards = got["slow_ms"] / max(got["slow_ms"] - nonforward_ms, 1e-9)
     forwards = n * k
     full_forwards = FULL["classes"] * FULL["images"] * FULL["candidates"]
     flops = _forward_flops(model, "cpu")
@@ -128,8 +166,9 @@ def _run_cpu(quick: bool):
                   "baseline_extrapolated_full_s": got["slow_ms"] / 1e3 * full_forwards / forwards,
                   "max_abs_loss_diff": got["max_abs_loss_diff"],
                   "same_ranking_up_to_ties": got["same_ranking_up_to_ties"],
-                  "forward_batch": batch, "baseline_forward_batch": n,
-                  "fast_ms_at_baseline_batch": same_batch_ms, "ratio_at_baseline_batch": got["slow_ms"] / same_batch_ms,
+                  "forward_batch": batch, "baseline_forward_batch": min(batch, n), **extra,
+                  "baseline_nonforward_ms": nonforward_ms, "ceiling_same_forwards": same_forwards,
+                  "forward_speedup": forward_speedup, "ratio_ceiling": forward_speedup * same_forwards,
                   "cpu_threads": torch.get_num_threads(),
                   "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         quick=quick)

@@ -94,6 +94,100 @@ def test_fast_search_equals_reference_loop(planted, backend, patch):
     assert int(fast.argmax()) == int(slow.argmax())
 
 
+def _bn_resnet(width=4):
+    """A ResNet-18 whose BatchNorms are far from the identity (folding them matters)."""
+    from shortcut_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, width=width).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.3, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.3, 0.3)
+    return model
+
+
+def test_inference_model_folds_batchnorms_and_keeps_the_function():
+    model = _bn_resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(6, 3, 32, 32)
+    fast = fp.inference_model(model, x[:1])
+    assert fast is not model and not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    # the model itself is untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20
+    # centred models fold their inner model and keep the centre
+    centred = fp.CentredModel(model, torch.tensor([0.5, 0.4, 0.3]))
+    fast_centred = fp.inference_model(centred, x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(fast_centred(x), centred(x), rtol=1e-4, atol=1e-5)
+
+    class Branchy(nn.Module):  # data-dependent control flow: fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.Flatten(), nn.LazyLinear(2))
+
+        def forward(self, x):
+            return self.net(x) if bool(x.sum() > 0) else -self.net(x)
+
+    branchy = Branchy().eval()
+    branchy(x)
+    assert fp.inference_model(branchy, x[:1]) is branchy
+
+
+def test_inference_model_refuses_a_rewrite_that_changes_the_function(monkeypatch):
+    import torch.fx.experimental.optimization as fx_opt
+
+    model = _bn_resnet()
+    real = fx_opt.fuse
+
+    def broken(gm, **kw):  # folds, then loses the classifier's bias
+        out = real(gm, **kw)
+        out.head.bias.data += 1.0
+        return out
+
+    monkeypatch.setattr(fx_opt, "fuse", broken)
+    assert fp.inference_model(model, torch.rand(1, 3, 32, 32)) is model
+
+
+def test_search_on_a_batchnorm_model_equals_the_reference_loop(monkeypatch):
+    monkeypatch.setattr(fp, "INFERENCE_COPY_MIN_FORWARDS", 1)  # the folded copy runs even for this small search
+    used = []
+    real = fp.inference_model
+    monkeypatch.setattr(fp, "inference_model", lambda m, x: used.append(real(m, x)) or used[-1])
+    model = _bn_resnet()
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(6, 3, 32, 32, generator=g)
+    candidates = fp.Candidates.build(32, 32, 1)
+    index = torch.arange(0, len(candidates), 37)
+    fast, _ = fp.candidate_losses(model, images, 3, candidates, index, batch_size=8)
+    slow = fp.dfm_losses_reference(model, images, 3, fp.Candidates(candidates.masks[index], candidates.pairs[index]))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert len(used) == 1 and used[0] is not model
+
+
+def test_default_batch_size_is_sized_from_the_model():
+    from shortcut_fast.models import build_model
+
+    x = torch.rand(1, 3, 32, 32)
+    wide, narrow = (build_model("resnet18", num_classes=10, width=w) for w in (64, 16))
+    stats = wide.stem.bn.running_mean.clone()
+    # the largest activation of one image: the stem's (width, 32, 32) float32 output
+    assert fp.activation_bytes(wide, x) == 64 * 32 * 32 * 4 and fp.activation_bytes(narrow, x) == 16 * 32 * 32 * 4
+    assert fp.default_batch_size("cpu", wide, x) == 32 and fp.default_batch_size("cpu", narrow, x) == 128
+    assert fp.default_batch_size("cpu") == 128 and fp.default_batch_size("cuda", wide, x) == 1024
+    # the probe forward runs in eval mode: a model in training mode keeps its statistics and mode
+    assert wide.training and torch.equal(wide.stem.bn.running_mean, stats)
+    cfg = fp.FreqProbeConfig().resolved("cpu", wide, x)
+    assert cfg.batch_size == 32 and fp.FreqProbeConfig(batch_size=7).resolved("cpu", wide, x).batch_size == 7
+
+
 @pytest.mark.parametrize("reference", ["last", "base"])
 def test_greedy_is_exact_under_speculation(planted, reference):
     """Speculative batching gives the same DFM as the one-pair-at-a-time walk, for both rules."""
