@@ -7,7 +7,9 @@ CUDA toolkit whose major version matches torch's CUDA build is found. Environmen
   SHORTCUT_FAST_CUDA=auto    (default) CUDA when a matching toolkit is found
   SHORTCUT_FAST_CUDA=0       C++ only
   SHORTCUT_FAST_CUDA=1       CUDA required: fail the build if it cannot be compiled
-  TORCH_CUDA_ARCH_LIST       defaults to "9.0" (H100/H200)
+  TORCH_CUDA_ARCH_LIST       defaults to the visible GPUs' archs + PTX, or without a GPU to
+                             "8.0;9.0+PTX" (A100, H100/H200, PTX for newer cards); the list
+                             built is recorded in the extension (backends.info())
 
 Install with `pip install --no-build-isolation -e .` so the build sees the installed torch.
 """
@@ -69,6 +71,18 @@ def _nvcc_version(cuda_home):
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _default_arch_list(torch):
+    """The visible GPUs' compute capabilities + PTX; without a GPU sm_80 (A100), sm_90
+    (H100/H200) and PTX of sm_90 that newer cards compile at load time."""
+    try:
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except (RuntimeError, AssertionError):  # no usable driver
+        caps = []
+    if not caps:
+        return "8.0;9.0+PTX"
+    return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+
+
 def _want_cuda():
     mode = os.environ.get("SHORTCUT_FAST_CUDA", "auto").strip().lower()
     if mode in ("0", "false", "no", "off"):
@@ -94,7 +108,7 @@ def _want_cuda():
             raise SystemExit(f"SHORTCUT_FAST_CUDA=1 but CUDA cannot be built: {reason}")
         return False, reason
     os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
     return True, f"CUDA toolkit at {cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']}"
 
 
@@ -115,6 +129,9 @@ def _extensions():
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("SHORTCUT_FAST_WITH_CUDA", "1"))
+        # Read back by _C.cuda_archs(); "_" for ";" and spaces, which a shell would split on.
+        archs = "_".join(re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].strip()))
+        define_macros.append(("SHORTCUT_FAST_CUDA_ARCHS", archs))
         ext = CUDAExtension(
             "shortcut_fast._C",
             sources,

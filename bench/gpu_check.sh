@@ -9,7 +9,6 @@
 # 10 classes x 1,000 images x 514 pairs search plus one baseline class) take a few minutes
 # each: e.g. `bash bench/gpu_check.sh train dfm-cifar` as a second call.
 set -euo pipefail
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 SHORTCUT_FAST_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
 shortcut-fast info
 shortcut-fast selftest --device cuda --record || echo "selftest FAILED (the table above names the op and backend)"  # seconds; go on to the tests

@@ -95,6 +95,17 @@ def extension_has_cuda() -> bool:
     return bool(module is not None and module.cuda_compiled())
 
 
+def extension_cuda_archs() -> str | None:
+    """The TORCH_CUDA_ARCH_LIST the extension's CUDA kernels were built for (e.g.
+    "8.0;9.0+PTX"); None without CUDA kernels, "unknown" for a build that predates the record."""
+    if not extension_has_cuda():
+        return None
+    module = extension()
+    if not hasattr(module, "cuda_archs"):
+        return "unknown"
+    return module.cuda_archs().replace("_", ";") or "unknown"
+
+
 @functools.lru_cache(maxsize=None)
 def triton_status() -> Status:
     """Whether shortcut_fast.kernels can be imported (it imports triton)."""
@@ -287,6 +298,7 @@ def info() -> dict:
     module = extension()
     if module is not None:
         result["extension_openmp_threads"] = module.openmp_threads()
+        result["extension_cuda_archs"] = extension_cuda_archs()
     for dev in devices:
         result["backends"][dev] = {
             name: {"usable": bool(s), "reason": s.reason}

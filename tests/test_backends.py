@@ -81,3 +81,25 @@ def test_info_command_names_usable_backends():
     assert result.exit_code == 0, result.output
     assert "backends on cpu:" in result.output
     assert "torch   yes" in result.output
+
+
+def test_extension_cuda_archs_reads_the_list_the_build_recorded(monkeypatch):
+    from shortcut_fast import backends
+
+    class Built:
+        def cuda_compiled(self):
+            return True
+
+        def cuda_archs(self):
+            return "8.0_9.0+PTX"  # setup.py's define: "_" for ";"
+
+    class Older:  # built before the list was recorded
+        def cuda_compiled(self):
+            return True
+
+    monkeypatch.setattr(backends, "extension", Built)
+    assert backends.extension_cuda_archs() == "8.0;9.0+PTX"
+    monkeypatch.setattr(backends, "extension", Older)
+    assert backends.extension_cuda_archs() == "unknown"
+    monkeypatch.setattr(backends, "extension", lambda: None)
+    assert backends.extension_cuda_archs() is None

@@ -15,7 +15,8 @@
 // memory; the block then adds its nonzero partials to the (V, G) outputs with atomics
 // (for G above kSharedGroups, samples go straight to global atomics). The counts are exact;
 // the float loss sum order depends on scheduling.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include "../checks.h"
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -15,7 +15,8 @@
 // in double. The main kernel is memory bound: each block owns one contiguous range of
 // one mask's output slab; consecutive blocks are the K masks of the same image range, so
 // x is read from L2; stores are 16-byte vectors (streaming) where alignment allows.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>

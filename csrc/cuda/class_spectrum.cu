@@ -3,7 +3,8 @@
 // Hermitian symmetry. Each thread owns one (channel, u, v) position for a chunk of
 // images and keeps a running sum while consecutive images share a label, so class-sorted
 // streams (the common case) cost one atomic per chunk and position.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>

@@ -9,7 +9,8 @@
 // short-and-wide and tall-and-narrow chunks both fill the GPU. Each (row split, column)
 // writes a double partial (sum, and sum of squares for z columns); a final ATen sum over
 // the splits makes the result deterministic (no atomics).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include "../checks.h"
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
