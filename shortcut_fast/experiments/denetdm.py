@@ -453,9 +453,10 @@ class _Pipeline:
         self.std = None if s is None else torch.tensor(s, device=device).view(1, 1, -1, 1, 1)
 
     def images(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        x = x_uint8.to(self.dtype) / 255
+        # in place after the conversion: the same values, one float tensor written instead of three
+        x = x_uint8.to(self.dtype).div_(255)
         if self.mean is not None:
-            x = (x - self.mean) / self.std
+            x.sub_(self.mean).div_(self.std)
         return x
 
     def orders(self, epoch: int, device) -> torch.Tensor:
@@ -469,12 +470,15 @@ class _Pipeline:
         return [make_generator(seed, 12, salt, epoch) for seed in self.data.seeds]
 
     def batch(self, idx: torch.Tensor, generators: list[torch.Generator]):
-        rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
         t = self.data.train
-        x = self.images(t.x[rows, idx])
+        M, N = t.y.shape
+        # every member's batch in one index_select of whole uint8 images (rows of the flat
+        # (M * N, C*H*W) view): several times faster than advanced indexing over (M, N)
+        rows = (torch.arange(M, device=idx.device)[:, None] * N + idx).flatten()
+        x = self.images(t.x.reshape(M * N, -1).index_select(0, rows).view(*idx.shape, *t.x.shape[2:]))
         if self.cfg.augment != "none":
             x = torch.stack([augment_batch(x[m], self.cfg.augment, g) for m, g in enumerate(generators)])
-        return x, t.y[rows, idx], idx
+        return x, t.y.gather(1, idx), idx
 
 
 @torch.no_grad()
