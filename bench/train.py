@@ -25,6 +25,12 @@ benchmark, compilation, DataLoader workers) and the median over the steps of the
 epoch gives images/s = batch / median step time. On the (shared) CPU the two paths are
 timed in CPU_ROUNDS alternating rounds and each keeps its best round; every round's median
 is recorded.
+Why the CPU ratio is small: the model's forward and backward are the same computation in both
+paths, so the trainer can at most remove the loop's data time. On the CPU the row records the
+loop's data time per step (from the end of one optimizer step to the batch on the device:
+loader, PIL transforms, collate, copy), its share of the loop's step, the ceiling this puts on
+the ratio, 1 / (1 - share), and the trainer's own data time per batch (gather from the
+resident uint8 images, conversion, flip-crop), timed apart.
 """
 from __future__ import annotations
 
@@ -104,9 +110,11 @@ def host_transform(augment: bool):
 
 
 def plain_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, device: str, *,
-               augment: bool, workers: int, max_steps: int | None = None, on_step=None) -> list[torch.Tensor]:
+               augment: bool, workers: int, max_steps: int | None = None, on_step=None,
+               on_data=None) -> list[torch.Tensor]:
     """The baseline training; returns the per-step losses (device tensors). on_step(epoch, step)
-    runs after every optimizer step."""
+    runs after every optimizer step; on_data(epoch, step, seconds) gets each step's data time:
+    from the end of the previous step to the batch on the device (loader, collate, copy)."""
     sampler = EpochOrder(len(labels), cfg.seed)
     loader = DataLoader(PILImages(images, labels, host_transform(augment)), batch_size=cfg.batch_size,
                         sampler=sampler, num_workers=workers, pin_memory=device == "cuda",
@@ -119,10 +127,13 @@ def plain_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
     for epoch in range(cfg.epochs):
         sampler.set_epoch(epoch)
         total = torch.zeros((), device=device)
+        fetched = time.perf_counter()
         for step, (x, y) in enumerate(loader):
             if max_steps is not None and step >= max_steps:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if on_data is not None:
+                on_data(epoch, step, time.perf_counter() - fetched)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,6 +142,7 @@ def plain_loop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg
             losses.append(loss.detach())
             if on_step is not None:
                 on_step(epoch, step)
+            fetched = time.perf_counter()
     return losses
 
 
@@ -241,12 +253,37 @@ def _time_trainer(width, batch, n, device, *, compile: bool = False):
 
 
 def _time_loop(width, batch, n, device, workers):
+    """Step times of the timed epoch and, for the same steps, the data times (host wall time;
+    on a GPU the device may still be busy meanwhile, so they are a share of the step on the CPU only)."""
     images, labels, _ = _data(n, batch)
     _, loop_model = _models(width)
     clock = StepClock(device)
+    data_ms: dict[int, list[float]] = {}
     plain_loop(loop_model, images, labels, _trainer_config(device, batch), device, augment=True, workers=workers,
-               on_step=lambda epoch, step: clock.mark(epoch))
-    return clock.step_ms(EPOCHS - 1)
+               on_step=lambda epoch, step: clock.mark(epoch),
+               on_data=lambda epoch, step, s: data_ms.setdefault(epoch, []).append(s * 1e3))
+    # step_ms[i] runs from the end of step i to the end of step i + 1: its data time is data_ms[i + 1]
+    return clock.step_ms(EPOCHS - 1), data_ms[EPOCHS - 1][1:]
+
+
+def _trainer_data_ms(batch, n, device) -> list[float]:
+    """Per batch of one epoch, the trainer's own data work before the forward: the gather from
+    the resident uint8 images, the float conversion and the flip-crop augmentation (train.train
+    does exactly this per step; timed apart, as the trainer has no hook between it and the model)."""
+    from shortcut_fast.train import Batches, augment_batch
+
+    _, _, splits = _data(n, batch)
+    batches = Batches(splits.train, batch, torch.device(device))
+    gen = torch.Generator().manual_seed(SEED * 100_003)
+    order = torch.randperm(n, generator=gen)
+    out, t = [], time.perf_counter()
+    for x, _, _ in batches.iterate(order):
+        augment_batch(x, "flip-crop", gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+    return out
 
 
 def run(device: str = "cpu", quick: bool = False):
@@ -275,14 +312,21 @@ def _run(device: str, quick: bool):
     # On the shared CPU the paths are timed in alternating rounds and each keeps its best
     # round (a burst of load from elsewhere hits one round, not both paths' best).
     rounds = 1 if device == "cuda" or quick else CPU_ROUNDS
-    loop_runs, fast_runs, configs = [], {c: [] for c in variants}, {}
+    loop_runs, loop_data, fast_runs, configs = [], [], {c: [] for c in variants}, {}
     for _ in range(rounds):
-        loop_runs.append(_time_loop(width, batch, n, device, workers))
+        step_ms, data_ms = _time_loop(width, batch, n, device, workers)
+        loop_runs.append(step_ms)
+        loop_data.append(data_ms)
         for compiled in variants:
             step_ms, configs[compiled] = _time_trainer(width, batch, n, device, compile=compiled)
             fast_runs[compiled].append(step_ms)
-    loop_ms = min(loop_runs, key=lambda ms: _quantiles(ms)[0])
+    kept = min(range(rounds), key=lambda r: _quantiles(loop_runs[r])[0])
+    loop_ms = loop_runs[kept]
     base_med = _quantiles(loop_ms)[0]
+    # The model's forward and backward are the same computation in both paths, so the trainer
+    # can at most remove the loop's data time: ratio <= 1 / (1 - data share of the loop's step).
+    data_share = sum(loop_data[kept]) / sum(loop_ms)
+    trainer_data = _trainer_data_ms(batch, n, device) if device == "cpu" else None
     rows = []
     for compiled in variants:
         step_ms = min(fast_runs[compiled], key=lambda ms: _quantiles(ms)[0])
@@ -302,7 +346,11 @@ def _run(device: str, quick: bool):
                              "fraction_of_bf16_peak": flops * ips / peak if peak else None})
         else:
             achieved.update({"cpu_threads": torch.get_num_threads(),
-                             "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
+                             "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                             "baseline_data_ms_per_step": statistics.median(loop_data[kept]),
+                             "baseline_data_share": data_share,
+                             "ceiling_ratio": 1 / (1 - data_share),
+                             "trainer_data_ms_per_step": statistics.median(trainer_data)})
         rows.append(record(BenchRow(
             workload="train_step",
             sizes=dict(model=f"resnet18(width={width})", width=width, batch=batch, images=n, H=32, W=32,

@@ -23,3 +23,12 @@ def test_the_check_notices_another_batch_order(monkeypatch):
     monkeypatch.setattr(bench, "EpochOrder", OtherOrder)
     with pytest.raises(RuntimeError, match="losses differ"):
         bench.check("cpu", width=4, batch=16, steps=2)
+
+
+def test_the_loops_data_time_is_measured_inside_each_timed_step():
+    # the ceiling of the trainer's ratio comes from this share: the data time of a step lies
+    # within that step (from the previous optimizer step's end to the batch on the device)
+    step_ms, data_ms = bench._time_loop(4, 8, 32, "cpu", 0)
+    assert len(step_ms) == len(data_ms) == 3  # 4 steps per epoch: 3 intervals between step ends
+    assert all(0 < d <= s for d, s in zip(data_ms, step_ms))
+    assert len(bench._trainer_data_ms(8, 32, "cpu")) == 4

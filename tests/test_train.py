@@ -111,6 +111,22 @@ def test_augment_crop_is_a_shifted_window():
     assert torch.equal(augment_batch(x, "none", torch.Generator()), x)
 
 
+@pytest.mark.parametrize("kind", ["crop", "flip-crop"])
+def test_augment_draws_and_pixels_are_those_of_the_per_image_transform(kind):
+    # the same draws in the same order (row offsets, column offsets, then flips) and the same
+    # pixels as cropping and flipping image by image: trained weights stay those of the seed
+    x = torch.randn(16, 3, 8, 10)
+    out = augment_batch(x, kind, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    dy, dx = torch.randint(0, 9, (16,), generator=g), torch.randint(0, 9, (16,), generator=g)
+    flip = torch.rand(16, generator=g) < 0.5 if kind == "flip-crop" else torch.zeros(16, dtype=torch.bool)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    for i in range(16):
+        want = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 10]
+        assert torch.equal(out[i], want.flip(-1) if flip[i] else want), i
+    assert kind == "crop" or 0 < int(flip.sum()) < 16  # both branches of the flip were exercised
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(epochs=0), "epochs must be an int >= 1"),
     (dict(optimizer="lbfgs"), "optimizer must be one of"),
