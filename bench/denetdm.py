@@ -26,6 +26,11 @@ Checked first in float64 at a small size: the same best epoch per member and pha
 validation and test metrics, per-epoch training losses within 1e-9. Then both are timed once
 each in float32 (wall time; a training is too long to repeat; on the CPU with one intra-op
 thread, CPU_THREADS).
+FLOP rates (`flop_counts`, from the layer sizes): each path's FLOPs over its wall time, against
+the CPU's fp32 peak per core (`cpu_peak`; the timed run uses one thread). Both paths train the
+same FLOPs; the loop evaluates every head in a pass of its own (3x our evaluation FLOPs). What
+remains is matmuls of every member's 3072-input first layers, which stacking does not make
+cheaper: the ratio is bounded by how close the stack runs to the matmul kernel's rate.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from shortcut_fast.bench.common import BenchRow, record, wall_ms
+from shortcut_fast.bench.common import BenchRow, record, time_cpu, wall_ms
 from shortcut_fast.data import load_dataset
 from shortcut_fast.data.core import make_generator
 from shortcut_fast.experiments import denetdm as dn
@@ -199,6 +204,75 @@ def published_loop(splits: list, members: list[tuple[float, int]], cfg: dn.DeNet
 # Comparison
 
 
+def _mlp_layers(cfg: dn.DeNetDMConfig, depth: int, in_features: int) -> list[tuple[int, int]]:
+    """(in, out) of every Linear of an MLP branch's features (depth - 1 blocks; the head apart)."""
+    return [(in_features, cfg.width)] + [(cfg.width, cfg.width)] * (depth - 2)
+
+
+def flop_counts(cfg: dn.DeNetDMConfig, image_shape, num_classes: int, sizes: dict) -> dict:
+    """FLOPs of both paths from the layer sizes (arch mlp): 2 x in x out per image for a Linear's
+    forward, the same again for its weight gradient (trained layers) and for its input gradient
+    (where one flows: not into the images, not into frozen branches). sizes: train / val / test
+    image counts per member. The loop evaluates each head in its own pass; we evaluate all heads
+    in one (also the test split after every epoch when cfg.test_curves)."""
+    (shallow, deep), = cfg.depths
+    n_in = math.prod(image_shape)
+    mac = lambda layers: sum(i * o for i, o in layers)  # noqa: E731
+    first = n_in * cfg.width
+    b, d = mac(_mlp_layers(cfg, deep, n_in)), mac(_mlp_layers(cfg, shallow, n_in))
+    t = b  # the target is like the deep branch
+    head = cfg.width * num_classes
+    # per image: (forward, weight gradients, input gradients) multiply-adds
+    stage1 = (b + d + 3 * head, b + d + 3 * head, (b - first) + (d - first) + 3 * head)
+    stage2 = (b + d + t + 3 * head, t + 2 * head, (t - first) + 2 * head)
+    M, B = len(cfg.members), cfg.batch_size
+    steps = sizes["train"] // B
+    out = {"train_flops_per_member_step": {"stage1": 2 * B * sum(stage1), "stage2": 2 * B * sum(stage2)}}
+    train = 2 * M * steps * B * (cfg.stage1_epochs * sum(stage1) + cfg.stage2_epochs * sum(stage2))
+    evals = {}
+    for name, epochs, fwd in (("stage1", cfg.stage1_epochs, stage1[0]), ("stage2", cfg.stage2_epochs, stage2[0])):
+        per_epoch = sizes["val"] + (sizes["test"] if cfg.test_curves else 0)
+        evals[name] = 2 * M * fwd * (epochs * per_epoch + sizes["val"] + sizes["test"])
+        loop_images = epochs * sizes["val"] + sizes["val"] + sizes["test"]  # no test curves in the loop
+        evals[name + "_loop"] = 2 * M * fwd * loop_images * len(dn.STAGE1_HEADS)
+    out["flops"] = train + evals["stage1"] + evals["stage2"]
+    out["baseline_flops"] = train + evals["stage1_loop"] + evals["stage2_loop"]
+    out["train_flops"] = train
+    return out
+
+
+def cpu_peak() -> dict | None:
+    """The CPU's fp32 peak from /proc/cpuinfo: SIMD lanes (16 with avx512f, else 8 with avx2 +
+    fma) x 2 FLOP per FMA x 2 FMA units per core (what recent x86 server cores issue per cycle;
+    assumed, not read) x the clock ("cpu MHz"). None where /proc/cpuinfo says too little."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= set(flags) else None
+    if lanes is None or not mhz:
+        return None
+    per_core = lanes * 2 * 2 * mhz * 1e6
+    isa = "avx512f" if lanes == 16 else "avx2"
+    return {"cpu_peak_gflops_per_core": per_core / 1e9, "cpu_peak_gflops": per_core * (os.cpu_count() or 1) / 1e9,
+            "cpu_peak_basis": f"{lanes} fp32 lanes ({isa}) x 2 FLOP per FMA x 2 FMA units x {mhz / 1e3:.2f} GHz "
+                              f"per core, {os.cpu_count()} cores"}
+
+
+def matmul_rate(members: int, batch: int, n_in: int, width: int) -> float:
+    """GFLOP/s of the kernel behind most of both paths' FLOPs, on this CPU: the first layers'
+    batched matmuls (forward x W^T and weight gradient g^T x, as ensemble.stacked_linear runs
+    them), median of repeated runs."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.rand(members, batch, n_in, generator=g), torch.randn(members, width, n_in, generator=g)
+    grad = torch.randn(members, batch, width, generator=g)
+    t = time_cpu(lambda: (torch.bmm(x, w.mT), torch.bmm(grad.mT, x)), min_runs=10)
+    return 2 * 2 * members * batch * n_in * width / (t.median_ms / 1e3) / 1e9
+
+
 def _loader(image_size: int):
     cache = {}
 
@@ -312,6 +386,19 @@ def _run(device: str, quick: bool):
     M = len(cfg.members)
     steps = len(first.train) // cfg.batch_size
     (shallow, deep), = cfg.depths
+    flops = flop_counts(cfg, first.image_shape, first.num_classes,
+                        {p: len(getattr(first, p)) for p in ("train", "val", "test")})
+    rates = {**flops, "gflops_per_s": flops["flops"] / ours_ms / 1e6,
+             "baseline_gflops_per_s": flops["baseline_flops"] / loop_ms / 1e6}
+    peak = cpu_peak() if device == "cpu" else None
+    if peak:  # the timed run uses one thread: its bound is one core's peak
+        rates.update(peak, fraction_of_core_peak=rates["gflops_per_s"] / peak["cpu_peak_gflops_per_core"],
+                     baseline_fraction_of_core_peak=rates["baseline_gflops_per_s"] / peak["cpu_peak_gflops_per_core"])
+    if device == "cpu":
+        # Were every FLOP of the stack run at the first layers' matmul rate, it would take
+        # flops / rate: the loop's time over that bounds the ratio on this CPU.
+        rate = matmul_rate(M, cfg.batch_size, math.prod(first.image_shape), width)
+        rates.update(matmul_gflops_per_s=rate, ratio_bound_at_matmul_rate=loop_ms / (flops["flops"] / rate / 1e6))
     row = BenchRow(
         workload="denetdm_stage1_stage2",
         sizes=dict(data="colored-digits", members=M, ratios=list(ratios), seeds=seeds,
@@ -320,7 +407,7 @@ def _run(device: str, quick: bool):
                    batch_size=cfg.batch_size, steps_per_epoch=steps,
                    model=f"mlp width {width}, deep {deep} / shallow {shallow} layers, target like deep"),
         dtype="float32",
-        backend="stacked (vmap)",
+        backend="stacked (batched matmuls)",
         baseline="the published loop (kadarsh22/DeNetDM): one member after another, plain modules, DataLoader over "
                  "a float TensorDataset (collate per step, drop_last), torch.optim.Adam, one host-side "
                  "validation pass per head per epoch (batch = training batch), state_dict copy of the best epoch",
@@ -339,7 +426,8 @@ def _run(device: str, quick: bool):
                   "member_steps_per_s": M * steps * sum(epochs) / (ours_ms / 1e3),
                   "baseline_member_steps_per_s": M * steps * sum(epochs) / (loop_ms / 1e3),
                   "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
-                  "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+                  "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                  **rates},
         quick=quick,
     )
     return [record(row, device)]

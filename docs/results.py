@@ -1376,7 +1376,36 @@ def render_throughput(_recs) -> list[str]:
                       f"{vin['achieved']['max_r2_diff_vs_loop']:.1e} (the loop)"
                       + (f", and himalaya's by {vin['achieved']['max_r2_diff_vs_himalaya']:.1e} at the same alphas"
                          if "max_r2_diff_vs_himalaya" in vin["achieved"] else "") + "."]
+    lines += _ceilings(rows_in)
     return lines
+
+
+def _ceilings(rows_in) -> list[str]:
+    """Why the training-step and DeNetDM ratios are what they are, from fields of their rows."""
+    out = []
+    tr = pick(rows_in, "train_step", _sizes(width=16, batch=64, images=512), "eager", "DataLoader loop")
+    if tr and "ceiling_ratio" in tr["achieved"]:
+        a = tr["achieved"]
+        out += ["", f"The training step's forward and backward are the same computation on both sides; the "
+                    f"DataLoader loop spends {_pct(a['baseline_data_share'])} of its step "
+                    f"({a['baseline_data_ms_per_step']:.3g} ms) on data (PIL transforms, collate), so a data path "
+                    f"that cost nothing would gain at most {_ratio(a['ceiling_ratio'])} on this CPU; the trainer's "
+                    f"gather, conversion and flip-crop take {a['trainer_data_ms_per_step']:.3g} ms per batch."]
+    dn = pick(rows_in, "denetdm_stage1_stage2", _sizes(members=12), None, "published loop")
+    if dn and "gflops_per_s" in dn["achieved"]:
+        a = dn["achieved"]
+        peak = (f", against an fp32 peak of {a['cpu_peak_gflops_per_core']:.0f} GFLOP/s per core "
+                f"({a['cpu_peak_basis']}; one thread timed)" if "cpu_peak_gflops_per_core" in a else "")
+        out += ["", f"DeNetDM trains the same {a['train_flops'] / 1e9:.0f} GFLOP on both sides (mostly every member's "
+                    f"3072-input first layers); the loop's per-head evaluation passes bring it to "
+                    f"{a['baseline_flops'] / 1e9:.0f} GFLOP against the stack's {a['flops'] / 1e9:.0f}. The stack "
+                    f"runs at {a['gflops_per_s']:.1f} GFLOP/s and the loop at {a['baseline_gflops_per_s']:.1f} "
+                    f"GFLOP/s{peak}."
+                    + (f" Stacking removes the loop's overheads, not its matmuls: torch's batched matmul runs those "
+                       f"first layers at {a['matmul_gflops_per_s']:.1f} GFLOP/s here, and were every FLOP of the "
+                       f"stack that fast, the ratio would be {_ratio(a['ratio_bound_at_matmul_rate'])}."
+                       if "matmul_gflops_per_s" in a else "")]
+    return out
 
 
 VERIFIED = ROOT / "bench" / "results" / "verified.jsonl"

@@ -27,3 +27,27 @@ def test_the_check_notices_another_batch_order(monkeypatch):
     monkeypatch.setattr(bench, "EpochOrder", OtherOrder)
     with pytest.raises(RuntimeError, match="train losses differ"):
         bench.check(ratios=(0.1,), seeds=1, epochs=(1, 1), width=8, image_size=16)
+
+
+def test_flop_counts_match_a_training_step_counted_by_torch():
+    # the per-step FLOPs of the bench row (from the layer sizes) against torch's own count of
+    # one training step of each stage's plain module: the images need no gradient, the frozen
+    # stage-2 branches none either
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from shortcut_fast.experiments import denetdm as dn
+
+    cfg = dn.DeNetDMConfig(ratios=(0.1,), seeds=1, width=8, batch_size=4)
+    want = bench.flop_counts(cfg, (3, 16, 16), 10, {"train": 8, "val": 4, "test": 4})["train_flops_per_member_step"]
+    factory = dn._Factory(cfg, 3, 16, 10)
+    poe = dn.ProductOfExperts(factory.branch("deep", 5), factory.branch("shallow", 3), 10)
+    student = dn.DistilledTarget(poe, factory.target())
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for stage, model, loss in (("stage1", poe, bench._stage1_loss), ("stage2", student, bench._stage2_loss)):
+        if stage == "stage2":  # the stage-1 modules, now frozen inside the student
+            for n, p in student.named_parameters():
+                p.requires_grad_(n not in set(student.frozen()))
+        with FlopCounterMode(display=False) as counter:
+            loss(model(x), y, cfg).backward()
+        assert counter.get_total_flops() == want[stage], stage
