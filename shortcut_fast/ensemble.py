@@ -559,6 +559,7 @@ class StackedModules:
         def call(p, b, x, *args):
             return functional_call(self.skeleton, (p, b), (x, *args))
 
+        self.forward = forward
         self._run = vmap(call, in_dims=(0, 0, 0), randomness="different") if forward is None else \
             functools.partial(forward, self.skeleton)
 
@@ -566,10 +567,13 @@ class StackedModules:
     def num_members(self) -> int:
         return next(iter(self.params.values())).shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, **extra) -> torch.Tensor:
+        """(M, B, ...) inputs -> (M, ...) outputs; extra: keyword inputs of a stacked `forward`."""
         if x.shape[0] != self.num_members:
             raise ValueError(f"x must have the member dimension {self.num_members} first, got {tuple(x.shape)}")
-        return self._run(self.params, self.buffers, x)
+        if extra and self.forward is None:
+            raise TypeError(f"inputs {sorted(extra)} need a stacked forward (StackedModules(..., forward=))")
+        return self._run(self.params, self.buffers, x, **extra)
 
     def train(self, mode: bool = True) -> "StackedModules":
         self.skeleton.train(mode)

@@ -229,6 +229,23 @@ def test_same_seed_same_result_and_another_seed_differs():
     assert c["methods"] != a["methods"]
 
 
+def test_stage2_with_the_frozen_features_computed_once_equals_computing_them_every_step(monkeypatch):
+    cfg = _cfg(ratios=(0.1,), stage1_epochs=2, stage2_epochs=3, baselines=())
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        cached = dn.run_denetdm(_load(), cfg, progress=False)
+        monkeypatch.setattr(dn, "_frozen_features", None)  # step_inputs None: both branches run every step
+        every_step = dn.run_denetdm(_load(), cfg, progress=False)
+    finally:
+        torch.set_default_dtype(old)
+    name = "denetdm-3-5-stage2"
+    a, b = cached["phases"][name]["history"][0], every_step["phases"][name]["history"][0]
+    torch.testing.assert_close(torch.tensor([e["train_loss"] for e in a]), torch.tensor([e["train_loss"] for e in b]),
+                               rtol=1e-12, atol=1e-12)
+    assert cached["methods"]["denetdm"] == every_step["methods"]["denetdm"]
+
+
 def test_stacked_members_equal_members_trained_one_at_a_time():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
