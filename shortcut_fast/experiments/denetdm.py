@@ -636,11 +636,15 @@ def _fit(stack: StackedModules, pipe: _Pipeline, phase: _Phase, *, store: Store 
         improved = score > best_score
         if bool(improved.any()):
             best_score = torch.where(improved, score, best_score)
-            current = stack.state()
-            for kind in ("params", "buffers"):
+            # torch.where writes new tensors (no copy of the current state first); parameters out
+            # of the optimizer (stage 2's frozen branches) never change: best keeps them as they are
+            trained = set(stack.trainable)
+            for kind, current in (("params", stack.params), ("buffers", stack.buffers)):
                 for n, t in best[kind].items():
+                    if kind == "params" and n not in trained:
+                        continue
                     mask = improved.reshape((-1,) + (1,) * (t.dim() - 1))
-                    best[kind][n] = torch.where(mask, current[kind][n], t)
+                    best[kind][n] = torch.where(mask, current[n].detach(), t)
             best_epoch = [epoch + 1 if bool(i) else e for i, e in zip(improved.tolist(), best_epoch)]
         if not bool(torch.isfinite(loss_sum).all()):
             raise FloatingPointError(f"{phase.name}: the training loss became non-finite in epoch {epoch + 1}; "
