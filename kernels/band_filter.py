@@ -52,8 +52,8 @@ import triton
 import triton.language as tl
 
 from shortcut_fast.kernels._cache import cached
-
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+from shortcut_fast.kernels._dot import dot
+from shortcut_fast.ops.precision import PRECISIONS
 # Masks per program when the image is a single tile (tables and spectrum loaded once).
 _BAND_K_GROUP = 8
 
@@ -159,12 +159,12 @@ def _band_filter_kernel(
                     w_base = w_ptr + k.to(tl.int64) * H * W
                     y_re, y_im = _apply_weights(w_base, u, v, u_ok, v_ok, W, NYQ, x_re, x_im, n_re, n_im,
                                                 True, HAS_NYQ)
-                    t_re = tl.dot(c_h, y_re, input_precision=PRECISION)
-                    t_re -= tl.dot(s_h, y_im, input_precision=PRECISION)
-                    t_im = tl.dot(s_h, y_re, input_precision=PRECISION)
-                    t_im += tl.dot(c_h, y_im, input_precision=PRECISION)
-                    acc = tl.dot(t_re, c_w, input_precision=PRECISION)
-                    acc -= tl.dot(t_im, s_w, input_precision=PRECISION)
+                    t_re = dot(c_h, y_re, PRECISION)
+                    t_re -= dot(s_h, y_im, PRECISION)
+                    t_im = dot(s_h, y_re, PRECISION)
+                    t_im += dot(c_h, y_im, PRECISION)
+                    acc = dot(t_re, c_w, PRECISION)
+                    acc -= dot(t_im, s_w, PRECISION)
                 out_base = out_ptr + (k.to(tl.int64) * BC + bc) * H * W
                 tl.store(out_base + out_off, acc, mask=out_ok)
     else:
@@ -193,17 +193,17 @@ def _band_filter_kernel(
                                 e_ok = y_ok[:, None] & u_ok[None, :]
                                 c_h = tl.load(ch_ptr + e_off, mask=e_ok, other=0.0)
                                 s_h = tl.load(sh_ptr + e_off, mask=e_ok, other=0.0)
-                                t_re += tl.dot(c_h, y_re, input_precision=PRECISION)
-                                t_re -= tl.dot(s_h, y_im, input_precision=PRECISION)
-                                t_im += tl.dot(s_h, y_re, input_precision=PRECISION)
-                                t_im += tl.dot(c_h, y_im, input_precision=PRECISION)
+                                t_re += dot(c_h, y_re, PRECISION)
+                                t_re -= dot(s_h, y_im, PRECISION)
+                                t_im += dot(s_h, y_re, PRECISION)
+                                t_im += dot(c_h, y_im, PRECISION)
                         # Stage 2: out += Tr Cw - Ti Sw (c_p / HW folded into the tables).
                         t_off = v[:, None] * W + x[None, :]
                         t_ok = v_ok[:, None] & x_ok[None, :]
                         c_w = tl.load(cw_ptr + t_off, mask=t_ok, other=0.0)
                         s_w = tl.load(sw_ptr + t_off, mask=t_ok, other=0.0)
-                        acc += tl.dot(t_re, c_w, input_precision=PRECISION)
-                        acc -= tl.dot(t_im, s_w, input_precision=PRECISION)
+                        acc += dot(t_re, c_w, PRECISION)
+                        acc -= dot(t_im, s_w, PRECISION)
                 out_base = out_ptr + (k.to(tl.int64) * BC + bc) * H * W
                 tl.store(out_base + out_off, acc, mask=out_ok)
 
@@ -332,8 +332,9 @@ def band_filter_op(x: torch.Tensor, weights: torch.Tensor, precision: str = "iee
     """x (B, C, H, W) float32/16/bf16 contiguous, weights (K, H, W) float32 contiguous and
     conjugate-symmetric -> (K, B, C, H, W) float32 Re(ifft2(fft2(x) * weights[k])).
 
-    precision: tl.dot input precision, "ieee" (float32 exact, default), "tf32x3" (about
-    float32 accuracy on tensor cores) or "tf32" (fastest, ~1e-3 relative).
+    precision: of the products (shortcut_fast.ops.precision.PRECISIONS, kernels/_dot.py),
+    "ieee" (float32 exact, default), "tf32x3" (about float32 accuracy on tensor cores),
+    "tf32" or "bf16".
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

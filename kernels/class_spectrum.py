@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 from shortcut_fast.kernels._cache import cached
+from shortcut_fast.kernels._dot import dot
+from shortcut_fast.ops.precision import PRECISIONS
 
 
 @triton.jit
@@ -26,6 +28,7 @@ def _class_spectrum_kernel(
     C, H, W, num_classes,
     stride_xb, stride_xc, stride_xh, stride_xw,
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_image_channel = tl.program_id(0)
     pid_tile = tl.program_id(1)
@@ -57,15 +60,15 @@ def _class_spectrum_kernel(
             table_mask = xs_ok[:, None] & v_ok[None, :]
             cos_w = tl.load(cos_w_ptr + table_offsets, mask=table_mask, other=0.0)
             sin_w = tl.load(sin_w_ptr + table_offsets, mask=table_mask, other=0.0)
-            t_cos += tl.dot(pixels, cos_w, input_precision="ieee")
-            t_sin += tl.dot(pixels, sin_w, input_precision="ieee")
+            t_cos += dot(pixels, cos_w, PRECISION)
+            t_sin += dot(pixels, sin_w, PRECISION)
         # Column transform: F += (Ch - i Sh)[u, y] (t_cos - i t_sin).
         col_offsets = u[:, None] * H + y[None, :]
         col_mask = u_ok[:, None] & y_ok[None, :]
         cos_h = tl.load(cos_h_ptr + col_offsets, mask=col_mask, other=0.0)
         sin_h = tl.load(sin_h_ptr + col_offsets, mask=col_mask, other=0.0)
-        re += tl.dot(cos_h, t_cos, input_precision="ieee") - tl.dot(sin_h, t_sin, input_precision="ieee")
-        im -= tl.dot(cos_h, t_sin, input_precision="ieee") + tl.dot(sin_h, t_cos, input_precision="ieee")
+        re += dot(cos_h, t_cos, PRECISION) - dot(sin_h, t_sin, PRECISION)
+        im -= dot(cos_h, t_sin, PRECISION) + dot(sin_h, t_cos, PRECISION)
 
     magnitude = tl.sqrt(re * re + im * im)
     label = tl.load(labels_ptr + b)
@@ -108,7 +111,13 @@ def class_spectrum_grid(B: int, C: int, H: int, W: int) -> tuple[int, int]:
 
 # Registered as a torch.library op so it composes with torch.compile (fake below).
 @torch.library.triton_op("shortcut_fast::class_spectrum_sum_triton", mutates_args=())
-def class_spectrum_sum_op(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_spectrum_sum_op(x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                          precision: str = "ieee") -> torch.Tensor:
+    """x (B, C, H, W), labels (B,) int64 in [0, num_classes) -> (num_classes, C, H, W) float32
+    sums of |fft2(x)| per class. precision: of the DFT products (shortcut_fast.ops.precision,
+    kernels/_dot.py)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     B, C, H, W = x.shape
     out = torch.zeros((num_classes, C, H, W), device=x.device, dtype=torch.float32)
     if B == 0 or C == 0:
@@ -120,11 +129,11 @@ def class_spectrum_sum_op(x: torch.Tensor, labels: torch.Tensor, num_classes: in
         x, labels, out, cos_h, sin_h, cos_w, sin_w,
         C, H, W, num_classes,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        **blocks,
+        PRECISION=precision, **blocks,
     )
     return out
 
 
 @class_spectrum_sum_op.register_fake
-def _(x, labels, num_classes):
+def _(x, labels, num_classes, precision="ieee"):
     return x.new_empty((num_classes, *x.shape[1:]), dtype=torch.float32)

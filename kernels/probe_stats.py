@@ -11,8 +11,8 @@ ones) holds the column sums of x and of z, all from the same tl.dot tiles. The p
 whose row block contains the ones row also accumulate the column sums of squares of the
 [X | Z] tiles they already hold in registers, so sum z^2 costs no extra read. x^T x is
 symmetric: tiles strictly below its diagonal are skipped and mirrored on the host, which
-saves up to half the work when D >> K. Inputs are float32, accumulation is float32;
-tl.dot uses input_precision "ieee" (exact float32 products) unless asked otherwise.
+saves up to half the work when D >> K. Inputs are float32, accumulation is float32; the
+products are exact float32 ("ieee") unless another precision is asked for (kernels/_dot.py).
 
 Grid (probe_stats_grid): (row blocks of G, column blocks, splits of the samples). When the
 tiles that do work (those below the diagonal exit at once) are fewer than MIN_PROGRAMS, as
@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from shortcut_fast.kernels import INTERPRET, MIN_PROGRAMS
-
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+from shortcut_fast.kernels._dot import dot
+from shortcut_fast.ops.precision import PRECISIONS
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def _probe_stats_kernel(
                         other=0.0)
             b += tl.load(z_ptr + n64[:, None] * K + (cols - D)[None, :], mask=n_ok[:, None] & is_z_col[None, :],
                          other=0.0)
-            acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
+            acc += dot(tl.trans(a), b, PRECISION)
             if has_ones:
                 sq += tl.sum(b * b, axis=0)
         out_ok = (rows <= D)[:, None] & (cols < D + K)[None, :]
@@ -89,11 +89,11 @@ def _blocks(D: int, K: int, precision: str) -> tuple[int, int, int, int]:
     interpreter pays per program, so it gets fewer, larger tiles. BLOCK_N is the K of the
     product: "ieee" runs on FMAs holding whole K-slices of both operands in registers and
     "tf32x3" splits each operand in two, so both take 16 (32 spilled 128-672 bytes on
-    sm_80/sm_90); plain "tf32" keeps 32."""
+    sm_80/sm_90); plain "tf32" and "bf16" (half the operand registers) keep 32."""
     if INTERPRET:
         return 64, 64, 64, 4
     block = 128 if D + K >= 1024 else 64
-    return block, block, 32 if precision == "tf32" else 16, 8 if block == 128 else 4
+    return block, block, 32 if precision in ("tf32", "bf16") else 16, 8 if block == 128 else 4
 
 
 # A split of the samples takes at least this many rows: fewer would make the partial G it
@@ -124,8 +124,9 @@ def probe_stats_op(x: torch.Tensor, z: torch.Tensor, precision: str = "ieee") ->
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, D), z (N, K) float32 contiguous -> (x^T x, x^T z, sum x, sum z, sum z^2), float32.
 
-    precision: tl.dot input precision, "ieee" (float32 products, default), "tf32x3" (about
-    float32 accuracy on tensor cores) or "tf32" (fastest, ~1e-3 relative).
+    precision: of the products (shortcut_fast.ops.precision, kernels/_dot.py), "ieee"
+    (float32 products, default), "tf32x3" (about float32 accuracy on tensor cores), "tf32" or
+    "bf16".
 
     Launch-bound for the narrowest layers: a batch of 1,024 samples of 64 features and 256
     targets (a ResNet-18 stem block in the complexity pass) is 42 MFLOP, under a microsecond

@@ -20,7 +20,8 @@ the epilogue and adds
 x[rows, d_block]^T R to its (BLOCK_D, BLOCK_P*BLOCK_C) gradient tile. Recomputing the
 logits per D block costs (D / BLOCK_D) extra forward passes but needs no N x K*C buffer
 and no atomics: every output element has exactly one writer (loss, db and dlog_var are
-written by the programs with D block 0). Math in float32.
+written by the programs with D block 0). Math in float32; the two products at the
+precision asked for (kernels/_dot.py), "ieee" (exact float32 products) by default.
 
 When column and D blocks are fewer than MIN_PROGRAMS (a few probes: 16 softmax probes of
 512 features are 32 programs), a third grid axis splits the minibatch into contiguous row
@@ -36,6 +37,8 @@ import triton
 import triton.language as tl
 
 from shortcut_fast.kernels import INTERPRET, MIN_PROGRAMS
+from shortcut_fast.kernels._dot import dot
+from shortcut_fast.ops.precision import PRECISIONS
 
 FAMILY_CODES = {"softmax": 0, "logistic": 1, "gaussian": 2}
 # A column block holds whole probes, so C (padded to a power of two) columns must fit one
@@ -53,7 +56,7 @@ def _probe_step_kernel(
     stride_wk, stride_wd, stride_wc, stride_bk, stride_bc,
     inv_n, log_2pi,
     FAMILY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_J: tl.constexpr = BLOCK_P * BLOCK_C
     pid_j = tl.program_id(0)
@@ -99,7 +102,7 @@ def _probe_step_kernel(
                          mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             wt = tl.load(w_ptr + p_of[None, :] * stride_wk + d[:, None] * stride_wd + c_of[None, :] * stride_wc,
                          mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            z += tl.dot(xt, wt, input_precision="ieee")
+            z += dot(xt, wt, PRECISION)
         z += bias[None, :]
         valid = rows_ok[:, None] & probe_ok[None, :]
         target = tl.load(t_ptr + rows[:, None] * stride_tn + probes[None, :] * stride_tk,
@@ -134,7 +137,7 @@ def _probe_step_kernel(
         grad_b += tl.sum(r, axis=0)
         xd = tl.load(x_ptr + rows[:, None] * stride_xn + d_blk[None, :] * stride_xd,
                      mask=rows_ok[:, None] & d_blk_ok[None, :], other=0.0).to(tl.float32)
-        grad_w += tl.dot(tl.trans(xd), r, input_precision="ieee")
+        grad_w += dot(tl.trans(xd), r, PRECISION)
 
     # Gradients are written contiguous (K, D, C).
     gw_offsets = p_of[None, :] * (D * C) + d_blk[:, None] * C + c_of[None, :]
@@ -181,15 +184,19 @@ def probe_step_grid(N: int, D: int, K: int, C: int) -> tuple[int, int, int]:
 # Registered as a torch.library op so it composes with torch.compile (fake below).
 @torch.library.triton_op("shortcut_fast::probe_step_triton", mutates_args=())
 def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  log_var: torch.Tensor, family: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  log_var: torch.Tensor, family: int,
+                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, D), targets (N, K) float32 (class index / 0-1 label / value), weight (K, D, C),
     bias (K, C), log_var (K,) (read for the Gaussian family only), family code (FAMILY_CODES).
     Returns (loss (K,), grad_weight (K, D, C), grad_bias (K, C), grad_log_var (K,)), float32.
+    precision: of the logits' and the gradient's products (shortcut_fast.ops.precision).
 
     Launch-bound for a few logistic or Gaussian probes: 16 of them on a batch of 1,024 x 512
     is 34 MFLOP, under a microsecond of an H100; its 128 programs (rows of 64 samples) cannot
     be more without splitting below what the partial gradients cost.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     N, D = x.shape
     K, _, C = weight.shape
     grid = probe_step_grid(N, D, K, C) if N and K else (0, 0, 1)
@@ -208,7 +215,7 @@ def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
         x.stride(0), x.stride(1), targets.stride(0), targets.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0), bias.stride(1),
         1.0 / N, _LOG_2PI,
-        FAMILY=family, **_blocks(K, D, C),
+        FAMILY=family, PRECISION=precision, **_blocks(K, D, C),
     )
     if splits == 1:
         return loss, grad_w, grad_b, grad_lv
@@ -216,7 +223,7 @@ def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
 
 
 @probe_step_op.register_fake
-def _(x, targets, weight, bias, log_var, family):
+def _(x, targets, weight, bias, log_var, family, precision="ieee"):
     K, D, C = weight.shape
     f32 = dict(dtype=torch.float32)
     return (x.new_empty((K,), **f32), x.new_empty((K, D, C), **f32), x.new_empty((K, C), **f32),

@@ -64,6 +64,9 @@ class OpSpec:
     quick_shapes: Sequence[tuple]
     make: Callable  # (shape, dtype, generator) -> (positional args, keyword args, shape label)
     atol_scale: Callable = lambda args: 1.0  # reductions grow their float32 error with length
+    # Passed to `run` only: the matmul-shaped kernels at their float32 products, which the
+    # float32 tolerances are for (the other precisions: tests/test_precision.py).
+    options: dict = dataclasses.field(default_factory=dict)
 
 
 def _randn(g, *shape, dtype):
@@ -140,11 +143,13 @@ def _probe_step_reference(x, targets, weight, bias, log_var, *, family):
 # Shapes: B/N/P sizes and image sides off every power of two, one element, an empty batch.
 # The full run adds a size past the kernels' smallest blocks (16-64).
 _IMAGE_QUICK = [(2, 3, 7, 5), (1, 1, 1, 1), (0, 2, 8, 8)]
+_FLOAT32_PRODUCTS = {"precision": "ieee"}
 OPS: dict[str, OpSpec] = {
     "band_filter": OpSpec(
         band_filter.band_filter, band_filter.band_filter_reference, ("band_filter", "_BAND_FILTER"),
         _IMAGE_QUICK + [(3, 2, 17, 12)], _IMAGE_QUICK, _band_filter,
-        atol_scale=lambda args: max(1.0, 2e-2 * sum(args[0].shape[-2:]))),  # the DFT sums H + W terms
+        atol_scale=lambda args: max(1.0, 2e-2 * sum(args[0].shape[-2:])),  # the DFT sums H + W terms
+        options=_FLOAT32_PRODUCTS),
     "remove_frequencies": OpSpec(
         band_filter.remove_frequencies, band_filter.remove_frequencies_reference,
         ("band_filter", "_REMOVE_FREQUENCIES"), _IMAGE_QUICK + [(3, 2, 17, 12)], _IMAGE_QUICK, _remove_frequencies,
@@ -152,11 +157,12 @@ OPS: dict[str, OpSpec] = {
     "class_spectrum_sum": OpSpec(
         class_spectrum.class_spectrum_sum, class_spectrum.class_spectrum_sum_reference,
         ("class_spectrum", "_CLASS_SPECTRUM_SUM"), _IMAGE_QUICK + [(5, 2, 17, 12)], _IMAGE_QUICK,
-        _class_spectrum_sum),
+        _class_spectrum_sum, options=_FLOAT32_PRODUCTS),
     "probe_stats": OpSpec(
         probe_stats, probe_stats_reference, ("probe_stats", "_PROBE_STATS"),
         [(37, 5, 3), (1, 1, 1), (0, 4, 2), (70, 33, 17)], [(37, 5, 3), (1, 1, 1), (0, 4, 2)], _probe_stats,
-        atol_scale=lambda args: math.sqrt(max(1, args[0].shape[0]))),  # sums over N rows
+        atol_scale=lambda args: math.sqrt(max(1, args[0].shape[0])),  # sums over N rows
+        options=_FLOAT32_PRODUCTS),
     "channel_ablate": OpSpec(
         ablation.channel_ablate, ablation.channel_ablate_reference, ("ablation", "_CHANNEL_ABLATE"),
         [(3, 5, 7), (1, 1, 1), (0, 3, 5), (2, 37, 33)], [(3, 5, 7), (1, 1, 1), (0, 3, 5)], _channel_ablate),
@@ -168,7 +174,8 @@ OPS: dict[str, OpSpec] = {
         [("softmax", 13, 5, 2), ("logistic", 13, 5, 2), ("gaussian", 13, 5, 2), ("softmax", 1, 1, 1),
          ("logistic", 0, 3, 2), ("gaussian", 70, 37, 3)],
         [("softmax", 13, 5, 2), ("logistic", 1, 1, 1), ("gaussian", 0, 3, 2)], _probe_step,
-        atol_scale=lambda args: math.sqrt(max(1, args[0].shape[1]))),  # each logit sums D products
+        atol_scale=lambda args: math.sqrt(max(1, args[0].shape[1])),  # each logit sums D products
+        options=_FLOAT32_PRODUCTS),
 }
 DTYPES = (torch.float32, torch.float64)
 QUICK_DTYPES = (torch.float32,)
@@ -226,7 +233,7 @@ def _check(op: str, spec: OpSpec, backend: str, device: torch.device, dtype, sha
     atol, rtol = tol["atol"] * spec.atol_scale(args), tol["rtol"]
     row = dict(op=op, backend=backend, dtype=_dtype_name(dtype), shape=label, atol=atol, rtol=rtol)
     try:
-        got = spec.run(*args, **kwargs, backend=backend)
+        got = spec.run(*args, **kwargs, **spec.options, backend=backend)
     except BackendUnavailable as exc:  # e.g. triton on float64: not a fault of the kernel
         return Row(**row, max_abs_error=None, status="skip", detail=str(exc).split(" is unavailable: ", 1)[-1])
     except Exception as exc:  # a crashing backend is a failed check, reported like the others

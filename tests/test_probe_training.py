@@ -56,7 +56,7 @@ def test_step_kernel_matches_reference(backend, device, family, shape):
     N, D, K = shape
     C = 3 if family == "softmax" else 1
     x, t, w, b, lv = _problem(family, N, D, K, C=C, seed=sum(shape), device=device)
-    got = probe_step(x, t, w, b, lv, family=family, backend=backend)
+    got = probe_step(x, t, w, b, lv, family=family, backend=backend, precision="ieee")
     want = probe_step_reference(x.cpu().double(), t.cpu(), w.cpu().double(), b.cpu().double(),
                                 None if lv is None else lv.cpu().double(), family)
     assert got.loss.shape == (K,) and got.grad_weight.shape == w.shape and got.grad_bias.shape == b.shape
@@ -80,7 +80,7 @@ def test_step_kernel_split_over_rows_matches_reference(backend, device, family, 
     N, D, K = 300, 20, 3
     assert kernels.probe_step_grid(N, D, K, 3 if family == "softmax" else 1)[2] > 1
     x, t, w, b, lv = _problem(family, N, D, K, C=3, seed=5, device=device)
-    got = probe_step(x, t, w, b, lv, family=family, backend=backend)
+    got = probe_step(x, t, w, b, lv, family=family, backend=backend, precision="ieee")
     want = probe_step_reference(x.cpu().double(), t.cpu(), w.cpu().double(), b.cpu().double(),
                                 None if lv is None else lv.cpu().double(), family)
     for name, a, e in zip(got._fields, got, want):
@@ -94,7 +94,7 @@ def test_step_kernel_many_classes_and_non_contiguous(backend, device):
     x, t, w, b, _ = _problem("softmax", 50, 9, 3, C=17, seed=5, device=device)
     x_nc = torch.stack([x, x], 2).reshape(50, 18)[:, ::2]  # strided features
     w_nc = w.transpose(1, 2).contiguous().transpose(1, 2)  # (K, D, C) with C not innermost
-    got = probe_step(x_nc, t, w_nc, b, family="softmax", backend=backend)
+    got = probe_step(x_nc, t, w_nc, b, family="softmax", backend=backend, precision="ieee")
     want = probe_step_reference(x.cpu(), t.cpu(), w.cpu(), b.cpu(), None, "softmax")
     for a, e in zip(got[:3], want[:3]):
         torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-5)
@@ -137,7 +137,7 @@ def test_triton_training_equals_torch_training(backend, device):
     _check_backend(backend, device)
     x, t, _, _, _ = _problem("softmax", 70, 6, 5, C=3, seed=3)
     kw = dict(num_classes=3, epochs=2, batch_size=32, lr=0.05, weight_decay=1e-3, seed=4)
-    got = train_probes(x.to(device), t.to(device), "softmax", backend=backend, **kw)
+    got = train_probes(x.to(device), t.to(device), "softmax", backend=backend, precision="ieee", **kw)
     want = train_probes(x, t, "softmax", backend="torch", **kw)
     assert isinstance(got, TrainedProbes) and got.weight.shape == (5, 6, 3)
     assert not torch.equal(want.weight, torch.zeros_like(want.weight))

@@ -150,6 +150,10 @@ POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 device_option = click.option("--device", default="auto", callback=_device, help="auto, cpu, cuda or cuda:N.")
 backend_option = click.option("--backend", type=LibraryChoice("shortcut_fast.backends:BACKENDS"), default="auto",
                               help="Kernel backend of the ops (see `shortcut-fast info`).")
+precision_option = click.option(
+    "--precision", type=LibraryChoice("shortcut_fast.ops.precision:PRECISION_CHOICES"), default="auto",
+    help="Products of the matmul-shaped triton kernels: auto (per op on a GPU, the fastest within its documented "
+         "tolerance; ieee elsewhere), ieee (float32), tf32x3, tf32 or bf16 (docs/performance.md#precision).")
 
 
 def options(*decorators):

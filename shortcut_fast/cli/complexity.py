@@ -8,7 +8,7 @@ import click
 from shortcut_fast import pipeline
 
 from ._common import (POSITIVE, backend_and_device, data_options_with, fail, float_list, LibraryChoice, main,
-                      model_name, model_options, name_list, run_options)
+                      model_name, model_options, name_list, precision_option, run_options)
 from ._distributed import dist_kw, distributed_command
 
 
@@ -34,6 +34,7 @@ from ._distributed import dist_kw, distributed_command
               help="Comma-separated ridge alphas (default: a grid scaled to each layer).")
 @click.option("--batch-size", type=POSITIVE, default=256, help="Images per forward chunk.")
 @backend_and_device
+@precision_option
 @run_options("runs/complexity", "Continue the run in --out: reuse its model and finished work (same settings only).")
 @distributed_command("complexity")
 def complexity(dist=None, **params):
@@ -51,7 +52,7 @@ def complexity(dist=None, **params):
                                   v_information=p["v_information"], max_images=p["max_images"],
                                   max_heldout=p["max_heldout"], heldout_split=p["heldout_split"],
                                   alphas=p["alphas"], batch_size=p["batch_size"], backend=p["backend"],
-                                  seed=p["seed"])
+                                  precision=p["precision"], seed=p["seed"])
     except ValueError as exc:
         fail(exc)
     trains = not pipeline.given_model(p)

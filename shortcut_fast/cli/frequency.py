@@ -6,7 +6,7 @@ import click
 from shortcut_fast import pipeline
 
 from ._common import (NON_NEGATIVE, POSITIVE, backend_and_device, data_options, fail, int_list, LibraryChoice, main,
-                      model_name, model_options, run_options)
+                      model_name, model_options, precision_option, run_options)
 from ._distributed import dist_kw, distributed_command
 
 
@@ -15,6 +15,7 @@ from ._distributed import dist_kw, distributed_command
 @click.option("--split", type=LibraryChoice("shortcut_fast.data.core:SPLIT_NAMES"), default="train")
 @click.option("--batch-size", type=POSITIVE, default=256)
 @backend_and_device
+@precision_option
 @run_options("runs/spectrum", resume_help=None)
 def spectrum(**params):
     """Class-wise amplitude spectra and ADCS maps of a dataset (one streaming pass)."""
@@ -31,7 +32,8 @@ def spectrum(**params):
     out, data, split = p["out"], p["data"], p["split"]
     with pipeline.open_run("spectrum", p, splits, not_fingerprinted=("batch_size",)):
         try:
-            acc = class_spectra(dataset, splits.num_classes, backend=p["backend"], batch_size=p["batch_size"],
+            acc = class_spectra(dataset, splits.num_classes, backend=p["backend"], precision=p["precision"],
+                                batch_size=p["batch_size"],
                                 device=p["device"], progress=not p["quiet"])
         except (ValueError, RuntimeError) as exc:
             fail(exc)
@@ -90,6 +92,7 @@ def spectrum(**params):
 @click.option("--batch-size", type=POSITIVE, default=None, help="Model batch size for the search "
               "(default 128 on the CPU, 1024 on a GPU).")
 @backend_and_device
+@precision_option
 @run_options("runs/freq-probe", "Continue the run in --out: reuse its model and finished classes (same settings only).")
 @distributed_command("freq-probe")
 def freq_probe(dist=None, **params):
@@ -112,7 +115,7 @@ def freq_probe(dist=None, **params):
             filter_centre=p["filter_centre"], adcs=p["adcs_variant"],
             classes=[] if p["no_dfm"] else p["classes"],
             verify_gradient=p["verify_gradient"], batch_size=p["batch_size"], backend=p["backend"],
-            amp=dev.type == "cuda", seed=p["seed"])
+            precision=p["precision"], amp=dev.type == "cuda", seed=p["seed"])
     except ValueError as exc:
         fail(exc)
     for c in p["classes"] or []:

@@ -69,6 +69,7 @@ from shortcut_fast.models import features_and_head, get_submodule, model_blocks
 from shortcut_fast.models.introspect import pool_block_output
 from shortcut_fast.ops._checks import nonfinite_count, raise_nonfinite
 from shortcut_fast.ops.directions import NMF_SOLVERS, Directions, fit_directions
+from shortcut_fast.ops.precision import check_precision
 from shortcut_fast.ops.probe_stats import V_INFORMATION_FORMS, ProbeStats, fit_linear_probes
 from shortcut_fast.report import Progress, pyplot, save_figure, write_csv, write_json
 from shortcut_fast.run_folder import Store, file_digest, fingerprint, load_state_file, tensor_digest
@@ -91,6 +92,7 @@ class ComplexityConfig:
     batch_size: int = 256  # images per forward chunk (bounds memory with the probe statistics)
     dtype: str | None = None  # probe statistics: None = float64 on the CPU, float32 on a GPU
     backend: str = "auto"
+    precision: str = "auto"  # of the probe statistics' products (ops.precision; float32 statistics only)
     max_bytes: int | None = None  # workspace of the probe solve (None: the ops.probe_stats default)
     decodable_fraction: float = 0.9
     top_fraction: float = 0.1  # "most important features": this fraction, by importance
@@ -122,6 +124,7 @@ class ComplexityConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        check_precision(self.precision)
         if self.dtype not in (None, "float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64', got {self.dtype!r}")
         if self.alphas is not None and (len(self.alphas) == 0 or any(not a > 0 for a in self.alphas)):
@@ -243,8 +246,8 @@ def _stats_dtype(cfg: ComplexityConfig, device: torch.device) -> torch.dtype:
 def layer_v_information(model: nn.Module, train_images, heldout_images,
                         targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                         layers: Sequence[str] | None = None, batch_size: int = 256, alphas=None,
-                        dtype: torch.dtype = torch.float64, backend: str = "auto", device="cpu",
-                        max_bytes: int | None = None, v_information_form: str = "r2",
+                        dtype: torch.dtype = torch.float64, backend: str = "auto", precision: str = "auto",
+                        device="cpu", max_bytes: int | None = None, v_information_form: str = "r2",
                         dist: DistContext | None = None) -> torch.Tensor:
     """Held-out V-information (K, L) of arbitrary targets from each layer's pooled output
     (in v_information_form: "r2" or "gaussian-nats", ops.probe_stats).
@@ -268,7 +271,8 @@ def layer_v_information(model: nn.Module, train_images, heldout_images,
                 outs, feats = capture(model, x, layers, features_fn)
                 z = targets(x, feats)
                 if bank is None:
-                    bank = {name: ProbeStats(o.shape[1], z.shape[1], dtype=dtype, device=device, backend=backend)
+                    bank = {name: ProbeStats(o.shape[1], z.shape[1], dtype=dtype, device=device, backend=backend,
+                                             precision=precision)
                             for name, o in outs.items()}
                 for name, o in outs.items():
                     bank[name].update(o.to(dtype), z.to(dtype))
@@ -348,8 +352,9 @@ class _Pass:
     """Streams images through a model; per layer one ProbeStats per split (train, heldout);
     on held-out images also the importance sums and the correct count of the model's own head."""
 
-    def __init__(self, model, layers, target_sets, dtype, device, backend):
+    def __init__(self, model, layers, target_sets, dtype, device, backend, precision="auto"):
         self.model, self.layers, self.dtype, self.device, self.backend = model, layers, dtype, device, backend
+        self.precision = precision
         self.target_sets = target_sets  # list of (directions, mean, std, source) where source is "self" or a model
         self.features_fn, self.head = features_and_head(model)
         self.stats: dict[str, dict[str, ProbeStats]] = {"train": {}, "heldout": {}}
@@ -387,7 +392,7 @@ class _Pass:
             if name not in bank:
                 self.dims[name] = int(o.shape[1])
                 bank[name] = ProbeStats(o.shape[1], z.shape[1], dtype=self.dtype, device=self.device,
-                                        backend=self.backend)
+                                        backend=self.backend, precision=self.precision)
             self._nonfinite[0] += nonfinite_count(o).to(self.device)
             bank[name]._add(o.to(self.dtype), z.to(self.dtype))  # shapes right by construction
         if split == "heldout":
@@ -579,7 +584,7 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         pass_state = saved["pass"]
     else:
         directions, mean, std = _shared_directions(model, splits.train, direction_index, cfg, device, dist)
-        p = _Pass(model, layers, [(directions, mean, std, None)], dtype, device, cfg.backend)
+        p = _Pass(model, layers, [(directions, mean, std, None)], dtype, device, cfg.backend, cfg.precision)
         _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
                 cfg.batch_size, device, progress, "complexity: final model", dist)
         p.all_reduce(dist)
@@ -602,7 +607,8 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
         if factor_set is None:
             return None
         return factor_probes(m, factor_set, layers, batch_size=cfg.batch_size, device=device, dtype=dtype,
-                             backend=cfg.backend, alphas=cfg.alphas, max_bytes=cfg.max_bytes, form=cfg.v_information)
+                             backend=cfg.backend, precision=cfg.precision, alphas=cfg.alphas, max_bytes=cfg.max_bytes,
+                             form=cfg.v_information)
 
     factors = factors_of(model)
 
@@ -626,7 +632,7 @@ def run_complexity(model: nn.Module, splits, cfg: ComplexityConfig | None = None
             own_dirs, own_mean, own_std = _shared_directions(other, splits.train, direction_index, cfg, device, dist)
             p = _Pass(other, layers, [(own_dirs, own_mean, own_std, None),
                                       (directions, mean, std, {"features_fn": final_features_fn})],
-                      dtype, device, cfg.backend)
+                      dtype, device, cfg.backend, cfg.precision)
             _stream(p, [("train", splits.train, train_index), ("heldout", heldout_set, heldout_index)],
                     cfg.batch_size, device, progress, f"complexity: epoch {epoch}", dist)
             p.all_reduce(dist)
@@ -677,7 +683,8 @@ def _factor_split(splits):
 
 @torch.no_grad()
 def factor_probes(model: nn.Module, dataset, layers: Sequence[str], *, batch_size: int = 256, device="cpu",
-                  dtype=torch.float64, backend: str = "auto", alphas=None, max_bytes=None, form: str = "r2") -> dict:
+                  dtype=torch.float64, backend: str = "auto", precision: str = "auto", alphas=None, max_bytes=None,
+                  form: str = "r2") -> dict:
     """The two named factors of a biased dataset, label (the core feature) and attribute (the
     spurious one, e.g. colour), measured in one model.
 
@@ -716,7 +723,7 @@ def factor_probes(model: nn.Module, dataset, layers: Sequence[str], *, batch_siz
             for name, o in outs.items():
                 if name not in stats[half]:
                     stats[half][name] = ProbeStats(o.shape[1], targets.shape[1], dtype=dtype, device=device,
-                                                   backend=backend)
+                                                   backend=backend, precision=precision)
                 stats[half][name].update(o[sel.to(o.device)].to(dtype), targets[idx][sel].to(device, dtype))
     vi = _v_information(stats, list(layers), alphas, max_bytes, form)  # (k_y + k_a, L)
     decod = {"label": vi[:k_y].mean(0), "attribute": vi[k_y:].mean(0)}

@@ -69,6 +69,7 @@ from shortcut_fast.ops import freq
 from shortcut_fast.ops.band_filter import (band_filter, band_filter_chunks, remove_frequencies,
                                           remove_frequencies_chunks)
 from shortcut_fast.ops.class_spectrum import ClassSpectrum, adcs
+from shortcut_fast.ops.precision import check_precision
 from shortcut_fast.report import progress_ticker
 from shortcut_fast.run_folder import Store
 
@@ -182,12 +183,14 @@ class Candidates:
     def __len__(self) -> int:
         return self.masks.shape[0]
 
-    def variant_chunks(self, images: torch.Tensor, index: torch.Tensor, max_bytes: int, backend: str):
+    def variant_chunks(self, images: torch.Tensor, index: torch.Tensor, max_bytes: int, backend: str,
+                       precision: str = "auto"):
         """Chunks of images with candidates[index] removed: (k_slice into index, (k, n, C, H, W))."""
         if self.pairs is not None:
             chunks = remove_frequencies_chunks(images, self.pairs[index], max_bytes=max_bytes, backend=backend)
         else:
-            chunks = band_filter_chunks(images, self.masks[index], "stop", max_bytes=max_bytes, backend=backend)
+            chunks = band_filter_chunks(images, self.masks[index], "stop", max_bytes=max_bytes, backend=backend,
+                                        precision=precision)
         for chunk in chunks:
             yield chunk
 
@@ -256,7 +259,8 @@ def _forward_stats(model: nn.Module, variants: torch.Tensor, label: int, batch_s
 @torch.inference_mode()
 def candidate_losses(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates,
                      index: torch.Tensor | None = None, *, batch_size: int = 128, max_bytes: int = 32 << 20,
-                     backend: str = "auto", amp: bool = False, progress: Callable[[int], None] | None = None,
+                     backend: str = "auto", precision: str = "auto", amp: bool = False,
+                     progress: Callable[[int], None] | None = None,
                      checkpoint: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                      resume_from: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Mean cross-entropy and correct count of class-`label` images with each candidate removed.
@@ -277,7 +281,7 @@ def candidate_losses(model: nn.Module, images: torch.Tensor, label: int, candida
     n = images.shape[0]
     if len(todo) * n >= INFERENCE_COPY_MIN_FORWARDS:
         model = inference_model(model, images[:1])
-    for chunk in candidates.variant_chunks(images, index[todo], max_bytes, backend):
+    for chunk in candidates.variant_chunks(images, index[todo], max_bytes, backend, precision):
         loss_sum, hits = _forward_stats(model, chunk.images, label, batch_size, amp)
         rows = todo[chunk.k_slice]
         if chunk.b_slice != slice(0, n):  # a chunk covers part of the images of one candidate
@@ -435,8 +439,8 @@ def greedy_walk(n_groups: int, trial_hits: Callable[[list[int]], torch.Tensor], 
 
 @torch.inference_mode()
 def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance: int = 6, reference: str = "last",
-               order: str = "ours", batch_size: int = 512, backend: str = "auto", amp: bool = False,
-               max_speculation: int = 64, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+               order: str = "ours", batch_size: int = 512, backend: str = "auto", precision: str = "auto",
+               amp: bool = False, max_speculation: int = 64, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """The greedy DFM (H, W) bool: the frequencies whose removal was never kept (GreedyRule).
 
     order "ours": conjugate pairs from DC outwards (freq.conjugate_pairs), removed by rank-one
@@ -478,7 +482,8 @@ def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance:
         def trial_hits(idx):
             state["idx"] = idx
             weights = _real_part_weights(kept[None] & ~masks(idx))
-            state["variants"] = band_filter(images, weights, "pass", backend=backend, allow_nonfinite=True)
+            state["variants"] = band_filter(images, weights, "pass", backend=backend, precision=precision,
+                                            allow_nonfinite=True)
             return _forward_stats(model, state["variants"], label, batch_size, amp)[1]
 
     def commit(k):
@@ -491,7 +496,7 @@ def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance:
         final_images = state["current"]
     else:
         final_images = band_filter(images, _real_part_weights(kept[None]), "pass", backend=backend,
-                                   allow_nonfinite=True)[0]
+                                   precision=precision, allow_nonfinite=True)[0]
     _, final = _forward_stats(model, final_images[None], label, batch_size, amp)
     return kept, {"base_correct": int(base[0]), "final_correct": int(final[0]), "evaluations": evaluations,
                   "groups": len(groups), "always_removed": len(always), "reference": reference, "order": order}
@@ -534,11 +539,11 @@ def gradient_scores(model: nn.Module, images: torch.Tensor, label: int, candidat
 @torch.inference_mode()
 def predict_filtered(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, mode: str, *,
                      batch_size: int = 512, max_bytes: int = 256 << 20, backend: str = "auto",
-                     amp: bool = False) -> torch.Tensor:
+                     precision: str = "auto", amp: bool = False) -> torch.Tensor:
     """Predictions (K, N) of the model on every image filtered by every mask."""
     model.eval()
     preds = torch.empty(masks.shape[0], images.shape[0], dtype=torch.long)
-    for chunk in band_filter_chunks(images, masks, mode, max_bytes=max_bytes, backend=backend):
+    for chunk in band_filter_chunks(images, masks, mode, max_bytes=max_bytes, backend=backend, precision=precision):
         k, n = chunk.images.shape[:2]
         flat = chunk.images.reshape(k * n, *chunk.images.shape[2:])
         out = []
@@ -630,6 +635,7 @@ class FreqProbeConfig:
     batch_size: int | None = None  # None: default_batch_size(device, model, one image)
     max_bytes: int | None = None  # variants materialized at once; None: default_max_bytes(device)
     backend: str = "auto"
+    precision: str = "auto"  # of the filtering and spectrum kernels' products (ops.precision)
     amp: bool = False
     seed: int = 0
 
@@ -644,6 +650,7 @@ class FreqProbeConfig:
                               ("filter_centre", FILTER_CENTRES), ("adcs", ADCS_VARIANTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_precision(self.precision)
         if self.method == "greedy" and self.patch != 1:
             raise ValueError("method 'greedy' walks single frequency pairs: patch must be 1")
 
@@ -801,12 +808,12 @@ def _all_images(dataset, device):
     return x, y
 
 
-def class_spectra(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512, device="cpu",
-                  progress: bool = False, centre: torch.Tensor | None = None,
+def class_spectra(dataset, num_classes: int, *, backend: str = "auto", precision: str = "auto",
+                  batch_size: int = 512, device="cpu", progress: bool = False, centre: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None) -> ClassSpectrum:
     """One streaming pass over `dataset`: the per-class mean |FFT| accumulator of
     (x - centre) / scale (per channel; None: 0 and 1)."""
-    acc = ClassSpectrum(num_classes, backend=backend)
+    acc = ClassSpectrum(num_classes, backend=backend, precision=precision)
     bar = progress_ticker(len(dataset), "class spectra", progress)
     for start in range(0, len(dataset), batch_size):
         x, y, _ = dataset.get_batch(torch.arange(start, min(start + batch_size, len(dataset))), device=device)
@@ -843,8 +850,9 @@ def adcs_published(class_sums: torch.Tensor) -> torch.Tensor:
     return torch.where(diff > 0, 1, -1).sum(dim=1).to(torch.int64)
 
 
-def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size: int = 512, device="cpu",
-                 variant: str = "ours", centre: InputCentre | None = None) -> torch.Tensor:
+def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", precision: str = "auto",
+                 batch_size: int = 512, device="cpu", variant: str = "ours",
+                 centre: InputCentre | None = None) -> torch.Tensor:
     """ADCS maps of a dataset around `centre`.
 
     "ours": spectra of x - mu, class means, channels averaged (ops.adcs); a class without
@@ -856,8 +864,8 @@ def compute_adcs(dataset, num_classes: int, *, backend: str = "auto", batch_size
         raise ValueError(f"adcs must be one of {ADCS_VARIANTS}, got {variant!r}")
     mu = None if centre is None or centre.is_zero() else torch.tensor(centre.mean)
     scale = torch.tensor(centre.std) if variant == "published" and centre is not None and centre.std else None
-    acc = class_spectra(dataset, num_classes, backend=backend, batch_size=batch_size, device=device, centre=mu,
-                        scale=scale)
+    acc = class_spectra(dataset, num_classes, backend=backend, precision=precision, batch_size=batch_size,
+                        device=device, centre=mu, scale=scale)
     if variant == "published":
         return adcs_published(acc.sums)
     return adcs(acc.mean().nan_to_num(0.0))
@@ -893,7 +901,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
     cfg = cfg.resolved(images.device, model, images[:1])
     model, images = centred(model, images, centre)
     H, W = images.shape[-2:]
-    common = dict(batch_size=cfg.batch_size, backend=cfg.backend, amp=cfg.amp)
+    common = dict(batch_size=cfg.batch_size, backend=cfg.backend, precision=cfg.precision, amp=cfg.amp)
     if cfg.method == "greedy":
         keep, details = greedy_dfm(model, images, label, tolerance=cfg.tolerance, reference=cfg.greedy_reference,
                                    order=cfg.greedy_order, progress=progress, **common)
@@ -1002,7 +1010,8 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
     for c in classes:
         if not 0 <= c < num_classes:
             raise ValueError(f"classes must lie in [0, {num_classes}), got {c}")
-    kw = dict(batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, backend=cfg.backend, amp=cfg.amp)
+    kw = dict(batch_size=cfg.batch_size, max_bytes=cfg.max_bytes, backend=cfg.backend, precision=cfg.precision,
+              amp=cfg.amp)
     # Classes over ranks when there are enough of them (always for greedy: its walk is
     # sequential), else the candidates of every class over ranks (class_dfm with dist).
     by_class = not distributed or cfg.method == "greedy" or len(classes) >= dist.world_size
@@ -1016,8 +1025,8 @@ def run_freq_probe(model: nn.Module, splits, cfg: FreqProbeConfig, *, store: Sto
         with torch.inference_mode():
             test_accuracy = float((predict_filtered(model, x_test, torch.ones(1, H, W, dtype=torch.bool), "pass",
                                                     **kw)[0] == y_test.cpu()).float().mean())
-        adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, device=device, variant=cfg.adcs,
-                                centre=centre)
+        adcs_map = compute_adcs(test, num_classes, backend=cfg.backend, precision=cfg.precision, device=device,
+                                variant=cfg.adcs, centre=centre)
 
     suffix = rank_suffix(dist)
     entries: list[ClassDFM] = []

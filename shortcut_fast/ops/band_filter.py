@@ -9,6 +9,12 @@ x[b]; it equals band_filter(x, pair_masks(freqs), "stop") but is a rank-one upda
     x - (c / HW) Re(F(u, v) exp(2 pi i (u y / H + v x / W))),  c = 2 (1 if self-conjugate),
 so kernels produce K variants without K inverse FFTs.
 
+precision (shortcut_fast.ops.precision): the triton kernel of band_filter is a DFT written as
+matmuls, whose products run at the precision asked for; "auto" is AUTO["band_filter"] on a
+GPU, "ieee" elsewhere. remove_frequencies is elementwise (no products to round): it takes
+the argument for symmetry and computes in float32 whatever its value. The other backends
+are exact in their dtype (precision ignored).
+
 band_filter_chunks / remove_frequencies_chunks yield the same results in pieces sized to a
 memory budget, so a model can consume K*B variants without materializing all of them.
 """
@@ -23,6 +29,7 @@ import torch
 from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops import freq
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_output_fits, check_tensor
+from shortcut_fast.ops.precision import check_precision, ignores_precision, resolve
 
 MODES = ("pass", "stop")
 
@@ -126,19 +133,21 @@ def _unsupported(x: torch.Tensor) -> dict:
 
 
 def band_filter(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass", *, backend: str = "auto",
-                symmetrize: bool = False, allow_nonfinite: bool = False) -> torch.Tensor:
+                precision: str = "auto", symmetrize: bool = False, allow_nonfinite: bool = False) -> torch.Tensor:
     """Filter every image with every mask: x (B, C, H, W), masks (K, H, W) -> (K, B, C, H, W).
 
     masks: bool (kept frequencies) or float weights on the unshifted fft2 grid; "stop"
     uses 1 - masks. Output float32 (float64 for float64 input); math in float32 whatever
-    the input dtype. A pass mask and its stop complement sum to the input.
+    the input dtype. A pass mask and its stop complement sum to the input (up to the
+    precision's error). precision: of the triton kernel's products (module docstring).
     """
     _check_images(x)
+    precision = resolve("band_filter", precision, x.device)
     _check_fits("band_filter", x, _num_masks(masks), allow_nonfinite)
     H, W = x.shape[-2:]
     weights = prepare_masks(masks, H, W, mode, symmetrize=symmetrize, device=x.device, dtype=_compute_dtype(x))
     run = dispatch("band_filter", backend, x.device, _BAND_FILTER, unsupported=_unsupported(x))
-    return run(x.contiguous(), weights.contiguous())
+    return run(x.contiguous(), weights.contiguous(), precision)
 
 
 # Every image filtered by every real spectrum weight: x (B,C,H,W), weights (K,H,W) in the
@@ -149,19 +158,22 @@ def _band_filter_fake(x, weights):
     return x.new_empty((weights.shape[0], *x.shape), dtype=_compute_dtype(x))
 
 
+# Every implementation takes (x, weights, precision); only triton has precisions.
 _BAND_FILTER = {
-    "torch": band_filter_reference,
-    "cpp": compiled_op("band_filter"),
-    "cuda": compiled_op("band_filter"),
+    "torch": ignores_precision(band_filter_reference),
+    "cpp": ignores_precision(compiled_op("band_filter")),
+    "cuda": ignores_precision(compiled_op("band_filter")),
     "triton": triton_kernel("band_filter", "band_filter_triton"),  # float32 weights (no float64 on triton)
 }
 
 
-def remove_frequencies(x: torch.Tensor, freqs, *, backend: str = "auto",
+def remove_frequencies(x: torch.Tensor, freqs, *, backend: str = "auto", precision: str = "auto",
                        allow_nonfinite: bool = False) -> torch.Tensor:
     """Remove one conjugate frequency pair per row of freqs: x (B, C, H, W), freqs (K, 2)
-    int (u, v) on the unshifted grid -> (K, B, C, H, W), each image minus that pair."""
+    int (u, v) on the unshifted grid -> (K, B, C, H, W), each image minus that pair.
+    precision: checked, no effect (an elementwise update in float32: module docstring)."""
     _check_images(x)
+    check_precision(precision)
     H, W = x.shape[-2:]
     freqs = _check_freqs(freqs, H, W).to(x.device)
     _check_fits("remove_frequencies", x, freqs.shape[0], allow_nonfinite)
@@ -212,10 +224,11 @@ def _chunk_plan(K: int, B: int, image_bytes: int, max_bytes: int) -> Iterator[tu
 
 
 def band_filter_chunks(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass", *, max_bytes: int = 256 << 20,
-                       backend: str = "auto", symmetrize: bool = False,
+                       backend: str = "auto", precision: str = "auto", symmetrize: bool = False,
                        allow_nonfinite: bool = False) -> Iterator[FilterChunk]:
     """band_filter in pieces of at most max_bytes of output each (masks outer, images inner)."""
     _check_images(x)
+    check_precision(precision)
     if not allow_nonfinite:
         check_finite("x", x)
     H, W = x.shape[-2:]
@@ -223,13 +236,15 @@ def band_filter_chunks(x: torch.Tensor, masks: torch.Tensor, mode: str = "pass",
     image_bytes = math.prod(x.shape[1:]) * _compute_dtype(x).itemsize
     for ks, bs in _chunk_plan(weights.shape[0], x.shape[0], image_bytes, max_bytes):
         # weights are already symmetric and in "pass" form
-        yield FilterChunk(ks, bs, band_filter(x[bs], weights[ks], "pass", backend=backend, allow_nonfinite=True))
+        yield FilterChunk(ks, bs, band_filter(x[bs], weights[ks], "pass", backend=backend, precision=precision,
+                                              allow_nonfinite=True))
 
 
 def remove_frequencies_chunks(x: torch.Tensor, freqs, *, max_bytes: int = 256 << 20, backend: str = "auto",
-                              allow_nonfinite: bool = False) -> Iterator[FilterChunk]:
-    """remove_frequencies in pieces of at most max_bytes of output each."""
+                              precision: str = "auto", allow_nonfinite: bool = False) -> Iterator[FilterChunk]:
+    """remove_frequencies in pieces of at most max_bytes of output each (precision: no effect)."""
     _check_images(x)
+    check_precision(precision)
     if not allow_nonfinite:
         check_finite("x", x)
     freqs = _check_freqs(freqs, *x.shape[-2:])

@@ -4,6 +4,10 @@ E_c(u, v) = mean over images of class c of |fft2(x)(u, v)|, per channel, on the 
 torch.fft.fft2 grid. `class_spectrum_sum` is the streaming reduction behind it (sums, so
 batches can be added); `ClassSpectrum` accumulates a stream; `adcs` turns class means into
 the ADCS maps of Wang et al. (ICCV 2023).
+
+precision (shortcut_fast.ops.precision): the triton kernel's DFT is written as matmuls whose
+products run at the precision asked for ("auto": AUTO["class_spectrum_sum"] on a GPU, "ieee"
+elsewhere); the other backends are exact in their dtype (precision ignored).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 
 from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_labels, check_tensor
+from shortcut_fast.ops.precision import check_precision, ignores_precision, resolve
 
 
 def class_spectrum_sum_reference(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -29,15 +34,18 @@ def class_spectrum_sum(
     num_classes: int,
     *,
     backend: str = "auto",
+    precision: str = "auto",
     allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """Sum over images of |fft2(x)| per class and channel.
 
     x: (B, C, H, W) float16/bfloat16/float32/float64 images; labels: (B,) int64 in
     [0, num_classes). Returns (num_classes, C, H, W), float32 (float64 for float64 input);
-    math is float32 (float64) whatever the input dtype.
+    math is float32 (float64) whatever the input dtype. precision: of the triton kernel's
+    products (module docstring).
     """
     check_tensor("x", x, ndim=4, shape_doc="(B, C, H, W)", dtypes=FLOAT_DTYPES)
+    precision = resolve("class_spectrum_sum", precision, x.device)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     check_labels("labels", labels, x.shape[0], num_classes, x.device)
@@ -47,7 +55,7 @@ def class_spectrum_sum(
     if x.dtype == torch.float64:
         unsupported["triton"] = "the triton kernel computes in float32; float64 input needs torch/cpp/cuda"
     run = dispatch("class_spectrum_sum", backend, x.device, _CLASS_SPECTRUM_SUM, unsupported=unsupported)
-    return run(x.contiguous(), labels.contiguous(), num_classes)
+    return run(x.contiguous(), labels.contiguous(), num_classes, precision)
 
 
 # Sum over images of |fft2(x)|, per label and channel: x (B,C,H,W), labels (B,) -> (K,C,H,W),
@@ -61,10 +69,11 @@ def _class_spectrum_sum_fake(x, labels, num_classes):
 # auto (backends.DEFAULT_AUTO_ORDER): on the CPU the C++ kernel (half spectrum, fused
 # reduction) beats the reference; on the GPU the cuFFT path beats the matmul DFT of the
 # Triton kernel except for tiny images.
+# Every implementation takes (x, labels, num_classes, precision); only triton has precisions.
 _CLASS_SPECTRUM_SUM = {
-    "torch": class_spectrum_sum_reference,
-    "cpp": compiled_op("class_spectrum_sum"),
-    "cuda": compiled_op("class_spectrum_sum"),
+    "torch": ignores_precision(class_spectrum_sum_reference),
+    "cpp": ignores_precision(compiled_op("class_spectrum_sum")),
+    "cuda": ignores_precision(compiled_op("class_spectrum_sum")),
     "triton": triton_kernel("class_spectrum", "class_spectrum_sum_triton"),
 }
 
@@ -72,16 +81,18 @@ _CLASS_SPECTRUM_SUM = {
 class ClassSpectrum:
     """Streaming mean amplitude spectrum per class: call `update` per batch, then `mean()`."""
 
-    def __init__(self, num_classes: int, *, backend: str = "auto"):
+    def __init__(self, num_classes: int, *, backend: str = "auto", precision: str = "auto"):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_precision(precision)
         self.num_classes = num_classes
         self.backend = backend
+        self.precision = precision
         self.sums: torch.Tensor | None = None
         self.counts = torch.zeros(num_classes, dtype=torch.int64)
 
     def update(self, x: torch.Tensor, labels: torch.Tensor) -> "ClassSpectrum":
-        batch = class_spectrum_sum(x, labels, self.num_classes, backend=self.backend)
+        batch = class_spectrum_sum(x, labels, self.num_classes, backend=self.backend, precision=self.precision)
         if self.sums is None:
             self.sums = batch
         else:

@@ -39,11 +39,11 @@ import torch
 
 from shortcut_fast.backends import compiled_op, define_op, dispatch, triton_kernel
 from shortcut_fast.ops._checks import FLOAT_DTYPES, all_true, check_finite, check_int, check_tensor, is_finite
+from shortcut_fast.ops.precision import check_precision, ignores_precision, resolve
 
 __all__ = ["DEFAULT_ALPHA_FACTORS", "V_INFORMATION_FORMS", "LinearProbes", "ProbeStats", "accumulate_probe_stats", "fit_linear_probes",
            "fit_probes", "probe_stats", "probe_stats_reference", "v_information_from_r2"]
 
-PRECISIONS = ("ieee", "tf32", "tf32x3")
 STATS_DTYPES = (torch.float32, torch.float64)
 # Default alpha grid: DEFAULT_ALPHA_FACTORS * trace(Xc^T Xc) / D, i.e. relative to the
 # mean eigenvalue of the centered train Gram matrix (1e-6 ... 1e2, 9 values).
@@ -76,18 +76,18 @@ def _check_pair(x, z, allow_nonfinite: bool, x_name: str = "x", z_name: str = "z
         check_finite(z_name, z)
 
 
-def probe_stats(x: torch.Tensor, z: torch.Tensor, *, backend: str = "auto", precision: str = "ieee",
+def probe_stats(x: torch.Tensor, z: torch.Tensor, *, backend: str = "auto", precision: str = "auto",
                 allow_nonfinite: bool = False) -> StatsTuple:
     """Sufficient statistics of linear probes for one chunk.
 
     x (N, D), z (N, K) -> (x^T x (D, D), x^T z (D, K), sum x (D,), sum z (K,), sum z^2 (K,)),
     float64 if either input is float64, else float32 (both inputs are cast to it).
-    precision: tl.dot input precision of the triton backend ("ieee" exact float32 products,
-    "tf32x3", "tf32"); the other backends use their GEMM library's float32 mode.
+    precision (shortcut_fast.ops.precision): of the triton kernel's products ("auto":
+    AUTO["probe_stats"] on a GPU, "ieee" elsewhere); the other backends are exact float32
+    (float64) GEMMs and ignore it.
     """
     _check_pair(x, z, allow_nonfinite)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    precision = resolve("probe_stats", precision, x.device)
     dtype = _stats_dtype(x, z)
     x, z = x.to(dtype), z.to(dtype)
     unsupported = {}
@@ -105,18 +105,11 @@ def _probe_stats_fake(x, z):
     return x.new_empty((D, D)), x.new_empty((D, K)), x.new_empty((D,)), x.new_empty((K,)), x.new_empty((K,))
 
 
-def _without_precision(impl):
-    """precision only steers the triton kernel's tl.dot; the other backends ignore it."""
-    def run(x, z, precision):
-        return impl(x, z)
-
-    return run
-
-
+# Every implementation takes (x, z, precision); only triton has precisions.
 _PROBE_STATS = {
-    "torch": _without_precision(probe_stats_reference),
-    "cpp": _without_precision(compiled_op("probe_stats")),
-    "cuda": _without_precision(compiled_op("probe_stats")),
+    "torch": ignores_precision(probe_stats_reference),
+    "cpp": ignores_precision(compiled_op("probe_stats")),
+    "cuda": ignores_precision(compiled_op("probe_stats")),
     "triton": triton_kernel("probe_stats", "probe_stats_triton"),
 }
 
@@ -137,14 +130,15 @@ class ProbeStats:
     _TENSORS = ("shift_x", "shift_z", "sum_x", "sum_z", "sumsq_z", "xx", "xz")
 
     def __init__(self, dim: int, num_targets: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", backend: str = "auto"):
+                 device: torch.device | str = "cpu", backend: str = "auto", precision: str = "auto"):
         check_int("dim", dim, 1)
         check_int("num_targets", num_targets, 1)
         if dtype not in STATS_DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dim, self.num_targets, self.dtype = dim, num_targets, dtype
         self.device = torch.device(device)
-        self.backend = backend
+        check_precision(precision)
+        self.backend, self.precision = backend, precision  # of every update's probe_stats
         self.n = 0
         D, K = dim, num_targets
         z = lambda *shape: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
@@ -178,7 +172,7 @@ class ProbeStats:
             self.shift_x = x.to(torch.float64).mean(0).to(self.dtype)
             self.shift_z = z.to(torch.float64).mean(0).to(self.dtype)
         xx, xz, sx, sz, sq = probe_stats(x - self.shift_x, z - self.shift_z, backend=self.backend,
-                                         allow_nonfinite=True)  # checked above
+                                         precision=self.precision, allow_nonfinite=True)  # checked above
         self.xx += xx
         self.xz += xz
         self.sum_x += sx
@@ -232,13 +226,14 @@ class ProbeStats:
 
     @classmethod
     def from_state_dict(cls, state: dict, *, device: torch.device | str | None = None,
-                        backend: str = "auto") -> "ProbeStats":
+                        backend: str = "auto", precision: str = "auto") -> "ProbeStats":
         missing = [k for k in ("dim", "num_targets", "n", "dtype", *cls._TENSORS) if k not in state]
         if missing:
             raise ValueError(f"state is missing the entries {missing}; expected a ProbeStats.state_dict()")
         dtype = getattr(torch, state["dtype"]) if isinstance(state["dtype"], str) else state["dtype"]
         device = state["xx"].device if device is None else device
-        stats = cls(int(state["dim"]), int(state["num_targets"]), dtype=dtype, device=device, backend=backend)
+        stats = cls(int(state["dim"]), int(state["num_targets"]), dtype=dtype, device=device, backend=backend,
+                    precision=precision)
         for name in cls._TENSORS:
             value = state[name]
             expected = tuple(getattr(stats, name).shape)
@@ -254,16 +249,17 @@ def _default_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def accumulate_probe_stats(x: torch.Tensor, z: torch.Tensor, *, chunk_size: int = 4096,
-                           dtype: torch.dtype | None = None, backend: str = "auto",
+                           dtype: torch.dtype | None = None, backend: str = "auto", precision: str = "auto",
                            device: torch.device | str | None = None, allow_nonfinite: bool = False) -> ProbeStats:
     """ProbeStats of in-memory x (N, D), z (N, K), chunk_size rows at a time.
 
     dtype None: float64 if x or z is float64, else float32. device None: x's device.
+    precision: of every chunk's probe_stats.
     """
     _check_pair(x, z, allow_nonfinite)
     check_int("chunk_size", chunk_size, 1)
     stats = ProbeStats(x.shape[1], z.shape[1], dtype=dtype or _default_dtype(x, z),
-                       device=x.device if device is None else device, backend=backend)
+                       device=x.device if device is None else device, backend=backend, precision=precision)
     for start in range(0, x.shape[0], chunk_size):
         stats.update(x[start:start + chunk_size], z[start:start + chunk_size], allow_nonfinite=True)
     return stats
@@ -453,15 +449,17 @@ def _default_alphas(cxx: torch.Tensor) -> torch.Tensor:
 def _to_device(stats: ProbeStats, device: torch.device) -> ProbeStats:
     if stats.device == device:
         return stats
-    return ProbeStats.from_state_dict(stats.state_dict(), device=device, backend=stats.backend)
+    return ProbeStats.from_state_dict(stats.state_dict(), device=device, backend=stats.backend,
+                                      precision=stats.precision)
 
 
 def fit_probes(x_train: torch.Tensor, z_train: torch.Tensor, x_heldout: torch.Tensor, z_heldout: torch.Tensor,
-               alphas=None, *, dtype: torch.dtype | None = None, backend: str = "auto", chunk_size: int = 4096,
+               alphas=None, *, dtype: torch.dtype | None = None, backend: str = "auto", precision: str = "auto",
+               chunk_size: int = 4096,
                max_bytes: int = 1 << 30, allow_nonfinite: bool = False,
                v_information_form: str = "r2") -> LinearProbes:
     """fit_linear_probes on in-memory train and held-out splits (statistics in dtype, None:
-    float64 if any input is float64, else float32)."""
+    float64 if any input is float64, else float32; precision: of their probe_stats)."""
     _check_pair(x_train, z_train, allow_nonfinite, "x_train", "z_train")
     _check_pair(x_heldout, z_heldout, allow_nonfinite, "x_heldout", "z_heldout")
     if x_heldout.shape[1] != x_train.shape[1]:
@@ -471,7 +469,8 @@ def fit_probes(x_train: torch.Tensor, z_train: torch.Tensor, x_heldout: torch.Te
         raise ValueError(f"z_heldout must have shape (N, {z_train.shape[1]}) like z_train, "
                          f"got shape {tuple(z_heldout.shape)}")
     dtype = dtype or _default_dtype(x_train, z_train, x_heldout, z_heldout)
-    kw = dict(chunk_size=chunk_size, dtype=dtype, backend=backend, device=x_train.device, allow_nonfinite=True)
+    kw = dict(chunk_size=chunk_size, dtype=dtype, backend=backend, precision=precision, device=x_train.device,
+              allow_nonfinite=True)
     train = accumulate_probe_stats(x_train, z_train, **kw)
     heldout = accumulate_probe_stats(x_heldout, z_heldout, **kw)
     return fit_linear_probes(train, heldout, alphas, max_bytes=max_bytes, v_information_form=v_information_form)

@@ -8,7 +8,9 @@ Every probe reads the same features x (N, D) and predicts its own target column:
             learned variance per probe), Gaussian negative log-likelihood.
 One training step is one forward + loss + gradient for all probes on a shared minibatch
 (probe_step: the torch reference below, or one fused Triton kernel, kernels/probe_training.py),
-then one Adam update of all parameters in torch (shared by both backends).
+then one Adam update of all parameters in torch (shared by both backends). The kernel's two
+products (logits, weight gradient) run at `precision` (shortcut_fast.ops.precision; "auto":
+AUTO["probe_step"] on a GPU, "ieee" elsewhere); the torch step ignores it.
 
 Objective per probe: mean loss over samples + weight_decay/2 * ||weight||^2 (the bias and
 log_var are not penalized, as in scikit-learn). sklearn LogisticRegression(C=c) on N samples
@@ -30,6 +32,7 @@ import torch
 
 from shortcut_fast.backends import dispatch
 from shortcut_fast.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_tensor
+from shortcut_fast.ops.precision import ignores_precision, resolve
 
 FAMILIES = ("softmax", "logistic", "gaussian")
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
@@ -129,6 +132,27 @@ def probe_step_reference(x: torch.Tensor, targets: torch.Tensor, weight: torch.T
                      None if dlv is None else dlv.sum(0) * inv_n)
 
 
+def probe_step_bounds(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      log_var: torch.Tensor | None, family: str) -> ProbeStep:
+    """The step's outputs as means of absolute per-sample terms (mean |loss|, |x|^T |R| / N,
+    mean |R|, mean |d loss / d log_var|): the scale of their rounding errors, which does not
+    shrink when the terms cancel (shortcut_fast.ops.precision)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dtype)
+    K = weight.shape[0]
+    w3 = _as3(weight).to(dtype)
+    lv = None if log_var is None else log_var.to(dtype)
+    N, D, C = x.shape[0], w3.shape[1], w3.shape[2]
+    loss, r, dlv = _epilogue(_logits(x, w3, bias.to(dtype).reshape(K, -1)), targets, family, lv)
+    inv_n = 1.0 / max(N, 1)
+    grad_w = (x.abs().T @ r.abs().reshape(N, K * C)).view(D, K, C).permute(1, 0, 2) * inv_n
+    grad_b = r.abs().sum(0) * inv_n
+    if weight.dim() == 2:
+        grad_w, grad_b = grad_w[..., 0], grad_b[..., 0]
+    return ProbeStep(loss.abs().sum(0) * inv_n, grad_w.contiguous(), grad_b,
+                     None if dlv is None else dlv.abs().sum(0) * inv_n)
+
+
 # ---------------------------------------------------------------------------------------
 # Argument handling
 
@@ -202,7 +226,7 @@ def _step_impl(x: torch.Tensor, backend: str, num_classes: int = 1):
     return dispatch("probe_step", backend, x.device, _STEP, auto_order=AUTO_ORDER, unsupported=unsupported)
 
 
-def _triton_step(x, targets, weight, bias, log_var, family: str) -> ProbeStep:
+def _triton_step(x, targets, weight, bias, log_var, family: str, precision: str) -> ProbeStep:
     from shortcut_fast.kernels import probe_training as triton_kernels
 
     K = weight.shape[0]
@@ -211,15 +235,15 @@ def _triton_step(x, targets, weight, bias, log_var, family: str) -> ProbeStep:
     lv = log_var.float() if log_var is not None else b2.new_zeros(K)
     loss, gw, gb, glv = triton_kernels.probe_step_op(
         x.float().contiguous(), targets.float().contiguous(), w3.contiguous(), b2.contiguous(), lv.contiguous(),
-        triton_kernels.FAMILY_CODES[family])
+        triton_kernels.FAMILY_CODES[family], precision)
     if weight.dim() == 2:
         gw, gb = gw[..., 0], gb[..., 0]
     return ProbeStep(loss, gw, gb, glv if family == "gaussian" else None)
 
 
 # No compiled op: the step's matmuls already run in cuBLAS/MKL; the triton kernel fuses
-# the forward, the loss and the gradient.
-_STEP = {"torch": probe_step_reference, "triton": _triton_step}
+# the forward, the loss and the gradient. Both take (..., family, precision).
+_STEP = {"torch": ignores_precision(probe_step_reference), "triton": _triton_step}
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,22 +251,25 @@ _STEP = {"torch": probe_step_reference, "triton": _triton_step}
 
 
 def probe_step(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               log_var: torch.Tensor | None = None, *, family: str, backend: str = "auto") -> ProbeStep:
+               log_var: torch.Tensor | None = None, *, family: str, backend: str = "auto",
+               precision: str = "auto") -> ProbeStep:
     """One forward + loss + gradient of K probes on the minibatch (x (N, D), targets (N, K)).
 
     Parameter shapes: softmax weight (K, D, C), bias (K, C); logistic/gaussian weight (K, D),
     bias (K,), and log_var (K,) for gaussian. Loss is the mean over the N samples, gradients
-    are of that mean (no weight decay). backend: auto|torch|triton.
+    are of that mean (no weight decay). backend: auto|torch|triton. precision: of the triton
+    kernel's products (module docstring).
     """
     _check_family(family)
     _check_features("x", x)
+    precision = resolve("probe_step", precision, x.device)
     N, D = x.shape
     K = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() >= 1 else 0
     C = _check_params(weight, bias, log_var, K, D, family, x.device)
     if family == "softmax" and C < 2:
         raise ValueError(f"weight must have C >= 2 classes in its last dimension for family 'softmax', got {C}")
     _check_targets("targets", targets, N, K, family, C, x.device)
-    return _step_impl(x, backend, C)(x, targets, weight, bias, log_var, family)
+    return _step_impl(x, backend, C)(x, targets, weight, bias, log_var, family, precision)
 
 
 @torch.no_grad()
@@ -305,7 +332,7 @@ def _init_params(x_dtype, device, K: int, D: int, C: int, targets: torch.Tensor,
 def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_classes: int | None = None,
                  heldout: tuple[torch.Tensor, torch.Tensor] | None = None, epochs: int = 50,
                  batch_size: int = 1024, lr: float = 1e-2, weight_decay: float = 0.0, seed: int = 0,
-                 backend: str = "auto", progress: bool = False) -> TrainedProbes:
+                 backend: str = "auto", precision: str = "auto", progress: bool = False) -> TrainedProbes:
     """Train K probes of one family on x (N, D) -> targets (N, K) with minibatch Adam.
 
     All probes share each minibatch (one fused step per minibatch). The learning rate
@@ -314,10 +341,13 @@ def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_cla
     Parameters start at zero weights and the best constant predictor's bias. Features are
     used as given: standardize them first for fast, well-conditioned training.
     heldout: (x_heldout, targets_heldout) to score the probes on; without it the scores are
-    computed on the training set (evaluated_on == "train"). Returns TrainedProbes.
+    computed on the training set (evaluated_on == "train"). precision: of every step's
+    products (probe_step); the scores come from a float32 (float64) evaluation whatever it is.
+    Returns TrainedProbes.
     """
     _check_family(family)
     _check_features("x", x)
+    precision = resolve("probe_step", precision, x.device)
     N, D = x.shape
     if family == "softmax":
         if num_classes is None:
@@ -364,7 +394,7 @@ def train_probes(x: torch.Tensor, targets: torch.Tensor, family: str, *, num_cla
         epoch_loss = torch.zeros(K, dtype=dtype, device=x.device)
         for s in range(steps_per_epoch):
             idx = order[s * batch_size:(s + 1) * batch_size]
-            step = step_impl(x[idx], step_targets[idx], weight, bias, log_var, family)
+            step = step_impl(x[idx], step_targets[idx], weight, bias, log_var, family, precision)
             grads = [step.grad_weight.to(dtype), step.grad_bias.to(dtype)]
             if weight_decay:
                 grads[0] = grads[0] + weight_decay * weight
