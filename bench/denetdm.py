@@ -6,8 +6,10 @@ offline stand-in): the MLP product of experts (deep + shallow branch, one linear
 stage1_epochs, then the distilled target branch for stage2_epochs, on every member
 (conflict ratio x seed), with per-epoch validation of every head and selection of the best
 epoch per member. No ERM / LfF baselines (cfg.baselines = ()).
-- fast path: experiments.denetdm.run_denetdm (all members one StackedModules, uint8 data on
-  the device, batches gathered there, all heads in one evaluation pass, counts on the device).
+- fast path: experiments.denetdm.run_denetdm (all members one StackedModules, the MLPs as
+  batched matmuls, fused Adam, uint8 data on the device, batches gathered there, stage 2's
+  frozen branches computed once per image, all heads in one evaluation pass, counts on the
+  device).
 - baseline: `published_loop` below, written the way the public code (kadarsh22/DeNetDM,
   train_decam_stage1.py / train_decam_stage2.py) trains: one member after another, a plain
   ProductOfExperts and then a DistilledTarget with the frozen stage-1 model as teacher, a
