@@ -87,14 +87,19 @@ COMPILED = {
     "channel_ablate": _channel_ablate(),
     "group_outcomes": _group_outcomes() + _group_outcomes(torch.float64),
 }
+def _with_precision(samples, precision):
+    """The first sample again with the trailing precision argument of the matmul-shaped ops."""
+    return samples + [(*samples[0], precision)]
+
+
 TRITON = {
-    "band_filter_triton": _band_filter(),
+    "band_filter_triton": _with_precision(_band_filter(), "bf16"),
     "remove_frequencies_triton": _remove_frequencies(),
-    "class_spectrum_sum_triton": _class_spectrum_sum(),
-    "probe_stats_triton": _probe_stats(),
+    "class_spectrum_sum_triton": _with_precision(_class_spectrum_sum(), "tf32"),
+    "probe_stats_triton": _with_precision(_probe_stats(), "tf32x3"),
     "channel_ablate_triton": _channel_ablate(),
     "group_outcomes_triton": _group_outcomes(),
-    "probe_step_triton": _probe_step(),
+    "probe_step_triton": _with_precision(_probe_step(), "bf16"),
 }
 # Triton kernel modules define their ops when imported.
 TRITON_MODULES = ("band_filter", "class_spectrum", "probe_stats", "ablation", "probe_training")
