@@ -3,8 +3,9 @@
 Two workloads, each run as a worker script under torch.distributed.run (torchrun, c10d
 rendezvous on 127.0.0.1) with --nproc-per-node 1 and W:
 - sweep: channel_ablation_sweep(dist=) of a ResNet-18 w16 stage (layer3 block outputs, 128
-  variants) on 256 random images; the variants are split over the ranks, every rank runs
-  the prefix (stem to layer3) of every batch itself, so that part does not scale.
+  variants) on 256 random images in batches of 128; the batches are split over the ranks,
+  each runs the prefix (stem to layer3) of its own batch once and sweeps every variant on
+  it, and the per-group counts are all-reduced (no rank recomputes another's prefix).
 - probe_stats: run_complexity(dist=), the V-information pass (directions pca:64 fit on rank
   0, then every block's probe statistics streamed over the ranks' shares of some thousand
   probe-train + held-out images and all-reduced, the probes fit on every rank).

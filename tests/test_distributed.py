@@ -1,6 +1,6 @@
 """torch.distributed scale-out of the library (shortcut_fast.distributed): 2 CPU processes
 (gloo) launched by torch.distributed.run with a c10d rendezvous give the one-process result
-for the channel-ablation sweep (variants over ranks), the complexity statistics (images over
+for the channel-ablation sweep (image batches over ranks), the complexity statistics (images over
 ranks, sums all-reduced) and DeNetDM (members over ranks); so does a 2-"node" run (two
 launchers on 127.0.0.1) and a run whose rank 1 is killed mid-sweep under --max-restarts 1;
 bad input (world size > work items, settings that differ across ranks) is refused with a
@@ -48,24 +48,26 @@ SCRIPT = textwrap.dedent('''
     data = (inputs["x"], inputs["y"], inputs["g"])
     out = {}
 
-    def sweep(**kw):
-        return sw.channel_ablation_sweep(model, ["conv1", "conv2"], data, batch_size=16, dist=ctx, **kw)
+    def sweep(batch_size=16, **kw):
+        return sw.channel_ablation_sweep(model, ["conv1", "conv2"], data, batch_size=batch_size, dist=ctx, **kw)
 
     for job in jobs:
         if job == "sweep":
             out[job] = sweep(mode="activation-noise", repeats=2, return_outputs=True, seed=3)
         elif job == "elastic":
-            if ctx.rank == 1:  # rank 1 dies once, in conv2's second batch (conv1 and conv2's first batch saved)
-                real, calls = sw.group_outcomes, []
+            if ctx.rank == 1:  # rank 1 dies once, in conv2's second item (conv1 and conv2's first item saved)
+                real, calls = sw._group_outcomes_unchecked, []
 
                 def dying(*args, **kw):
                     calls.append(1)
                     marker = folder / "killed"
-                    if len(calls) == 9 and not marker.exists():  # 2 calls a batch, 3 batches a layer
+                    # rank 1's items a layer: batch 1 (baseline + variants: 2 calls), then its
+                    # share of the variants of batch 2, the batch left over (1 call)
+                    if len(calls) == 6 and not marker.exists():
                         marker.write_text(str(os.getpid()))
                         os._exit(3)
                     return real(*args, **kw)
-                sw.group_outcomes = dying
+                sw._group_outcomes_unchecked = dying
             saved = folder / "store" / f"sweep.rank{ctx.rank}.pt"  # what this rank resumes from
             saved = torch.load(saved, weights_only=True) if saved.exists() else None
             cur = saved and saved["current"]
@@ -93,7 +95,7 @@ SCRIPT = textwrap.dedent('''
             torch.set_default_dtype(torch.float32)
         elif job == "bad":  # each refusal is raised on every rank (no rank is left in a collective)
             errors = {}
-            for name, kw in (("world", dict(channels=[0])), ("settings", dict(seed=ctx.rank))):
+            for name, kw in (("world", dict(channels=[0], batch_size=64)), ("settings", dict(seed=ctx.rank))):
                 try:
                     sweep(mode="activation-noise", **kw)
                 except ValueError as exc:
@@ -259,7 +261,7 @@ def test_a_killed_worker_is_restarted_and_the_sweep_resumes_to_the_uninterrupted
     got = _run(folder, "elastic", "--max-restarts", "1")
     assert (folder / "killed").exists()  # rank 1 did die once
     assert got["restart_count"] == 1  # and the job finished in the restarted round,
-    assert got["resumed"][1] == (["conv1"], ("conv2", 1))  # rank 1 resuming from conv2's second batch
+    assert got["resumed"][1] == (["conv1"], ("conv2", 1))  # rank 1 resuming from its second item of conv2
     for rank in (0, 1):  # each rank kept its own partial state
         assert (folder / "store" / f"sweep.rank{rank}.pt").exists()
     _, model, data = setup
@@ -269,7 +271,8 @@ def test_a_killed_worker_is_restarted_and_the_sweep_resumes_to_the_uninterrupted
 def test_bad_input_world_size_above_the_work_items_and_settings_that_differ(setup, tmp_path):
     folder = _copy(setup, tmp_path)
     errors = _run(folder, "bad")["bad"]
-    assert "world size 2 is larger than the 1 work items of the sweep of layer 'conv1'" in errors["world"]
+    assert ("world size 2 is larger than both the 1 image batches and the 1 variants of the sweep of layer 'conv1'"
+            in errors["world"])
     msg = errors["settings"]
     assert "differ across ranks" in msg and "rank 1 differs from rank 0 in seed: 0 on rank 0, 1 on rank 1" in msg
 

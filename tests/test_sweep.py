@@ -574,3 +574,30 @@ def test_conv_names_and_global_top():
                                      {"layer": "b", "channel": 1, "score": 2.0}]
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         global_top(scores, 0)
+
+
+@pytest.mark.parametrize("batches,variants,world", [(2, 64, 2), (3, 8, 2), (7, 5, 3), (2, 8, 3), (5, 2, 3), (4, 1, 4)])
+def test_distributed_work_plan_covers_every_cell_once(batches, variants, world):
+    """Every (batch, variant) cell is swept by exactly one rank, every rank has work, each
+    batch's baseline is counted once, and a batch's prefix runs on more than one rank only
+    for the batches left over after an even split of the batches."""
+    from shortcut_fast.distributed import DistContext
+    from shortcut_fast.surgery.sweep import _work_plan
+
+    plans = [_work_plan(batches, variants, DistContext(rank=r, world_size=world), "l") for r in range(world)]
+    cells = [(b, v) for plan in plans for b, vr in plan for v in vr]
+    assert sorted(cells) == [(b, v) for b in range(batches) for v in range(variants)]
+    assert all(plans) and sorted(b for plan in plans for b, vr in plan if vr.start == 0) == list(range(batches))
+    prefix_runs = sum(len(plan) for plan in plans)
+    assert prefix_runs <= batches + (batches % world) * (world - 1)
+    if batches % world == 0:  # an even split: every prefix runs once
+        assert prefix_runs == batches
+    assert _work_plan(batches, variants, None, "l") == [(b, range(variants)) for b in range(batches)]
+
+
+def test_distributed_work_plan_refuses_a_world_without_work_for_every_rank():
+    from shortcut_fast.distributed import DistContext
+    from shortcut_fast.surgery.sweep import _work_plan
+
+    with pytest.raises(ValueError, match="world size 3 is larger than both the 2 image batches and the 2 variants"):
+        _work_plan(2, 2, DistContext(rank=0, world_size=3), "l")

@@ -31,15 +31,20 @@ compact record of the sweep's arguments (and digests of the model and the data's
 groups); a store holding another sweep's state is refused, never silently mixed in.
 
 Distribution (`dist=` a distributed.DistContext with world_size > 1, one process per rank
-under torchrun): each layer's variants (channels / channel sets) are split over the ranks in
-contiguous, balanced shares; every rank runs the prefix, the baseline and the per-channel
-statistics on all the data (they are the same everywhere), sweeps only its own variants, and
-keeps its partial state in its own store file (sweep.rank{r}.pt: an elastic restart resumes
-each rank from it). The per-variant outcomes are then gathered and concatenated in variant
-order on every rank. A variant's outcome does not depend on which variants share its chunk
-(noise draws are seeded per layer, repeat and batch, never per variant), so the counts equal
-one process's exactly; summed losses agree to float rounding. The sweep's arguments and the
-digests of the model and data are compared across ranks first (distributed.check_same).
+under torchrun): the image batches (the one-process batches of batch_size) are split over
+the ranks in contiguous, balanced shares; each rank runs the prefix once per batch of its
+own and sweeps every variant on it, so no rank recomputes a prefix another ran (splitting
+the variants instead had every rank run every batch's prefix). The batches left over after
+an even split are shared by variants (each rank sweeps its share of their variants). The
+per-channel statistics of modes "mean" / "activation-noise" come per batch from the rank
+that owns it and are added in batch order, as in one process. Each rank keeps its partial
+state in its own store file (sweep.rank{r}.pt: an elastic restart resumes each rank from it,
+the ranks agreeing first on the layers to redo); at the end of every layer the per-(variant,
+group) counts, losses and outputs are all-reduced (the ranks filled disjoint cells). Every
+batch is computed as in one process (noise draws are seeded per layer, repeat and batch,
+never per variant or rank), so the counts equal one process's exactly; summed losses agree
+to float rounding. The sweep's arguments and the digests of the model and data are compared
+across ranks first (distributed.check_same).
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_fast.data import FileImageDataset, ImageDataset
-from shortcut_fast.distributed import DistContext, check_same, gather, is_main, rank_suffix, shard
+from shortcut_fast.distributed import DistContext, all_reduce_sum_, check_same, gather, is_main, rank_suffix, shard
 from shortcut_fast.models.introspect import get_submodule
 from shortcut_fast.validate import check_int
 from shortcut_fast.ops._checks import check_labels, nonfinite_count, raise_nonfinite
@@ -78,6 +83,7 @@ MODES = ("zero", "mean", "activation-noise", "weight-noise", "rewind")
 NOISE_MODES = ("activation-noise", "weight-noise")
 NOISE_KINDS = ("replace", "add")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+VERIFY_IMAGES = 8  # images of the first batch the split is verified on (SplitModel.verify)
 
 __all__ = [
     "MODES",
@@ -495,9 +501,9 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
     data) is refused with a ValueError. linearity=False turns off the next-layer linearity shortcut;
     split="hook" forces the (slow) full-forward fallback. backend goes to channel_ablate and
     group_outcomes. noise_kind / noise_std: mode "weight-noise" (see the module docstring).
-    dist (a distributed.DistContext): with world_size > 1 each rank sweeps its share of every
-    layer's variants and the outcomes are gathered (module docstring); every rank returns the
-    whole result. Progress is shown on rank 0 only.
+    dist (a distributed.DistContext): with world_size > 1 each rank sweeps every variant on its
+    share of the image batches and the outcomes are all-reduced (module docstring); every rank
+    returns the whole result. Progress is shown on rank 0 only.
     """
     _check_args(mode, where, repeats, rewind_to, batch_size, noise_kind, noise_std)
     layers = _check_layers(model, layers)
@@ -521,9 +527,12 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
             channel_sets=None if channel_sets is None else [sorted(map(int, s)) for s in channel_sets],
             return_outputs=return_outputs, batch_size=batch_size, channel_axis=channel_axis)
         check_same(record, dist, "channel-ablation sweep settings")  # a no-op in one process
-        state["args"] = dict(record, shard=[dist.rank, dist.world_size]) if distributed else record
+        # "batches": the work split of _work_plan (a state saved under another split is refused)
+        state["args"] = dict(record, shard=[dist.rank, dist.world_size, "batches"]) if distributed else record
     if store is not None:
         state = _load_sweep_state(store, state["args"], state_file) or state
+        if distributed:
+            state = _agree_on_resume(state, dist)
     counts = torch.bincount(d.groups, minlength=G)
     results: dict[str, LayerSweep] = {}
     with eval_mode(model), torch.no_grad():
@@ -542,8 +551,6 @@ def channel_ablation_sweep(model: nn.Module, layers, data, *, channels=None, cha
                 state["done"][layer] = _layer_to_state(results[layer])
                 state["current"] = None
                 store.save_state(state_file, state)
-    if distributed:  # every rank holds its share of each layer's variants: concatenate them in rank order
-        results = {layer: _gather_layer(results[layer], dist) for layer in layers}
     return SweepResult(layers=results, mode=mode, where=where, num_groups=G, num_samples=d.n, repeats=R, seed=seed)
 
 
@@ -557,16 +564,17 @@ def variants_per_chunk(sm, num_variants: int, batch: int, max_bytes: int) -> int
     return max(1, min(num_variants, int(max_bytes // sm.per_variant_bytes(batch))))
 
 
-def _gather_layer(part: LayerSweep, dist: DistContext) -> LayerSweep:
-    """One layer's sweep over all variants from every rank's share (in rank order = variant
-    order); the baseline, counts and settings are the same on every rank."""
-    parts = gather({"channels": part.channels, "correct": part.correct, "loss": part.loss,
-                    "outputs": part.outputs}, dist)
-    axis = 0 if part.repeats == 1 else 1  # outputs: (V, N, L), or (R, V, N, L) with repeats
-    outputs = None if part.outputs is None else torch.cat([p["outputs"] for p in parts], dim=axis)
-    return dataclasses.replace(part, channels=[c for p in parts for c in p["channels"]],
-                               correct=torch.cat([p["correct"] for p in parts]),
-                               loss=torch.cat([p["loss"] for p in parts]), outputs=outputs)
+def _agree_on_resume(state: dict, dist: DistContext) -> dict:
+    """The resume point every rank takes: each layer ends in collectives all ranks must enter,
+    so a layer counts as done only where every rank saved it done, and a half-done layer is
+    continued only where every rank saved its partial state of it (each from its own items);
+    the rest is redone."""
+    cur = state.get("current")
+    views = gather((sorted(state["done"]), cur["layer"] if cur else None), dist)
+    done = set.intersection(*(set(v[0]) for v in views))
+    same_layer = len({v[1] for v in views}) == 1
+    current = cur if cur is not None and same_layer and cur["layer"] not in done else None
+    return dict(state, done={k: v for k, v in state["done"].items() if k in done}, current=current)
 
 
 def _weight_noise_conv(model, layer, where) -> str:
@@ -577,6 +585,62 @@ def _weight_noise_conv(model, layer, where) -> str:
                          f"where='output' is a {type(get_submodule(model, name)).__name__}; use where='pre-bn' "
                          f"(or 'post-activation'), or name a conv")
     return name
+
+
+def _work_plan(n_batches: int, n_variants: int, dist: Optional[DistContext], layer: str) -> list[tuple[int, range]]:
+    """This rank's share of one layer's sweep: (batch index, range of variants) items in batch
+    order. One process: every batch with every variant. Distributed: contiguous, balanced
+    shares of the batches, each swept with every variant, so a batch's prefix runs on one
+    rank only; the n_batches % W batches left over are split by variants over all ranks
+    (each of them runs those prefixes) or, with fewer variants than ranks, go whole to the
+    first ranks. Refused (on every rank alike) when neither the batches nor the variants
+    give every rank work."""
+    every = range(n_variants)
+    if dist is None or dist.world_size == 1:
+        return [(b, every) for b in range(n_batches)]
+    w, r = dist.world_size, dist.rank
+    if w > n_batches and w > n_variants:
+        raise ValueError(f"world size {w} is larger than both the {n_batches} image batches and the {n_variants} "
+                         f"variants of the sweep of layer {layer!r}; run at most {max(n_batches, n_variants)} "
+                         f"processes (torchrun --nproc-per-node / --nnodes) or use a smaller batch_size")
+    whole = n_batches // w
+    plan = [(b, every) for b in range(r * whole, (r + 1) * whole)]
+    leftover = range(whole * w, n_batches)
+    if n_variants >= w:
+        plan += [(b, shard(n_variants, dist)) for b in leftover]
+    elif r < len(leftover):
+        plan.append((leftover[r], every))
+    return plan
+
+
+def _stats_sums(sm, d: _Data, starts, plan, batch_size, device, axis, C, dist) -> list:
+    """[sum, sum of squares, count] of the ablation point's channels over all the data. With
+    distribution each batch's sums come from the one rank that counts its baseline, and are
+    added in batch order as one process adds them: the statistics are bitwise the same."""
+    def zeros():
+        return [torch.zeros(C, dtype=torch.float64, device=device), torch.zeros(C, dtype=torch.float64, device=device), 0]
+
+    if dist is None or dist.world_size == 1:
+        sums = zeros()
+        for start in starts:
+            x, _, _ = d.batch(start, batch_size, device)
+            _accumulate_stats(sm.prefix(x).act, axis, sums)
+        return sums
+    mine = {}
+    for bi, vr in plan:
+        if vr.start == 0:
+            part = zeros()
+            x, _, _ = d.batch(starts[bi], batch_size, device)
+            _accumulate_stats(sm.prefix(x).act, axis, part)
+            mine[bi] = (part[0].cpu(), part[1].cpu(), part[2])
+    parts = {bi: part for every in gather(mine, dist) for bi, part in every.items()}
+    sums = zeros()
+    for bi in range(len(starts)):
+        total, total_sq, count = parts[bi]
+        sums[0] = sums[0] + total.to(device)
+        sums[1] = sums[1] + total_sq.to(device)
+        sums[2] += count
+    return sums
 
 
 def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, channels, channel_sets, mode, where,
@@ -593,17 +657,19 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
         rewind_state = model.state_dict()
     sm = split_model(model, layer, x0, where=where, channel_axis=channel_axis, linearity=linearity,
                      method=split, rewind_state=rewind_state)
-    sm.verify(x0)
+    # A check of the split, not of the data: a few images show it, and every rank of a
+    # distributed sweep pays it (on the whole first batch of 128 it cost about a sixth of
+    # a ResNet-18 stage's sweep of 256 images).
+    sm.verify(x0[:VERIFY_IMAGES])
     if noised is not None:
         noisy_conv = sm._rewind[noised]
         clean_weight = noisy_conv.weight.detach().clone()
     C, axis = sm.num_channels, sm.channel_axis
     variants = _variants(C, channels, channel_sets)
-    mine = shard(len(variants), dist, f"the sweep of layer {layer!r} (its channels / channel sets)")
-    variants = variants[mine.start:mine.stop]  # this rank's share (all of them in one process)
     masks = channel_masks(C, variants, device=device)
     V = masks.shape[0]
     starts = list(range(0, d.n, batch_size))
+    plan = _work_plan(len(starts), V, dist, layer)  # this rank's (batch, variants) items; one process: all
 
     cur = state.get("current")
     if cur is not None and cur.get("layer") == layer:
@@ -613,12 +679,7 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
     if acc is None:
         stats = None
         if mode in ("mean", "activation-noise"):
-            sums = [torch.zeros(C, dtype=torch.float64, device=device),
-                    torch.zeros(C, dtype=torch.float64, device=device), 0]
-            for start in starts:
-                x, _, _ = d.batch(start, batch_size, device)
-                _accumulate_stats(sm.prefix(x).act, axis, sums)
-            stats = _channel_stats(*sums)
+            stats = _channel_stats(*_stats_sums(sm, d, starts, plan, batch_size, device, axis, C, dist))
         acc = dict(layer=layer, next_batch=0, stats=stats,
                    correct=torch.zeros(R, V, G, dtype=torch.int64, device=device),
                    loss=torch.zeros(R, V, G, dtype=torch.float64, device=device),
@@ -631,28 +692,33 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
         stats = tuple(s.to(device) for s in stats)
 
     chunk = variants_per_chunk(sm, V, min(batch_size, d.n), max_bytes)
-    bar = Progress((len(starts) - acc["next_batch"]) * R * -(-V // chunk), f"sweep {layer}", progress)
+    # next_batch: the items of this rank's plan done (in one process the batches done)
+    bar = Progress(sum(R * -(-len(vr) // chunk) for _, vr in plan[acc["next_batch"]:]), f"sweep {layer}", progress)
     first = acc["next_batch"]
-    for bi in range(first, len(starts)):
+    for item in range(first, len(plan)):
+        bi, vr = plan[item]
         start = starts[bi]
+        own = vr.start == 0  # a batch's baseline is counted by the rank holding its first variants
         x, y, g = d.batch(start, batch_size, device)
         pre = sm.prefix(x)
-        base = sm.baseline(pre)
-        if bi == first:
+        base = sm.baseline(pre) if own or item == first else None
+        if item == first:
             # Labels and groups are checked once, not per call (groups in _as_data): the
             # per-chunk reduction below runs unchecked, and NaN/Inf logits are counted on the
             # device and read once after the layer.
             check_labels("labels", d.labels, d.n, base.shape[-1], d.labels.device)
-        acc["nonfinite"] += nonfinite_count(base)
-        bc, bl = _group_outcomes_unchecked(base[None], y, g, G, backend=backend)
-        acc["base_correct"] += bc[0]
-        acc["base_loss"] += bl[0].double()
+        if own:
+            acc["nonfinite"] += nonfinite_count(base)
+            bc, bl = _group_outcomes_unchecked(base[None], y, g, G, backend=backend)
+            acc["base_correct"] += bc[0]
+            acc["base_loss"] += bl[0].double()
         if return_outputs:
             if acc["outputs"] is None:
                 L = base.shape[-1]
                 acc["outputs"] = torch.zeros(R, V, d.n, L, dtype=torch.float32)
                 acc["base_outputs"] = torch.zeros(d.n, L, dtype=torch.float32)
-            acc["base_outputs"][start:start + x.shape[0]] = base.float().cpu()
+            if own:
+                acc["base_outputs"][start:start + x.shape[0]] = base.float().cpu()
         for r in range(R):
             if mode == "zero":
                 rep = 0.0
@@ -666,21 +732,27 @@ def _sweep_layer(model, layer, li, d: _Data, device, state, store, counts, *, ch
                 rep = sm.prefix(x).rewound
             else:
                 rep = pre.rewound
-            for c0 in range(0, V, chunk):
-                logits = sm.run_variants(pre, masks[c0:c0 + chunk], rep, backend=backend,
-                                         channels=variants[c0:c0 + chunk])
+            for c0 in range(vr.start, vr.stop, chunk):
+                c1 = min(c0 + chunk, vr.stop)
+                logits = sm.run_variants(pre, masks[c0:c1], rep, backend=backend, channels=variants[c0:c1])
                 acc["nonfinite"] += nonfinite_count(logits)
                 cc, cl = _group_outcomes_unchecked(logits, y, g, G, backend=backend)
-                acc["correct"][r, c0:c0 + chunk] += cc
-                acc["loss"][r, c0:c0 + chunk] += cl.double()
+                acc["correct"][r, c0:c1] += cc
+                acc["loss"][r, c0:c1] += cl.double()
                 if return_outputs:
-                    acc["outputs"][r, c0:c0 + chunk, start:start + x.shape[0]] = logits.float().cpu()
+                    acc["outputs"][r, c0:c1, start:start + x.shape[0]] = logits.float().cpu()
                 bar.update(1)
-        acc["next_batch"] = bi + 1
-        if store is not None and bi + 1 < len(starts):  # the last batch is saved as a done layer
+        acc["next_batch"] = item + 1
+        if store is not None and item + 1 < len(plan):  # the last item is saved as a done layer
             state["current"] = {k: _to_cpu(v) for k, v in acc.items()}
             store.save_state(state_file, state)
     bar.close()
+    if dist is not None and dist.world_size > 1:
+        # The ranks filled disjoint (batch, variant) cells: the sums are the one-process
+        # totals (counts exactly; float64 losses up to the order of the additions).
+        for key in ("correct", "loss", "base_correct", "base_loss", "nonfinite", "outputs", "base_outputs"):
+            if acc[key] is not None:
+                all_reduce_sum_(acc[key], dist)
     raise_nonfinite("logits", int(acc["nonfinite"]))
 
     correct = acc["correct"][0].cpu() if R == 1 else acc["correct"].double().mean(0).cpu()
