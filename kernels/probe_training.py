@@ -121,7 +121,10 @@ def _probe_step_kernel(
             sample_loss = tl.log(s) + z_max - z_target
             r3 = e / s[:, :, None] - onehot.to(tl.float32)
             r3 = tl.where(valid[:, :, None], r3, 0.0)
-            r = tl.reshape(r3, (BLOCK_N, BLOCK_J))
+            # The select makes r a 2-D tensor of its own before it meets the tensor cores: fed
+            # the reshape directly, sm_90's tf32 operand layout of a (.., .., 2 or 4) tile does
+            # not exist and compilation fails. Padded columns are 0 already.
+            r = tl.where(col_ok[None, :], tl.reshape(r3, (BLOCK_N, BLOCK_J)), 0.0)
         elif FAMILY == 1:
             # C == BLOCK_C == 1: the columns are the probes.
             sample_loss = tl.maximum(z, 0.0) - z * target + tl.log(1.0 + tl.exp(-tl.abs(z)))
@@ -148,17 +151,19 @@ def _probe_step_kernel(
         tl.store(glv_ptr + probes, grad_lv * inv_n, mask=probe_ok)
 
 
-def _blocks(K: int, D: int, C: int) -> dict:
+def _blocks(K: int, D: int, C: int, precision: str = "ieee") -> dict:
     """Constexprs and warps of a launch. tl.dot needs every dimension >= 16; ~64 columns
     (whole probes) per program keep registers in check. The float32 ("ieee") tl.dot runs on
     FMAs that hold whole K-slices of both operands in registers, so on a GPU the K of both
     products (BLOCK_K of the logits, BLOCK_N of the gradient) is 16 and 8 warps share the
     tiles: with 64 the softmax kernel spilled 2-5 KB on sm_90 from 100 classes on and
-    ptxas fell to 32 registers and a 5-16 KB stack on sm_80. The interpreter pays per loop
-    step, so it takes 64."""
+    ptxas fell to 32 registers and a 5-16 KB stack on sm_80. "tf32x3" splits every operand
+    in two: with 128 columns or more its gradient tile has 32 rows (64 spilled 64-368 bytes
+    on sm_80/sm_90 at 256 classes). The interpreter pays per loop step, so it takes 64."""
     block_c = triton.next_power_of_2(C)
     block_p = max(min(triton.next_power_of_2(K), max(1, 64 // block_c)), -(-16 // block_c))
-    block_d = max(16, min(64, triton.next_power_of_2(D)))
+    wide = precision == "tf32x3" and block_p * block_c >= 128
+    block_d = max(16, min(32 if wide else 64, triton.next_power_of_2(D)))
     step = 64 if INTERPRET else 16
     return dict(BLOCK_N=step, BLOCK_D=block_d, BLOCK_K=min(step, block_d), BLOCK_P=block_p, BLOCK_C=block_c,
                 num_warps=4 if INTERPRET else 8)
@@ -169,11 +174,11 @@ def _blocks(K: int, D: int, C: int) -> dict:
 _MIN_SPLIT_ROWS = 64
 
 
-def probe_step_grid(N: int, D: int, K: int, C: int) -> tuple[int, int, int]:
+def probe_step_grid(N: int, D: int, K: int, C: int, precision: str = "ieee") -> tuple[int, int, int]:
     """The launch grid: (column blocks, D blocks, splits of the N rows). The splits bring the
     programs to MIN_PROGRAMS on a GPU (one on the interpreter), each at least
     _MIN_SPLIT_ROWS rows; every split gets some."""
-    blocks = _blocks(K, D, C)
+    blocks = _blocks(K, D, C, precision)
     cols, d_blocks = triton.cdiv(K, blocks["BLOCK_P"]), max(1, triton.cdiv(D, blocks["BLOCK_D"]))
     splits = min(triton.cdiv(1 if INTERPRET else MIN_PROGRAMS, max(1, cols * d_blocks)),
                  triton.cdiv(N, _MIN_SPLIT_ROWS))
@@ -199,7 +204,7 @@ def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     N, D = x.shape
     K, _, C = weight.shape
-    grid = probe_step_grid(N, D, K, C) if N and K else (0, 0, 1)
+    grid = probe_step_grid(N, D, K, C, precision) if N and K else (0, 0, 1)
     splits = grid[2]
     parts = (splits,) if splits > 1 else ()  # partial outputs per split, summed below
     loss = torch.zeros((*parts, K), device=x.device, dtype=torch.float32)
@@ -215,7 +220,7 @@ def probe_step_op(x: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, 
         x.stride(0), x.stride(1), targets.stride(0), targets.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), bias.stride(0), bias.stride(1),
         1.0 / N, _LOG_2PI,
-        FAMILY=family, PRECISION=precision, **_blocks(K, D, C),
+        FAMILY=family, PRECISION=precision, **_blocks(K, D, C, precision),
     )
     if splits == 1:
         return loss, grad_w, grad_b, grad_lv
