@@ -229,21 +229,21 @@ def test_reduced_precisions_round_and_float32_ones_do_not(op):
     assert errors["tf32"] > 10 * float32 and errors["bf16"] > 10 * float32, errors
 
 
+def _same(got, want) -> bool:
+    got, want = ([t] if isinstance(t, torch.Tensor) else list(t) for t in (got, want))
+    return all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.skipif(HAS_GPU, reason="auto is ieee off the GPU only")
 @pytest.mark.parametrize("op", P.OPS)
 def test_auto_off_the_gpu_is_ieee(op):
-    auto, ieee = _run(op, "auto")[0], _run(op, "ieee")[0]
-    for a, b in zip([auto] if isinstance(auto, torch.Tensor) else auto, [ieee] if isinstance(ieee, torch.Tensor) else ieee):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert _same(_run(op, "auto")[0], _run(op, "ieee")[0])
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("op", P.OPS)
 def test_auto_on_the_gpu_is_the_ops_choice(op):
-    auto, chosen = _run(op, "auto")[0], _run(op, P.AUTO[op])[0]
-    for a, b in zip([auto] if isinstance(auto, torch.Tensor) else auto,
-                    [chosen] if isinstance(chosen, torch.Tensor) else chosen):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert _same(_run(op, "auto")[0], _run(op, P.AUTO[op])[0])
 
 
 def test_backends_without_precisions_ignore_it():

@@ -440,7 +440,8 @@ def greedy_walk(n_groups: int, trial_hits: Callable[[list[int]], torch.Tensor], 
 @torch.inference_mode()
 def greedy_dfm(model: nn.Module, images: torch.Tensor, label: int, *, tolerance: int = 6, reference: str = "last",
                order: str = "ours", batch_size: int = 512, backend: str = "auto", precision: str = "auto",
-               amp: bool = False, max_speculation: int = 64, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+               amp: bool = False, max_speculation: int = 64,
+               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """The greedy DFM (H, W) bool: the frequencies whose removal was never kept (GreedyRule).
 
     order "ours": conjugate pairs from DC outwards (freq.conjugate_pairs), removed by rank-one
