@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -54,45 +55,52 @@ def _meta(*shape, dtype=torch.float32):
 
 
 def workloads():
-    """(op, description, call) for every size the benchmarks and experiments run; call() runs
-    the op's launch code (the body of its torch.library.triton_op) on meta tensors."""
+    """(op, description, call) for the sizes the benchmarks and experiments run; call() runs
+    the op's launch code (the body of its torch.library.triton_op) on meta tensors. Every
+    block size, warp count and precision the launch code picks at these sizes is covered;
+    sizes that would only change an integer argument's specialization (a count of 1, a
+    multiple of 16) are not all crossed with every precision, to keep this to minutes."""
     from shortcut_fast.kernels import ablation, band_filter, class_spectrum, probe_stats, probe_training
 
     def body(op):
         return op._init_fn  # the launch code itself, not the fake the op dispatches meta tensors to
 
     out = []
+    labels = _meta(256, dtype=torch.int64)
     for side in IMAGE_SIDES:
         for dtype in DTYPES:
             x = _meta(256, 3, side, side, dtype=dtype)
-            out.append(("class_spectrum_sum", f"x (256, 3, {side}, {side}) {dtype}, 10 classes",
-                        lambda x=x: body(class_spectrum.class_spectrum_sum_op)(x, _meta(256, dtype=torch.int64), 10)))
+            # the input dtype changes only the first load: every precision in float32
+            for precision in class_spectrum.PRECISIONS if dtype == torch.float32 else ("ieee",):
+                out.append(("class_spectrum_sum", f"x (256, 3, {side}, {side}) {dtype}, 10 classes, {precision}",
+                            lambda x=x, p=precision: body(class_spectrum.class_spectrum_sum_op)(x, labels, 10, p)))
             for K in (1, 16):
                 freqs = _meta(K, 2, dtype=torch.int64)
                 out.append(("remove_frequencies", f"x (256, 3, {side}, {side}) {dtype}, {K} pairs",
                             lambda x=x, f=freqs: body(band_filter.remove_frequencies_op)(x, f)))
         x = _meta(256, 3, side, side)
-        for K in (1, 16):
-            for precision in band_filter.PRECISIONS:
+        for K in (1, 16):  # one mask (its own K_GROUP on one-tile images), or a sweep's group of 8
+            for precision in band_filter.PRECISIONS if K > 1 else ("ieee",):
                 out.append(("band_filter", f"x (256, 3, {side}, {side}), {K} masks, {precision}",
                             lambda x=x, K=K, side=side, p=precision: body(band_filter.band_filter_op)(
                                 x, _meta(K, side, side), p)))
-    # Linear-probe statistics: feature widths of ResNet stages up to ResNet-50's 2048, targets
-    # from one class to bench/probe_stats.py's 10,000.
-    for D in (64, 512, 2048):
-        for K in (10, 1000, 10000):
-            for precision in probe_stats.PRECISIONS:
-                out.append(("probe_stats", f"x (8192, {D}), z (8192, {K}), {precision}",
-                            lambda D=D, K=K, p=precision: body(probe_stats.probe_stats_op)(
-                                _meta(8192, D), _meta(8192, K), p)))
-    # Probe training: softmax up to the kernel's MAX_CLASSES (more fall back to torch).
+    # Linear-probe statistics (bench/probe_stats.py: 2048 features, 10,000 targets): the tiles
+    # are 64 wide below 1024 features + targets, 128 from there.
+    for D, K in ((64, 10), (512, 1000), (2048, 10000)):
+        for precision in probe_stats.PRECISIONS:
+            out.append(("probe_stats", f"x (8192, {D}), z (8192, {K}), {precision}",
+                        lambda D=D, K=K, p=precision: body(probe_stats.probe_stats_op)(
+                            _meta(8192, D), _meta(8192, K), p)))
+    # Probe training on 512 features (ResNet-18's last stage): softmax up to the kernel's
+    # MAX_CLASSES (more fall back to torch); one probe, and 1000 (the widest tiles).
     for family, code in probe_training.FAMILY_CODES.items():
         for C in ((2, 10, 100, probe_training.MAX_CLASSES) if family == "softmax" else (1,)):
-            for K in (1, 16, 1000):
-                for D in (64, 512, 2048):
-                    out.append(("probe_step", f"{family}, x (1024, {D}), {K} probes, {C} classes",
-                                lambda D=D, K=K, C=C, code=code: body(probe_training.probe_step_op)(
-                                    _meta(1024, D), _meta(1024, K), _meta(K, D, C), _meta(K, C), _meta(K), code)))
+            for K in (1, 1000):
+                for precision in probe_training.PRECISIONS if K > 1 else ("ieee",):
+                    out.append(("probe_step", f"{family}, x (1024, 512), {K} probes, {C} classes, {precision}",
+                                lambda K=K, C=C, code=code, p=precision: body(probe_training.probe_step_op)(
+                                    _meta(1024, 512), _meta(1024, K), _meta(K, 512, C), _meta(K, C), _meta(K),
+                                    code, p)))
     # Channel-ablation sweeps: (batch, channels, positions) of ResNet stages on 32x32 inputs,
     # one variant per channel.
     for dtype in DTYPES:
@@ -208,18 +216,38 @@ def _compile_triton(job: dict) -> dict:
     signature, constexprs, attrs, options = job.pop("_compile")
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v is always run; this prints its log
     knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
-    log = io.StringIO()
+    log, notes = io.StringIO(), ""
     try:
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                      target=GPUTarget("cuda", job["capability"], 32), options=options)
+        with contextlib.redirect_stdout(log), _stderr_to(tempfile.TemporaryFile(mode="w+")) as diagnostics:
+            try:
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                          target=GPUTarget("cuda", job["capability"], 32), options=options)
+            except Exception:
+                diagnostics.seek(0)
+                notes = diagnostics.read()[-3000:]
+                raise
     except Exception as exc:  # a compile error is a result, reported per job
-        return {**job, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        return {**job, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}\n{notes}".rstrip()}
     usage = parse_ptxas(log.getvalue())
     if len(usage) != 1:
         return {**job, "error": f"expected one entry function in the ptxas log, got:\n{log.getvalue()[-2000:]}"}
     return {**job, **{k: v for k, v in usage[0].items() if k not in ("function", "arch")},
             "shared": compiled.metadata.shared, "shared_limit": ARCHS[job["capability"]], "error": None}
+
+
+@contextlib.contextmanager
+def _stderr_to(file):
+    """Point file descriptor 2 at `file` (the compiler's C++ diagnostics go there, not to
+    sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield file
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        file.close()
 
 
 def nvcc() -> str | None:
@@ -309,7 +337,8 @@ def collect(jobs: int | None = None, *, cuda: bool = True, triton: bool = True, 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # leave the user's cache alone
         workers = jobs or min(len(work), os.cpu_count() or 1)
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: this process runs torch's and triton's threads, which fork does not copy
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for done in pool.map(_run, work):
                 results += done
     for r in results:
