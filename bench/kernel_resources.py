@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import io
 import json
 import multiprocessing
@@ -251,10 +252,11 @@ def _stderr_to(file):
 
 
 def nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    """The nvcc setup.py would find: $CUDA_HOME, $CUDA_PATH, PATH, then /usr/local/cuda*."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    found = [os.path.join(h, "bin", "nvcc") for h in homes if h] + [shutil.which("nvcc")]
+    found += [os.path.join(h, "bin", "nvcc") for h in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))[::-1]]]
+    return next((path for path in found if path and os.path.exists(path)), None)
 
 
 def nvcc_command(source: Path, output: Path) -> list[str]:
