@@ -255,7 +255,8 @@ def nvcc() -> str | None:
     """The nvcc setup.py would find: $CUDA_HOME, $CUDA_PATH, PATH, then /usr/local/cuda*."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     found = [os.path.join(h, "bin", "nvcc") for h in homes if h] + [shutil.which("nvcc")]
-    found += [os.path.join(h, "bin", "nvcc") for h in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))[::-1]]]
+    toolkits = ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    found += [os.path.join(h, "bin", "nvcc") for h in toolkits]
     return next((path for path in found if path and os.path.exists(path)), None)
 
 
