@@ -67,6 +67,6 @@ def dot(a, b, PRECISION: tl.constexpr):
             out += tl.dot(a_hi, b_hi, input_precision="ieee")
         else:
             out = tl.dot(a, b, input_precision="tf32x3")
-    else:
+    else:  # "ieee"; the ops (shortcut_fast.ops.precision) check the name before any launch
         out = tl.dot(a, b, input_precision="ieee")
     return out

@@ -53,7 +53,6 @@ import triton.language as tl
 
 from shortcut_fast.kernels._cache import cached
 from shortcut_fast.kernels._dot import dot
-from shortcut_fast.ops.precision import PRECISIONS
 # Masks per program when the image is a single tile (tables and spectrum loaded once).
 _BAND_K_GROUP = 8
 
@@ -336,8 +335,6 @@ def band_filter_op(x: torch.Tensor, weights: torch.Tensor, precision: str = "iee
     "ieee" (float32 exact, default), "tf32x3" (about float32 accuracy on tensor cores),
     "tf32" or "bf16".
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     B, C, H, W = x.shape
     K = weights.shape[0]
     out = torch.empty((K, B, C, H, W), device=x.device, dtype=torch.float32)

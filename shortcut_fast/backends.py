@@ -274,15 +274,19 @@ def triton_kernel(module: str, op: str) -> Callable:
     return run
 
 
-def info() -> dict:
-    """Versions, devices and which backends are usable (and why not) on each device."""
+def package_version() -> str:
+    """shortcut-fast's installed version ("unknown" in a source tree that was never installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        __version__ = version("shortcut-fast")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        __version__ = "unknown"
+        return version("shortcut-fast")
+    except PackageNotFoundError:
+        return "unknown"
 
+
+def info() -> dict:
+    """Versions, devices and which backends are usable (and why not) on each device."""
+    __version__ = package_version()
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     result = {
         "shortcut_fast": __version__,

@@ -246,7 +246,7 @@ def open_run(command: str, settings: dict, splits, *, model_settings: dict | Non
     distributed run every rank checks that the settings agree and rank 0 opens the folder."""
     import torch
 
-    import shortcut_fast
+    from shortcut_fast.backends import package_version
     from shortcut_fast.run_folder import RunFolder, file_digest
 
     skip = EXECUTION_SETTINGS | set(not_fingerprinted)
@@ -266,7 +266,7 @@ def open_run(command: str, settings: dict, splits, *, model_settings: dict | Non
                                    "train": recipe.train, "data_options": recipe.data_options}
     fingerprinted["data_identity"] = splits.identity()
     info = {k: str(settings[k]) for k in EXECUTION_SETTINGS & set(settings) if k not in ("quiet", "overwrite")}
-    info.update(shortcut_fast=getattr(shortcut_fast, "__version__", "?"), torch=torch.__version__)
+    info.update(shortcut_fast=package_version(), torch=torch.__version__)
     run = RunFolder(settings["out"], command, fingerprinted, resume=settings.get("resume", False),
                     overwrite=settings.get("overwrite", False), info=info)
     if dist is not None and dist.distributed:

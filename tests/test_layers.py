@@ -8,14 +8,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "shortcut_fast"
 LAYERS = {
     "validate": 0, "report": 0, "_C": 0,
     "run_folder": 1, "kernels": 1, "distributed": 1,
+    "model_cache": 2,  # the cache root (models, and data.files' decoded images) sits under the data layer
     "backends": 2,
     "ops": 3,
     "models": 4, "data": 4,
-    "train": 5, "surgery": 5, "ensemble": 5, "selftest": 5, "recipes": 5, "model_cache": 5,
+    "train": 5, "surgery": 5, "ensemble": 5, "selftest": 5, "recipes": 5,
     "experiments": 6,
-    "bench": 7, "__init__": 7,
-    "cli": 8,
-    "__main__": 9,
+    "pipeline": 7, "bench": 7,
+    "__init__": 8,
+    "cli": 9,
+    "__main__": 10,
 }
 
 

@@ -26,6 +26,8 @@ def info(as_json):
     click.echo(f"compiled extension: {data['extension']}"
                + (f" (CUDA kernels: {'yes' if data['extension_cuda'] else 'no'}, "
                   f"OpenMP threads: {data.get('extension_openmp_threads')})" if data["extension"] == "loaded" else ""))
+    if data.get("extension_cuda"):
+        click.echo(f"CUDA archs built: {data.get('extension_cuda_archs') or 'unknown'}")
     for device, backends in data["backends"].items():
         click.echo(f"\nbackends on {device}:")
         for name, status in backends.items():
