@@ -10,10 +10,10 @@ precision name into the operands its matmuls read. Every precision accumulates i
 The interpreter (TRITON_INTERPRET=1) ignores input_precision and multiplies bfloat16 tiles
 wrongly, so there the operands are rounded here as the GPU would (bit operations on the
 float32 values) and multiplied in float32: what the CPU tests check is the rounding the GPU
-applies, with at most float32 noise of its own. tf32 is emulated by truncation, what the
-tensor cores do with the 13 low bits they ignore; bf16 by round-to-nearest-even, what the
-conversion does; tf32x3 as Triton splits: a round-to-nearest tf32 part and a truncated
-remainder.
+applies, with at most float32 noise of its own. tf32 is emulated by truncation (the 13 low
+bits dropped, the larger error of the two ways the tensor cores may read a float32); bf16 by
+round-to-nearest-even, what the conversion does; tf32x3 as a round-to-nearest tf32 part
+plus a truncated tf32 remainder, the product of the two remainders dropped.
 """
 from __future__ import annotations
 

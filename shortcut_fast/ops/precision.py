@@ -6,7 +6,7 @@ products read, and every precision accumulates in float32:
   ieee    float32 operands on the FMA units (no tensor cores): float32 rounding only.
   tf32x3  each operand split into a tf32 part and a tf32 remainder, three tensor-core products:
           about float32 accuracy.
-  tf32    operands as the tensor cores read float32: 10 mantissa bits (the low 13 ignored).
+  tf32    operands as the tensor cores read float32: 10 mantissa bits (the low 13 dropped).
   bf16    operands rounded to bfloat16: 7 mantissa bits.
   auto    on a GPU, the fastest precision whose tolerance (TOLERANCES) is within what the op's
           results need (REQUIRED): AUTO per op. Anywhere else "ieee".
@@ -28,8 +28,8 @@ Error: max |result - float64 reference| over an output, divided by the output's 
                        gradient (R the loss's gradient in the logits), mean |R| for the bias,
                        mean |per-sample loss| and mean |d loss / d log_var|
 TOLERANCES bounds that error per op and precision: design constants from the rounding of the
-operands, with room for float32 accumulation. A tf32 operand loses up to 2^-10 of itself (the
-tensor cores truncate), a bf16 one up to 2^-9 (rounded to nearest), so one product of two is
+operands, with room for float32 accumulation. A tf32 operand loses up to 2^-10 of itself (its
+low bits dropped), a bf16 one up to 2^-9 (rounded to nearest), so one product of two is
 off by up to 2^-9 (tf32) or 2^-8 (bf16) of itself, and a sum of them by as much of the sum of
 |terms|: probe_stats, one product per sum, gets twice that. The DFT kernels chain three
 roundings (image spectrum, first stage, second stage) and probe_step two products (logits,
