@@ -62,6 +62,7 @@ def workloads():
     sizes that would only change an integer argument's specialization (a count of 1, a
     multiple of 16) are not all crossed with every precision, to keep this to minutes."""
     from shortcut_fast.kernels import ablation, band_filter, class_spectrum, probe_stats, probe_training
+    from shortcut_fast.ops.precision import PRECISIONS  # the kernels take the names the ops checked
 
     def body(op):
         return op._init_fn  # the launch code itself, not the fake the op dispatches meta tensors to
@@ -72,7 +73,7 @@ def workloads():
         for dtype in DTYPES:
             x = _meta(256, 3, side, side, dtype=dtype)
             # the input dtype changes only the first load: every precision in float32
-            for precision in class_spectrum.PRECISIONS if dtype == torch.float32 else ("ieee",):
+            for precision in PRECISIONS if dtype == torch.float32 else ("ieee",):
                 out.append(("class_spectrum_sum", f"x (256, 3, {side}, {side}) {dtype}, 10 classes, {precision}",
                             lambda x=x, p=precision: body(class_spectrum.class_spectrum_sum_op)(x, labels, 10, p)))
             for K in (1, 16):
@@ -81,14 +82,14 @@ def workloads():
                             lambda x=x, f=freqs: body(band_filter.remove_frequencies_op)(x, f)))
         x = _meta(256, 3, side, side)
         for K in (1, 16):  # one mask (its own K_GROUP on one-tile images), or a sweep's group of 8
-            for precision in band_filter.PRECISIONS if K > 1 else ("ieee",):
+            for precision in PRECISIONS if K > 1 else ("ieee",):
                 out.append(("band_filter", f"x (256, 3, {side}, {side}), {K} masks, {precision}",
                             lambda x=x, K=K, side=side, p=precision: body(band_filter.band_filter_op)(
                                 x, _meta(K, side, side), p)))
     # Linear-probe statistics (bench/probe_stats.py: 2048 features, 10,000 targets): the tiles
     # are 64 wide below 1024 features + targets, 128 from there.
     for D, K in ((64, 10), (512, 1000), (2048, 10000)):
-        for precision in probe_stats.PRECISIONS:
+        for precision in PRECISIONS:
             out.append(("probe_stats", f"x (8192, {D}), z (8192, {K}), {precision}",
                         lambda D=D, K=K, p=precision: body(probe_stats.probe_stats_op)(
                             _meta(8192, D), _meta(8192, K), p)))
@@ -97,7 +98,7 @@ def workloads():
     for family, code in probe_training.FAMILY_CODES.items():
         for C in ((2, 10, 100, probe_training.MAX_CLASSES) if family == "softmax" else (1,)):
             for K in (1, 1000):
-                for precision in probe_training.PRECISIONS if K > 1 else ("ieee",):
+                for precision in PRECISIONS if K > 1 else ("ieee",):
                     out.append(("probe_step", f"{family}, x (1024, 512), {K} probes, {C} classes, {precision}",
                                 lambda K=K, C=C, code=code, p=precision: body(probe_training.probe_step_op)(
                                     _meta(1024, 512), _meta(1024, K), _meta(K, 512, C), _meta(K, C), _meta(K),
