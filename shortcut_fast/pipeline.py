@@ -356,6 +356,7 @@ def band_learning(splits, cfg, run, *, every: int, until: int, device, backend: 
     x_val, y_val, _ = splits.val.get_batch(torch.arange(n_eval, device=splits.val.labels.device))
     tracker = fp.BandLearningTracker(x_val.to(device), y_val.to(device), splits.num_classes, every, until=until,
                                      batch_size=cfg.resolved(device).batch_size, backend=backend,
+                                     precision=cfg.precision,
                                      centre=lambda net: fp.input_centre(cfg.filter_centre, net, splits.train,
                                                                         channels=splits.image_shape[0],
                                                                         device=device))
