@@ -62,6 +62,17 @@ def check_model(model, module: str) -> None:
                         f"got {type(model).__name__}")
 
 
+def model_inputs(model, data, config, cls, module: str, kw: dict) -> tuple[Any, Any, str]:
+    """What every `run(model, data, config)` of a trained model starts with: the model and
+    config checked, (config, DatasetSplits, the data's name), kw's device defaulting to the
+    model's (default_device)."""
+    check_model(model, module)
+    cfg = check_config(config, cls, f"{module}.Config")
+    splits, name = splits_of(data)
+    kw.setdefault("device", default_device(model))
+    return cfg, splits, name
+
+
 def attach(result, command: str, data_name: str, splits, model) -> None:
     """Remember what summary() and write() need: the record the CLI puts beside the result."""
     setattr(result, _INFO, {"record": {"command": command, "data": data_name,

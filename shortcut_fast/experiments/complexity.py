@@ -920,10 +920,7 @@ def run(model: nn.Module, data, config: ComplexityConfig | None = None, *, progr
     """
     from shortcut_fast.experiments import _api
 
-    _api.check_model(model, "complexity")
-    cfg = _api.check_config(config, ComplexityConfig, "complexity.Config")
-    splits, name = _api.splits_of(data)
-    kw.setdefault("device", _api.default_device(model))
+    cfg, splits, name = _api.model_inputs(model, data, config, ComplexityConfig, "complexity", kw)
     result = run_complexity(model, splits, cfg, progress=progress, **kw)
     _api.attach(result, "complexity", name, splits, model)
     return result

@@ -1252,10 +1252,7 @@ def run(model: nn.Module, data, config: FreqProbeConfig | None = None, *, progre
     """
     from shortcut_fast.experiments import _api
 
-    _api.check_model(model, "freq_probe")
-    cfg = _api.check_config(config, FreqProbeConfig, "freq_probe.Config")
-    splits, name = _api.splits_of(data)
-    kw.setdefault("device", _api.default_device(model))
+    cfg, splits, name = _api.model_inputs(model, data, config, FreqProbeConfig, "freq_probe", kw)
     kw.setdefault("band_table", True)
     result = run_freq_probe(model, splits, cfg, progress=progress, **kw)
     if isinstance(data, str):

@@ -1124,10 +1124,7 @@ def run(model: nn.Module, data, config: MemorizationConfig | None = None, *, pro
     """
     from shortcut_fast.experiments import _api
 
-    _api.check_model(model, "memorization")
-    cfg = _api.check_config(config, MemorizationConfig, "memorization.Config")
-    splits, name = _api.splits_of(data)
-    kw.setdefault("device", _api.default_device(model))
+    cfg, splits, name = _api.model_inputs(model, data, config, MemorizationConfig, "memorization", kw)
     result = run_memorization(model, splits, cfg, progress=progress, **kw)
     _api.attach(result, "memorization", name, splits, model)
     return result
