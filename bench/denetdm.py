@@ -29,7 +29,7 @@ validation and test metrics, per-epoch training losses within 1e-9. Then both ar
 each in float32 (wall time; a training is too long to repeat; on the CPU with one intra-op
 thread, CPU_THREADS).
 FLOP rates (`flop_counts`, from the layer sizes): each path's FLOPs over its wall time, against
-the CPU's fp32 peak per core (`cpu_peak`; the timed run uses one thread). Both paths train the
+one core's fastest measured fp32 rate (common.cpu_fp32_rate; the timed run uses one thread). Both paths train the
 same FLOPs per step, but our stage 2 computes its frozen branches once per image rather than
 in every step, and the loop evaluates every head in a pass of its own (3x our evaluation
 FLOPs). What remains is matmuls of every member's 3072-input first layers, which stacking does
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from shortcut_fast.bench.common import BenchRow, record, time_cpu, wall_ms
+from shortcut_fast.bench.common import BenchRow, cpu_fp32_rate, record, time_cpu, wall_ms
 from shortcut_fast.data import load_dataset
 from shortcut_fast.data.core import make_generator
 from shortcut_fast.experiments import denetdm as dn
@@ -248,27 +248,6 @@ def flop_counts(cfg: dn.DeNetDMConfig, image_shape, num_classes: int, sizes: dic
     return out
 
 
-def cpu_peak() -> dict | None:
-    """The CPU's fp32 peak from /proc/cpuinfo: SIMD lanes (16 with avx512f, else 8 with avx2 +
-    fma) x 2 FLOP per FMA x 2 FMA units per core (what recent x86 server cores issue per cycle;
-    assumed, not read) x the clock ("cpu MHz"). None where /proc/cpuinfo says too little."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
-    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= set(flags) else None
-    if lanes is None or not mhz:
-        return None
-    per_core = lanes * 2 * 2 * mhz * 1e6
-    isa = "avx512f" if lanes == 16 else "avx2"
-    return {"cpu_peak_gflops_per_core": per_core / 1e9, "cpu_peak_gflops": per_core * (os.cpu_count() or 1) / 1e9,
-            "cpu_peak_basis": f"{lanes} fp32 lanes ({isa}) x 2 FLOP per FMA x 2 FMA units x {mhz / 1e3:.2f} GHz "
-                              f"per core, {os.cpu_count()} cores"}
-
-
 def matmul_rate(members: int, batch: int, n_in: int, width: int) -> float:
     """GFLOP/s of the kernel behind most of both paths' FLOPs, on this CPU: the first layers'
     batched matmuls (forward x W^T and weight gradient g^T x, as ensemble.stacked_linear runs
@@ -397,10 +376,10 @@ def _run(device: str, quick: bool):
                         {p: len(getattr(first, p)) for p in ("train", "val", "test")})
     rates = {**flops, "gflops_per_s": flops["flops"] / ours_ms / 1e6,
              "baseline_gflops_per_s": flops["baseline_flops"] / loop_ms / 1e6}
-    peak = cpu_peak() if device == "cpu" else None
-    if peak:  # the timed run uses one thread: its bound is one core's peak
-        rates.update(peak, fraction_of_core_peak=rates["gflops_per_s"] / peak["cpu_peak_gflops_per_core"],
-                     baseline_fraction_of_core_peak=rates["baseline_gflops_per_s"] / peak["cpu_peak_gflops_per_core"])
+    if device == "cpu":  # the timed run uses one thread: its bound is one core's rate
+        peak = cpu_fp32_rate()
+        rates.update(peak, fraction_of_core_rate=rates["gflops_per_s"] / peak["cpu_fp32_gflops_per_core"],
+                     baseline_fraction_of_core_rate=rates["baseline_gflops_per_s"] / peak["cpu_fp32_gflops_per_core"])
     if device == "cpu":
         # Were every FLOP of the stack run at the first layers' matmul rate, it would take
         # flops / rate: the loop's time over that bounds the ratio on this CPU.

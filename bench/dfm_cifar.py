@@ -22,15 +22,21 @@ losses).
 - GPU: the full size is timed (one wall-clock run after a warm-up on a small subset); the
   baseline is timed on one class of 1,000 images and scaled by 10 (every class costs the same).
 - CPU: the full size would take days. A subset is timed on both paths (1 class x 32 images x
-  32 of the 514 pairs, spread evenly over the radius order, the full-width ResNet-18) and
+  32 of the 514 pairs, spread evenly over the radius order, the full-width ResNet-18; both
+  paths CPU_ROUNDS times, alternately, medians) and
   the full size extrapolated from the time per forward (the achieved fields named
-  "extrapolated_*"). Both paths are given the CPU default batch sized from the model
-  (default_batch_size: 32 images per forward at full width, the class's 32 images for the
-  loop). Both run the same 1,024 forwards, so the row also records the ceiling: the loop's
-  time outside its forwards (its FFT round trips, timed alone: baseline_nonforward_ms), the
-  speedup of the fast path's inference copy per forward (inference_model against the model
-  as built, forward_speedup, timed interleaved on the same batch) and the ratio they allow
-  (ratio_ceiling = forward_speedup x baseline / (baseline - nonforward)).
+  "extrapolated_*"; the fast one adds the one-off compile). Both paths are given the CPU
+  default batch sized from the model (default_batch_size: 32 images per forward at full
+  width, the class's 32 images for the loop). The fast path runs its inference copy
+  torch.compiled (compile "on": at the full size "auto" compiles, the subset alone is below
+  COMPILE_MIN_FLOPS); the compile is timed apart (compile_s) in the warm-up. Both run the
+  same 1,024 forwards, so the row also records the ceiling: the loop's time outside its
+  forwards (its FFT round trips, timed alone: baseline_nonforward_ms), the speedup of the
+  fast path's inference copy per forward (against the model as built, forward_speedup
+  compiled and forward_speedup_folded without compile, timed interleaved on the same batch)
+  and the ratio they allow (ratio_ceiling = forward_speedup x baseline / (baseline -
+  nonforward)), with both paths' FLOP rates against one core's fastest measured fp32 rate
+  (common.cpu_fp32_rate) and the share of the compiled forward spent in convolutions.
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ import statistics
 
 import torch
 
-from shortcut_fast.bench.common import BenchRow, record, wall_ms
+from shortcut_fast.bench.common import BenchRow, cpu_fp32_rate, record, wall_ms
 from shortcut_fast.bench.roofline import peak_flops
 from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.experiments.stats import spearman
@@ -50,6 +56,7 @@ WIDTH = 64  # the full-width ResNet-18
 GOAL_S = 60.0
 CHECK_IMAGES = 64
 CPU_THREADS = 1  # as bench/denetdm.py: stable wall times on the shared 2-core machine
+CPU_ROUNDS = 3
 
 
 def _images(classes: int, n: int, device: str) -> torch.Tensor:
@@ -58,11 +65,7 @@ def _images(classes: int, n: int, device: str) -> torch.Tensor:
 
 
 def _forward_flops(model: torch.nn.Module, device: str) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(torch.rand(2, 3, 32, 32, device=device))
-    return counter.get_total_flops() / 2
+    return fp.forward_flops(model, torch.rand(2, 3, 32, 32, device=device))
 
 
 def _nonforward_ms(images: torch.Tensor, candidates: fp.Candidates) -> float:
@@ -76,37 +79,64 @@ def _nonforward_ms(images: torch.Tensor, candidates: fp.Candidates) -> float:
     return min(wall_ms(loop, images.device.type)[1] for _ in range(3))
 
 
-def _forward_speedup(model, images: torch.Tensor, batch: int, repeats: int = 5) -> float:
+def _forward_speedups(model, images: torch.Tensor, batch: int, repeats: int = 7) -> dict:
     """Per-forward time of the model as built over that of the search's inference copy,
-    interleaved on the same batch (medians of `repeats`)."""
-    fast = fp.inference_model(model, images[:1])
-    x = images[:batch]
-    times: dict[str, list[float]] = {"model": [], "fast": []}
+    compiled for `batch` (as the timed search ran it) and folded only, interleaved on the
+    same batch (medians of `repeats`)."""
+    nets = {"model": model, "compiled": fp.inference_model(model, images[:1], compile_batch=batch),
+            "folded": fp.inference_model(model, images[:1])}
+    times: dict[str, list[float]] = {name: [] for name in nets}
     with torch.inference_mode():
+        x = images[:batch].clone()  # an inference tensor, as the search's variants
         for _ in range(repeats + 1):  # the first round warms up
-            for name, net in (("model", model), ("fast", fast)):
+            for name, net in nets.items():
                 times[name].append(wall_ms(lambda: net(x), images.device.type)[1])
-    return statistics.median(times["model"][1:]) / statistics.median(times["fast"][1:])
+    base = statistics.median(times["model"][1:])
+    return {"forward_speedup": base / statistics.median(times["compiled"][1:]),
+            "forward_speedup_folded": base / statistics.median(times["folded"][1:])}
+
+
+def _conv_share(model, images: torch.Tensor, batch: int) -> float:
+    """Share of one forward of the search's compiled copy spent in convolutions (torch.profiler)."""
+    from torch.profiler import profile
+
+    net = fp.inference_model(model, images[:1], compile_batch=batch)
+    with torch.inference_mode():
+        x = images[:batch].clone()
+        net(x)
+        with profile() as prof:
+            net(x)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / max(total, 1e-9)
 
 
 def _subset(candidates: fp.Candidates, index: torch.Tensor) -> fp.Candidates:
     return fp.Candidates(candidates.masks[index], candidates.pairs[index])
 
 
-def _check(model, images, candidates, index, batch, max_bytes) -> dict:
-    """float32 fast losses against the per-candidate loop on `images` (one class); raises on a mismatch."""
+def _check(model, images, candidates, index, batch, max_bytes, compile="auto", rounds: int = 1) -> dict:
+    """float32 fast losses against the per-candidate loop on `images` (one class); raises on a
+    mismatch. `rounds` > 1: both paths timed that many times, alternately (medians; the
+    shared machine's speed drifts by 10-20 % between runs of several seconds)."""
     tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    slow_runs, fast_runs = [], []
     try:
-        slow, slow_ms = wall_ms(lambda: fp.dfm_losses_reference(model, images, 0, _subset(candidates, index),
-                                                                batch_size=batch), images.device.type)
-        fast, fast_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index, batch_size=batch,
-                                                            max_bytes=max_bytes)[0], images.device.type)
+        for _ in range(rounds):
+            slow, slow_ms = wall_ms(lambda: fp.dfm_losses_reference(model, images, 0, _subset(candidates, index),
+                                                                    batch_size=batch), images.device.type)
+            fast, fast_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index,
+                                                                batch_size=batch, max_bytes=max_bytes,
+                                                                compile=compile)[0], images.device.type)
+            torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
+            slow_runs.append(slow_ms)
+            fast_runs.append(fast_ms)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
     order = slow[torch.argsort(fast, descending=True)]
-    return {"fast": fast, "slow": slow, "fast_ms": fast_ms, "slow_ms": slow_ms,
+    return {"fast": fast, "slow": slow, "fast_ms": statistics.median(fast_runs),
+            "slow_ms": statistics.median(slow_runs), "fast_ms_runs": fast_runs, "slow_ms_runs": slow_runs,
             "max_abs_loss_diff": float((fast - slow).abs().max()),
             "same_ranking_up_to_ties": bool((order[1:] <= order[:-1] + 1e-4).all())}
 
@@ -135,18 +165,20 @@ def _run_cpu(quick: bool):
     images = _images(1, n, "cpu")[0]
     batch, max_bytes = fp.default_batch_size("cpu", model, images[:1]), fp.default_max_bytes("cpu")
     fp.candidate_losses(model, images[:2], 0, candidates, index[:1], batch_size=batch, max_bytes=max_bytes)  # warm-up
-    got = _check(model, images, candidates, index, batch, max_bytes)  # the timed runs are the checked ones
+    _, compile_ms = wall_ms(lambda: fp.inference_model(model, images[:1], compile_batch=batch), "cpu")
+    got = _check(model, images, candidates, index, batch, max_bytes, "on", CPU_ROUNDS)  # the timed runs are checked
     # The baseline's forwards hold min(n, batch) images; the fast path's hold `batch` variants.
     # Where they differ the fast path is also timed with forward batches of n (alongside).
     extra = {}
     if batch != n:
         _, same_batch_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index, batch_size=n,
-                                                               max_bytes=max_bytes), "cpu")
+                                                               max_bytes=max_bytes, compile="on"), "cpu")
         extra = {"fast_ms_at_baseline_batch": same_batch_ms, "ratio_at_baseline_batch": got["slow_ms"] / same_batch_ms}
     # The ceiling: both paths run the same forwards, so the fast path gains only the loop's
     # time outside them and what its inference copy saves per forward.
     nonforward_ms = _nonforward_ms(images, _subset(candidates, index))
-    forward_speedup = _forward_speedup(model, images, min(batch, n))
+    speedups = _forward_speedups(model, images, batch)
+    conv_share = _conv_share(model, images, batch)
     same_forwards = got["slow_ms"] / max(got["slow_ms"] - nonforward_ms, 1e-9)
     forwards = n * k
     full_forwards = FULL["classes"] * FULL["images"] * FULL["candidates"]
@@ -162,13 +194,17 @@ def _run_cpu(quick: bool):
         achieved={"forwards/s": forwards / got["fast_ms"] * 1e3,
                   "baseline_forwards/s": forwards / got["slow_ms"] * 1e3,
                   "GFLOP/s": flops * forwards / got["fast_ms"] / 1e6,
-                  "extrapolated_full_s": got["fast_ms"] / 1e3 * full_forwards / forwards,
+                  "extrapolated_full_s": got["fast_ms"] / 1e3 * full_forwards / forwards + compile_ms / 1e3,
+                  "compile_s": compile_ms / 1e3,
                   "baseline_extrapolated_full_s": got["slow_ms"] / 1e3 * full_forwards / forwards,
+                  "fast_ms_runs": got["fast_ms_runs"], "baseline_ms_runs": got["slow_ms_runs"],
                   "max_abs_loss_diff": got["max_abs_loss_diff"],
                   "same_ranking_up_to_ties": got["same_ranking_up_to_ties"],
                   "forward_batch": batch, "baseline_forward_batch": min(batch, n), **extra,
                   "baseline_nonforward_ms": nonforward_ms, "ceiling_same_forwards": same_forwards,
-                  "forward_speedup": forward_speedup, "ratio_ceiling": forward_speedup * same_forwards,
+                  **speedups, "ratio_ceiling": speedups["forward_speedup"] * same_forwards,
+                  "baseline_GFLOP/s": flops * forwards / got["slow_ms"] / 1e6, **cpu_fp32_rate(),
+                  "compiled_forward_convolution_share": conv_share,
                   "cpu_threads": torch.get_num_threads(),
                   "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         quick=quick)

@@ -160,7 +160,7 @@ def test_search_on_a_batchnorm_model_equals_the_reference_loop(monkeypatch):
     monkeypatch.setattr(fp, "INFERENCE_COPY_MIN_FORWARDS", 1)  # the folded copy runs even for this small search
     used = []
     real = fp.inference_model
-    monkeypatch.setattr(fp, "inference_model", lambda m, x: used.append(real(m, x)) or used[-1])
+    monkeypatch.setattr(fp, "inference_model", lambda m, x, **kw: used.append(real(m, x, **kw)) or used[-1])
     model = _bn_resnet()
     g = torch.Generator().manual_seed(1)
     images = torch.rand(6, 3, 32, 32, generator=g)
@@ -170,6 +170,45 @@ def test_search_on_a_batchnorm_model_equals_the_reference_loop(monkeypatch):
     slow = fp.dfm_losses_reference(model, images, 3, fp.Candidates(candidates.masks[index], candidates.pairs[index]))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     assert len(used) == 1 and used[0] is not model
+
+
+def test_compiled_search_equals_the_reference_loop_and_compiles_once(monkeypatch):
+    monkeypatch.setattr(fp, "INFERENCE_COPY_MIN_FORWARDS", 1)
+    model = _bn_resnet()
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(5, 3, 32, 32, generator=g)
+    candidates = fp.Candidates.build(32, 32, 1)
+    index = torch.arange(3, len(candidates), 41)  # 13 candidates x 5 images: full batches of 8 and a rest
+    sub = fp.Candidates(candidates.masks[index], candidates.pairs[index])
+    slow = fp.dfm_losses_reference(model, images, 1, sub)
+    fast, _ = fp.candidate_losses(model, images, 1, candidates, index, batch_size=8, compile="on")
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    key, copy = fp._COMPILED[model]  # compiled, not silently the folded copy
+    assert isinstance(copy, fp._FixedBatch) and copy.batch == 8
+    again, _ = fp.candidate_losses(model, images, 1, candidates, index, batch_size=8, compile="on")
+    assert fp._COMPILED[model][1] is copy  # the next class reuses it
+    torch.testing.assert_close(again, fast, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    assert fp._weights_key(model) != key[-1]  # new weights: compiled afresh
+    off, _ = fp.candidate_losses(model, images[:2], 1, candidates, index[:2], batch_size=8, compile="off")
+    assert fp._COMPILED[model][1] is copy  # "off" neither compiles nor uses the compiled copy
+    with pytest.raises(ValueError, match="compile must be one of"):
+        fp.candidate_losses(model, images, 1, candidates, index, compile="yes")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        fp.FreqProbeConfig(compile="always")
+
+
+def test_compile_auto_only_for_a_long_cpu_search():
+    model = _bn_resnet()
+    x = torch.rand(1, 3, 32, 32)
+    per_image = fp.forward_flops(model, x)
+    assert per_image > 0
+    enough = math.ceil(fp.COMPILE_MIN_FLOPS / per_image)
+    assert not fp.should_compile("auto", model, x, enough - 1)
+    assert fp.should_compile("auto", model, x, enough)
+    assert not fp.should_compile("auto", model, x.to("meta"), 10 ** 12)  # not the CPU
+    assert fp.should_compile("on", model, x, 1) and not fp.should_compile("off", model, x, 10 ** 12)
 
 
 def test_default_batch_size_is_sized_from_the_model():

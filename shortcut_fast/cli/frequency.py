@@ -90,7 +90,11 @@ def spectrum(**params):
 @click.option("--track-every", type=NON_NEGATIVE, default=5, help="Steps between band learning snapshots (0: off).")
 @click.option("--track-until", type=POSITIVE, default=100, help="Last training step with a band learning snapshot.")
 @click.option("--batch-size", type=POSITIVE, default=None, help="Model batch size for the search "
-              "(default 128 on the CPU, 1024 on a GPU).")
+              "(default: on the CPU sized from the model's largest activation, 32 for full-width ResNet-18; "
+              "1024 on a GPU).")
+@click.option("--compile", "compile_search", type=LibraryChoice("shortcut_fast.experiments.freq_probe:COMPILE_CHOICES"),
+              default="auto", show_default=True, help="torch.compile the model copy the loss search runs "
+              "(auto: on the CPU from about a minute of forwards on; scores change by float rounding only).")
 @backend_and_device
 @precision_option
 @run_options("runs/freq-probe", "Continue the run in --out: reuse its model and finished classes (same settings only).")
@@ -115,7 +119,7 @@ def freq_probe(dist=None, **params):
             filter_centre=p["filter_centre"], adcs=p["adcs_variant"],
             classes=[] if p["no_dfm"] else p["classes"],
             verify_gradient=p["verify_gradient"], batch_size=p["batch_size"], backend=p["backend"],
-            precision=p["precision"], amp=dev.type == "cuda", seed=p["seed"])
+            precision=p["precision"], amp=dev.type == "cuda", compile=p["compile_search"], seed=p["seed"])
     except ValueError as exc:
         fail(exc)
     for c in p["classes"] or []:
@@ -131,7 +135,8 @@ def freq_probe(dist=None, **params):
         pipeline.announce_recipe(resolved, splits, dev)
     if probe_note:
         click.echo(probe_note)
-    with pipeline.open_run("freq-probe", p, splits, model_settings=model_settings, not_fingerprinted=("batch_size",),
+    with pipeline.open_run("freq-probe", p, splits, model_settings=model_settings,
+                           not_fingerprinted=("batch_size", "compile_search"),
                            recipe=resolved if trains else None, dist=dist) as run:
         tracker, hooks, artifacts = None, {}, ()
         if trains and has_bands and p["track_every"] > 0:

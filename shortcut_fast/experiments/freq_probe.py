@@ -29,7 +29,8 @@ colour ("dataset-mean"); "zero" filters raw pixels.
 
 Fast path: one FFT per image and rank-one updates (ops.remove_frequencies) or batched
 masked filtering (ops.band_filter), streamed into an inference copy of the model
-(inference_model: BatchNorms folded, channels_last) in batches sized from the model's
+(inference_model: BatchNorms folded, channels_last; on the CPU for a long search also
+torch.compiled with frozen weights, should_compile) in batches sized from the model's
 activations (default_batch_size); only class-c images are evaluated for class c. On the CPU
 the forwards are nearly all of the time of both paths, so the gain over the loop is what
 the inference copy and the batch size save per forward. `dfm_losses_reference` is the straightforward
@@ -52,8 +53,10 @@ loss method's class_<c>.loss-progress.rank<r>.json) and are resumed after an ela
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -199,6 +202,16 @@ class Candidates:
 # forwards on the CPU and saves 10-20 % of each: worth it from a few hundred forwards on.
 INFERENCE_COPY_MIN_FORWARDS = 512
 
+# torch.compile of the copy (inductor with the weights frozen into the graph: each conv
+# pre-packed and fused with its bias, ReLU and residual add) is another 1.1-1.2x per forward
+# on the CPU (full-width ResNet-18, batch 32), but compiling costs 5-15 s. "auto" compiles
+# on the CPU from this many FLOPs of planned forwards on (about a minute of one core).
+COMPILE_MIN_FLOPS = 1e13
+COMPILE_CHOICES = ("auto", "on", "off")
+# The compiled copy of a model, reused while the model's weights stay as they were: a
+# search compiles once, not once per class.
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+
 
 class _ChannelsLastInput(nn.Module):
     """Feeds a channels_last model channels_last input (its first conv would convert it anyway,
@@ -212,15 +225,41 @@ class _ChannelsLastInput(nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
-def inference_model(model: nn.Module, sample: torch.Tensor) -> nn.Module:
+class _FixedBatch(nn.Module):
+    """Batches of exactly `batch` images through `compiled` (compiled for that shape, so it
+    never recompiles), any other batch (a chunk's last) through `eager`."""
+
+    def __init__(self, compiled: nn.Module, eager: nn.Module, batch: int):
+        super().__init__()
+        self.compiled, self.eager, self.batch = compiled, eager, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.batch:
+            return self.eager(x)
+        import torch._inductor.config as inductor_config
+
+        # a recompile (a guard that fails on another kind of input tensor) stays frozen
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to float rounding (a rewrite that changes the function differs far more)."""
+    got, want = got.float(), want.float()
+    return got.shape == want.shape and bool(((got - want).abs().max() <= 1e-3 * (1 + want.abs().max())).item())
+
+
+def inference_model(model: nn.Module, sample: torch.Tensor, *, compile_batch: int | None = None) -> nn.Module:
     """The model the search's forwards run: a copy with every BatchNorm that only follows a conv
     (or Linear) folded into it and, for image models, channels_last weights and input
     (together 1.1-1.2x faster per image than the model as built, ResNet-18 on the CPU at
     batch 32). The losses change by float rounding only. `model` itself when fx cannot
     trace it or when the copy's logits on `sample` differ from the model's beyond rounding.
+    compile_batch: also torch.compile the copy for batches of that size (compiled_copy).
     The model is not modified."""
     if isinstance(model, CentredModel):
-        return CentredModel(inference_model(model.model, sample + model.centre.to(sample.dtype)), model.centre)
+        inner = inference_model(model.model, sample + model.centre.to(sample.dtype), compile_batch=compile_batch)
+        return CentredModel(inner, model.centre)
     from torch.fx.experimental.optimization import fuse
 
     from shortcut_fast.surgery.split import trace
@@ -233,10 +272,63 @@ def inference_model(model: nn.Module, sample: torch.Tensor) -> nn.Module:
         if sample.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in fast.modules()):
             fast = _ChannelsLastInput(fast.to(memory_format=torch.channels_last))
         sample = sample.clone()
-        want, got = model(sample).float(), fast(sample).float()
-    if got.shape != want.shape or not bool(((got - want).abs().max() <= 1e-3 * (1 + want.abs().max())).item()):
-        return model  # a rewrite that changes the function (rounding is far below this)
-    return fast
+        if not _close(fast(sample), model(sample)):
+            return model  # a rewrite that changes the function
+    return fast if compile_batch is None else compiled_copy(model, fast, sample, compile_batch)
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer of `model` is replaced or updated in place."""
+    return tuple((name, t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items())
+
+
+def compiled_copy(model: nn.Module, fast: nn.Module, sample: torch.Tensor, batch: int) -> nn.Module:
+    """`fast` (the inference copy of `model`) with batches of `batch` run through
+    torch.compile (inductor, weights frozen). Compiled once per model and weights (and
+    sample shape), in inference mode as the search calls it. `fast` itself where
+    torch.compile cannot run here (no C++ compiler, an unsupported platform) or where the
+    compiled logits differ from the copy's beyond rounding: the results are the same."""
+    key = (batch, tuple(sample.shape[1:]), sample.dtype, str(sample.device), _weights_key(model))
+    cached = _COMPILED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.inference_mode():  # an inference tensor, as the search's variants are (else a recompile)
+        x = sample[:1].expand(batch, *sample.shape[1:]).clone()
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        # compiled at the first call; freezing as a config patch (_FixedBatch): torch.compile's
+        # options= did not reach inductor's freezing pass in torch 2.14 (plain convolutions came out)
+        copy = _FixedBatch(torch.compile(fast, dynamic=False), fast, batch)
+        with torch.inference_mode():
+            ok = _close(copy(x), fast(x))
+    except Exception:  # torch.compile's machinery unavailable here: the folded copy
+        return fast
+    finally:
+        cpp_log.setLevel(level)
+    if not ok:
+        return fast
+    _COMPILED[model] = (key, copy)
+    return copy
+
+
+def forward_flops(model: nn.Module, sample: torch.Tensor) -> float:
+    """FLOPs of one forward of `model` per image of `sample` (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(sample)
+    return counter.get_total_flops() / max(1, sample.shape[0])
+
+
+def should_compile(choice: str, model: nn.Module, sample: torch.Tensor, forwards: int) -> bool:
+    """compile "on", "off" or "auto": on the CPU when `forwards` image forwards of `model`
+    hold at least COMPILE_MIN_FLOPS (GPUs: off, the forwards run bf16 through cuDNN and
+    the compiled path has not been measured there)."""
+    if choice != "auto":
+        return choice == "on"
+    return sample.device.type == "cpu" and forwards * forward_flops(model, sample[:1]) >= COMPILE_MIN_FLOPS
 
 
 def _forward_stats(model: nn.Module, variants: torch.Tensor, label: int, batch_size: int, amp: bool):
@@ -260,16 +352,19 @@ def _forward_stats(model: nn.Module, variants: torch.Tensor, label: int, batch_s
 def candidate_losses(model: nn.Module, images: torch.Tensor, label: int, candidates: Candidates,
                      index: torch.Tensor | None = None, *, batch_size: int = 128, max_bytes: int = 32 << 20,
                      backend: str = "auto", precision: str = "auto", amp: bool = False,
-                     progress: Callable[[int], None] | None = None,
+                     compile: str = "auto", progress: Callable[[int], None] | None = None,
                      checkpoint: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                      resume_from: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Mean cross-entropy and correct count of class-`label` images with each candidate removed.
 
     index: which candidates (default all). resume_from: (losses, correct) of an earlier,
-    interrupted call (NaN / -1 where not done); only the rest is computed.
+    interrupted call (NaN / -1 where not done); only the rest is computed. compile: whether
+    the inference copy is also torch.compiled (should_compile; results equal up to rounding).
     checkpoint(losses, correct) is called after each chunk.
     Returns (mean loss (K,), correct count (K,)) over `index`.
     """
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
     model.eval()
     index = torch.arange(len(candidates)) if index is None else index
     losses = torch.full((len(index),), float("nan"))
@@ -280,7 +375,8 @@ def candidate_losses(model: nn.Module, images: torch.Tensor, label: int, candida
     todo = (correct < 0).nonzero().flatten()
     n = images.shape[0]
     if len(todo) * n >= INFERENCE_COPY_MIN_FORWARDS:
-        model = inference_model(model, images[:1])
+        compile_batch = batch_size if should_compile(compile, model, images, len(todo) * n) else None
+        model = inference_model(model, images[:1], compile_batch=compile_batch)
     for chunk in candidates.variant_chunks(images, index[todo], max_bytes, backend, precision):
         loss_sum, hits = _forward_stats(model, chunk.images, label, batch_size, amp)
         rows = todo[chunk.k_slice]
@@ -638,6 +734,7 @@ class FreqProbeConfig:
     backend: str = "auto"
     precision: str = "auto"  # of the filtering and spectrum kernels' products (ops.precision)
     amp: bool = False
+    compile: str = "auto"  # torch.compile the loss search's inference copy: "auto" (should_compile), "on", "off"
     seed: int = 0
 
     def __post_init__(self):
@@ -648,7 +745,8 @@ class FreqProbeConfig:
         if not 0 < self.top_percent <= 100:
             raise ValueError(f"top_percent must be in (0, 100], got {self.top_percent!r}")
         for name, allowed in (("greedy_reference", GREEDY_REFERENCES), ("greedy_order", GREEDY_ORDERS),
-                              ("filter_centre", FILTER_CENTRES), ("adcs", ADCS_VARIANTS)):
+                              ("filter_centre", FILTER_CENTRES), ("adcs", ADCS_VARIANTS),
+                              ("compile", COMPILE_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_precision(self.precision)
@@ -932,7 +1030,8 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
 
         index = None if not share else torch.arange(mine.start, mine.stop)
         losses, correct = candidate_losses(model, images, label, candidates, index, max_bytes=cfg.max_bytes,
-                                           progress=progress, checkpoint=save, resume_from=resume_from, **common)
+                                           progress=progress, checkpoint=save, resume_from=resume_from,
+                                           compile=cfg.compile, **common)
         if share:  # every rank's share, in candidate order
             parts = gather((losses, correct), dist)
             losses, correct = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -946,7 +1045,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         n_exact = min(len(candidates), cfg.candidates or max(16, 3 * needed))
         top = torch.argsort(estimate, descending=True)[:n_exact]
         exact, _ = _split_losses(model, images, label, candidates, top, dist, max_bytes=cfg.max_bytes,
-                                 progress=progress, **common)
+                                 progress=progress, compile=cfg.compile, **common)
         # Exactly evaluated candidates rank first (by exact loss), the rest by their estimate.
         scores = torch.full((len(candidates),), -math.inf)
         scores[top] = exact
@@ -956,7 +1055,8 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         details.update(exact_evaluations=n_exact, estimate=estimate.tolist(),
                        spearman_estimate_vs_exact_on_evaluated=spearman(estimate[top], exact))
         if cfg.verify_gradient:
-            full, _ = _split_losses(model, images, label, candidates, None, dist, **common, max_bytes=cfg.max_bytes)
+            full, _ = _split_losses(model, images, label, candidates, None, dist, **common, max_bytes=cfg.max_bytes,
+                                    compile=cfg.compile)
             exact_dfm = dfm_from_scores(full, candidates, cfg.top_percent)
             fast_dfm = dfm_from_scores(scores, candidates, cfg.top_percent)
             details.update(spearman_estimate_vs_exact_all=spearman(estimate, full),
