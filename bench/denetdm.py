@@ -25,9 +25,9 @@ epoch per member. No ERM / LfF baselines (cfg.baselines = ()).
   and the epoch loss summed on the device (no host sync per step); the validation loader
   uses the training batch size, as the public code does.
 Checked first in float64 at a small size: the same best epoch per member and phase, the same
-validation and test metrics, per-epoch training losses within 1e-9. Then both are timed once
-each in float32 (wall time; a training is too long to repeat; on the CPU with one intra-op
-thread, CPU_THREADS).
+validation and test metrics, per-epoch training losses within 1e-9. Then both are timed in
+float32 (wall time; on the CPU CPU_ROUNDS times each, alternately, medians, with one
+intra-op thread, CPU_THREADS; on a GPU once).
 FLOP rates (`flop_counts`, from the layer sizes): each path's FLOPs over its wall time, against
 one core's fastest measured fp32 rate (common.cpu_fp32_rate; the timed run uses one thread). Both paths train the
 same FLOPs per step, but our stage 2 computes its frozen branches once per image rather than
@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ METRIC_TOLERANCE = 1e-12  # accuracies are ratios of counts: one sample more or 
 # CPU timing on one intra-op thread: on the shared, oversubscribed CI machine two threads
 # spin-wait on each other and inflate both paths' wall times erratically (up to 8x).
 CPU_THREADS = 1
+CPU_ROUNDS = 3  # both paths timed 3 times, alternately (medians)
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,11 +307,17 @@ def compare(ours: dict, loop: list[dict]) -> dict:
     return out
 
 
-def _both(load, cfg: dn.DeNetDMConfig, device):
+def _both(load, cfg: dn.DeNetDMConfig, device, rounds: int = 1):
+    """Both paths timed `rounds` times, alternately: (ours, median ms, loop, median ms, runs).
+    The shared CPU machine's speed drifts by up to 20 % between runs of several seconds."""
     splits = [load(r, s) for r, s in cfg.members]
-    ours, ours_ms = wall_ms(lambda: dn.run_denetdm(load, cfg, device=device, progress=False), device)
-    loop, loop_ms = wall_ms(lambda: published_loop(splits, cfg.members, cfg, device), device)
-    return ours, ours_ms, loop, loop_ms
+    runs: dict[str, list[float]] = {"ours": [], "loop": []}
+    for _ in range(rounds):
+        ours, ours_ms = wall_ms(lambda: dn.run_denetdm(load, cfg, device=device, progress=False), device)
+        loop, loop_ms = wall_ms(lambda: published_loop(splits, cfg.members, cfg, device), device)
+        runs["ours"].append(ours_ms)
+        runs["loop"].append(loop_ms)
+    return ours, statistics.median(runs["ours"]), loop, statistics.median(runs["loop"]), runs
 
 
 def check(device="cpu", *, ratios=(0.02, 0.1), seeds=1, epochs=(3, 3), width=32, image_size=16,
@@ -323,7 +331,7 @@ def check(device="cpu", *, ratios=(0.02, 0.1), seeds=1, epochs=(3, 3), width=32,
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        ours, _, loop, _ = _both(load, cfg, device)
+        ours, _, loop, _, _ = _both(load, cfg, device)
     finally:
         torch.set_default_dtype(old)
     diff = compare(ours, loop)
@@ -366,7 +374,7 @@ def _run(device: str, quick: bool):
     load = _loader(side)
     for r, s in cfg.members:  # data built before timing (both paths get the same in-memory splits)
         load(r, s)
-    ours, ours_ms, loop, loop_ms = _both(load, cfg, device)
+    ours, ours_ms, loop, loop_ms, runs = _both(load, cfg, device, CPU_ROUNDS if device == "cpu" else 1)
     f32 = compare(ours, loop)  # float32: informative only (near-ties may round apart)
     first = load(*cfg.members[0])
     M = len(cfg.members)
@@ -409,6 +417,7 @@ def _run(device: str, quick: bool):
                   "check_best_epochs": checked["best_epochs"],
                   "float32_best_epoch_mismatches": f32["best_epoch_mismatches"],
                   "float32_max_metric_diff": f32["max_metric_diff"],
+                  "ms_runs": runs["ours"], "baseline_ms_runs": runs["loop"],
                   "member_steps_per_s": M * steps * sum(epochs) / (ours_ms / 1e3),
                   "baseline_member_steps_per_s": M * steps * sum(epochs) / (loop_ms / 1e3),
                   "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
