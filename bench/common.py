@@ -51,8 +51,8 @@ def cpu_fp32_rate() -> dict:
     """One core's fastest measured fp32 rate: a compute-bound oneDNN convolution (3x3, 256 ->
     256 channels, 8 x 8, batch 128, channels_last, inference mode; best of 9, one thread).
     It stands in for the peak: the nominal one (SIMD lanes x FMA units x the clock
-    /proc/cpuinfo states) undercounts a core that boosts above that clock, and one core ran
-    this convolution at 250 GFLOP/s where the nominal figure was 166."""
+    /proc/cpuinfo states) undercounts a core that boosts above that clock; on the project's
+    CPU machine this convolution ran faster than that nominal figure."""
     import torch.nn.functional as F
 
     threads = torch.get_num_threads()

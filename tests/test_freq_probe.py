@@ -199,6 +199,24 @@ def test_compiled_search_equals_the_reference_loop_and_compiles_once(monkeypatch
         fp.FreqProbeConfig(compile="always")
 
 
+def test_compile_failure_warns_and_runs_the_folded_copy(monkeypatch):
+    monkeypatch.setattr(fp, "INFERENCE_COPY_MIN_FORWARDS", 1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = _bn_resnet()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    candidates = fp.Candidates.build(32, 32, 1)
+    index = torch.arange(0, len(candidates), 97)
+    with pytest.warns(RuntimeWarning, match="compile: torch.compile failed here"):
+        fast, _ = fp.candidate_losses(model, images, 2, candidates, index, batch_size=4, compile="on")
+    slow = fp.dfm_losses_reference(model, images, 2, fp.Candidates(candidates.masks[index], candidates.pairs[index]))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert model not in fp._COMPILED
+
+
 def test_compile_auto_only_for_a_long_cpu_search():
     model = _bn_resnet()
     x = torch.rand(1, 3, 32, 32)

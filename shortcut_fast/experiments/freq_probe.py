@@ -56,6 +56,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,7 @@ class Candidates:
 INFERENCE_COPY_MIN_FORWARDS = 512
 
 # torch.compile of the copy (inductor with the weights frozen into the graph: each conv
-# pre-packed and fused with its bias, ReLU and residual add) is another 1.1-1.2x per forward
+# pre-packed and fused with its bias, ReLU and residual add) is another 1.1-1.3x per forward
 # on the CPU (full-width ResNet-18, batch 32), but compiling costs 5-15 s. "auto" compiles
 # on the CPU from this many FLOPs of planned forwards on (about a minute of one core).
 COMPILE_MIN_FLOPS = 1e13
@@ -303,7 +304,9 @@ def compiled_copy(model: nn.Module, fast: nn.Module, sample: torch.Tensor, batch
         copy = _FixedBatch(torch.compile(fast, dynamic=False), fast, batch)
         with torch.inference_mode():
             ok = _close(copy(x), fast(x))
-    except Exception:  # torch.compile's machinery unavailable here: the folded copy
+    except Exception as exc:  # torch.compile's machinery unavailable here: the folded copy
+        warnings.warn(f"compile: torch.compile failed here ({type(exc).__name__}: {str(exc)[:200]}); the search "
+                      f"runs the uncompiled copy (same results, slower)", RuntimeWarning, stacklevel=2)
         return fast
     finally:
         cpp_log.setLevel(level)
