@@ -1380,6 +1380,10 @@ def render_throughput(_recs) -> list[str]:
     return lines
 
 
+def _seconds_span(runs_ms: list[float]) -> str:
+    return f"{min(runs_ms) / 1e3:.3g} to {max(runs_ms) / 1e3:.3g} s"
+
+
 def _ceilings(rows_in) -> list[str]:
     """Why the training-step and DeNetDM ratios are what they are, from fields of their rows."""
     out = []
@@ -1395,7 +1399,7 @@ def _ceilings(rows_in) -> list[str]:
     if dn and "gflops_per_s" in dn["achieved"]:
         a = dn["achieved"]
         peak = (f", against {a['cpu_fp32_gflops_per_core']:.0f} GFLOP/s, one core's fastest measured fp32 rate "
-                f"({a['cpu_fp32_rate_basis']}; one thread timed)" if "cpu_fp32_gflops_per_core" in a else "")
+                f"({a['cpu_fp32_rate_basis']}; both paths timed on one thread)" if "cpu_fp32_gflops_per_core" in a else "")
         trained = (f"trains {a['baseline_train_flops'] / 1e9:.0f} GFLOP in the loop and {a['train_flops'] / 1e9:.0f} "
                    f"in the stack (whose stage 2 computes the frozen branches once per image, not in every step)"
                    if "baseline_train_flops" in a else f"trains the same {a['train_flops'] / 1e9:.0f} GFLOP on both "
@@ -1418,8 +1422,10 @@ def _ceilings(rows_in) -> list[str]:
                     f"of its {dfm['baseline_ms'] / 1e3:.3g} s, so the ratio is what the search's copy of the model "
                     f"saves per forward: BatchNorms folded and channels_last ({_ratio(a['forward_speedup_folded'])} "
                     f"per forward), then torch.compile with the weights frozen ({_ratio(a['forward_speedup'])}; "
-                    f"compiled once per model, {a['compile_s']:.3g} s). The medians of "
-                    f"{len(a['fast_ms_runs'])} alternate runs are timed. The search's forwards run at "
+                    f"compiled once per model, {a['compile_s']:.3g} s), each timed interleaved with the model as "
+                    f"built on one batch. Each path ran {len(a['fast_ms_runs'])} times, alternately: the search "
+                    f"{_seconds_span(a['fast_ms_runs'])}, the loop {_seconds_span(a['baseline_ms_runs'])} (medians in the table; "
+                    f"the shared machine's speed drifts between runs). The search's forwards run at "
                     f"{a['GFLOP/s']:.0f} GFLOP/s and the loop's at {a['baseline_GFLOP/s']:.0f}, against "
                     f"{a['cpu_fp32_gflops_per_core']:.0f} GFLOP/s, one core's fastest measured fp32 rate "
                     f"({a['cpu_fp32_rate_basis']}); {_pct(a['compiled_forward_convolution_share'])} of a compiled "
