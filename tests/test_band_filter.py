@@ -45,6 +45,20 @@ def _tol(dtype, H, W):
 # --------------------------------------------------------------------------- band_filter
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_bytes", [1, 20000, 1 << 30], ids=["one-mask", "few-masks", "all-masks"])
+def test_reference_in_mask_chunks_equals_one_fft_round_trip_per_mask(monkeypatch, dtype, chunk_bytes):
+    import shortcut_fast.ops.band_filter as bf
+
+    monkeypatch.setattr(bf, "REFERENCE_CHUNK_BYTES", chunk_bytes)
+    x = _images((2, 3, 9, 7), dtype, seed=3)
+    weights = _random_masks(11, 9, 7, seed=4).to(dtype)
+    got = band_filter_reference(x, weights)
+    want = torch.stack([torch.fft.ifft2(torch.fft.fft2(x) * weights[k]).real for k in range(11)])
+    assert got.dtype == dtype and got.shape == (11, 2, 3, 9, 7)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("backend,device", FAST_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mode", ["pass", "stop"])
