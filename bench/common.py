@@ -114,6 +114,20 @@ def hbm_fraction(bytes_moved: int, median_ms: float, device: str) -> float | Non
     return bytes_moved / (median_ms * 1e-3) / peak if peak else None
 
 
+def alternating_wall_ms(fns: dict[str, Callable[[], object]], rounds: int,
+                        device: str) -> tuple[dict[str, object], dict[str, list[float]]]:
+    """Each of `fns` run `rounds` times, in turn (wall_ms): (the last output of each, every
+    run's milliseconds per name). For workloads too long to repeat many times on a machine
+    whose speed drifts between runs: take the medians."""
+    outputs: dict[str, object] = {}
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            outputs[name], ms = wall_ms(fn, device)
+            runs[name].append(ms)
+    return outputs, runs
+
+
 def wall_ms(fn: Callable[[], object], device: str) -> tuple[object, float]:
     """(fn(), milliseconds) of one run: for workloads too long to repeat."""
     if device == "cuda":

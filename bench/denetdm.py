@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from shortcut_fast.bench.common import BenchRow, cpu_fp32_rate, record, time_cpu, wall_ms
+from shortcut_fast.bench.common import BenchRow, alternating_wall_ms, cpu_fp32_rate, record, time_cpu
 from shortcut_fast.data import load_dataset
 from shortcut_fast.data.core import make_generator
 from shortcut_fast.experiments import denetdm as dn
@@ -311,13 +311,9 @@ def _both(load, cfg: dn.DeNetDMConfig, device, rounds: int = 1):
     """Both paths timed `rounds` times, alternately: (ours, median ms, loop, median ms, runs).
     The shared CPU machine's speed drifts by up to 20 % between runs of several seconds."""
     splits = [load(r, s) for r, s in cfg.members]
-    runs: dict[str, list[float]] = {"ours": [], "loop": []}
-    for _ in range(rounds):
-        ours, ours_ms = wall_ms(lambda: dn.run_denetdm(load, cfg, device=device, progress=False), device)
-        loop, loop_ms = wall_ms(lambda: published_loop(splits, cfg.members, cfg, device), device)
-        runs["ours"].append(ours_ms)
-        runs["loop"].append(loop_ms)
-    return ours, statistics.median(runs["ours"]), loop, statistics.median(runs["loop"]), runs
+    out, runs = alternating_wall_ms({"ours": lambda: dn.run_denetdm(load, cfg, device=device, progress=False),
+                                     "loop": lambda: published_loop(splits, cfg.members, cfg, device)}, rounds, device)
+    return out["ours"], statistics.median(runs["ours"]), out["loop"], statistics.median(runs["loop"]), runs
 
 
 def check(device="cpu", *, ratios=(0.02, 0.1), seeds=1, epochs=(3, 3), width=32, image_size=16,
@@ -388,7 +384,6 @@ def _run(device: str, quick: bool):
         peak = cpu_fp32_rate()
         rates.update(peak, fraction_of_core_rate=rates["gflops_per_s"] / peak["cpu_fp32_gflops_per_core"],
                      baseline_fraction_of_core_rate=rates["baseline_gflops_per_s"] / peak["cpu_fp32_gflops_per_core"])
-    if device == "cpu":
         # Were every FLOP of the stack run at the first layers' matmul rate, it would take
         # flops / rate: the loop's time over that bounds the ratio on this CPU.
         rate = matmul_rate(M, cfg.batch_size, math.prod(first.image_shape), width)

@@ -45,7 +45,7 @@ import statistics
 
 import torch
 
-from shortcut_fast.bench.common import BenchRow, cpu_fp32_rate, record, wall_ms
+from shortcut_fast.bench.common import BenchRow, alternating_wall_ms, cpu_fp32_rate, record, wall_ms
 from shortcut_fast.bench.roofline import peak_flops
 from shortcut_fast.experiments import freq_probe as fp
 from shortcut_fast.experiments.stats import spearman
@@ -121,22 +121,26 @@ def _check(model, images, candidates, index, batch, max_bytes, compile="auto", r
     shared machine's speed drifts by 10-20 % between runs of several seconds)."""
     tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    slow_runs, fast_runs = [], []
+    last_slow = []
+
+    def slow():
+        last_slow[:] = [fp.dfm_losses_reference(model, images, 0, _subset(candidates, index), batch_size=batch)]
+        return last_slow[0]
+
+    def fast():  # checked in every round against the loop's losses of the same round
+        losses = fp.candidate_losses(model, images, 0, candidates, index, batch_size=batch, max_bytes=max_bytes,
+                                     compile=compile)[0]
+        torch.testing.assert_close(losses, last_slow[0], rtol=1e-3, atol=1e-4)
+        return losses
+
     try:
-        for _ in range(rounds):
-            slow, slow_ms = wall_ms(lambda: fp.dfm_losses_reference(model, images, 0, _subset(candidates, index),
-                                                                    batch_size=batch), images.device.type)
-            fast, fast_ms = wall_ms(lambda: fp.candidate_losses(model, images, 0, candidates, index,
-                                                                batch_size=batch, max_bytes=max_bytes,
-                                                                compile=compile)[0], images.device.type)
-            torch.testing.assert_close(fast, slow, rtol=1e-3, atol=1e-4)
-            slow_runs.append(slow_ms)
-            fast_runs.append(fast_ms)
+        out, runs = alternating_wall_ms({"slow": slow, "fast": fast}, rounds, images.device.type)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    fast, slow = out["fast"], out["slow"]
     order = slow[torch.argsort(fast, descending=True)]
-    return {"fast": fast, "slow": slow, "fast_ms": statistics.median(fast_runs),
-            "slow_ms": statistics.median(slow_runs), "fast_ms_runs": fast_runs, "slow_ms_runs": slow_runs,
+    return {"fast": fast, "slow": slow, "fast_ms": statistics.median(runs["fast"]),
+            "slow_ms": statistics.median(runs["slow"]), "fast_ms_runs": runs["fast"], "slow_ms_runs": runs["slow"],
             "max_abs_loss_diff": float((fast - slow).abs().max()),
             "same_ranking_up_to_ties": bool((order[1:] <= order[:-1] + 1e-4).all())}
 

@@ -261,6 +261,8 @@ def inference_model(model: nn.Module, sample: torch.Tensor, *, compile_batch: in
     if isinstance(model, CentredModel):
         inner = inference_model(model.model, sample + model.centre.to(sample.dtype), compile_batch=compile_batch)
         return CentredModel(inner, model.centre)
+    if compile_batch is not None and (cached := _cached_compiled(model, sample, compile_batch)) is not None:
+        return cached  # the next class of a search: no folding again
     from torch.fx.experimental.optimization import fuse
 
     from shortcut_fast.surgery.split import trace
@@ -283,16 +285,23 @@ def _weights_key(model: nn.Module) -> tuple:
     return tuple((name, t.data_ptr(), t._version) for name, t in model.state_dict(keep_vars=True).items())
 
 
+def _compiled_key(model: nn.Module, sample: torch.Tensor, batch: int) -> tuple:
+    return batch, tuple(sample.shape[1:]), sample.dtype, str(sample.device), _weights_key(model)
+
+
+def _cached_compiled(model: nn.Module, sample: torch.Tensor, batch: int) -> nn.Module | None:
+    cached = _COMPILED.get(model)
+    return cached[1] if cached is not None and cached[0] == _compiled_key(model, sample, batch) else None
+
+
 def compiled_copy(model: nn.Module, fast: nn.Module, sample: torch.Tensor, batch: int) -> nn.Module:
     """`fast` (the inference copy of `model`) with batches of `batch` run through
     torch.compile (inductor, weights frozen). Compiled once per model and weights (and
     sample shape), in inference mode as the search calls it. `fast` itself where
     torch.compile cannot run here (no C++ compiler, an unsupported platform) or where the
     compiled logits differ from the copy's beyond rounding: the results are the same."""
-    key = (batch, tuple(sample.shape[1:]), sample.dtype, str(sample.device), _weights_key(model))
-    cached = _COMPILED.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if (cached := _cached_compiled(model, sample, batch)) is not None:
+        return cached
     with torch.inference_mode():  # an inference tensor, as the search's variants are (else a recompile)
         x = sample[:1].expand(batch, *sample.shape[1:]).clone()
     cpp_log = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found" on CPU machines
@@ -312,7 +321,7 @@ def compiled_copy(model: nn.Module, fast: nn.Module, sample: torch.Tensor, batch
         cpp_log.setLevel(level)
     if not ok:
         return fast
-    _COMPILED[model] = (key, copy)
+    _COMPILED[model] = (_compiled_key(model, sample, batch), copy)
     return copy
 
 
@@ -1025,6 +1034,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
                         time.perf_counter() - t0)
 
     candidates = Candidates.build(H, W, cfg.patch)
+    exact_kw = dict(common, max_bytes=cfg.max_bytes, compile=cfg.compile)  # candidate_losses' settings
     details: dict = {"candidates": len(candidates), "patch": cfg.patch}
     if cfg.method == "loss":
         mine = shard(len(candidates), dist, f"the candidates of class {label}")
@@ -1046,9 +1056,8 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
                 last_save[0] = time.perf_counter()
 
         index = None if not share else torch.arange(mine.start, mine.stop)
-        losses, correct = candidate_losses(model, images, label, candidates, index, max_bytes=cfg.max_bytes,
-                                           progress=progress, checkpoint=save, resume_from=resume_from,
-                                           compile=cfg.compile, **common)
+        losses, correct = candidate_losses(model, images, label, candidates, index, progress=progress,
+                                           checkpoint=save, resume_from=resume_from, **exact_kw)
         if share:  # every rank's share, in candidate order
             parts = gather((losses, correct), dist)
             losses, correct = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -1061,8 +1070,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         needed = math.ceil(H * W * cfg.top_percent / 100 / per_candidate)
         n_exact = min(len(candidates), cfg.candidates or max(16, 3 * needed))
         top = torch.argsort(estimate, descending=True)[:n_exact]
-        exact, _ = _split_losses(model, images, label, candidates, top, dist, max_bytes=cfg.max_bytes,
-                                 progress=progress, compile=cfg.compile, **common)
+        exact, _ = _split_losses(model, images, label, candidates, top, dist, progress=progress, **exact_kw)
         # Exactly evaluated candidates rank first (by exact loss), the rest by their estimate.
         scores = torch.full((len(candidates),), -math.inf)
         scores[top] = exact
@@ -1072,8 +1080,7 @@ def class_dfm(model: nn.Module, images: torch.Tensor, label: int, cfg: FreqProbe
         details.update(exact_evaluations=n_exact, estimate=estimate.tolist(),
                        spearman_estimate_vs_exact_on_evaluated=spearman(estimate[top], exact))
         if cfg.verify_gradient:
-            full, _ = _split_losses(model, images, label, candidates, None, dist, **common, max_bytes=cfg.max_bytes,
-                                    compile=cfg.compile)
+            full, _ = _split_losses(model, images, label, candidates, None, dist, **exact_kw)
             exact_dfm = dfm_from_scores(full, candidates, cfg.top_percent)
             fast_dfm = dfm_from_scores(scores, candidates, cfg.top_percent)
             details.update(spearman_estimate_vs_exact_all=spearman(estimate, full),

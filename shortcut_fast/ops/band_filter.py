@@ -61,8 +61,6 @@ def band_filter_reference(x: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     weights = weights.to(dtype)
     K = weights.shape[0]
     step = K if x.device.type != "cpu" else max(1, REFERENCE_CHUNK_BYTES // (spectrum.numel() * spectrum.element_size()))
-    if step >= K:
-        return torch.fft.ifft2(spectrum[None] * weights[:, None, None]).real
     out = torch.empty((K, *x.shape), dtype=dtype, device=x.device)
     for k in range(0, K, step):
         out[k:k + step] = torch.fft.ifft2(spectrum[None] * weights[k:k + step, None, None]).real
